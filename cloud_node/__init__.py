@@ -1,0 +1,1 @@
+"""The cloud node: hosts models, runs suffixes and whole requests for edge agents."""

@@ -1,0 +1,94 @@
+"""``cloud-node``: serve ONNX models to edge agents over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from cloud_node.server import CloudNodeService
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import config as config_loader
+from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.model_store import ModelStore
+from runtimes.profiler import load_or_measure
+from runtimes.rpc import add_health, channel_options, set_serving
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    listen: str = field(default="127.0.0.1:50052", metadata={"help": "HOST:PORT to serve on (port 0: any free port)"})
+    models: Path = field(default=Path("models"), metadata={"help": "directory of .onnx models to serve"})
+    node_id: str = field(default="", metadata={"help": "name reported to agents (default: hostname:port)"})
+    max_concurrency: int = field(default=2, metadata={"help": "requests computing at once"})
+    max_queue: int = field(default=16, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
+    threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads per session (0: onnxruntime default)"})
+    max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
+    profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
+    grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
+    ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def validate(self) -> None:
+        if self.max_concurrency < 1:
+            raise config_loader.ConfigError("max_concurrency must be >= 1")
+        if self.max_queue < 0:
+            raise config_loader.ConfigError("max_queue must be >= 0")
+        if self.max_message_mb < 1:
+            raise config_loader.ConfigError("max_message_mb must be >= 1")
+
+
+async def serve(config: NodeConfig) -> None:
+    store = ModelStore.from_dir(config.models, threads=config.threads or None)
+    profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
+    server = grpc.aio.server(options=channel_options(config.max_message_mb))
+    address = bind(server, config.listen)
+    service = CloudNodeService(
+        store, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue, profile_dir=profile_dir,
+    )
+    pb_grpc.add_CloudNodeServicer_to_server(service, server)
+    health = add_health(server)
+    await server.start()
+    # Profile before declaring SERVING: measuring while serving would skew both.
+    for model in store.models.values():
+        if model.graph is not None:
+            await asyncio.to_thread(load_or_measure, model, cache_dir=profile_dir)
+    set_serving(health, [pb.DESCRIPTOR.services_by_name["CloudNode"].full_name])
+    write_ready_file(config.ready_file, address)
+    logger.info("cloud node %s serving %d models on %s", service.node_id, len(store.models), address)
+    signame = await wait_for_shutdown()
+    logger.info("%s: draining for up to %.1f s", signame, config.grace_s)
+    health.enter_graceful_shutdown()
+    await server.stop(config.grace_s)
+    service.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cloud-node", description=__doc__)
+    config_loader.add_arguments(parser, NodeConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = config_loader.load(NodeConfig, args, env_prefix="TANDEM_NODE")
+    except config_loader.ConfigError as exc:
+        parser.error(str(exc))
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except (FileNotFoundError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What a device is: board profiles, power figures, and (later) live telemetry."""

@@ -1,0 +1,90 @@
+"""``make demo``: a cloud node and an edge agent on loopback deciding and serving.
+
+Prints, for the chain model, the plan the agent picks on the live loopback
+link and on the reference links of DESIGN.md (via ``explain`` with a link
+override), the predicted vs measured latency of each plan run for real over
+loopback, and a fallback when the cloud node dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.sdk import EdgeClient
+from modelzoo.build import build_all
+from runtimes import launch
+
+# Uplink means used by Neurosurgeon (ASPLOS'17) and DADS (INFOCOM'19), Mbit/s.
+# Downlink is taken equal to uplink (conservative: results are small anyway).
+REFERENCE_LINKS = {"CAT1": 0.13, "3G": 1.1, "LTE": 5.85, "Wi-Fi": 18.88}
+
+console = Console()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
+        models = Path(tmp) / "models"
+        models.mkdir()
+        console.print("[bold]building models[/] (seeded ONNX graphs) ...")
+        build_all(models)
+        console.print("[bold]starting cloud-node and edge-agent on 127.0.0.1[/] (first start profiles each model) ...")
+        with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address]) as agent:
+            with EdgeClient(agent.address) as client:
+                run_demo(client, node)
+    return 0
+
+
+def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
+    for info in client.models():
+        console.print(f"  model [cyan]{info.name}[/]: {info.num_cuts} cut points, inputs "
+                      + ", ".join(f"{i.name}{list(i.shape)}" for i in info.inputs))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    for _ in range(3):  # warm sessions on both sides
+        client.infer("mobilenet", {"input": x})
+
+    live = client.explain("mobilenet")
+    table = Table(title="mobilenet: plan per link (predicted on that link; run for real over loopback)")
+    for column in ("link", "uplink Mbit/s", "plan chosen", "predicted ms", "energy J", "loopback: predicted ms", "loopback: measured ms"):
+        table.add_column(column, justify="right" if column != "link" else "left")
+    links = {"loopback (measured)": None, **REFERENCE_LINKS}
+    for name, uplink in links.items():
+        if uplink is None:
+            explanation = live
+        else:
+            explanation = client.explain("mobilenet", link={"uplink_mbps": uplink, "downlink_mbps": uplink, "rtt_ms": live.link["rtt_ms"]})
+        winner = explanation.candidate(explanation.winner)
+        result = client.infer("mobilenet", {"input": x}, plan=explanation.winner)
+        table.add_row(
+            name, f"{explanation.link['uplink_mbps']:.2f}", explanation.winner, f"{winner.predicted['total_ms']:.1f}",
+            f"{winner.energy_j:.3f}", f"{result.predicted['total_ms']:.1f}", f"{result.measured['total_ms']:.1f}",
+        )
+    console.print(table)
+    console.print(f"why (loopback): {live.why}")
+
+    stages = Table(title="one SPLIT request at the middle cut, stage by stage (ms)")
+    middle = len([c for c in live.candidates if c.plan.startswith("split:")]) // 2 + 1
+    result = client.infer("mobilenet", {"input": x}, plan=f"split:{middle}")
+    stages.add_column("stage")
+    stages.add_column("predicted", justify="right")
+    stages.add_column("measured", justify="right")
+    for stage, predicted in result.predicted.items():
+        stages.add_row(stage, f"{predicted:.2f}", f"{result.measured[stage]:.2f}")
+    console.print(stages)
+
+    console.print("[bold]killing the cloud node[/] and sending a SPLIT request ...")
+    node.kill()
+    result = client.infer("mobilenet", {"input": x}, plan=f"split:{middle}")
+    console.print(f"  ran [cyan]{result.plan}[/] (planned {result.planned}), fell back: {result.fell_back} "
+                  f"({result.fallback_reason}); output argmax {int(np.argmax(result.outputs['logits']))}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""``edge-agent``: serve apps on the device; run each request LOCAL, SPLIT or REMOTE."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from devices.profiles import get_device
+from edge_agent.offload import CloudNodeClient, refresh_all
+from edge_agent.server import EdgeAgentService, Policy
+from partitioner.costmodel import Constraints, Link, Objective
+from partitioner.planning import CodecSpeed, power_of
+from protos import codec
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import config as config_loader
+from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.model_store import ModelStore
+from runtimes.profiler import load_or_measure
+from runtimes.rpc import add_health, channel_options, set_serving
+
+logger = logging.getLogger(__name__)
+
+ENCODINGS = {"raw": pb.ENCODING_RAW, "fp32": pb.ENCODING_RAW, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    listen: str = field(default="127.0.0.1:50051", metadata={"help": "HOST:PORT or unix:PATH for apps (port 0: any free port)"})
+    models: Path = field(default=Path("models"), metadata={"help": "directory of .onnx models this device can run"})
+    cloud: tuple[str, ...] = field(default=(), metadata={"help": "cloud node HOST:PORT"})
+    device: str = field(default="host", metadata={"help": "device profile for power figures: host, pi4, pi5"})
+    objective: str = field(default="latency", metadata={"help": "default objective: latency, energy or weighted"})
+    weight_latency: float = field(default=0.5, metadata={"help": "weighted objective: share of latency, 0..1"})
+    slo_ms: float | None = field(default=None, metadata={"help": "latency SLO per request, ms (soft)"})
+    energy_budget_j: float | None = field(default=None, metadata={"help": "device energy budget per request, J (soft)"})
+    memory_limit_mb: float | None = field(default=None, metadata={"help": "device memory a plan may use, MiB (hard)"})
+    privacy_min_local: int = field(default=0, metadata={"help": "segments that must run on the device (hard; >0 forbids REMOTE)"})
+    encoding: str = field(default="raw", metadata={"help": "codec for tensors sent to nodes: raw, fp16 or int8"})
+    cloud_timeout_s: float = field(default=10.0, metadata={"help": "longest wait for one cloud call before falling back, s"})
+    uplink_mbps: float | None = field(default=None, metadata={"help": "assume this uplink instead of measuring it, Mbit/s"})
+    downlink_mbps: float | None = field(default=None, metadata={"help": "assume this downlink instead of measuring it, Mbit/s"})
+    rtt_ms: float | None = field(default=None, metadata={"help": "assume this round trip instead of measuring it, ms"})
+    refresh_s: float = field(default=2.0, metadata={"help": "how often node status (load, RTT) is refreshed, s"})
+    max_concurrency: int = field(default=4, metadata={"help": "requests served at once"})
+    max_queue: int = field(default=64, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
+    threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads per session (0: onnxruntime default)"})
+    max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
+    profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
+    grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
+    ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def validate(self) -> None:
+        error = config_loader.ConfigError
+        if self.objective not in {o.value for o in Objective}:
+            raise error(f"objective must be latency, energy or weighted, got {self.objective!r}")
+        if not 0.0 <= self.weight_latency <= 1.0:
+            raise error(f"weight_latency must be within 0..1, got {self.weight_latency}")
+        if self.encoding not in ENCODINGS:
+            raise error(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}")
+        for name in ("slo_ms", "energy_budget_j", "memory_limit_mb", "uplink_mbps", "downlink_mbps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise error(f"{name} must be > 0, got {value}")
+        link = (self.uplink_mbps, self.downlink_mbps, self.rtt_ms)
+        if any(v is not None for v in link) and any(v is None for v in link):
+            raise error("uplink_mbps, downlink_mbps and rtt_ms are given together or not at all")
+        if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0:
+            raise error("privacy_min_local and max_queue must be >= 0, max_concurrency >= 1")
+        get_device(self.device)
+
+    def policy(self) -> Policy:
+        return Policy(
+            objective=Objective(self.objective),
+            weight_latency=self.weight_latency,
+            constraints=Constraints(
+                slo_ms=self.slo_ms,
+                energy_budget_j=self.energy_budget_j,
+                memory_limit_bytes=int(self.memory_limit_mb * 2**20) if self.memory_limit_mb else None,
+                privacy_min_local=self.privacy_min_local,
+            ),
+            encoding=ENCODINGS[self.encoding],
+            cloud_timeout_s=self.cloud_timeout_s,
+        )
+
+    def link_override(self) -> Link | None:
+        if self.uplink_mbps is None:
+            return None
+        return Link(uplink_mbps=self.uplink_mbps, downlink_mbps=self.downlink_mbps, rtt_ms=self.rtt_ms)
+
+
+def measure_codec_speed(runs: int = 5) -> dict[int, CodecSpeed]:
+    """Encode/decode throughput of each encoding on a typical activation (1x32x112x112 fp32)."""
+    tensor = np.random.default_rng(0).standard_normal((1, 32, 112, 112)).astype(np.float32)
+    megabytes = tensor.nbytes / 1e6
+    speeds = {}
+    for encoding in (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8):
+        enc, dec = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            message = codec.encode(tensor, "t", encoding)
+            enc.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            codec.decode(message)
+            dec.append(time.perf_counter() - start)
+        speeds[encoding] = CodecSpeed(megabytes / statistics.median(enc), megabytes / statistics.median(dec))
+    return speeds
+
+
+async def refresh_loop(nodes: list[CloudNodeClient], every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await refresh_all(nodes)
+
+
+async def serve(config: AgentConfig) -> None:
+    store = ModelStore.from_dir(config.models, threads=config.threads or None)
+    profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
+    profiles = {}
+    for name, model in store.models.items():
+        profiles[name] = await asyncio.to_thread(load_or_measure, model, cache_dir=profile_dir)
+    device = get_device(config.device)
+    nodes = [CloudNodeClient(a, max_message_mb=config.max_message_mb, link_override=config.link_override()) for a in config.cloud]
+    await refresh_all(nodes, measure_link=True)
+    for node in nodes:
+        state = node.state
+        if state.reachable:
+            logger.info("cloud node %s (%s): models %s, link %s", node.address, state.node_id, sorted(state.models), state.link)
+        else:
+            logger.warning("cloud node %s unreachable at start (%s); will keep trying", node.address, state.error)
+
+    service = EdgeAgentService(
+        store=store, profiles=profiles, nodes=nodes, power=power_of(device), device_name=device.name,
+        codec_speed=measure_codec_speed(), policy=config.policy(),
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue,
+    )
+    server = grpc.aio.server(options=channel_options(config.max_message_mb))
+    pb_grpc.add_EdgeAgentServicer_to_server(service, server)
+    health = add_health(server)
+    address = bind(server, config.listen)
+    await server.start()
+    set_serving(health, [pb.DESCRIPTOR.services_by_name["EdgeAgent"].full_name])
+    write_ready_file(config.ready_file, address)
+    logger.info("edge agent (%s) serving %d models on %s", device.name, len(store.models), address)
+    refresher = asyncio.create_task(refresh_loop(nodes, config.refresh_s))
+    signame = await wait_for_shutdown()
+    logger.info("%s: draining for up to %.1f s", signame, config.grace_s)
+    refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresher
+    health.enter_graceful_shutdown()
+    await server.stop(config.grace_s)
+    service.close()
+    for node in nodes:
+        await node.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    config_loader.add_arguments(parser, AgentConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT")
+    except (config_loader.ConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Python SDK for apps: ``EdgeClient`` (blocking) and ``AsyncEdgeClient`` (asyncio).
+
+    with EdgeClient("127.0.0.1:50051") as client:
+        result = client.infer("mobilenet", {"input": x})
+        result.outputs["logits"], result.plan, result.measured["total_ms"]
+
+Server errors arrive as typed exceptions (``InvalidArgument``, ``NotFound``,
+...) carrying the server's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from protos import codec
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+
+OBJECTIVES = {None: pb.OBJECTIVE_UNSPECIFIED, "latency": pb.OBJECTIVE_LATENCY, "energy": pb.OBJECTIVE_ENERGY, "weighted": pb.OBJECTIVE_WEIGHTED}
+ENCODINGS = {None: pb.ENCODING_UNSPECIFIED, "raw": pb.ENCODING_RAW, "fp32": pb.ENCODING_RAW, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8}
+STAGES = ("edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms")
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class TandemError(Exception):
+    """A call to the agent failed; ``code`` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InvalidArgument(TandemError): ...
+class NotFound(TandemError): ...
+class ResourceExhausted(TandemError): ...
+class Unavailable(TandemError): ...
+class DeadlineExceeded(TandemError): ...
+class FailedPrecondition(TandemError): ...
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+}
+
+
+def _typed(exc: grpc.RpcError) -> TandemError:
+    code = exc.code()
+    return _ERRORS.get(code, TandemError)(code, exc.details() or "")
+
+
+def _stages(message: pb.StageTimes) -> dict[str, float]:
+    return {name: getattr(message, name) for name in STAGES}
+
+
+@dataclass(frozen=True)
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    plan: str                      # what ran: "local", "remote", "split:<k>"
+    planned: str                   # what the agent chose before running
+    predicted: dict[str, float]    # stage -> ms, as the partitioner predicted for `planned`
+    measured: dict[str, float]     # stage -> ms, as it happened
+    predicted_energy_j: float
+    fell_back: bool
+    fallback_reason: str
+    node: str
+    constraints_met: bool
+    reason: str
+
+    @classmethod
+    def from_reply(cls, reply: pb.InferReply) -> "InferResult":
+        return cls(
+            outputs={t.name: codec.decode(t) for t in reply.outputs},
+            plan=reply.plan.label, planned=reply.planned.label,
+            predicted=_stages(reply.predicted), measured=_stages(reply.measured),
+            predicted_energy_j=reply.predicted_energy_j, fell_back=reply.fell_back,
+            fallback_reason=reply.fallback_reason, node=reply.node,
+            constraints_met=reply.constraints_met, reason=reply.reason,
+        )
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    plan: str
+    node: str
+    predicted: dict[str, float]
+    energy_j: float
+    score: float
+    feasible: bool
+    violations: tuple[str, ...]
+    uplink_bytes: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    model: str
+    winner: str
+    winner_node: str
+    feasible: bool
+    why: str
+    candidates: tuple[CandidateView, ...]
+    link: dict[str, float]
+    device: str
+
+    @classmethod
+    def from_message(cls, m: pb.Explanation) -> "Explanation":
+        return cls(
+            model=m.model, winner=m.winner.label, winner_node=m.winner.node, feasible=m.feasible, why=m.why,
+            candidates=tuple(
+                CandidateView(c.plan.label, c.plan.node, _stages(c.predicted), c.energy_j, c.score, c.feasible,
+                              tuple(c.violations), c.uplink_bytes)
+                for c in m.candidates
+            ),
+            link={"uplink_mbps": m.link.uplink_mbps, "downlink_mbps": m.link.downlink_mbps, "rtt_ms": m.link.rtt_ms},
+            device=m.device,
+        )
+
+    def candidate(self, plan: str) -> CandidateView:
+        return next(c for c in self.candidates if c.plan == plan)
+
+
+def _infer_request(model: str, inputs: dict[str, Any], objective: str | None, plan: str | None, encoding: str | None) -> pb.InferRequest:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of latency, energy, weighted; got {objective!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of raw, fp16, int8; got {encoding!r}")
+    tensors = [codec.encode(np.asarray(value), name) for name, value in inputs.items()]
+    return pb.InferRequest(model=model, inputs=tensors, objective=OBJECTIVES[objective], plan=plan or "",
+                           encoding=ENCODINGS[encoding])
+
+
+def _explain_request(model: str, objective: str | None, link: dict[str, float] | None, encoding: str | None) -> pb.ExplainRequest:
+    request = pb.ExplainRequest(model=model, objective=OBJECTIVES[objective], encoding=ENCODINGS[encoding])
+    if link is not None:
+        request.link.CopyFrom(pb.LinkOverride(**link))
+    return request
+
+
+_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class EdgeClient:
+    """Blocking client; ``deadline`` is seconds for one call."""
+
+    def __init__(self, address: str, *, timeout: float | None = 30.0) -> None:
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._stub = pb_grpc.EdgeAgentStub(self._channel)
+        self.timeout = timeout
+
+    def infer(self, model: str, inputs: dict[str, Any], *, objective: str | None = None, plan: str | None = None,
+              encoding: str | None = None, deadline: float | None = None) -> InferResult:
+        request = _infer_request(model, inputs, objective, plan, encoding)
+        try:
+            return InferResult.from_reply(self._stub.Infer(request, timeout=deadline or self.timeout))
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+
+    def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
+                encoding: str | None = None) -> Explanation:
+        """Candidates with predicted latency and energy; ``link`` plans for
+        {"uplink_mbps", "downlink_mbps", "rtt_ms"} instead of the measured link."""
+        try:
+            return Explanation.from_message(self._stub.Explain(_explain_request(model, objective, link, encoding), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+
+    def models(self) -> list[pb.ModelInfo]:
+        try:
+            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "EdgeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEdgeClient:
+    """The asyncio twin of ``EdgeClient``."""
+
+    def __init__(self, address: str, *, timeout: float | None = 30.0) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._stub = pb_grpc.EdgeAgentStub(self._channel)
+        self.timeout = timeout
+
+    async def infer(self, model: str, inputs: dict[str, Any], *, objective: str | None = None, plan: str | None = None,
+                    encoding: str | None = None, deadline: float | None = None) -> InferResult:
+        request = _infer_request(model, inputs, objective, plan, encoding)
+        try:
+            return InferResult.from_reply(await self._stub.Infer(request, timeout=deadline or self.timeout))
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+
+    async def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
+                      encoding: str | None = None) -> Explanation:
+        try:
+            return Explanation.from_message(await self._stub.Explain(_explain_request(model, objective, link, encoding), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+
+    async def models(self) -> list[pb.ModelInfo]:
+        try:
+            return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncEdgeClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,1 @@
+"""Pure decision logic: where each request runs (LOCAL, SPLIT, REMOTE) and why."""

@@ -1,0 +1,360 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_RAW: _ClassVar[Encoding]
+    ENCODING_FP16: _ClassVar[Encoding]
+    ENCODING_INT8: _ClassVar[Encoding]
+
+class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OBJECTIVE_UNSPECIFIED: _ClassVar[Objective]
+    OBJECTIVE_LATENCY: _ClassVar[Objective]
+    OBJECTIVE_ENERGY: _ClassVar[Objective]
+    OBJECTIVE_WEIGHTED: _ClassVar[Objective]
+
+class PlanKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_KIND_UNSPECIFIED: _ClassVar[PlanKind]
+    PLAN_LOCAL: _ClassVar[PlanKind]
+    PLAN_SPLIT: _ClassVar[PlanKind]
+    PLAN_REMOTE: _ClassVar[PlanKind]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_FLOAT64: DType
+DTYPE_INT8: DType
+DTYPE_UINT8: DType
+DTYPE_INT16: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+DTYPE_BOOL: DType
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_RAW: Encoding
+ENCODING_FP16: Encoding
+ENCODING_INT8: Encoding
+OBJECTIVE_UNSPECIFIED: Objective
+OBJECTIVE_LATENCY: Objective
+OBJECTIVE_ENERGY: Objective
+OBJECTIVE_WEIGHTED: Objective
+PLAN_KIND_UNSPECIFIED: PlanKind
+PLAN_LOCAL: PlanKind
+PLAN_SPLIT: PlanKind
+PLAN_REMOTE: PlanKind
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "payload", "encoding", "scale", "zero_point")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    payload: bytes
+    encoding: Encoding
+    scale: float
+    zero_point: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ...) -> None: ...
+
+class NodeLoad(_message.Message):
+    __slots__ = ("in_flight", "queued", "max_concurrency", "max_queue", "queue_delay_ms", "cpu_percent")
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    in_flight: int
+    queued: int
+    max_concurrency: int
+    max_queue: int
+    queue_delay_ms: float
+    cpu_percent: float
+    def __init__(self, in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., cpu_percent: _Optional[float] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "digest", "inputs", "outputs", "num_cuts", "kind")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CUTS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    num_cuts: int
+    kind: str
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_cuts: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class PartitionRequest(_message.Message):
+    __slots__ = ("model", "model_digest", "cut", "tensors", "reply_encoding")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_digest: str
+    cut: _containers.RepeatedScalarFieldContainer[str]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    reply_encoding: Encoding
+    def __init__(self, model: _Optional[str] = ..., model_digest: _Optional[str] = ..., cut: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., reply_encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("model", "model_digest", "inputs", "reply_encoding")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_digest: str
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    reply_encoding: Encoding
+    def __init__(self, model: _Optional[str] = ..., model_digest: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., reply_encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+
+class RunReply(_message.Message):
+    __slots__ = ("outputs", "compute_ms", "queue_ms", "decode_ms", "encode_ms", "load", "node_id")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    compute_ms: float
+    queue_ms: float
+    decode_ms: float
+    encode_ms: float
+    load: NodeLoad
+    node_id: str
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "models", "load")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    load: NodeLoad
+    def __init__(self, node_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ModelProfileMsg(_message.Message):
+    __slots__ = ("model", "digest", "segment_ms", "run_overhead_ms", "json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_MS_FIELD_NUMBER: _ClassVar[int]
+    RUN_OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    digest: str
+    segment_ms: _containers.RepeatedScalarFieldContainer[float]
+    run_overhead_ms: float
+    json: str
+    def __init__(self, model: _Optional[str] = ..., digest: _Optional[str] = ..., segment_ms: _Optional[_Iterable[float]] = ..., run_overhead_ms: _Optional[float] = ..., json: _Optional[str] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("kind", "cut_index", "cut", "node", "encoding", "label")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CUT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    kind: PlanKind
+    cut_index: int
+    cut: _containers.RepeatedScalarFieldContainer[str]
+    node: str
+    encoding: Encoding
+    label: str
+    def __init__(self, kind: _Optional[_Union[PlanKind, str]] = ..., cut_index: _Optional[int] = ..., cut: _Optional[_Iterable[str]] = ..., node: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., label: _Optional[str] = ...) -> None: ...
+
+class StageTimes(_message.Message):
+    __slots__ = ("edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms")
+    EDGE_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    edge_ms: float
+    encode_ms: float
+    network_ms: float
+    cloud_ms: float
+    decode_ms: float
+    total_ms: float
+    def __init__(self, edge_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("model", "inputs", "objective", "plan", "encoding")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    objective: Objective
+    plan: str
+    encoding: Encoding
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., objective: _Optional[_Union[Objective, str]] = ..., plan: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+
+class InferReply(_message.Message):
+    __slots__ = ("outputs", "plan", "planned", "predicted", "measured", "predicted_energy_j", "fell_back", "fallback_reason", "node", "constraints_met", "reason")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_MET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    plan: Plan
+    planned: Plan
+    predicted: StageTimes
+    measured: StageTimes
+    predicted_energy_j: float
+    fell_back: bool
+    fallback_reason: str
+    node: str
+    constraints_met: bool
+    reason: str
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., planned: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., measured: _Optional[_Union[StageTimes, _Mapping]] = ..., predicted_energy_j: _Optional[float] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., node: _Optional[str] = ..., constraints_met: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LinkOverride(_message.Message):
+    __slots__ = ("uplink_mbps", "downlink_mbps", "rtt_ms")
+    UPLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    uplink_mbps: float
+    downlink_mbps: float
+    rtt_ms: float
+    def __init__(self, uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "objective", "link", "encoding")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    objective: Objective
+    link: LinkOverride
+    encoding: Encoding
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("plan", "predicted", "energy_j", "score", "feasible", "violations", "memory_bytes", "uplink_bytes")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    plan: Plan
+    predicted: StageTimes
+    energy_j: float
+    score: float
+    feasible: bool
+    violations: _containers.RepeatedScalarFieldContainer[str]
+    memory_bytes: float
+    uplink_bytes: float
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    WINNER_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    objective: Objective
+    winner: Plan
+    feasible: bool
+    why: str
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    link: LinkOverride
+    device: str
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""What both daemons execute: onnxruntime sessions over whole models and sub-graphs."""

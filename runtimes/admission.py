@@ -1,0 +1,53 @@
+"""Bounded concurrency with a bounded wait queue, and a measured queue delay.
+
+Both daemons admit work through this: a request either gets a worker slot,
+waits in a queue of bounded length, or is refused at once so the caller can
+go elsewhere (RESOURCE_EXHAUSTED) instead of piling up memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+
+class Overloaded(RuntimeError):
+    """Every slot is busy and the queue is full."""
+
+
+class Admission:
+    def __init__(self, *, max_concurrency: int, max_queue: int, smoothing: float = 0.2) -> None:
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._smoothing = smoothing
+        self.in_flight = 0
+        self.queued = 0
+        self.queue_delay_ms = 0.0  # EWMA of measured waits
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold a worker slot; yields this request's measured wait in ms."""
+        if self._slots.locked() and self.queued >= self.max_queue:
+            raise Overloaded(
+                f"busy: {self.in_flight} requests running (limit {self.max_concurrency}) "
+                f"and {self.queued} queued (limit {self.max_queue}); retry later or elsewhere"
+            )
+        arrived = time.perf_counter()
+        self.queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued -= 1
+        waited_ms = (time.perf_counter() - arrived) * 1e3
+        self.queue_delay_ms += self._smoothing * (waited_ms - self.queue_delay_ms)
+        self.in_flight += 1
+        try:
+            yield waited_ms
+        finally:
+            self.in_flight -= 1
+            self._slots.release()

@@ -1,0 +1,108 @@
+"""One validated settings object per daemon, from TOML, environment and flags.
+
+Each field of a daemon's config dataclass carries its help text in
+``field(metadata={"help": ...})``; that text becomes the ``--flag`` help, the
+environment variable is ``<PREFIX>_<FIELD>`` and the TOML key is the field
+name. Precedence: defaults < TOML file < environment < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(element type, is_list) for the field types configs use."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    kind, is_list = _base_type(hint)
+    if is_list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(name, kind, item) for item in items if item != "")
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is Path:
+            return Path(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with these settings (flags override it)")
+    for f in dataclasses.fields(cls):
+        _, is_list = _base_type(typing.get_type_hints(cls)[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        extra = f.metadata.get("flags", ())
+        help_text = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING:
+            help_text += f" (default: {f.default})"
+        if is_list:
+            parser.add_argument(flag, *extra, dest=f.name, action="append", default=None, help=help_text + "; repeat for more")
+        else:
+            parser.add_argument(flag, *extra, dest=f.name, default=None, help=help_text)
+
+
+def load(cls: type[C], args: argparse.Namespace | None = None, *, env_prefix: str, environ: dict[str, str] | None = None) -> C:
+    """Build and validate ``cls`` from defaults, ``args.config``, environment and flags."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None) if args else None
+    if config_file:
+        try:
+            table = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {config_file}: {exc}") from None
+        unknown = sorted(set(table) - names)
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown settings {unknown}; known: {sorted(names)}")
+        values.update(table)
+    for name in names:
+        key = f"{env_prefix}_{name.upper()}"
+        if key in environ:
+            values[name] = environ[key]
+    if args is not None:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None:
+                values[name] = value
+    coerced = {name: _coerce(name, hints[name], value) for name, value in values.items()}
+    config = cls(**coerced)
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config

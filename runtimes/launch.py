@@ -1,0 +1,90 @@
+"""Start a daemon as a child process and wait until it serves.
+
+Used by the demo, the benchmarks and the tests: each starts real
+``cloud-node`` / ``edge-agent`` processes on loopback with port 0, learns the
+bound address from the ready file, and waits for grpc.health SERVING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+START_TIMEOUT_S = 300.0  # first start profiles every model
+
+
+class Daemon:
+    def __init__(self, module: str, args: list[str], *, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+        self.module = module
+        self._tmp = tempfile.TemporaryDirectory(prefix="tandem-daemon-")
+        self.ready_file = Path(self._tmp.name) / "ready.json"
+        self.log_path = log_path or Path(self._tmp.name) / "daemon.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args, "--ready-file", str(self.ready_file)],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        self.address = ""
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "Daemon":
+        deadline = time.monotonic() + timeout_s
+        while not self.ready_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.module} not ready after {timeout_s:.0f} s:\n{self.log()}")
+            time.sleep(0.05)
+        self.address = json.loads(self.ready_file.read_text())["address"]
+        with grpc.insecure_channel(self.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=max(deadline - time.monotonic(), 1.0), wait_for_ready=True
+            )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"{self.module} at {self.address} reports {reply.status}")
+        return self
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        """Die abruptly, as a crashed or unplugged node would."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        self._tmp.cleanup()
+        return self.process.returncode
+
+    def __enter__(self) -> "Daemon":
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def cloud_node(models: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+    return Daemon("cloud_node.main", ["--listen", "127.0.0.1:0", "--models", str(models), *extra], env=env)
+
+
+def edge_agent(models: Path, clouds: list[str], *extra: str, env: dict[str, str] | None = None) -> Daemon:
+    cloud_args = [arg for address in clouds for arg in ("--cloud", address)]
+    return Daemon("edge_agent.main", ["--listen", "127.0.0.1:0", "--models", str(models), *cloud_args, *extra], env=env)

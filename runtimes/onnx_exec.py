@@ -1,0 +1,189 @@
+"""One ONNX model on this host: the whole graph and its cut sub-graphs.
+
+Both daemons use this class, so the edge's prefix and the node's suffix are
+built and run by the same code. Sessions are created lazily and cached, since
+a node may serve many cuts of one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnxruntime as ort
+
+from partitioner.graph import Cut, GraphError, ModelGraph, analyze, prefix_model, suffix_model
+
+logger = logging.getLogger(__name__)
+
+# onnx TensorProto element type -> numpy dtype, for the types the codec carries.
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.dtype("float32"),
+    onnx.TensorProto.FLOAT16: np.dtype("float16"),
+    onnx.TensorProto.DOUBLE: np.dtype("float64"),
+    onnx.TensorProto.INT8: np.dtype("int8"),
+    onnx.TensorProto.UINT8: np.dtype("uint8"),
+    onnx.TensorProto.INT16: np.dtype("int16"),
+    onnx.TensorProto.INT32: np.dtype("int32"),
+    onnx.TensorProto.INT64: np.dtype("int64"),
+    onnx.TensorProto.BOOL: np.dtype("bool"),
+}
+
+
+class InputError(ValueError):
+    """The caller's tensors do not fit the model (names, dtypes, shapes)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None  # None dims are dynamic; None shape: rank unknown
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def session_options(*, threads: int | None = None, level: ort.GraphOptimizationLevel | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings from onnxruntime are noise for our users
+    return options
+
+
+def _specs(values: list[ort.NodeArg]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for value in values:
+        dtype = _ort_type_to_numpy(value.type)
+        shape = None if value.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
+        specs.append(TensorSpec(value.name, dtype, shape))
+    return tuple(specs)
+
+
+def _ort_type_to_numpy(type_name: str) -> np.dtype:
+    # onnxruntime spells types "tensor(float)"; map through onnx's own table.
+    inner = type_name.removeprefix("tensor(").removesuffix(")")
+    names = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}
+    try:
+        return np.dtype(names.get(inner, inner))
+    except TypeError:
+        raise GraphError(f"input type {type_name} is not a plain tensor; Tandem carries tensors only") from None
+
+
+class OnnxModel:
+    """A model file loaded once, with its cut analysis and cached sessions."""
+
+    def __init__(self, name: str, path: Path, *, threads: int | None = None) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.threads = threads
+        self.digest = file_digest(self.path)
+        try:
+            proto = onnx.load(str(self.path))
+        except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not a model"
+            raise GraphError(f"{self.path} is not a readable ONNX model: {exc}") from exc
+        self.cut_error: str | None = None
+        self.graph: ModelGraph | None = None
+        try:
+            self.graph = analyze(proto, name)
+        except GraphError as exc:
+            self.cut_error = str(exc)
+            logger.warning("model %s runs whole only: %s", name, exc)
+        self.param_bytes = sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+        self._whole = self._session((self.graph.model if self.graph else proto).SerializeToString())
+        self.inputs = _specs(self._whole.get_inputs())
+        self.outputs = _specs(self._whole.get_outputs())
+        self._prefix: dict[int, ort.InferenceSession] = {}
+        self._suffix: dict[int, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def num_cuts(self) -> int:
+        return len(self.graph.cuts) if self.graph else 0
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.graph.segments) if self.graph else 1
+
+    def cut(self, index: int) -> Cut:
+        return self._graph_or_raise().cut(index)
+
+    def find_cut(self, tensors: list[str]) -> Cut:
+        return self._graph_or_raise().find_cut(tensors)
+
+    def _graph_or_raise(self) -> ModelGraph:
+        if self.graph is None:
+            raise GraphError(f"model {self.name} cannot be split: {self.cut_error}")
+        return self.graph
+
+    def _session(self, serialized: bytes) -> ort.InferenceSession:
+        return ort.InferenceSession(serialized, session_options(threads=self.threads), providers=["CPUExecutionProvider"])
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        """Refuse feeds that onnxruntime would reject with a cryptic message."""
+        expected = {spec.name: spec for spec in self.inputs}
+        missing = sorted(set(expected) - set(feeds))
+        unknown = sorted(set(feeds) - set(expected))
+        if missing or unknown:
+            raise InputError(
+                f"model {self.name} takes inputs {sorted(expected)}; missing {missing}, unknown {unknown}"
+            )
+        for name, array in feeds.items():
+            spec = expected[name]
+            if array.dtype != spec.dtype:
+                raise InputError(f"input {name} of {self.name} must be {spec.dtype}, got {array.dtype}")
+            if spec.shape is None:
+                continue
+            if array.ndim != len(spec.shape) or any(
+                want is not None and want != got for want, got in zip(spec.shape, array.shape)
+            ):
+                shown = tuple("?" if d is None else d for d in spec.shape)
+                raise InputError(f"input {name} of {self.name} must have shape {shown}, got {array.shape}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [spec.name for spec in self.outputs]
+        return dict(zip(names, self._whole.run(names, feeds)))
+
+    def run_prefix(self, cut: Cut, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Edge side of a SPLIT: returns the cut's tensors (passthrough inputs
+        included) and any graph outputs already computed on the edge."""
+        session = self._cached(self._prefix, cut, prefix_model)
+        names = [value.name for value in session.get_outputs()]
+        needed = {value.name for value in session.get_inputs()}
+        produced = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in needed})))
+        for name in cut.passthrough:
+            produced[name] = feeds[name]
+        return produced
+
+    def run_suffix(self, cut: Cut, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Cloud side of a SPLIT (or the edge's fallback after one)."""
+        session = self._cached(self._suffix, cut, suffix_model)
+        expected = {value.name for value in session.get_inputs()}
+        if set(tensors) != expected:
+            raise InputError(f"cut {cut.index} of {self.name} takes {sorted(expected)}, got {sorted(tensors)}")
+        names = [value.name for value in session.get_outputs()]
+        return dict(zip(names, session.run(names, tensors)))
+
+    def _cached(self, cache: dict[int, ort.InferenceSession], cut: Cut, build) -> ort.InferenceSession:
+        with self._lock:
+            session = cache.get(cut.index)
+        if session is None:
+            # Built outside the lock: creating a session can take a while and
+            # two threads building the same one only costs a little work.
+            session = self._session(build(self._graph_or_raise(), cut).SerializeToString())
+            with self._lock:
+                session = cache.setdefault(cut.index, session)
+        return session

@@ -1,0 +1,75 @@
+"""gRPC plumbing both daemons share: error mapping, server options, health."""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from partitioner.graph import GraphError
+from protos.codec import CodecError
+from runtimes.admission import Overloaded
+from runtimes.onnx_exec import InputError
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+class NoFeasiblePlan(RuntimeError):
+    """Every plan breaks a hard constraint (privacy, memory, allowed cuts)."""
+
+
+class ModelMismatch(RuntimeError):
+    """The peer's copy of a model differs from ours (digest)."""
+
+
+def is_onnxruntime_input_error(exc: BaseException) -> bool:
+    # onnxruntime's pybind exceptions (InvalidArgument, Fail, ...) all live in
+    # this module; when raised while running caller-supplied tensors they
+    # mean the tensors do not fit the graph.
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller should see for ``exc``."""
+    if isinstance(exc, (CodecError, InputError, GraphError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if is_onnxruntime_input_error(exc):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"onnxruntime refused the tensors: {exc}"
+    if isinstance(exc, UnknownModel):
+        return grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc)
+    if isinstance(exc, (ModelMismatch, NoFeasiblePlan)):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    logger.exception("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # already a status
+    code, message = status_for(exc)
+    await context.abort(code, message)
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    size = max_message_mb * 1024 * 1024
+    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+
+
+def add_health(server: grpc.aio.Server) -> health.HealthServicer:
+    """Standard grpc.health.v1; callers wait for SERVING, never on time."""
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+def set_serving(servicer: health.HealthServicer, service_names: list[str]) -> None:
+    for name in ["", *service_names]:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

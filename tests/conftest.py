@@ -1,0 +1,39 @@
+"""Shared fixtures: built models, a per-session profile cache, real daemons."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from modelzoo.build import build_all
+from runtimes import launch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One profile cache per test session: daemons measure each model once."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["TANDEM_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    build_all(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def cloud(model_dir: Path):
+    """A cloud node shared by tests that do not stop it."""
+    with launch.cloud_node(model_dir) as node:
+        yield node
+
+
+@pytest.fixture(scope="session")
+def agent(model_dir: Path, cloud: launch.Daemon):
+    with launch.edge_agent(model_dir, [cloud.address]) as daemon:
+        yield daemon
