@@ -1,0 +1,279 @@
+"""End to end: real cloud-node and edge-agent processes on loopback, real onnxruntime."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edge_agent import sdk
+from partitioner.graph import analyze, prefix_model, suffix_model
+from protos import codec
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import launch
+
+RTOL = ATOL = 1e-5
+
+
+def image(batch: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+
+
+def direct(model_dir: Path, model: str, x: np.ndarray) -> np.ndarray:
+    """The unsplit model run straight through onnxruntime: the reference."""
+    session = ort.InferenceSession(str(model_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input": x})[0]
+
+
+def run(session_proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(session_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})))
+
+
+@pytest.fixture(scope="module")
+def client(agent: launch.Daemon):
+    with sdk.EdgeClient(agent.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def chain_cuts(model_dir: Path) -> int:
+    return len(analyze(onnx.load(str(model_dir / "mobilenet.onnx"))).cuts)
+
+
+def test_models_listed(client: sdk.EdgeClient, chain_cuts: int) -> None:
+    models = {m.name: m for m in client.models()}
+    assert set(models) == {"mobilenet", "resnet"}
+    assert models["mobilenet"].num_cuts == chain_cuts
+    assert list(models["resnet"].inputs[0].shape) == [-1, 3, 224, 224]
+
+
+@pytest.mark.parametrize("plan", ["local", "remote"])
+def test_local_and_remote_equal_direct_run(client: sdk.EdgeClient, model_dir: Path, plan: str) -> None:
+    x = image()
+    for model in ("mobilenet", "resnet"):
+        result = client.infer(model, {"input": x}, plan=plan)
+        assert (result.plan, result.fell_back) == (plan, False)
+        np.testing.assert_allclose(result.outputs["logits"], direct(model_dir, model, x), rtol=RTOL, atol=ATOL)
+
+
+def test_every_chain_cut_equals_direct_run(client: sdk.EdgeClient, model_dir: Path, chain_cuts: int) -> None:
+    x = image(seed=1)
+    expected = direct(model_dir, "mobilenet", x)
+    for k in range(1, chain_cuts + 1):
+        result = client.infer("mobilenet", {"input": x}, plan=f"split:{k}")
+        assert (result.plan, result.fell_back) == (f"split:{k}", False), result.fallback_reason
+        assert result.node
+        np.testing.assert_allclose(result.outputs["logits"], expected, rtol=RTOL, atol=ATOL)
+
+
+def test_dag_cuts_with_skips_and_shape_tensors_equal_direct_run(client: sdk.EdgeClient, model_dir: Path) -> None:
+    graph = analyze(onnx.load(str(model_dir / "resnet.onnx")))
+    two_tensor = [c.index for c in graph.cuts if len(c.tensors) == 2][:3]
+    one_tensor = [c.index for c in graph.cuts if len(c.tensors) == 1][:3]
+    assert two_tensor and one_tensor
+    for batch in (1, 2):  # the batch dimension is dynamic
+        x = image(batch, seed=batch)
+        expected = direct(model_dir, "resnet", x)
+        for k in [*two_tensor, *one_tensor, graph.cuts[-1].index]:
+            result = client.infer("resnet", {"input": x}, plan=f"split:{k}")
+            assert (result.plan, result.fell_back) == (f"split:{k}", False), result.fallback_reason
+            np.testing.assert_allclose(result.outputs["logits"], expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("encoding", [pb.ENCODING_FP16, pb.ENCODING_INT8])
+def test_lossy_split_equals_model_with_codec_error_at_the_cut(client: sdk.EdgeClient, model_dir: Path, encoding: int) -> None:
+    """A lossy SPLIT must equal the unsplit model with exactly the codec's
+    documented error applied to the cut tensor, and nothing more."""
+    graph = analyze(onnx.load(str(model_dir / "mobilenet.onnx")))
+    x = image(seed=3)
+    name = {pb.ENCODING_FP16: "fp16", pb.ENCODING_INT8: "int8"}[encoding]
+    for k in (1, len(graph.cuts) // 2, len(graph.cuts)):
+        cut = graph.cut(k)
+        crossing = run(prefix_model(graph, cut), {"input": x})
+        received = {}
+        for tensor_name in cut.tensors:
+            sent = crossing[tensor_name]
+            received[tensor_name] = codec.decode(codec.encode(sent, tensor_name, encoding))
+            assert np.max(np.abs(received[tensor_name] - sent)) <= codec.max_abs_error(sent, encoding)
+        expected = run(suffix_model(graph, cut), received)["logits"]
+        result = client.infer("mobilenet", {"input": x}, plan=f"split:{k}", encoding=name)
+        assert (result.plan, result.fell_back) == (f"split:{k}", False)
+        np.testing.assert_allclose(result.outputs["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unpinned_request_runs_the_plan_explain_predicts(client: sdk.EdgeClient) -> None:
+    explanation = client.explain("mobilenet")
+    assert explanation.feasible
+    scores = {c.plan: c.score for c in explanation.candidates if c.feasible}
+    assert scores[explanation.winner] == min(scores.values())
+    assert {"local", "remote"} <= set(scores)
+    result = client.infer("mobilenet", {"input": image()})
+    assert result.planned in scores
+    # the plan ran is within the margin of the best predicted score at that moment
+    assert scores[result.planned] <= min(scores.values()) * 1.5 + 1.0
+
+
+def test_explain_with_link_override_plans_for_that_link(client: sdk.EdgeClient) -> None:
+    slow = client.explain("mobilenet", link={"uplink_mbps": 0.13, "downlink_mbps": 0.13, "rtt_ms": 50.0})
+    assert slow.link["uplink_mbps"] == pytest.approx(0.13)
+    remote = slow.candidate("remote")
+    # the whole input (602,112 bytes) over 0.13 Mbit/s takes ~37 s
+    assert remote.predicted["network_ms"] == pytest.approx(50.0 + 602112 * 8 / 0.13e6 * 1e3 + 4000 * 8 / 0.13e6 * 1e3, rel=1e-3)
+    assert slow.winner == "local"
+
+
+def test_bad_requests_get_clear_errors_and_agent_keeps_serving(client: sdk.EdgeClient, agent: launch.Daemon) -> None:
+    x = image()
+    with pytest.raises(sdk.InvalidArgument, match="shape"):
+        client.infer("mobilenet", {"input": x[:, :, :100]})
+    with pytest.raises(sdk.InvalidArgument, match="float32"):
+        client.infer("mobilenet", {"input": x.astype(np.float64)})
+    with pytest.raises(sdk.InvalidArgument, match="missing"):
+        client.infer("mobilenet", {"other": x})
+    with pytest.raises(sdk.NotFound, match="unknown model"):
+        client.infer("no-such-model", {"input": x})
+    with pytest.raises(sdk.InvalidArgument, match="cut"):
+        client.infer("mobilenet", {"input": x}, plan="split:999")
+    with pytest.raises(sdk.InvalidArgument, match="plan"):
+        client.infer("mobilenet", {"input": x}, plan="sideways")
+    # a truncated payload, sent past the SDK's own encoder
+    truncated = codec.encode(x, "input")
+    truncated.payload = truncated.payload[:-10]
+    with grpc.insecure_channel(agent.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.EdgeAgentStub(channel).Infer(pb.InferRequest(model="mobilenet", inputs=[truncated]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bytes" in info.value.details()
+    assert client.infer("mobilenet", {"input": x}, plan="local").plan == "local"
+
+
+def test_cloud_node_refuses_bad_partitions_and_keeps_serving(cloud: launch.Daemon, model_dir: Path) -> None:
+    graph = analyze(onnx.load(str(model_dir / "mobilenet.onnx")))
+    cut = graph.cut(3)
+    tensor = run(prefix_model(graph, cut), {"input": image()})[cut.tensors[0]]
+    with grpc.insecure_channel(cloud.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
+        stub = pb_grpc.CloudNodeStub(channel)
+        cases = {
+            "not a valid cut": pb.PartitionRequest(model="mobilenet", cut=["nonsense"], tensors=[codec.encode(tensor, "nonsense")]),
+            "unknown model": pb.PartitionRequest(model="nope", cut=list(cut.tensors), tensors=[codec.encode(tensor, cut.tensors[0])]),
+            "onnxruntime refused": pb.PartitionRequest(model="mobilenet", cut=list(cut.tensors), tensors=[codec.encode(tensor[:, :3], cut.tensors[0])]),
+        }
+        codes = {"unknown model": grpc.StatusCode.NOT_FOUND}
+        for words, request in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RunPartition(request, timeout=10)
+            assert info.value.code() == codes.get(words, grpc.StatusCode.INVALID_ARGUMENT), info.value.details()
+            assert words in info.value.details()
+        bad_dims = codec.encode(tensor, cut.tensors[0])
+        bad_dims.shape[:] = [-1, 4]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RunPartition(pb.PartitionRequest(model="mobilenet", cut=list(cut.tensors), tensors=[bad_dims]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "negative" in info.value.details()
+        reply = stub.RunPartition(pb.PartitionRequest(model="mobilenet", cut=list(cut.tensors), tensors=[codec.encode(tensor, cut.tensors[0])]), timeout=10)
+        assert [o.name for o in reply.outputs] == ["logits"]
+        assert reply.load.max_concurrency >= 1
+
+
+def test_cloud_node_answers_resource_exhausted_beyond_its_limits(model_dir: Path) -> None:
+    with launch.cloud_node(model_dir, "--max-concurrency", "1", "--max-queue", "1") as node:
+        request = pb.ModelRequest(model="resnet", inputs=[codec.encode(image(8), "input")])
+        with grpc.insecure_channel(node.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
+            stub = pb_grpc.CloudNodeStub(channel)
+            calls = [stub.RunModel.future(request, timeout=60) for _ in range(8)]
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    assert "retry" in exc.details()
+            assert codes.count(grpc.StatusCode.OK) >= 2  # one running, one queued
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert stub.Status(pb.StatusRequest(), timeout=10).load.max_queue == 1
+
+
+def test_cloud_stopped_before_requests_every_request_falls_back(model_dir: Path) -> None:
+    node = launch.cloud_node(model_dir).wait_ready()
+    with launch.edge_agent(model_dir, [node.address]) as agent, sdk.EdgeClient(agent.address) as client:
+        node.kill()
+        x = image(seed=5)
+        expected = direct(model_dir, "mobilenet", x)
+        for plan in ("split:5", "remote", "split:20"):
+            result = client.infer("mobilenet", {"input": x}, plan=plan)
+            assert result.fell_back and result.plan == "local" and result.fallback_reason
+            np.testing.assert_allclose(result.outputs["logits"], expected, rtol=RTOL, atol=ATOL)
+    node.stop()
+
+
+def test_cloud_killed_during_a_batch_loses_no_request(model_dir: Path) -> None:
+    node = launch.cloud_node(model_dir).wait_ready()
+    with launch.edge_agent(model_dir, [node.address]) as agent, sdk.EdgeClient(agent.address) as client:
+        inputs = [image(seed=s) for s in range(24)]
+        expected = [direct(model_dir, "mobilenet", x) for x in inputs]
+        plans = [("split:8", "remote", "split:16")[i % 3] for i in range(len(inputs))]
+
+        def send(i: int) -> sdk.InferResult:
+            if i == 8:
+                node.kill()
+            return client.infer("mobilenet", {"input": inputs[i]}, plan=plans[i])
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(send, range(len(inputs))))
+        for i, result in enumerate(results):
+            np.testing.assert_allclose(result.outputs["logits"], expected[i], rtol=RTOL, atol=ATOL)
+            assert result.fell_back == (result.plan == "local")
+        assert sum(r.fell_back for r in results) >= len(inputs) - 12  # everything after the kill fell back
+    node.stop()
+
+
+def test_model_that_cannot_be_cut_runs_whole_and_refuses_splits(tmp_path: Path, cloud: launch.Daemon) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="only")], "single",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "single.onnx"))
+    with launch.edge_agent(tmp_path, []) as agent, sdk.EdgeClient(agent.address) as client:
+        x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+        np.testing.assert_array_equal(client.infer("single", {"x": x}).outputs["y"], np.maximum(x, 0))
+        with pytest.raises(sdk.InvalidArgument, match="cannot be split"):
+            client.infer("single", {"x": x}, plan="split:1")
+
+
+def test_privacy_floor_keeps_early_layers_on_the_device(model_dir: Path, cloud: launch.Daemon) -> None:
+    with launch.edge_agent(model_dir, [cloud.address], "--privacy-min-local", "3") as agent, sdk.EdgeClient(agent.address) as client:
+        explanation = client.explain("mobilenet", link={"uplink_mbps": 1e4, "downlink_mbps": 1e4, "rtt_ms": 0.1})
+        feasible = {c.plan for c in explanation.candidates if c.feasible}
+        assert "remote" not in feasible and "split:1" not in feasible and "split:2" not in feasible
+        assert "split:3" in feasible and "local" in feasible
+        assert explanation.winner in feasible
+
+
+def test_async_client(agent: launch.Daemon, model_dir: Path) -> None:
+    async def scenario() -> None:
+        async with sdk.AsyncEdgeClient(agent.address) as client:
+            x = image(seed=9)
+            results = await asyncio.gather(*(client.infer("mobilenet", {"input": x}, plan=p) for p in ("local", "split:4", "remote")))
+            for result in results:
+                np.testing.assert_allclose(result.outputs["logits"], direct(model_dir, "mobilenet", x), rtol=RTOL, atol=ATOL)
+            assert (await client.explain("resnet")).candidates
+            with pytest.raises(sdk.NotFound):
+                await client.infer("missing", {"input": x})
+
+    asyncio.run(scenario())
