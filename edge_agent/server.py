@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from edge_agent.offload import CloudNodeClient
-from partitioner.costmodel import Candidate, Constraints, Decision, Link, Objective, Power, choose
+from partitioner.costmodel import Candidate, Constraints, Decision, Link, ModelCosts, Objective, Power, choose
 from partitioner.planning import CodecSpeed, cloud_option, model_costs
 from partitioner.profile import ModelProfile
 from protos import codec
@@ -111,6 +111,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.policy = policy
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
+        self._costs: dict[tuple[str, int], ModelCosts] = {}  # profiles are immutable: build once per codec
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -119,7 +120,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def decide(self, model: OnnxModel, objective: Objective, encoding: int, link: Link | None = None) -> Decision:
         profile = self.profiles[model.name]
-        costs = model_costs(profile, encoding=encoding, speed=self.codec_speed[encoding], output_encoding=pb.ENCODING_RAW)
+        costs = self._costs.get((model.name, encoding))
+        if costs is None:
+            costs = model_costs(profile, encoding=encoding, speed=self.codec_speed[encoding], output_encoding=pb.ENCODING_RAW)
+            self._costs[(model.name, encoding)] = costs
         clouds = []
         for node in self.nodes:
             if not node.state.reachable:

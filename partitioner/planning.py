@@ -47,13 +47,13 @@ def edge_memory_bytes(profile: ModelProfile) -> tuple[int, ...]:
     return tuple(memory)
 
 
-def model_costs(edge: ModelProfile, *, encoding: int, speed: CodecSpeed, output_encoding: int | None = None) -> ModelCosts:
-    results_encoding = encoding if output_encoding is None else output_encoding
+def model_costs(edge: ModelProfile, *, encoding: int, speed: CodecSpeed, output_encoding: int) -> ModelCosts:
+    """``encoding`` for tensors sent to the node, ``output_encoding`` for results coming back."""
     return ModelCosts(
         edge_segment_ms=edge.segment_ms,
         edge_overhead_ms=edge.run_overhead_ms,
         crossings=tuple(transfer(c, encoding, speed) for c in edge.crossings),
-        output=transfer(edge.outputs, results_encoding, speed),
+        output=transfer(edge.outputs, output_encoding, speed),
         edge_memory_bytes=edge_memory_bytes(edge),
     )
 

@@ -1,0 +1,159 @@
+"""What Tandem costs on top of bare onnxruntime, and what its codec costs.
+
+    python -m bench.overhead [--runs 200] [--json bench/results/overhead.json]
+
+For the chain model, median latency of (a) bare ``InferenceSession.run``,
+(b) the agent's LOCAL plan through the SDK, (c) SPLIT at the middle cut over
+loopback, (d) REMOTE, and the gRPC transport floor (the same request echoed
+with no compute), measured in one run in alternating rounds; then codec encode/decode throughput per encoding
+on a 1x32x112x112 float32 tensor. Target: (b) within 5 % or 0.3 ms of (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.sdk import EdgeClient
+from modelzoo.build import build_all
+from protos import codec
+from protos import tandem_pb2 as pb
+from runtimes import launch
+
+MESSAGE_OPTIONS = [("grpc.max_send_message_length", 1 << 26), ("grpc.max_receive_message_length", 1 << 26)]
+
+
+class EchoServer:
+    """A gRPC server that answers any bytes with a fixed-size reply: the
+    transport floor for moving a request of this size through grpcio."""
+
+    def __init__(self, reply_bytes: int) -> None:
+        reply = bytes(reply_bytes)
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: reply)}
+        )
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler], options=MESSAGE_OPTIONS)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=MESSAGE_OPTIONS)
+        self.call = self.channel.unary_unary("/bench.Echo/Call")
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(None)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def codec_throughput(runs: int) -> list[dict]:
+    tensor = np.random.default_rng(0).standard_normal((1, 32, 112, 112)).astype(np.float32)
+    rows = []
+    for name, encoding in (("fp32", pb.ENCODING_RAW), ("fp16", pb.ENCODING_FP16), ("int8", pb.ENCODING_INT8)):
+        enc, dec = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            message = codec.encode(tensor, "t", encoding)
+            enc.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            codec.decode(message)
+            dec.append(time.perf_counter() - start)
+        rows.append({
+            "encoding": name, "raw_bytes": tensor.nbytes, "wire_bytes": len(message.payload),
+            "encode_gb_s": tensor.nbytes / statistics.median(enc) / 1e9,
+            "decode_gb_s": tensor.nbytes / statistics.median(dec) / 1e9,
+        })
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200, help="timed requests per configuration")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/overhead.json"))
+    args = parser.parse_args()
+    console = Console()
+
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
+        models = Path(tmp)
+        paths = build_all(models)
+        bare = ort.InferenceSession(str(paths["mobilenet"]), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        request_bytes = pb.InferRequest(model="mobilenet", inputs=[codec.encode(x, "input")]).SerializeToString()
+        echo = EchoServer(reply_bytes=4200)  # about an InferReply carrying 1000 float32 logits
+        with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address]) as agent, EdgeClient(agent.address) as client:
+            cuts = next(m.num_cuts for m in client.models() if m.name == "mobilenet")
+            middle = f"split:{(cuts + 1) // 2}"
+            configs = {
+                "bare onnxruntime": lambda: bare.run(None, {"input": x}),
+                "gRPC echo of the same request (no compute)": lambda: echo.call(request_bytes, timeout=10),
+                "agent LOCAL (SDK)": lambda: client.infer("mobilenet", {"input": x}, plan="local"),
+                f"agent SPLIT {middle} (loopback)": lambda: client.infer("mobilenet", {"input": x}, plan=middle),
+                "agent REMOTE (loopback)": lambda: client.infer("mobilenet", {"input": x}, plan="remote"),
+            }
+            times: dict[str, list[float]] = {name: [] for name in configs}
+            for fn in configs.values():  # warm sessions and caches on both sides
+                for _ in range(10):
+                    fn()
+            # Rounds of consecutive runs per configuration: strict interleaving
+            # would let one process's spinning onnxruntime threads (the default)
+            # steal the two cores from the next configuration.
+            rounds = 4
+            with console.status("timing ..."):
+                for _ in range(rounds):
+                    for name, fn in configs.items():
+                        for _ in range(args.runs // rounds):
+                            start = time.perf_counter()
+                            fn()
+                            times[name].append((time.perf_counter() - start) * 1e3)
+        echo.close()
+
+    base = statistics.median(times["bare onnxruntime"])
+    latency_rows = []
+    table = Table(title=f"mobilenet, {args.runs} runs each in 4 rounds ({platform.processor() or platform.machine()}, {platform.node()})")
+    for column in ("configuration", "median ms", "p90 ms", "vs bare"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for name, values in times.items():
+        median = statistics.median(values)
+        row = {"configuration": name, "median_ms": median, "p90_ms": percentile(values, 90), "overhead_ms": median - base}
+        latency_rows.append(row)
+        table.add_row(name, f"{median:.3f}", f"{row['p90_ms']:.3f}", f"{median - base:+.3f} ms ({(median / base - 1) * 100:+.1f} %)")
+    console.print(table)
+
+    local = statistics.median(times["agent LOCAL (SDK)"])
+    target_met = local - base <= max(0.05 * base, 0.3)
+    console.print(f"LOCAL overhead target (within 5 % or 0.3 ms of bare): {'met' if target_met else 'NOT met'} "
+                  f"({local - base:+.3f} ms)")
+
+    codec_rows = codec_throughput(runs=50)
+    codec_table = Table(title="codec on a 1x32x112x112 float32 tensor (1.6 MB)")
+    for column in ("encoding", "wire bytes", "encode GB/s", "decode GB/s"):
+        codec_table.add_column(column, justify="right")
+    for row in codec_rows:
+        codec_table.add_row(row["encoding"], f"{row['wire_bytes']:,}", f"{row['encode_gb_s']:.2f}", f"{row['decode_gb_s']:.2f}")
+    console.print(codec_table)
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "machine": {"node": platform.node(), "processor": platform.processor(), "cpus": __import__("os").cpu_count(),
+                    "python": platform.python_version(), "onnxruntime": ort.__version__},
+        "runs": args.runs, "latency": latency_rows, "local_target_met": target_met, "codec": codec_rows,
+    }, indent=2))
+    console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
