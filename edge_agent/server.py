@@ -149,7 +149,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         try:
             reply = await getattr(node.stub, method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # Only a node we cannot reach is taken out of planning; a missed
+            # deadline or a full queue shows up in its reported load instead.
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 node.mark_down(f"{exc.code().name}: {exc.details()}")
             raise CloudFailed(f"{node.address} {method}: {exc.code().name}: {exc.details()}") from exc
         node.update_load(reply.load)

@@ -277,3 +277,13 @@ def test_async_client(agent: launch.Daemon, model_dir: Path) -> None:
                 await client.infer("missing", {"input": x})
 
     asyncio.run(scenario())
+
+
+def test_cloud_call_missing_its_deadline_falls_back(model_dir: Path, cloud: launch.Daemon) -> None:
+    # 6 ms is less than the node needs for a batch of 8 through resnet.
+    with launch.edge_agent(model_dir, [cloud.address], "--cloud-timeout-s", "0.006") as agent, sdk.EdgeClient(agent.address) as client:
+        x = image(8, seed=11)
+        result = client.infer("resnet", {"input": x}, plan="remote")
+        assert result.fell_back and result.plan == "local"
+        assert "DEADLINE_EXCEEDED" in result.fallback_reason
+        np.testing.assert_allclose(result.outputs["logits"], direct(model_dir, "resnet", x), rtol=RTOL, atol=ATOL)
