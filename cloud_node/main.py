@@ -18,7 +18,7 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.model_store import ModelStore
-from runtimes.profiler import load_or_measure
+from runtimes.profiler import profile_store
 from runtimes.rpc import add_health, channel_options, set_serving
 
 logger = logging.getLogger(__name__)
@@ -52,17 +52,15 @@ async def serve(config: NodeConfig) -> None:
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     server = grpc.aio.server(options=channel_options(config.max_message_mb))
     address = bind(server, config.listen)
+    # Profile before serving: measuring while serving would skew both.
+    profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     service = CloudNodeService(
-        store, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",
-        max_concurrency=config.max_concurrency, max_queue=config.max_queue, profile_dir=profile_dir,
+        store, profiles, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue,
     )
     pb_grpc.add_CloudNodeServicer_to_server(service, server)
     health = add_health(server)
     await server.start()
-    # Profile before declaring SERVING: measuring while serving would skew both.
-    for model in store.models.values():
-        if model.graph is not None:
-            await asyncio.to_thread(load_or_measure, model, cache_dir=profile_dir)
     set_serving(health, [pb.DESCRIPTOR.services_by_name["CloudNode"].full_name])
     write_ready_file(config.ready_file, address)
     logger.info("cloud node %s serving %d models on %s", service.node_id, len(store.models), address)

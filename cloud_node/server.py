@@ -7,33 +7,44 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import psutil
 
+from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
-from runtimes.admission import Admission
-from runtimes.model_store import ModelStore
-from runtimes.profiler import load_or_measure
+from runtimes.admission import Admission, run_cancellable
+from runtimes.model_store import ModelStore, decode_all
+from runtimes.onnx_exec import OnnxModel
 from runtimes.rpc import ModelMismatch, abort_for
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 MAX_PROBE_BYTES = 16 * 1024 * 1024
 
 
+def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run, options: ort.RunOptions) -> tuple[dict[str, float], list[pb.Tensor]]:
+    """The blocking part of a request, timed stage by stage (runs in a worker thread)."""
+    start = time.perf_counter()
+    feeds = decode_all(tensors)
+    decoded = time.perf_counter()
+    outputs = run(model, feeds, options)
+    computed = time.perf_counter()
+    encoded = [codec.encode(array, name, reply_encoding) for name, array in outputs.items()]
+    done = time.perf_counter()
+    timings = {"decode_ms": (decoded - start) * 1e3, "compute_ms": (computed - decoded) * 1e3, "encode_ms": (done - computed) * 1e3}
+    return timings, encoded
+
+
 class CloudNodeService(pb_grpc.CloudNodeServicer):
-    def __init__(self, store: ModelStore, *, node_id: str, max_concurrency: int, max_queue: int, profile_dir: Path | None) -> None:
+    def __init__(self, store: ModelStore, profiles: dict[str, ModelProfile], *, node_id: str, max_concurrency: int, max_queue: int) -> None:
         self.store = store
+        self.profiles = profiles
         self.node_id = node_id
-        self.profile_dir = profile_dir
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="cloud-compute")
         psutil.cpu_percent()  # first call primes the counter
@@ -49,42 +60,30 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         )
 
     async def _compute(self, context: grpc.aio.ServicerContext, model_name: str, digest: str, tensors, reply_encoding: int,
-                       run: Callable[[object, dict[str, np.ndarray]], dict[str, np.ndarray]]) -> pb.RunReply:
-        """Decode, admit, run in a worker thread, encode; every failure becomes a status."""
+                       run: Callable[..., dict[str, np.ndarray]]) -> pb.RunReply:
+        """Admit, then decode, run and encode in a worker thread; every failure becomes a status."""
         try:
             model = self.store.get(model_name)
             if digest and digest != model.digest:
                 raise ModelMismatch(
                     f"model {model_name}: caller has digest {digest[:12]}…, this node has {model.digest[:12]}…"
                 )
-            start = time.perf_counter()
-            feeds = {t.name: codec.decode(t) for t in tensors}
-            decode_ms = (time.perf_counter() - start) * 1e3
             async with self.admission.slot() as waited_ms:
-                start = time.perf_counter()
-                outputs = await asyncio.get_running_loop().run_in_executor(self._pool, run, model, feeds)
-                compute_ms = (time.perf_counter() - start) * 1e3
-            start = time.perf_counter()
-            encoded = [codec.encode(array, name, reply_encoding) for name, array in outputs.items()]
-            encode_ms = (time.perf_counter() - start) * 1e3
+                timings, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors, reply_encoding, run)
         except Exception as exc:  # noqa: BLE001 -- mapped to a status, server stays up
             await abort_for(context, exc)
-        return pb.RunReply(
-            outputs=encoded, compute_ms=compute_ms, queue_ms=waited_ms, decode_ms=decode_ms,
-            encode_ms=encode_ms, load=self.load(), node_id=self.node_id,
-        )
+        return pb.RunReply(outputs=encoded, queue_ms=waited_ms, load=self.load(), node_id=self.node_id, **timings)
 
     async def RunPartition(self, request: pb.PartitionRequest, context: grpc.aio.ServicerContext) -> pb.RunReply:
-        def run(model, feeds):
-            cut = model.find_cut(list(request.cut))
-            return model.run_suffix(cut, feeds)
+        def run(model: OnnxModel, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
+            return model.run_suffix(model.find_cut(list(request.cut)), feeds, options)
 
         return await self._compute(context, request.model, request.model_digest, request.tensors, request.reply_encoding, run)
 
     async def RunModel(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.RunReply:
-        def run(model, feeds):
+        def run(model: OnnxModel, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
             model.check_inputs(feeds)
-            return model.run(feeds)
+            return model.run(feeds, options)
 
         return await self._compute(context, request.model, request.model_digest, request.inputs, request.reply_encoding, run)
 
@@ -93,10 +92,8 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
 
     async def GetProfile(self, request: pb.ProfileRequest, context: grpc.aio.ServicerContext) -> pb.ModelProfileMsg:
         try:
-            model = self.store.get(request.model)
-            profile = await asyncio.get_running_loop().run_in_executor(
-                self._pool, lambda: load_or_measure(model, cache_dir=self.profile_dir)
-            )
+            self.store.get(request.model)
+            profile = self.profiles[request.model]
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
         return pb.ModelProfileMsg(

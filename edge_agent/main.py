@@ -26,13 +26,10 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.model_store import ModelStore
-from runtimes.profiler import load_or_measure
+from runtimes.profiler import profile_store
 from runtimes.rpc import add_health, channel_options, set_serving
 
 logger = logging.getLogger(__name__)
-
-ENCODINGS = {"raw": pb.ENCODING_RAW, "fp32": pb.ENCODING_RAW, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8}
-
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -67,8 +64,8 @@ class AgentConfig:
             raise error(f"objective must be latency, energy or weighted, got {self.objective!r}")
         if not 0.0 <= self.weight_latency <= 1.0:
             raise error(f"weight_latency must be within 0..1, got {self.weight_latency}")
-        if self.encoding not in ENCODINGS:
-            raise error(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}")
+        if self.encoding not in codec.ENCODING_BY_NAME:
+            raise error(f"encoding must be one of {sorted(codec.ENCODING_BY_NAME)}, got {self.encoding!r}")
         for name in ("slo_ms", "energy_budget_j", "memory_limit_mb", "uplink_mbps", "downlink_mbps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -90,7 +87,7 @@ class AgentConfig:
                 memory_limit_bytes=int(self.memory_limit_mb * 2**20) if self.memory_limit_mb else None,
                 privacy_min_local=self.privacy_min_local,
             ),
-            encoding=ENCODINGS[self.encoding],
+            encoding=codec.ENCODING_BY_NAME[self.encoding],
             cloud_timeout_s=self.cloud_timeout_s,
         )
 
@@ -127,9 +124,7 @@ async def refresh_loop(nodes: list[CloudNodeClient], every_s: float) -> None:
 async def serve(config: AgentConfig) -> None:
     store = ModelStore.from_dir(config.models, threads=config.threads or None)
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
-    profiles = {}
-    for name, model in store.models.items():
-        profiles[name] = await asyncio.to_thread(load_or_measure, model, cache_dir=profile_dir)
+    profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     device = get_device(config.device)
     nodes = [CloudNodeClient(a, max_message_mb=config.max_message_mb, link_override=config.link_override()) for a in config.cloud]
     await refresh_all(nodes, measure_link=True)

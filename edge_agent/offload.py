@@ -19,6 +19,9 @@ from runtimes.rpc import channel_options
 logger = logging.getLogger(__name__)
 
 PROBE_BYTES = 1 << 20
+# A transfer faster than this is measurement noise (loopback, tiny payload):
+# report this ceiling rather than a figure that makes the network look free.
+MAX_PLAUSIBLE_MBPS = 40_000.0
 
 
 @dataclass
@@ -33,6 +36,12 @@ class NodeState:
     error: str = ""
 
 
+def _mbps(size_bytes: int, seconds: float) -> float:
+    if seconds <= 0:
+        return MAX_PLAUSIBLE_MBPS
+    return min(size_bytes * 8 / seconds / 1e6, MAX_PLAUSIBLE_MBPS)
+
+
 class CloudNodeClient:
     def __init__(self, address: str, *, max_message_mb: int, link_override: Link | None = None) -> None:
         self.address = address
@@ -41,40 +50,47 @@ class CloudNodeClient:
         self.stub = pb_grpc.CloudNodeStub(self._channel)
         self.state = NodeState()
         self._profiles: dict[str, ModelProfile] = {}  # digest -> profile measured on the node
+        self._generation = 0  # bumped by mark_down, so a refresh in flight cannot undo it
+
+    async def _timed_probe(self, request: pb.ProbeRequest, timeout_s: float) -> float:
+        start = time.perf_counter()
+        await self.stub.Probe(request, timeout=timeout_s)
+        return time.perf_counter() - start
 
     async def refresh(self, *, timeout_s: float = 2.0, measure_link: bool = False) -> NodeState:
-        """Ask the node for its status (and the link for RTT/bandwidth)."""
+        """Status, RTT (empty probes), profiles of new models and, when asked,
+        bandwidth (the time a 1 MiB payload adds over an empty probe)."""
+        generation = self._generation
         try:
-            rtts = []
-            for _ in range(3):
-                start = time.perf_counter()
-                status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
-                rtts.append((time.perf_counter() - start) * 1e3)
+            empty = pb.ProbeRequest()
+            rtt_s = statistics.median([await self._timed_probe(empty, timeout_s) for _ in range(3)])
+            status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
             link = self.state.link
             if measure_link or link is None:
-                link = await self._measure_link(statistics.median(rtts), timeout_s)
+                up_s = await self._timed_probe(pb.ProbeRequest(payload=bytes(PROBE_BYTES)), timeout_s) - rtt_s
+                down_s = await self._timed_probe(pb.ProbeRequest(reply_bytes=PROBE_BYTES), timeout_s) - rtt_s
+                link = Link(uplink_mbps=_mbps(PROBE_BYTES, up_s), downlink_mbps=_mbps(PROBE_BYTES, down_s), rtt_ms=rtt_s * 1e3)
             else:
-                link = Link(link.uplink_mbps, link.downlink_mbps, statistics.median(rtts))
+                link = Link(link.uplink_mbps, link.downlink_mbps, rtt_s * 1e3)
+            for info in status.models:
+                if info.digest not in self._profiles:
+                    reply = await self.stub.GetProfile(pb.ProfileRequest(model=info.name), timeout=timeout_s)
+                    self._profiles[info.digest] = ModelProfile.from_json(reply.json)
+        except grpc.RpcError as exc:
+            self.mark_down(f"{exc.code().name}: {exc.details()}")
+            return self.state
+        except ValueError as exc:  # a profile we cannot read: plan without this node
+            self.mark_down(f"unreadable profile: {exc}")
+            return self.state
+        if generation == self._generation:
             self.state = NodeState(
                 reachable=True, node_id=status.node_id, load=status.load,
                 models={m.name: m for m in status.models}, link=self.link_override or link,
             )
-        except grpc.RpcError as exc:
-            self.mark_down(f"{exc.code().name}: {exc.details()}")
         return self.state
 
-    async def _measure_link(self, rtt_ms: float, timeout_s: float) -> Link:
-        """One uplink and one downlink transfer of PROBE_BYTES, less the RTT."""
-        start = time.perf_counter()
-        await self.stub.Probe(pb.ProbeRequest(payload=bytes(PROBE_BYTES), reply_bytes=0), timeout=timeout_s)
-        up_s = max((time.perf_counter() - start) * 1e3 - rtt_ms, 1e-3) / 1e3
-        start = time.perf_counter()
-        await self.stub.Probe(pb.ProbeRequest(reply_bytes=PROBE_BYTES), timeout=timeout_s)
-        down_s = max((time.perf_counter() - start) * 1e3 - rtt_ms, 1e-3) / 1e3
-        bits = PROBE_BYTES * 8
-        return Link(uplink_mbps=bits / up_s / 1e6, downlink_mbps=bits / down_s / 1e6, rtt_ms=rtt_ms)
-
     def mark_down(self, reason: str) -> None:
+        self._generation += 1
         if self.state.reachable:
             logger.warning("cloud node %s unavailable: %s", self.address, reason)
         self.state = NodeState(reachable=False, error=reason, link=self.state.link)
@@ -82,15 +98,13 @@ class CloudNodeClient:
     def update_load(self, load: pb.NodeLoad) -> None:
         self.state.load = load
 
-    async def profile(self, model: str, digest: str, *, timeout_s: float = 120.0) -> ModelProfile | None:
-        """The node's measured profile of ``model`` if its copy matches ``digest``."""
+    def profile(self, model: str, digest: str) -> ModelProfile | None:
+        """The node's measured profile of ``model`` if its copy matches ``digest``
+        (fetched by ``refresh``, never on a request's path)."""
         info = self.state.models.get(model)
         if info is None or info.digest != digest:
             return None
-        if digest not in self._profiles:
-            reply = await self.stub.GetProfile(pb.ProfileRequest(model=model), timeout=timeout_s)
-            self._profiles[digest] = ModelProfile.from_json(reply.json)
-        return self._profiles[digest]
+        return self._profiles.get(digest)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -21,7 +21,7 @@ from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 
 OBJECTIVES = {None: pb.OBJECTIVE_UNSPECIFIED, "latency": pb.OBJECTIVE_LATENCY, "energy": pb.OBJECTIVE_ENERGY, "weighted": pb.OBJECTIVE_WEIGHTED}
-ENCODINGS = {None: pb.ENCODING_UNSPECIFIED, "raw": pb.ENCODING_RAW, "fp32": pb.ENCODING_RAW, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8}
+ENCODINGS = {None: pb.ENCODING_UNSPECIFIED, **codec.ENCODING_BY_NAME}
 STAGES = ("edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

@@ -5,23 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import numpy as np
 
 from edge_agent.offload import CloudNodeClient
-from partitioner.costmodel import Candidate, Constraints, Decision, Link, ModelCosts, Objective, Power, choose
-from partitioner.planning import CodecSpeed, cloud_option, model_costs
+from partitioner.costmodel import Candidate, Constraints, Decision, Link, ModelCosts, Objective, Power, StagePrediction, choose
+from partitioner.planning import CodecSpeed, cloud_budget_s, cloud_option, input_scale, local_finish_ms, model_costs
 from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
-from runtimes.admission import Admission
-from runtimes.model_store import ModelStore
+from runtimes.admission import Admission, run_cancellable
+from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import InputError, OnnxModel
 from runtimes.rpc import NoFeasiblePlan, abort_for
 
@@ -34,6 +32,7 @@ OBJECTIVES = {
 }
 OBJECTIVE_TO_PB = {v: k for k, v in OBJECTIVES.items()}
 KINDS = {"local": pb.PLAN_LOCAL, "split": pb.PLAN_SPLIT, "remote": pb.PLAN_REMOTE}
+ENCODINGS = (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8)
 
 # Below this much time left before the caller's deadline, a cloud attempt is
 # not worth starting: there would be no time left to fall back.
@@ -55,15 +54,18 @@ class Policy:
 
 @dataclass
 class Stages:
+    """Measured time per stage of one request, ms."""
+
     edge_ms: float = 0.0
     encode_ms: float = 0.0
-    network_ms: float = 0.0
+    network_ms: float = 0.0   # after a fallback: the time lost on the failed cloud attempt
     cloud_ms: float = 0.0
     decode_ms: float = 0.0
 
-    def message(self, total_ms: float) -> pb.StageTimes:
-        return pb.StageTimes(edge_ms=self.edge_ms, encode_ms=self.encode_ms, network_ms=self.network_ms,
-                             cloud_ms=self.cloud_ms, decode_ms=self.decode_ms, total_ms=total_ms)
+
+def stage_times(stages: Stages | StagePrediction, total_ms: float) -> pb.StageTimes:
+    return pb.StageTimes(edge_ms=stages.edge_ms, encode_ms=stages.encode_ms, network_ms=stages.network_ms,
+                         cloud_ms=stages.cloud_ms, decode_ms=stages.decode_ms, total_ms=total_ms)
 
 
 class CloudFailed(RuntimeError):
@@ -74,12 +76,6 @@ def plan_message(candidate: Candidate, model: OnnxModel, encoding: int) -> pb.Pl
     cut = model.cut(candidate.k).tensors if candidate.kind == "split" else ()
     return pb.Plan(kind=KINDS[candidate.kind], cut_index=candidate.k, cut=cut, node=candidate.node or "",
                    encoding=encoding if candidate.node else pb.ENCODING_UNSPECIFIED, label=candidate.label)
-
-
-def stages_message(candidate: Candidate) -> pb.StageTimes:
-    s = candidate.stages
-    return pb.StageTimes(edge_ms=s.edge_ms, encode_ms=s.encode_ms, network_ms=s.network_ms,
-                         cloud_ms=s.cloud_ms, decode_ms=s.decode_ms, total_ms=s.total_ms)
 
 
 def parse_pinned(label: str) -> tuple[str, int | None, str]:
@@ -98,6 +94,19 @@ def find_pinned(decision: Decision, kind: str, k: int | None, node: str) -> Cand
     return None
 
 
+def request_options(objective: int, encoding: int, policy: Policy) -> tuple[Objective, int]:
+    """The request's objective and codec, the policy's where unspecified."""
+    if objective and objective not in OBJECTIVES:
+        raise InputError(f"unknown objective {objective}; use latency, energy or weighted")
+    if encoding and encoding not in ENCODINGS:
+        raise InputError(f"unknown encoding {encoding}; use raw, fp16 or int8")
+    return OBJECTIVES.get(objective, policy.objective), encoding or policy.encoding
+
+
+def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]:
+    return [codec.encode(array, name, encoding) for name, array in tensors.items()]
+
+
 class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def __init__(self, *, store: ModelStore, profiles: dict[str, ModelProfile], nodes: list[CloudNodeClient],
                  power: Power, device_name: str, codec_speed: dict[int, CodecSpeed], policy: Policy,
@@ -111,41 +120,40 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.policy = policy
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
-        self._costs: dict[tuple[str, int], ModelCosts] = {}  # profiles are immutable: build once per codec
-
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self._costs: dict[tuple[str, int, float], ModelCosts] = {}  # profiles are immutable: build once
 
     # ------------------------------------------------------------ planning --
 
-    async def decide(self, model: OnnxModel, objective: Objective, encoding: int, link: Link | None = None) -> Decision:
+    def _model_costs(self, model: OnnxModel, encoding: int, scale: float) -> ModelCosts:
+        key = (model.name, encoding, scale)
+        if key not in self._costs:
+            if len(self._costs) > 256:  # request sizes vary: keep the cache bounded
+                self._costs.clear()
+            self._costs[key] = model_costs(self.profiles[model.name], encoding=encoding, speed=self.codec_speed[encoding],
+                                           output_encoding=pb.ENCODING_RAW, scale=scale)
+        return self._costs[key]
+
+    def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, scale: float = 1.0,
+               link: Link | None = None) -> tuple[Decision, ModelCosts]:
         profile = self.profiles[model.name]
-        costs = self._costs.get((model.name, encoding))
-        if costs is None:
-            costs = model_costs(profile, encoding=encoding, speed=self.codec_speed[encoding], output_encoding=pb.ENCODING_RAW)
-            self._costs[(model.name, encoding)] = costs
+        costs = self._model_costs(model, encoding, scale)
         clouds = []
         for node in self.nodes:
-            if not node.state.reachable:
-                continue
-            try:
-                cloud_profile = await node.profile(model.name, model.digest)
-            except grpc.RpcError as exc:
-                node.mark_down(f"profile of {model.name}: {exc.code().name}: {exc.details()}")
-                continue
+            cloud_profile = node.profile(model.name, model.digest) if node.state.reachable else None
             if cloud_profile is None or cloud_profile.num_segments != profile.num_segments:
                 continue
             clouds.append(cloud_option(node.address, cloud_profile, link=link or node.state.link,
-                                       queue_ms=node.state.load.queue_delay_ms))
-        return choose(costs, clouds, self.power, objective=objective, weight_latency=self.policy.weight_latency,
-                      constraints=self.policy.constraints)
+                                       queue_ms=node.state.load.queue_delay_ms, scale=scale))
+        decision = choose(costs, clouds, self.power, objective=objective, weight_latency=self.policy.weight_latency,
+                          constraints=self.policy.constraints)
+        return decision, costs
 
     # ----------------------------------------------------------- execution --
 
     def _node(self, address: str) -> CloudNodeClient:
         return next(node for node in self.nodes if node.address == address)
 
-    async def _cloud_call(self, node: CloudNodeClient, method: str, request: Any, timeout_s: float) -> pb.RunReply:
+    async def _cloud_call(self, node: CloudNodeClient, method: str, request, timeout_s: float) -> pb.RunReply:
         try:
             reply = await getattr(node.stub, method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -157,40 +165,31 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         node.update_load(reply.load)
         return reply
 
-    def _cloud_budget_s(self, context: grpc.aio.ServicerContext, local_fallback_ms: float) -> float:
-        """Time a cloud call may take and still leave room to finish locally."""
-        budget = self.policy.cloud_timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            budget = min(budget, remaining - local_fallback_ms / 1e3 * 1.2)
-        return budget
-
-    async def _offload(self, context, model: OnnxModel, candidate: Candidate, feeds: dict[str, np.ndarray],
-                       encoding: int, stages: Stages) -> tuple[dict[str, np.ndarray], str | None]:
+    async def _offload(self, context: grpc.aio.ServicerContext, model: OnnxModel, candidate: Candidate, costs: ModelCosts,
+                       feeds: dict[str, np.ndarray], encoding: int, stages: Stages) -> tuple[dict[str, np.ndarray], str | None]:
         """Run a SPLIT or REMOTE plan; on any cloud failure finish locally.
 
         Returns the outputs and the fallback reason (None if the cloud answered).
         """
         node = self._node(candidate.node)
-        profile = self.profiles[model.name]
         split = candidate.kind == "split"
         cut = model.cut(candidate.k) if split else None
         local_outputs: dict[str, np.ndarray] = {}
         to_send = feeds
         if split:
             start = time.perf_counter()
-            produced = await self._run(model.run_prefix, cut, feeds)
+            produced = await run_cancellable(self._pool, model.run_prefix, cut, feeds)
             stages.edge_ms += (time.perf_counter() - start) * 1e3
             local_outputs = {name: produced[name] for name in cut.edge_outputs}
             to_send = {name: produced[name] for name in cut.tensors}
+        attempt = time.perf_counter()
         try:
-            remaining_local_ms = sum(profile.segment_ms[candidate.k:]) + profile.run_overhead_ms
-            budget_s = self._cloud_budget_s(context, remaining_local_ms)
+            budget_s = cloud_budget_s(timeout_s=self.policy.cloud_timeout_s, remaining_s=context.time_remaining(),
+                                      local_finish_ms=local_finish_ms(costs, candidate.k))
             if budget_s < MIN_CLOUD_BUDGET_S:
-                raise CloudFailed(f"deadline leaves {budget_s * 1e3:.1f} ms for the cloud: not enough to try")
-            start = time.perf_counter()
-            tensors = [codec.encode(array, name, encoding) for name, array in to_send.items()]
-            stages.encode_ms += (time.perf_counter() - start) * 1e3
+                raise CloudFailed(f"the deadline leaves {budget_s * 1e3:.1f} ms for the cloud: not enough to try")
+            tensors = await self._in_pool(encode_all, to_send, encoding)
+            stages.encode_ms += (time.perf_counter() - attempt) * 1e3
             start = time.perf_counter()
             if split:
                 request = pb.PartitionRequest(model=model.name, model_digest=model.digest, cut=list(cut.tensors),
@@ -201,22 +200,27 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                           reply_encoding=pb.ENCODING_RAW)
                 reply = await self._cloud_call(node, "RunModel", request, budget_s)
             rpc_ms = (time.perf_counter() - start) * 1e3
+            start = time.perf_counter()
+            outputs = await self._in_pool(decode_all, reply.outputs)
+            stages.decode_ms += (time.perf_counter() - start) * 1e3
             stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
             stages.network_ms = max(rpc_ms - stages.cloud_ms, 0.0)
-            start = time.perf_counter()
-            outputs = {t.name: codec.decode(t) for t in reply.outputs}
-            stages.decode_ms += (time.perf_counter() - start) * 1e3
             return {**local_outputs, **outputs}, None
-        except (CloudFailed, codec.CodecError) as exc:
+        except (CloudFailed, codec.CodecError, InputError) as exc:
             reason = str(exc)
+            stages.encode_ms = stages.cloud_ms = stages.decode_ms = 0.0
+            stages.network_ms = (time.perf_counter() - attempt) * 1e3
             logger.warning("%s %s falling back to LOCAL: %s", model.name, candidate.label, reason)
             start = time.perf_counter()
-            if split:
-                outputs = await self._run(model.run_suffix, cut, to_send)  # the prefix is not run twice
+            if split:  # the prefix already ran: finish from its tensors
+                outputs = await run_cancellable(self._pool, model.run_suffix, cut, to_send)
             else:
-                outputs = await self._run(model.run, feeds)
+                outputs = await run_cancellable(self._pool, model.run, feeds)
             stages.edge_ms += (time.perf_counter() - start) * 1e3
             return {**local_outputs, **outputs}, reason
+
+    async def _in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ---------------------------------------------------------------- rpcs --
 
@@ -224,54 +228,57 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         arrived = time.perf_counter()
         try:
             model = self.store.get(request.model)
-            feeds = {t.name: codec.decode(t) for t in request.inputs}
+            objective, encoding = request_options(request.objective, request.encoding, self.policy)
+            feeds = decode_all(request.inputs)
             model.check_inputs(feeds)
-            objective = OBJECTIVES.get(request.objective, self.policy.objective)
-            encoding = request.encoding or self.policy.encoding
-            if encoding not in self.codec_speed:
-                raise codec.CodecError(f"unknown encoding {encoding}")
             async with self.admission.slot():
                 return await self._infer(context, model, feeds, objective, encoding, request.plan, arrived)
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
             await abort_for(context, exc)
 
-    async def _infer(self, context, model: OnnxModel, feeds, objective: Objective, encoding: int, pinned: str,
-                     arrived: float) -> pb.InferReply:
-        decision = await self.decide(model, objective, encoding)
-        fallback_reason = ""
-        if pinned:
-            kind, k, node = parse_pinned(pinned)
-            if kind == "split":
-                model.cut(k)  # GraphError names the valid range (or why the model cannot be split)
-            candidate = find_pinned(decision, kind, k, node)
-            if candidate is None:
-                fallback_reason = f"plan {pinned} needs a cloud node serving {model.name} and none is reachable"
-                candidate = find_pinned(decision, "local", None, "")
-            why = f"pinned by the caller: {pinned}"
-        elif decision.winner is not None:
-            candidate, why = decision.winner, decision.why
-        elif decision.best_effort is not None:
-            candidate, why = decision.best_effort, f"best effort, constraints not met: {decision.why}"
-        else:
+    def _pick(self, model: OnnxModel, decision: Decision, pinned: str) -> tuple[Candidate, str, str]:
+        """(candidate to run, why, fallback reason if a pinned cloud plan has no node)."""
+        if not pinned:
+            if decision.winner is not None:
+                return decision.winner, decision.why, ""
+            if decision.best_effort is not None:
+                return decision.best_effort, f"best effort, constraints not met: {decision.why}", ""
             raise NoFeasiblePlan(f"no feasible plan for {model.name}: {decision.why}")
+        kind, k, node = parse_pinned(pinned)
+        if kind == "split":
+            model.cut(k)  # GraphError names the valid range (or why the model cannot be split)
+        candidate = find_pinned(decision, kind, k, node)
+        if candidate is None:
+            local = find_pinned(decision, "local", None, "")
+            return local, f"pinned by the caller: {pinned}", f"plan {pinned} needs a cloud node serving {model.name} and none is reachable"
+        if candidate.hard_violation:
+            # The device owner's hard limits (privacy floor, memory) bind apps too.
+            raise NoFeasiblePlan(f"plan {pinned} breaks the device policy: {'; '.join(candidate.violations)}")
+        return candidate, f"pinned by the caller: {pinned}", ""
+
+    async def _infer(self, context: grpc.aio.ServicerContext, model: OnnxModel, feeds: dict[str, np.ndarray],
+                     objective: Objective, encoding: int, pinned: str, arrived: float) -> pb.InferReply:
+        scale = input_scale(self.profiles[model.name], {name: array.shape for name, array in feeds.items()})
+        decision, costs = self.decide(model, objective, encoding, scale=scale)
+        candidate, why, fallback_reason = self._pick(model, decision, pinned)
         planned = plan_message(candidate, model, encoding)
 
         stages = Stages()
+        ran = planned
         if candidate.kind == "local":
             start = time.perf_counter()
-            outputs = await self._run(model.run, feeds)
+            outputs = await run_cancellable(self._pool, model.run, feeds)
             stages.edge_ms = (time.perf_counter() - start) * 1e3
-            ran = planned
         else:
-            outputs, reason = await self._offload(context, model, candidate, feeds, encoding, stages)
-            if reason:
+            outputs, reason = await self._offload(context, model, candidate, costs, feeds, encoding, stages)
+            if reason is not None:
                 fallback_reason = reason
-            ran = planned if reason is None else pb.Plan(kind=pb.PLAN_LOCAL, cut_index=model.num_segments, label="local")
-        encoded = [codec.encode(array, name) for name, array in outputs.items()]
+                ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
+        encoded = encode_all(outputs, pb.ENCODING_RAW)
         total_ms = (time.perf_counter() - arrived) * 1e3
         return pb.InferReply(
-            outputs=encoded, plan=ran, planned=planned, predicted=stages_message(candidate),
-            measured=stages.message(total_ms), predicted_energy_j=candidate.energy_j,
+            outputs=encoded, plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
+            measured=stage_times(stages, total_ms), predicted_energy_j=candidate.energy_j,
             fell_back=bool(fallback_reason), fallback_reason=fallback_reason,
             node=candidate.node if ran.kind != pb.PLAN_LOCAL else "",
             constraints_met=candidate.feasible, reason=why,
@@ -280,13 +287,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.Explanation:
         try:
             model = self.store.get(request.model)
-            objective = OBJECTIVES.get(request.objective, self.policy.objective)
-            encoding = request.encoding or self.policy.encoding
+            objective, encoding = request_options(request.objective, request.encoding, self.policy)
             link = None
             if request.HasField("link"):
                 o = request.link
-                link = Link(uplink_mbps=o.uplink_mbps, downlink_mbps=o.downlink_mbps, rtt_ms=o.rtt_ms)
-            decision = await self.decide(model, objective, encoding, link)
+                try:
+                    link = Link(uplink_mbps=o.uplink_mbps, downlink_mbps=o.downlink_mbps, rtt_ms=o.rtt_ms)
+                except ValueError as exc:
+                    raise InputError(f"link override: {exc}") from None
+            decision, _ = self.decide(model, objective, encoding, link=link)
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
         shown = decision.winner or decision.best_effort
@@ -295,8 +304,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=decision.why,
             winner=plan_message(shown, model, encoding) if shown else pb.Plan(),
             candidates=[
-                pb.Candidate(plan=plan_message(c, model, encoding), predicted=stages_message(c), energy_j=c.energy_j,
-                             score=c.score, feasible=c.feasible, violations=c.violations,
+                pb.Candidate(plan=plan_message(c, model, encoding), predicted=stage_times(c.stages, c.stages.total_ms),
+                             energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations,
                              memory_bytes=c.memory_bytes, uplink_bytes=c.uplink_bytes)
                 for c in decision.candidates
             ],

@@ -403,7 +403,7 @@ def _scan_positions(
 
     live = {n for n in inputs if n in last_use}
     edge_outputs = {o for o in outputs if o in inputs}
-    reasons: dict[str, list[str]] = {"empty": [], "non-tensor": [], "follower": [], "idle": []}
+    reasons: dict[str, list[str]] = {"empty": [], "non-tensor": [], "untyped": [], "follower": [], "idle": []}
     kept: list[tuple[int, Cut]] = []
     for p in range(1, len(dynamic)):
         before, after = nodes[dynamic[p - 1]], nodes[dynamic[p]]
@@ -419,6 +419,10 @@ def _scan_positions(
                if n in types and types[n].WhichOneof("value") not in (None, "tensor_type")]
         if odd:
             reasons["non-tensor"].append(f"{where} ({', '.join(f'{n!r} is a {kind}' for n, kind in odd)})")
+            continue
+        untyped = [n for n in crossing if not _known(types.get(n))]
+        if untyped:
+            reasons["untyped"].append(f"{where} ({untyped[0]!r})")
             continue
         if _is_follower(after, crossing, p=p, last_use=last_use, constant_values=constant_values,
                         types=types, output_set=output_set):
@@ -465,6 +469,8 @@ def _why_no_cut(reasons: dict[str, list[str]]) -> str:
     labels = {
         "empty": "nothing crosses (disconnected parts)",
         "non-tensor": "a non-tensor value (sequence/map/optional/sparse) would cross",
+        "untyped": "shape inference cannot type a crossing tensor (e.g. a custom-domain op's output), "
+                   "so no sub-model can declare it",
         "follower": "the next node is an element-wise follower of the single crossing tensor "
                     "(cutting after it is never worse)",
         "idle": "the edge side would produce nothing the cloud side or the caller uses",

@@ -2,35 +2,59 @@
 
 Pure: the agent gathers profiles, codec speeds, link estimates and node load;
 this module turns them into ``ModelCosts`` and ``CloudOption`` values.
+
+Profiles are measured at one input size (dynamic dimensions taken as 1). A
+request with a larger input (say batch 8) is planned with times and tensor
+sizes scaled by ``input_scale``: linear scaling is exact for bytes along a
+batch dimension and a first-order model for compute, and far better than
+planning a batch of 8 as if it were 1.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from partitioner.costmodel import CloudOption, Link, ModelCosts, Power, Transfer
 from partitioner.profile import ModelProfile, TensorMeta
 from protos.codec import wire_bytes
 
+# Headroom kept for a local fallback after a cloud attempt: the fallback's
+# predicted time is multiplied by this before it is reserved.
+FALLBACK_MARGIN = 1.2
+
 
 @dataclass(frozen=True)
 class CodecSpeed:
-    """Measured codec throughput on one host, MB of raw tensor per second."""
+    """Measured codec throughput on one host, MB of raw tensor per second.
+
+    Measured on float32 activations; integer tensors under a lossy encoding
+    travel raw, so this slightly overstates their codec time.
+    """
 
     encode_mb_s: float
     decode_mb_s: float
 
 
-def transfer(tensors: tuple[TensorMeta, ...], encoding: int, speed: CodecSpeed) -> Transfer:
-    raw = sum(meta.raw_bytes for meta in tensors)
+def input_scale(profile: ModelProfile, shapes: Mapping[str, Sequence[int]]) -> float:
+    """How many times larger this request's inputs are than the profiled ones."""
+    profiled = sum(math.prod(meta.shape) for meta in profile.crossings[0])
+    requested = sum(math.prod(shape) for shape in shapes.values())
+    return requested / profiled if profiled else 1.0
+
+
+def transfer(tensors: tuple[TensorMeta, ...], encoding: int, speed: CodecSpeed, scale: float = 1.0) -> Transfer:
+    """Bytes on the wire and codec time; both sides are assumed as fast as this host."""
+    raw = sum(meta.raw_bytes for meta in tensors) * scale
     return Transfer(
-        wire_bytes=sum(wire_bytes(meta.shape, meta.dtype, encoding) for meta in tensors),
+        wire_bytes=round(sum(wire_bytes(meta.shape, meta.dtype, encoding) for meta in tensors) * scale),
         encode_ms=raw / 1e6 / speed.encode_mb_s * 1e3,
         decode_ms=raw / 1e6 / speed.decode_mb_s * 1e3,
     )
 
 
-def edge_memory_bytes(profile: ModelProfile) -> tuple[int, ...]:
+def edge_memory_bytes(profile: ModelProfile, scale: float = 1.0) -> tuple[int, ...]:
     """Estimated device memory to run k segments, k = 0..n.
 
     Weights of the segments run plus the largest activation crossing any
@@ -38,28 +62,42 @@ def edge_memory_bytes(profile: ModelProfile) -> tuple[int, ...]:
     to it, but the ranking between plans is what matters here).
     """
     n = profile.num_segments
-    sizes = [sum(m.raw_bytes for m in crossing) for crossing in profile.crossings]
-    sizes.append(sum(m.raw_bytes for m in profile.outputs))
+    sizes = [sum(m.raw_bytes for m in crossing) * scale for crossing in profile.crossings]
+    sizes.append(sum(m.raw_bytes for m in profile.outputs) * scale)
     memory = []
     for k in range(n + 1):
         weights = sum(profile.segment_param_bytes[:k])
-        memory.append(weights + (max(sizes[: k + 1]) if k else sizes[0]))
+        memory.append(round(weights + (max(sizes[: k + 1]) if k else sizes[0])))
     return tuple(memory)
 
 
-def model_costs(edge: ModelProfile, *, encoding: int, speed: CodecSpeed, output_encoding: int) -> ModelCosts:
+def model_costs(edge: ModelProfile, *, encoding: int, speed: CodecSpeed, output_encoding: int, scale: float = 1.0) -> ModelCosts:
     """``encoding`` for tensors sent to the node, ``output_encoding`` for results coming back."""
     return ModelCosts(
-        edge_segment_ms=edge.segment_ms,
+        edge_segment_ms=tuple(t * scale for t in edge.segment_ms),
         edge_overhead_ms=edge.run_overhead_ms,
-        crossings=tuple(transfer(c, encoding, speed) for c in edge.crossings),
-        output=transfer(edge.outputs, output_encoding, speed),
-        edge_memory_bytes=edge_memory_bytes(edge),
+        crossings=tuple(transfer(c, encoding, speed, scale) for c in edge.crossings),
+        output=transfer(edge.outputs, output_encoding, speed, scale),
+        edge_memory_bytes=edge_memory_bytes(edge, scale),
     )
 
 
-def cloud_option(node: str, cloud: ModelProfile, *, link: Link, queue_ms: float) -> CloudOption:
-    return CloudOption(node=node, link=link, queue_ms=queue_ms, segment_ms=cloud.segment_ms, overhead_ms=cloud.run_overhead_ms)
+def cloud_option(node: str, cloud: ModelProfile, *, link: Link, queue_ms: float, scale: float = 1.0) -> CloudOption:
+    return CloudOption(node=node, link=link, queue_ms=queue_ms, segment_ms=tuple(t * scale for t in cloud.segment_ms),
+                       overhead_ms=cloud.run_overhead_ms)
+
+
+def local_finish_ms(costs: ModelCosts, k: int) -> float:
+    """Predicted edge time to run segments k..n after a cloud attempt failed."""
+    return sum(costs.edge_segment_ms[k:]) + costs.edge_overhead_ms
+
+
+def cloud_budget_s(*, timeout_s: float, remaining_s: float | None, local_finish_ms: float) -> float:
+    """How long a cloud call may take and still leave time to finish locally
+    before the caller's deadline (``remaining_s``; None: no deadline)."""
+    if remaining_s is None:
+        return timeout_s
+    return min(timeout_s, remaining_s - local_finish_ms / 1e3 * FALLBACK_MARGIN)
 
 
 def power_of(device) -> Power:

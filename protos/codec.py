@@ -116,6 +116,9 @@ _NUMPY_OF: dict[int, np.dtype] = {
 _PB_OF: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): enum for enum, dt in _NUMPY_OF.items()}
 
 _ENCODINGS = frozenset({pb.ENCODING_UNSPECIFIED, pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8})
+
+# The names users write in configs, flags and SDK calls.
+ENCODING_BY_NAME = {"raw": pb.ENCODING_RAW, "fp32": pb.ENCODING_RAW, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8}
 _HALF = np.dtype("<f2")
 _QUANT = np.dtype("u1")
 

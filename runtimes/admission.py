@@ -10,7 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import onnxruntime as ort
+
+T = TypeVar("T")
 
 
 class Overloaded(RuntimeError):
@@ -51,3 +57,19 @@ class Admission:
         finally:
             self.in_flight -= 1
             self._slots.release()
+
+
+async def run_cancellable(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args, run_options)`` in ``pool``. If the caller is cancelled
+    (client gone, deadline passed), onnxruntime is told to stop and the thread
+    is awaited before the cancellation propagates, so the caller's admission
+    slot is only freed once the CPU really is."""
+    options = ort.RunOptions()
+    future = asyncio.get_running_loop().run_in_executor(pool, fn, *args, options)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        options.terminate = True
+        with contextlib.suppress(Exception):
+            await future
+        raise

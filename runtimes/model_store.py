@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from partitioner.graph import GraphError
 from protos import codec
 from protos import tandem_pb2 as pb
-from runtimes.onnx_exec import OnnxModel, TensorSpec
+from runtimes.onnx_exec import InputError, OnnxModel, TensorSpec
 from runtimes.rpc import UnknownModel
 
 logger = logging.getLogger(__name__)
@@ -17,6 +19,16 @@ logger = logging.getLogger(__name__)
 def _spec_msg(spec: TensorSpec) -> pb.TensorSpec:
     shape = [] if spec.shape is None else [-1 if d is None else d for d in spec.shape]
     return pb.TensorSpec(name=spec.name, dtype=codec.dtype_to_pb(spec.dtype), shape=shape)
+
+
+def decode_all(tensors) -> dict[str, np.ndarray]:
+    """Decode request tensors; a name given twice is refused, not silently overwritten."""
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in tensors:
+        if tensor.name in feeds:
+            raise InputError(f"tensor {tensor.name!r} is given more than once")
+        feeds[tensor.name] = codec.decode(tensor)
+    return feeds
 
 
 class ModelStore:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,22 +20,11 @@ import onnx.numpy_helper
 import onnxruntime as ort
 
 from partitioner.graph import Cut, GraphError, ModelGraph, analyze, prefix_model, suffix_model
+from protos import codec
 
 logger = logging.getLogger(__name__)
 
-# onnx TensorProto element type -> numpy dtype, for the types the codec carries.
-_ONNX_TO_NUMPY = {
-    onnx.TensorProto.FLOAT: np.dtype("float32"),
-    onnx.TensorProto.FLOAT16: np.dtype("float16"),
-    onnx.TensorProto.DOUBLE: np.dtype("float64"),
-    onnx.TensorProto.INT8: np.dtype("int8"),
-    onnx.TensorProto.UINT8: np.dtype("uint8"),
-    onnx.TensorProto.INT16: np.dtype("int16"),
-    onnx.TensorProto.INT32: np.dtype("int32"),
-    onnx.TensorProto.INT64: np.dtype("int64"),
-    onnx.TensorProto.BOOL: np.dtype("bool"),
-}
-
+MAX_CACHED_SESSIONS = 8  # per side (prefix / suffix) per model
 
 class InputError(ValueError):
     """The caller's tensors do not fit the model (names, dtypes, shapes)."""
@@ -106,8 +96,15 @@ class OnnxModel:
         self._whole = self._session((self.graph.model if self.graph else proto).SerializeToString())
         self.inputs = _specs(self._whole.get_inputs())
         self.outputs = _specs(self._whole.get_outputs())
-        self._prefix: dict[int, ort.InferenceSession] = {}
-        self._suffix: dict[int, ort.InferenceSession] = {}
+        for spec in (*self.inputs, *self.outputs):
+            try:
+                codec.dtype_to_pb(spec.dtype)
+            except codec.CodecError:
+                raise GraphError(f"{name}: tensor {spec.name!r} is {spec.dtype}, which Tandem's wire format cannot carry") from None
+        # Sub-model sessions each hold their own copy of the weights they use,
+        # so only the most recently used few are kept.
+        self._prefix: OrderedDict[int, ort.InferenceSession] = OrderedDict()
+        self._suffix: OrderedDict[int, ort.InferenceSession] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -153,37 +150,41 @@ class OnnxModel:
                 shown = tuple("?" if d is None else d for d in spec.shape)
                 raise InputError(f"input {name} of {self.name} must have shape {shown}, got {array.shape}")
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
         names = [spec.name for spec in self.outputs]
-        return dict(zip(names, self._whole.run(names, feeds)))
+        return dict(zip(names, self._whole.run(names, feeds, options)))
 
-    def run_prefix(self, cut: Cut, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_prefix(self, cut: Cut, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
         """Edge side of a SPLIT: returns the cut's tensors (passthrough inputs
         included) and any graph outputs already computed on the edge."""
         session = self._cached(self._prefix, cut, prefix_model)
         names = [value.name for value in session.get_outputs()]
         needed = {value.name for value in session.get_inputs()}
-        produced = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in needed})))
+        produced = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in needed}, options)))
         for name in cut.passthrough:
             produced[name] = feeds[name]
         return produced
 
-    def run_suffix(self, cut: Cut, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_suffix(self, cut: Cut, tensors: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
         """Cloud side of a SPLIT (or the edge's fallback after one)."""
         session = self._cached(self._suffix, cut, suffix_model)
         expected = {value.name for value in session.get_inputs()}
         if set(tensors) != expected:
             raise InputError(f"cut {cut.index} of {self.name} takes {sorted(expected)}, got {sorted(tensors)}")
         names = [value.name for value in session.get_outputs()]
-        return dict(zip(names, session.run(names, tensors)))
+        return dict(zip(names, session.run(names, tensors, options)))
 
-    def _cached(self, cache: dict[int, ort.InferenceSession], cut: Cut, build) -> ort.InferenceSession:
+    def _cached(self, cache: OrderedDict[int, ort.InferenceSession], cut: Cut, build) -> ort.InferenceSession:
         with self._lock:
             session = cache.get(cut.index)
-        if session is None:
-            # Built outside the lock: creating a session can take a while and
-            # two threads building the same one only costs a little work.
-            session = self._session(build(self._graph_or_raise(), cut).SerializeToString())
-            with self._lock:
-                session = cache.setdefault(cut.index, session)
+            if session is not None:
+                cache.move_to_end(cut.index)
+                return session
+        # Built outside the lock: creating a session can take a while and
+        # two threads building the same one only costs a little work.
+        session = self._session(build(self._graph_or_raise(), cut).SerializeToString())
+        with self._lock:
+            session = cache.setdefault(cut.index, session)
+            while len(cache) > MAX_CACHED_SESSIONS:
+                cache.popitem(last=False)
         return session

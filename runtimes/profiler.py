@@ -1,8 +1,8 @@
 """Measure a model's per-segment times with onnxruntime's own profiler.
 
-Per-node kernel times come from a profiling session at basic optimisation,
-where nodes keep their names (full optimisation fuses and renames them, see
-DESIGN.md's measured facts). They are then scaled so that their sum plus the
+Per-node kernel times come from a profiling session with graph optimisation
+off, where every node keeps its name (even basic optimisation fuses some,
+e.g. MatMul+Add, under new names; see DESIGN.md's measured facts). They are then scaled so that their sum plus the
 run overhead equals the measured median of a real, fully optimised run: the
 shape of the profile comes from the profiler, its size from reality.
 Profiles are cached per model digest and host, since measuring takes seconds.
@@ -28,7 +28,7 @@ from runtimes.onnx_exec import OnnxModel, TensorSpec, session_options
 
 logger = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -85,9 +85,8 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
         return _measure_whole(model, feeds, runs=runs, warmup=warmup)
     serialized = graph.model.SerializeToString()
 
-    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads=model.threads, level=basic)
+        options = session_options(threads=model.threads, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         profiling = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
@@ -110,8 +109,8 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
             # not ours to place, so they count as run overhead.
             if node in segment_of:
                 per_segment[run_index][segment_of[node]] += ms
-    basic_segments = [statistics.median(run[i] for run in per_segment) for i in range(len(graph.segments))]
-    basic_overhead = max(statistics.median(profiled_ms) - sum(basic_segments), 0.0)
+    plain_segments = [statistics.median(run[i] for run in per_segment) for i in range(len(graph.segments))]
+    plain_overhead = max(statistics.median(profiled_ms) - sum(plain_segments), 0.0)
 
     optimised = ort.InferenceSession(serialized, session_options(threads=model.threads), providers=["CPUExecutionProvider"])
     _median_run_ms(optimised, feeds, warmup)
@@ -121,8 +120,8 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
 
     # Profiling itself slows kernels; rescale the profiled shape to the
     # unprofiled fully-optimised run.
-    scale = whole_ms / max(sum(basic_segments) + basic_overhead, 1e-9)
-    segment_ms = tuple(t * scale for t in basic_segments)
+    scale = whole_ms / max(sum(plain_segments) + plain_overhead, 1e-9)
+    segment_ms = tuple(t * scale for t in plain_segments)
 
     crossings, outputs = _tensor_metas(model, feeds)
     return ModelProfile(
@@ -130,7 +129,7 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
         digest=model.digest,
         host=host_key(model.threads),
         segment_ms=segment_ms,
-        run_overhead_ms=basic_overhead * scale,
+        run_overhead_ms=plain_overhead * scale,
         whole_ms=whole_ms,
         crossings=crossings,
         outputs=outputs,
@@ -200,3 +199,18 @@ def load_or_measure(model: OnnxModel, *, cache_dir: Path | None = None, runs: in
     tmp.write_text(profile.to_json())
     tmp.replace(path)
     return profile
+
+
+def profile_store(store, *, cache_dir: Path | None = None) -> dict[str, ModelProfile]:
+    """Profiles of every model in ``store``. A model that cannot run on
+    sample inputs (say a dynamic dimension our guess of 1 does not fit) is
+    removed from the store with the reason logged: one bad model must not take
+    the daemon down, and a model we cannot measure we cannot plan for."""
+    profiles = {}
+    for name, model in list(store.models.items()):
+        try:
+            profiles[name] = load_or_measure(model, cache_dir=cache_dir)
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises many types; all mean "cannot measure"
+            logger.error("not serving %s: profiling it on sample inputs failed: %s", name, exc)
+            del store.models[name]
+    return profiles
