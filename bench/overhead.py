@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -31,6 +32,7 @@ from modelzoo.build import build_all
 from protos import codec
 from protos import tandem_pb2 as pb
 from runtimes import launch
+from runtimes.profiler import CODEC_PROBE_SHAPE, measure_codec_speed
 
 MESSAGE_OPTIONS = [("grpc.max_send_message_length", 1 << 26), ("grpc.max_receive_message_length", 1 << 26)]
 
@@ -60,21 +62,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def codec_throughput(runs: int) -> list[dict]:
-    tensor = np.random.default_rng(0).standard_normal((1, 32, 112, 112)).astype(np.float32)
+    """The agent's own codec measurement, reported in GB/s with wire sizes."""
+    raw_bytes = math.prod(CODEC_PROBE_SHAPE) * 4
     rows = []
     for name, encoding in (("fp32", pb.ENCODING_RAW), ("fp16", pb.ENCODING_FP16), ("int8", pb.ENCODING_INT8)):
-        enc, dec = [], []
-        for _ in range(runs):
-            start = time.perf_counter()
-            message = codec.encode(tensor, "t", encoding)
-            enc.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            codec.decode(message)
-            dec.append(time.perf_counter() - start)
+        speed = measure_codec_speed(runs)[encoding]
         rows.append({
-            "encoding": name, "raw_bytes": tensor.nbytes, "wire_bytes": len(message.payload),
-            "encode_gb_s": tensor.nbytes / statistics.median(enc) / 1e9,
-            "decode_gb_s": tensor.nbytes / statistics.median(dec) / 1e9,
+            "encoding": name, "raw_bytes": raw_bytes, "wire_bytes": codec.wire_bytes(CODEC_PROBE_SHAPE, "float32", encoding),
+            "encode_gb_s": speed.encode_mb_s / 1e3, "decode_gb_s": speed.decode_mb_s / 1e3,
         })
     return rows
 

@@ -6,27 +6,24 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from devices.profiles import get_device
 from edge_agent.offload import CloudNodeClient, refresh_all
 from edge_agent.server import EdgeAgentService, Policy
 from partitioner.costmodel import Constraints, Link, Objective
-from partitioner.planning import CodecSpeed, power_of
+from partitioner.planning import power_of
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.model_store import ModelStore
-from runtimes.profiler import profile_store
+from runtimes.profiler import measure_codec_speed, profile_store
 from runtimes.rpc import add_health, channel_options, set_serving
 
 logger = logging.getLogger(__name__)
@@ -95,24 +92,6 @@ class AgentConfig:
         if self.uplink_mbps is None:
             return None
         return Link(uplink_mbps=self.uplink_mbps, downlink_mbps=self.downlink_mbps, rtt_ms=self.rtt_ms)
-
-
-def measure_codec_speed(runs: int = 5) -> dict[int, CodecSpeed]:
-    """Encode/decode throughput of each encoding on a typical activation (1x32x112x112 fp32)."""
-    tensor = np.random.default_rng(0).standard_normal((1, 32, 112, 112)).astype(np.float32)
-    megabytes = tensor.nbytes / 1e6
-    speeds = {}
-    for encoding in (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8):
-        enc, dec = [], []
-        for _ in range(runs):
-            start = time.perf_counter()
-            message = codec.encode(tensor, "t", encoding)
-            enc.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            codec.decode(message)
-            dec.append(time.perf_counter() - start)
-        speeds[encoding] = CodecSpeed(megabytes / statistics.median(enc), megabytes / statistics.median(dec))
-    return speeds
 
 
 async def refresh_loop(nodes: list[CloudNodeClient], every_s: float) -> None:

@@ -12,8 +12,25 @@ import grpc
 import numpy as np
 
 from edge_agent.offload import CloudNodeClient
-from partitioner.costmodel import Candidate, Constraints, Decision, Link, ModelCosts, Objective, Power, StagePrediction, choose
-from partitioner.planning import CodecSpeed, cloud_budget_s, cloud_option, input_scale, local_finish_ms, model_costs
+from partitioner.costmodel import (
+    Candidate,
+    Constraints,
+    Decision,
+    Link,
+    ModelCosts,
+    Objective,
+    Power,
+    StagePrediction,
+    choose,
+)
+from partitioner.planning import (
+    CodecSpeed,
+    cloud_budget_s,
+    cloud_option,
+    input_scale,
+    local_finish_ms,
+    model_costs,
+)
 from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb

@@ -7,7 +7,6 @@ issue 6; this one is what the agent and node already measure at start-up.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -19,7 +19,14 @@ import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
 
-from partitioner.graph import Cut, GraphError, ModelGraph, analyze, prefix_model, suffix_model
+from partitioner.graph import (
+    Cut,
+    GraphError,
+    ModelGraph,
+    analyze,
+    prefix_model,
+    suffix_model,
+)
 from protos import codec
 
 logger = logging.getLogger(__name__)

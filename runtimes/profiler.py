@@ -23,7 +23,10 @@ import numpy as np
 import onnxruntime as ort
 
 from partitioner.graph import expose_tensors
+from partitioner.planning import CodecSpeed
 from partitioner.profile import ModelProfile, TensorMeta
+from protos import codec
+from protos import tandem_pb2 as pb
 from runtimes.onnx_exec import OnnxModel, TensorSpec, session_options
 
 logger = logging.getLogger(__name__)
@@ -214,3 +217,24 @@ def profile_store(store, *, cache_dir: Path | None = None) -> dict[str, ModelPro
             logger.error("not serving %s: profiling it on sample inputs failed: %s", name, exc)
             del store.models[name]
     return profiles
+
+
+CODEC_PROBE_SHAPE = (1, 32, 112, 112)  # a typical early activation of an image model
+
+
+def measure_codec_speed(runs: int = 5) -> dict[int, CodecSpeed]:
+    """Encode/decode throughput of each encoding on this host, on float32 data."""
+    tensor = np.random.default_rng(0).standard_normal(CODEC_PROBE_SHAPE).astype(np.float32)
+    megabytes = tensor.nbytes / 1e6
+    speeds = {}
+    for encoding in (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8):
+        enc, dec = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            message = codec.encode(tensor, "t", encoding)
+            enc.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            codec.decode(message)
+            dec.append(time.perf_counter() - start)
+        speeds[encoding] = CodecSpeed(megabytes / statistics.median(enc), megabytes / statistics.median(dec))
+    return speeds
