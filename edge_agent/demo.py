@@ -25,7 +25,7 @@ from runtimes import launch
 # Downlink is taken equal to uplink (conservative: results are small anyway).
 REFERENCE_LINKS = {"CAT1": 0.13, "3G": 1.1, "LTE": 5.85, "Wi-Fi": 18.88}
 
-console = Console()
+console = Console(width=110)
 
 
 def main() -> int:
@@ -52,7 +52,7 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
 
     live = client.explain("mobilenet")
     table = Table(title="mobilenet: plan per link (predicted on that link; run for real over loopback)")
-    for column in ("link", "uplink Mbit/s", "plan chosen", "predicted ms", "energy J", "loopback: predicted ms", "loopback: measured ms"):
+    for column in ("link", "up Mbit/s", "plan", "pred. ms", "pred. J", "loopback pred. ms", "loopback meas. ms"):
         table.add_column(column, justify="right" if column != "link" else "left")
     links = {"loopback (measured)": None, **REFERENCE_LINKS}
     for name, uplink in links.items():
@@ -61,6 +61,7 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
         else:
             explanation = client.explain("mobilenet", link={"uplink_mbps": uplink, "downlink_mbps": uplink, "rtt_ms": live.link["rtt_ms"]})
         winner = explanation.candidate(explanation.winner)
+        client.infer("mobilenet", {"input": x}, plan=explanation.winner)  # first use of a cut builds its sessions
         result = client.infer("mobilenet", {"input": x}, plan=explanation.winner)
         table.add_row(
             name, f"{explanation.link['uplink_mbps']:.2f}", explanation.winner, f"{winner.predicted['total_ms']:.1f}",
@@ -71,6 +72,7 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
 
     stages = Table(title="one SPLIT request at the middle cut, stage by stage (ms)")
     middle = len([c for c in live.candidates if c.plan.startswith("split:")]) // 2 + 1
+    client.infer("mobilenet", {"input": x}, plan=f"split:{middle}")  # builds the cut's sessions on both sides
     result = client.infer("mobilenet", {"input": x}, plan=f"split:{middle}")
     stages.add_column("stage")
     stages.add_column("predicted", justify="right")
