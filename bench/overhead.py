@@ -27,7 +27,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from edge_agent.sdk import EdgeClient
+from edge_agent.sdk import EdgeClient, InferResult
 from modelzoo.build import build_all
 from protos import codec
 from protos import tandem_pb2 as pb
@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200, help="timed requests per configuration")
     parser.add_argument("--json", type=Path, default=Path("bench/results/overhead.json"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=120)
 
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
         models = Path(tmp)
@@ -99,6 +99,7 @@ def main() -> int:
                 "agent REMOTE (loopback)": lambda: client.infer("mobilenet", {"input": x}, plan="remote"),
             }
             times: dict[str, list[float]] = {name: [] for name in configs}
+            inside: dict[str, list[dict[str, float]]] = {name: [] for name in configs}  # the agent's own stage timings
             for fn in configs.values():  # warm sessions and caches on both sides
                 for _ in range(10):
                     fn()
@@ -111,8 +112,10 @@ def main() -> int:
                     for name, fn in configs.items():
                         for _ in range(args.runs // rounds):
                             start = time.perf_counter()
-                            fn()
+                            result = fn()
                             times[name].append((time.perf_counter() - start) * 1e3)
+                            if isinstance(result, InferResult):
+                                inside[name].append(result.measured)
         echo.close()
 
     base = statistics.median(times["bare onnxruntime"])
@@ -123,9 +126,20 @@ def main() -> int:
     for name, values in times.items():
         median = statistics.median(values)
         row = {"configuration": name, "median_ms": median, "p90_ms": percentile(values, 90), "overhead_ms": median - base}
+        if inside[name]:
+            row["agent_stage_medians_ms"] = {stage: statistics.median(m[stage] for m in inside[name]) for stage in inside[name][0]}
         latency_rows.append(row)
         table.add_row(name, f"{median:.3f}", f"{row['p90_ms']:.3f}", f"{median - base:+.3f} ms ({(median / base - 1) * 100:+.1f} %)")
     console.print(table)
+    stages = Table(title="inside the agent: median of each reply's measured stages (ms)")
+    stage_names = ["edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms"]
+    stages.add_column("configuration")
+    for stage in stage_names:
+        stages.add_column(stage, justify="right")
+    for row in latency_rows:
+        if "agent_stage_medians_ms" in row:
+            stages.add_row(row["configuration"], *(f"{row['agent_stage_medians_ms'][s]:.3f}" for s in stage_names))
+    console.print(stages)
 
     local = statistics.median(times["agent LOCAL (SDK)"])
     target_met = local - base <= max(0.05 * base, 0.3)
