@@ -17,9 +17,10 @@ from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.llm_serving import LlmStore
 from runtimes.model_store import ModelStore
 from runtimes.profiler import profile_store
-from runtimes.rpc import add_health, channel_options, set_serving
+from runtimes.rpc import add_health, add_service, channel_options, set_serving
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ class NodeConfig:
     threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads per session (0: onnxruntime default)"})
     max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
     profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
+    llm: tuple[str, ...] = field(default=(), metadata={"help": "LLM to serve: 'smollm2' (packaged), a .gguf path, or NAME=PATH"})
+    llm_slots: int = field(default=4, metadata={"help": "generations decoded together per LLM (continuous batching)"})
+    llm_max_queue: int = field(default=16, metadata={"help": "generations waiting for a slot before RESOURCE_EXHAUSTED"})
+    llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
+    llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: llama.cpp default)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
@@ -45,6 +51,8 @@ class NodeConfig:
             raise config_loader.ConfigError("max_queue must be >= 0")
         if self.max_message_mb < 1:
             raise config_loader.ConfigError("max_message_mb must be >= 1")
+        if self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16:
+            raise config_loader.ConfigError("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16")
 
 
 async def serve(config: NodeConfig) -> None:
@@ -54,11 +62,15 @@ async def serve(config: NodeConfig) -> None:
     address = bind(server, config.listen)
     # Profile before serving: measuring while serving would skew both.
     profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
+    llms = await asyncio.to_thread(
+        LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
+        threads=config.llm_threads or None, max_queue=config.llm_max_queue,
+    )
     service = CloudNodeService(
-        store, profiles, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",
+        store, profiles, llms, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",
         max_concurrency=config.max_concurrency, max_queue=config.max_queue,
     )
-    pb_grpc.add_CloudNodeServicer_to_server(service, server)
+    add_service(server, pb_grpc.add_CloudNodeServicer_to_server, service)
     health = add_health(server)
     await server.start()
     set_serving(health, [pb.DESCRIPTOR.services_by_name["CloudNode"].full_name])

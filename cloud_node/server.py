@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -16,7 +17,9 @@ from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
-from runtimes.admission import Admission, run_cancellable
+from runtimes.admission import Admission, Overloaded, run_cancellable
+from runtimes.llm import TokenEvent
+from runtimes.llm_serving import LlmStore, prompt_tokens, sampling_of, stream, summary_of, token_chunk
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
 from runtimes.rpc import ModelMismatch, abort_for
@@ -40,8 +43,10 @@ def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run, opti
 
 
 class CloudNodeService(pb_grpc.CloudNodeServicer):
-    def __init__(self, store: ModelStore, profiles: dict[str, ModelProfile], *, node_id: str, max_concurrency: int, max_queue: int) -> None:
+    def __init__(self, store: ModelStore, profiles: dict[str, ModelProfile], llms: LlmStore, *, node_id: str,
+                 max_concurrency: int, max_queue: int) -> None:
         self.store = store
+        self.llms = llms
         self.profiles = profiles
         self.node_id = node_id
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
@@ -87,7 +92,28 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         return await self._compute(context, request.model, request.model_digest, request.inputs, request.reply_encoding, run)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
-        return pb.NodeStatus(node_id=self.node_id, models=self.store.model_infos(), load=self.load())
+        return pb.NodeStatus(node_id=self.node_id, models=[*self.store.model_infos(), *self.llms.model_infos()],
+                             load=self.load(), llm=self.llms.loads())
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        started = time.perf_counter()
+        try:
+            engine = self.llms.get(request.model)
+            events = stream(engine, prompt_tokens(engine, request), sampling_of(request), request.generated_token_ids)
+        except Exception as exc:  # noqa: BLE001
+            await abort_for(context, exc)
+        async with contextlib.aclosing(events):
+            try:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        yield token_chunk(event)
+                    else:
+                        yield pb.GenerateChunk(done=summary_of(event, started=started, ran=pb.PLAN_REMOTE, node=self.node_id))
+            except Overloaded as exc:
+                context.set_trailing_metadata((("retry-after-ms", str(round(exc.retry_after_ms))),))
+                await abort_for(context, exc)
+            except Exception as exc:  # noqa: BLE001 -- the submit inside the stream refuses bad requests
+                await abort_for(context, exc)
 
     async def GetProfile(self, request: pb.ProfileRequest, context: grpc.aio.ServicerContext) -> pb.ModelProfileMsg:
         try:
@@ -106,3 +132,4 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.llms.close()

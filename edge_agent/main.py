@@ -24,7 +24,7 @@ from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.model_store import ModelStore
 from runtimes.profiler import measure_codec_speed, profile_store
-from runtimes.rpc import add_health, channel_options, set_serving
+from runtimes.rpc import add_health, add_service, channel_options, set_serving
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ async def serve(config: AgentConfig) -> None:
         max_concurrency=config.max_concurrency, max_queue=config.max_queue,
     )
     server = grpc.aio.server(options=channel_options(config.max_message_mb))
-    pb_grpc.add_EdgeAgentServicer_to_server(service, server)
+    add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service)
     health = add_health(server)
     address = bind(server, config.listen)
     await server.start()

@@ -171,15 +171,39 @@ class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LlmLoad(_message.Message):
+    __slots__ = ("model", "slots", "active", "queued", "max_queue", "queue_delay_ms", "prompt_tok_s", "gen_tok_s", "ctx_per_seq")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOK_S_FIELD_NUMBER: _ClassVar[int]
+    GEN_TOK_S_FIELD_NUMBER: _ClassVar[int]
+    CTX_PER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    slots: int
+    active: int
+    queued: int
+    max_queue: int
+    queue_delay_ms: float
+    prompt_tok_s: float
+    gen_tok_s: float
+    ctx_per_seq: int
+    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ...) -> None: ...
+
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "models", "load")
+    __slots__ = ("node_id", "models", "load", "llm")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    LLM_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     load: NodeLoad
-    def __init__(self, node_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+    llm: _containers.RepeatedCompositeFieldContainer[LlmLoad]
+    def __init__(self, node_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., llm: _Optional[_Iterable[_Union[LlmLoad, _Mapping]]] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("model",)
@@ -214,6 +238,98 @@ class ProbeReply(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "objective", "plan", "prompt_token_ids", "generated_token_ids")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    objective: Objective
+    plan: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., objective: _Optional[_Union[Objective, str]] = ..., plan: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenChunk(_message.Message):
+    __slots__ = ("index", "token_id", "text")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    token_id: int
+    text: str
+    def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class GenerateSummary(_message.Message):
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "ran", "node", "switched", "switched_at_token", "switch_reason", "queue_ms", "total_ms", "planned", "reason", "predicted_ttft_ms", "predicted_total_ms", "predicted_energy_j")
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RAN_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SWITCHED_FIELD_NUMBER: _ClassVar[int]
+    SWITCHED_AT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_REASON_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
+    ran: PlanKind
+    node: str
+    switched: bool
+    switched_at_token: int
+    switch_reason: str
+    queue_ms: float
+    total_ms: float
+    planned: PlanKind
+    reason: str
+    predicted_ttft_ms: float
+    predicted_total_ms: float
+    predicted_energy_j: float
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., ran: _Optional[_Union[PlanKind, str]] = ..., node: _Optional[str] = ..., switched: _Optional[bool] = ..., switched_at_token: _Optional[int] = ..., switch_reason: _Optional[str] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., planned: _Optional[_Union[PlanKind, str]] = ..., reason: _Optional[str] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_total_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("token", "done")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    token: TokenChunk
+    done: GenerateSummary
+    def __init__(self, token: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("kind", "cut_index", "cut", "node", "encoding", "label")
@@ -298,19 +414,23 @@ class LinkOverride(_message.Message):
     def __init__(self, uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "objective", "link", "encoding")
+    __slots__ = ("model", "objective", "link", "encoding", "prompt_tokens", "max_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     link: LinkOverride
     encoding: Encoding
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+    prompt_tokens: int
+    max_tokens: int
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("plan", "predicted", "energy_j", "score", "feasible", "violations", "memory_bytes", "uplink_bytes")
+    __slots__ = ("plan", "predicted", "energy_j", "score", "feasible", "violations", "memory_bytes", "uplink_bytes", "ttft_ms")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +439,7 @@ class Candidate(_message.Message):
     VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     plan: Plan
     predicted: StageTimes
     energy_j: float
@@ -327,7 +448,8 @@ class Candidate(_message.Message):
     violations: _containers.RepeatedScalarFieldContainer[str]
     memory_bytes: float
     uplink_bytes: float
-    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ...) -> None: ...
+    ttft_ms: float
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device")

@@ -34,6 +34,11 @@ class CloudNodeStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Generate = channel.unary_stream(
+                '/tandem.v1.CloudNode/Generate',
+                request_serializer=protos_dot_tandem__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.RunPartition = channel.unary_unary(
                 '/tandem.v1.CloudNode/RunPartition',
                 request_serializer=protos_dot_tandem__pb2.PartitionRequest.SerializeToString,
@@ -63,6 +68,12 @@ class CloudNodeStub:
 
 class CloudNodeServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def RunPartition(self, request, context):
         """Run the model from a cut to its outputs.
@@ -100,6 +111,11 @@ class CloudNodeServicer:
 
 def add_CloudNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_tandem__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_tandem__pb2.GenerateChunk.SerializeToString,
+            ),
             'RunPartition': grpc.unary_unary_rpc_method_handler(
                     servicer.RunPartition,
                     request_deserializer=protos_dot_tandem__pb2.PartitionRequest.FromString,
@@ -135,6 +151,33 @@ def add_CloudNodeServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class CloudNode:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.CloudNode/Generate',
+            protos_dot_tandem__pb2.GenerateRequest.SerializeToString,
+            protos_dot_tandem__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def RunPartition(request,
@@ -281,6 +324,11 @@ class EdgeAgentStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Generate = channel.unary_stream(
+                '/tandem.v1.EdgeAgent/Generate',
+                request_serializer=protos_dot_tandem__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/tandem.v1.EdgeAgent/Infer',
                 request_serializer=protos_dot_tandem__pb2.InferRequest.SerializeToString,
@@ -300,6 +348,12 @@ class EdgeAgentStub:
 
 class EdgeAgentServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Infer(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -322,6 +376,11 @@ class EdgeAgentServicer:
 
 def add_EdgeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_tandem__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_tandem__pb2.GenerateChunk.SerializeToString,
+            ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
                     request_deserializer=protos_dot_tandem__pb2.InferRequest.FromString,
@@ -347,6 +406,33 @@ def add_EdgeAgentServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class EdgeAgent:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.EdgeAgent/Generate',
+            protos_dot_tandem__pb2.GenerateRequest.SerializeToString,
+            protos_dot_tandem__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Infer(request,

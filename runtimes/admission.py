@@ -20,7 +20,11 @@ T = TypeVar("T")
 
 
 class Overloaded(RuntimeError):
-    """Every slot is busy and the queue is full."""
+    """Every slot is busy and the queue is full; ``retry_after_ms`` is a hint."""
+
+    def __init__(self, message: str, retry_after_ms: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class Admission:

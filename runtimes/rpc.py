@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from partitioner.graph import GraphError
 from protos.codec import CodecError
 from runtimes.admission import Overloaded
+from runtimes.llm import GenerationError
 from runtimes.onnx_exec import InputError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def is_onnxruntime_input_error(exc: BaseException) -> bool:
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a caller should see for ``exc``."""
-    if isinstance(exc, (CodecError, InputError, GraphError)):
+    if isinstance(exc, (CodecError, InputError, GraphError, GenerationError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if is_onnxruntime_input_error(exc):
         return grpc.StatusCode.INVALID_ARGUMENT, f"onnxruntime refused the tensors: {exc}"
@@ -73,3 +74,63 @@ def add_health(server: grpc.aio.Server) -> health.HealthServicer:
 def set_serving(servicer: health.HealthServicer, service_names: list[str]) -> None:
     for name in ["", *service_names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+class MalformedRequest:
+    """Stands in for a request protobuf could not parse (invalid UTF-8 in a
+    string field, truncated bytes), so the caller gets INVALID_ARGUMENT with
+    the reason instead of the INTERNAL grpcio answers by default."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(deserializer):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 -- protobuf's DecodeError and friends
+            return MalformedRequest(f"the request is not a valid message (invalid UTF-8 in a string field?): {exc}")
+
+    return parse
+
+
+def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.unary_stream is not None:
+        behavior = handler.unary_stream
+
+        async def stream(request, context):
+            if isinstance(request, MalformedRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+            async for item in behavior(request, context):
+                yield item
+
+        return handler._replace(unary_stream=stream, request_deserializer=_lenient(handler.request_deserializer))
+    behavior = handler.unary_unary
+
+    async def unary(request, context):
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+        return await behavior(request, context)
+
+    return handler._replace(unary_unary=unary, request_deserializer=_lenient(handler.request_deserializer))
+
+
+class _Capture:
+    """Receives what a generated ``add_*Servicer_to_server`` registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+        self.name, self.handlers = name, handlers
+
+
+def add_service(server: grpc.aio.Server, add_to_server, servicer) -> None:
+    """Register ``servicer`` like the generated ``add_to_server`` does, with
+    unparseable requests answered INVALID_ARGUMENT."""
+    capture = _Capture()
+    add_to_server(servicer, capture)
+    handlers = {method: _guarded(handler) for method, handler in capture.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
+    server.add_registered_method_handlers(capture.name, handlers)

