@@ -39,7 +39,7 @@ class NodeConfig:
     llm_slots: int = field(default=4, metadata={"help": "generations decoded together per LLM (continuous batching)"})
     llm_max_queue: int = field(default=16, metadata={"help": "generations waiting for a slot before RESOURCE_EXHAUSTED"})
     llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
-    llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: llama.cpp default)"})
+    llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})

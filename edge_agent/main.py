@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from devices.profiles import get_device
+from edge_agent.generation import Generator, LlmSettings
 from edge_agent.offload import CloudNodeClient, refresh_all
 from edge_agent.server import EdgeAgentService, Policy
 from partitioner.costmodel import Constraints, Link, Objective
@@ -22,6 +23,7 @@ from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.llm_serving import LlmStore
 from runtimes.model_store import ModelStore
 from runtimes.profiler import measure_codec_speed, profile_store
 from runtimes.rpc import add_health, add_service, channel_options, set_serving
@@ -45,6 +47,13 @@ class AgentConfig:
     uplink_mbps: float | None = field(default=None, metadata={"help": "assume this uplink instead of measuring it, Mbit/s"})
     downlink_mbps: float | None = field(default=None, metadata={"help": "assume this downlink instead of measuring it, Mbit/s"})
     rtt_ms: float | None = field(default=None, metadata={"help": "assume this round trip instead of measuring it, ms"})
+    llm: tuple[str, ...] = field(default=(), metadata={"help": "LLM on this device: 'smollm2' (packaged), a .gguf path, or NAME=PATH"})
+    llm_slots: int = field(default=1, metadata={"help": "local generations decoded together"})
+    llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
+    llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core; match a CPU quota)"})
+    llm_allow_remote: bool = field(default=True, metadata={"help": "false: prompts never leave the device"})
+    llm_remote_tokens_per_hour: int | None = field(default=None, metadata={"help": "cap on tokens generated in the cloud per hour"})
+    llm_stall_s: float = field(default=5.0, metadata={"help": "a cloud stream silent this long is finished on the device, s"})
     refresh_s: float = field(default=2.0, metadata={"help": "how often node status (load, RTT) is refreshed, s"})
     max_concurrency: int = field(default=4, metadata={"help": "requests served at once"})
     max_queue: int = field(default=64, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
@@ -72,6 +81,10 @@ class AgentConfig:
             raise error("uplink_mbps, downlink_mbps and rtt_ms are given together or not at all")
         if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0:
             raise error("privacy_min_local and max_queue must be >= 0, max_concurrency >= 1")
+        if self.llm_slots < 1 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0:
+            raise error("llm_slots must be >= 1, llm_ctx_per_seq >= 16, llm_stall_s > 0")
+        if self.llm_remote_tokens_per_hour is not None and self.llm_remote_tokens_per_hour < 0:
+            raise error("llm_remote_tokens_per_hour must be >= 0")
         get_device(self.device)
 
     def policy(self) -> Policy:
@@ -114,10 +127,19 @@ async def serve(config: AgentConfig) -> None:
         else:
             logger.warning("cloud node %s unreachable at start (%s); will keep trying", node.address, state.error)
 
+    llms = await asyncio.to_thread(LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
+                                   threads=config.llm_threads or None, max_queue=config.max_queue)
+    policy = config.policy()
+    generator = Generator(
+        llms, nodes, power_of(device),
+        LlmSettings(allow_remote=config.llm_allow_remote, remote_tokens_per_hour=config.llm_remote_tokens_per_hour,
+                    slo_ms=config.slo_ms, stall_s=config.llm_stall_s),
+        objective=policy.objective, weight_latency=policy.weight_latency,
+    )
     service = EdgeAgentService(
         store=store, profiles=profiles, nodes=nodes, power=power_of(device), device_name=device.name,
-        codec_speed=measure_codec_speed(), policy=config.policy(),
-        max_concurrency=config.max_concurrency, max_queue=config.max_queue,
+        codec_speed=measure_codec_speed(), policy=policy,
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,
     )
     server = grpc.aio.server(options=channel_options(config.max_message_mb))
     add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service)

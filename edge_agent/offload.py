@@ -32,6 +32,7 @@ class NodeState:
     node_id: str = ""
     load: pb.NodeLoad = field(default_factory=pb.NodeLoad)
     models: dict[str, pb.ModelInfo] = field(default_factory=dict)   # name -> info (digest)
+    llm: list[pb.LlmLoad] = field(default_factory=list)
     link: Link | None = None
     error: str = ""
 
@@ -73,7 +74,7 @@ class CloudNodeClient:
             else:
                 link = Link(link.uplink_mbps, link.downlink_mbps, rtt_s * 1e3)
             for info in status.models:
-                if info.digest not in self._profiles:
+                if info.kind == "onnx" and info.digest not in self._profiles:
                     reply = await self.stub.GetProfile(pb.ProfileRequest(model=info.name), timeout=timeout_s)
                     self._profiles[info.digest] = ModelProfile.from_json(reply.json)
         except grpc.RpcError as exc:
@@ -84,7 +85,7 @@ class CloudNodeClient:
             return self.state
         if generation == self._generation:
             self.state = NodeState(
-                reachable=True, node_id=status.node_id, load=status.load,
+                reachable=True, node_id=status.node_id, load=status.load, llm=list(status.llm),
                 models={m.name: m for m in status.models}, link=self.link_override or link,
             )
         return self.state

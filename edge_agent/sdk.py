@@ -10,6 +10,7 @@ Server errors arrive as typed exceptions (``InvalidArgument``, ``NotFound``,
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,75 @@ def _explain_request(model: str, objective: str | None, link: dict[str, float] |
     return request
 
 
+@dataclass(frozen=True)
+class Token:
+    index: int          # position in the completion
+    token_id: int
+    text: str           # "" while a multi-byte character is incomplete
+
+
+@dataclass(frozen=True)
+class GenerationSummary:
+    finish_reason: str  # stop, length, cancelled, error
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
+    ran: str            # where the last token came from: "local" or "remote"
+    node: str
+    switched: bool      # the stream moved from the cloud to the device
+    switched_at_token: int
+    switch_reason: str
+    queue_ms: float
+    total_ms: float
+    planned: str
+    reason: str
+    predicted_ttft_ms: float
+    predicted_total_ms: float
+    predicted_energy_j: float
+
+    @classmethod
+    def from_message(cls, m: pb.GenerateSummary) -> "GenerationSummary":
+        labels = {pb.PLAN_LOCAL: "local", pb.PLAN_REMOTE: "remote"}
+        return cls(
+            m.finish_reason, m.prompt_tokens, m.completion_tokens, m.ttft_ms, m.tokens_per_s, labels.get(m.ran, ""),
+            m.node, m.switched, m.switched_at_token, m.switch_reason, m.queue_ms, m.total_ms, labels.get(m.planned, ""),
+            m.reason, m.predicted_ttft_ms, m.predicted_total_ms, m.predicted_energy_j,
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    summary: GenerationSummary
+
+
+def _chunk(message: pb.GenerateChunk) -> Token | GenerationSummary:
+    if message.HasField("token"):
+        return Token(message.token.index, message.token.token_id, message.token.text)
+    return GenerationSummary.from_message(message.done)
+
+
+def _generate_request(prompt: str | None, model: str | None, messages: list[dict[str, str]] | None, max_tokens: int,
+                      temperature: float, top_p: float, seed: int, stop: list[str] | tuple[str, ...],
+                      objective: str | None, plan: str | None) -> pb.GenerateRequest:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of latency, energy, weighted; got {objective!r}")
+    return pb.GenerateRequest(
+        model=model or "", prompt=prompt or "",
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
+        objective=OBJECTIVES[objective], plan=plan or "",
+    )
+
+
+def _collect(chunks) -> Completion:
+    tokens = [c for c in chunks if isinstance(c, Token)]
+    summary = next(c for c in chunks if isinstance(c, GenerationSummary))
+    return Completion("".join(t.text for t in tokens), tuple(t.token_id for t in tokens), summary)
+
+
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
@@ -178,6 +248,26 @@ class EdgeClient:
             return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
         except grpc.RpcError as exc:
             raise _typed(exc) from None
+
+    def generate(self, prompt: str | None = None, *, model: str | None = None, messages: list[dict[str, str]] | None = None,
+                 max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 stop: list[str] | tuple[str, ...] = (), objective: str | None = None, plan: str | None = None,
+                 deadline: float | None = None) -> Iterator[Token | GenerationSummary]:
+        """Stream a generation: ``Token`` chunks, then one ``GenerationSummary``.
+        ``model`` may be left out when the agent has a single LLM."""
+        request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
+        call = self._stub.Generate(request, timeout=deadline)
+        try:
+            for message in call:
+                yield _chunk(message)
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+        finally:
+            call.cancel()  # a caller that stops iterating frees its slot on the agent
+
+    def generate_text(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """The whole generation at once."""
+        return _collect(list(self.generate(prompt, **kwargs)))
 
     def close(self) -> None:
         self._channel.close()
@@ -217,6 +307,24 @@ class AsyncEdgeClient:
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
         except grpc.RpcError as exc:
             raise _typed(exc) from None
+
+    async def generate(self, prompt: str | None = None, *, model: str | None = None,
+                       messages: list[dict[str, str]] | None = None, max_tokens: int = 64, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int = 0, stop: list[str] | tuple[str, ...] = (),
+                       objective: str | None = None, plan: str | None = None,
+                       deadline: float | None = None) -> AsyncIterator[Token | GenerationSummary]:
+        request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
+        call = self._stub.Generate(request, timeout=deadline)
+        try:
+            async for message in call:
+                yield _chunk(message)
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+        finally:
+            call.cancel()
+
+    async def generate_text(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        return _collect([chunk async for chunk in self.generate(prompt, **kwargs)])
 
     async def close(self) -> None:
         await self._channel.close()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
+from edge_agent.generation import Generator
 from edge_agent.offload import CloudNodeClient
 from partitioner.costmodel import (
     Candidate,
@@ -127,8 +130,9 @@ def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]
 class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def __init__(self, *, store: ModelStore, profiles: dict[str, ModelProfile], nodes: list[CloudNodeClient],
                  power: Power, device_name: str, codec_speed: dict[int, CodecSpeed], policy: Policy,
-                 max_concurrency: int, max_queue: int) -> None:
+                 max_concurrency: int, max_queue: int, generator: Generator) -> None:
         self.store = store
+        self.generator = generator
         self.profiles = profiles
         self.nodes = nodes
         self.power = power
@@ -301,9 +305,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             constraints_met=candidate.feasible, reason=why,
         )
 
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            objective, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policy)
+            chunks = await self.generator.generate(request, objective, context)
+        except Exception as exc:  # noqa: BLE001
+            await abort_for(context, exc)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.Explanation:
         try:
-            model = self.store.get(request.model)
             objective, encoding = request_options(request.objective, request.encoding, self.policy)
             link = None
             if request.HasField("link"):
@@ -312,6 +325,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     link = Link(uplink_mbps=o.uplink_mbps, downlink_mbps=o.downlink_mbps, rtt_ms=o.rtt_ms)
                 except ValueError as exc:
                     raise InputError(f"link override: {exc}") from None
+            if self.generator.serves(request.model):
+                return self._explain_generation(request, objective, link)
+            model = self.store.get(request.model)
             decision, _ = self.decide(model, objective, encoding, link=link)
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
@@ -330,8 +346,26 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             device=self.device_name,
         )
 
+    def _explain_generation(self, request: pb.ExplainRequest, objective: Objective, link: Link | None) -> pb.Explanation:
+        decision = self.generator.explain(request.model, request.prompt_tokens or 32, request.max_tokens or 64, objective, link)
+        shown = decision.winner or decision.best_effort
+
+        def plan(c) -> pb.Plan:
+            return pb.Plan(kind=pb.PLAN_LOCAL if c.kind == "local" else pb.PLAN_REMOTE, node=c.node or "", label=c.label)
+
+        return pb.Explanation(
+            model=request.model, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=decision.why,
+            winner=plan(shown) if shown else pb.Plan(), device=self.device_name,
+            candidates=[
+                pb.Candidate(plan=plan(c), predicted=pb.StageTimes(total_ms=c.total_ms), ttft_ms=c.ttft_ms,
+                             energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations)
+                for c in decision.candidates
+            ],
+        )
+
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ModelList:
-        return pb.ModelList(models=self.store.model_infos())
+        return pb.ModelList(models=[*self.store.model_infos(), *self.generator.llms.model_infos()])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.generator.llms.close()

@@ -517,3 +517,17 @@ def route_generation(
         objective=objective,
         why=why,
     )
+
+
+def expected_queue_ms(*, reported_ms: float, slots: int, active: int, queued: int, typical_generation_ms: float) -> float:
+    """The wait a new request should expect on a node, from what it reports.
+
+    The reported figure is a smoothed past wait; when every slot is taken now,
+    the request also waits for its place in line: the requests ahead of it
+    (queued + 1) leave at a rate of ``slots`` per typical generation.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if active < slots:
+        return reported_ms
+    return max(reported_ms, (queued + 1) / slots * typical_generation_ms)

@@ -21,6 +21,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -136,7 +137,10 @@ class LlmEngine:
         self.slots = slots
         self.max_queue = max_queue
         self.ctx_per_seq = ctx_per_seq
-        threads = threads or None
+        # llama-cpp-python's default is half the cores; a daemon that owns the
+        # board should use all of them unless told otherwise (CPU quota).
+        threads = threads or os.cpu_count() or 1
+        self.threads = threads
         # The high-level object gives us the weights, tokenizer, metadata and
         # chat template; its own small context is never used for generation.
         self.llm = Llama(model_path=str(self.path), n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads,
@@ -243,6 +247,22 @@ class LlmEngine:
                 )
             self._waiting.put(request)
             self._wake.notify()
+
+    def warm_up(self, *, prompt_tokens: int = 32, max_tokens: int = 16) -> DoneEvent:
+        """One real generation, so the speed figures are measured before the
+        first request needs them (blocking)."""
+        done: list[DoneEvent] = []
+        finished = threading.Event()
+
+        def emit(event: Event) -> None:
+            if isinstance(event, DoneEvent):
+                done.append(event)
+                finished.set()
+
+        filler = self.tokenize_prompt("Tandem measures how fast this device runs the model. " * 8)[:prompt_tokens]
+        self.submit(Request(prompt_tokens=filler, sampling=Sampling(max_tokens=max_tokens), emit=emit))
+        finished.wait()
+        return done[0]
 
     @property
     def active(self) -> int:

@@ -43,8 +43,10 @@ class LlmStore:
         engines = {}
         for entry in entries:
             name, path = resolve(entry)
-            engines[name] = LlmEngine(name, path, slots=slots, ctx_per_seq=ctx_per_seq, threads=threads, max_queue=max_queue)
-            logger.info("LLM %s from %s: %d slots x %d tokens", name, path, slots, ctx_per_seq)
+            engine = engines[name] = LlmEngine(name, path, slots=slots, ctx_per_seq=ctx_per_seq, threads=threads, max_queue=max_queue)
+            engine.warm_up()
+            logger.info("LLM %s from %s: %d slots x %d tokens; prompt %.0f tok/s, generation %.0f tok/s",
+                        name, path, slots, ctx_per_seq, engine.prompt_tok_s, engine.gen_tok_s)
         return cls(engines)
 
     def get(self, name: str) -> LlmEngine:

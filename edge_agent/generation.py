@@ -1,0 +1,234 @@
+"""LLM requests on the agent: route each to LOCAL or a cloud node, stream it,
+and if the cloud stream breaks, finish it on the device without losing or
+repeating a token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from edge_agent.offload import CloudNodeClient
+from partitioner.costmodel import Link, Objective, Power
+from partitioner.llm_routing import (
+    GenerationShape,
+    LlmCandidate,
+    LlmDecision,
+    LlmNode,
+    LlmPolicy,
+    LlmSpeed,
+    expected_queue_ms,
+    route_generation,
+)
+from protos import tandem_pb2 as pb
+from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent
+from runtimes.llm_serving import LlmStore, prompt_tokens, sampling_of, stream, summary_of, token_chunk
+from runtimes.rpc import NoFeasiblePlan, UnknownModel
+
+logger = logging.getLogger(__name__)
+
+KIND = {"local": pb.PLAN_LOCAL, "remote": pb.PLAN_REMOTE}
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    allow_remote: bool = True                 # False: prompts never leave the device
+    remote_tokens_per_hour: int | None = None  # cap on tokens generated in the cloud
+    slo_ms: float | None = None
+    stall_s: float = 5.0                      # a cloud stream silent this long is treated as broken
+
+
+class RemoteBudget:
+    """Cloud tokens used in the last hour, against the policy's cap."""
+
+    WINDOW_S = 3600.0
+
+    def __init__(self, per_hour: int | None) -> None:
+        self.per_hour = per_hour
+        self._used: deque[tuple[float, int]] = deque()
+
+    def left(self, now: float) -> int | None:
+        if self.per_hour is None:
+            return None
+        while self._used and self._used[0][0] < now - self.WINDOW_S:
+            self._used.popleft()
+        return max(self.per_hour - sum(n for _, n in self._used), 0)
+
+    def spend(self, now: float, tokens: int) -> None:
+        if self.per_hour is not None and tokens:
+            self._used.append((now, tokens))
+
+
+def parse_llm_plan(label: str) -> tuple[str, str]:
+    kind, _, node = label.strip().partition("@")
+    if kind not in KIND:
+        raise GenerationError(f"plan {label!r} for an LLM is not 'local', 'remote' or 'remote@HOST:PORT'")
+    return kind, node
+
+
+class Generator:
+    """The agent's LLM side; ``EdgeAgentService`` delegates Generate here."""
+
+    def __init__(self, llms: LlmStore, nodes: list[CloudNodeClient], power: Power, settings: LlmSettings,
+                 objective: Objective, weight_latency: float) -> None:
+        self.llms = llms
+        self.nodes = nodes
+        self.power = power
+        self.settings = settings
+        self.objective = objective
+        self.weight_latency = weight_latency
+        self.budget = RemoteBudget(settings.remote_tokens_per_hour)
+        self._observed: dict[tuple[str, str], LlmSpeed] = {}  # (node, model) -> smoothed speeds seen in replies
+
+    def serves(self, model: str) -> bool:
+        return model in self.llms.engines or any(self._node_load(n, model) for n in self.nodes)
+
+    def _node_load(self, node: CloudNodeClient, model: str) -> pb.LlmLoad | None:
+        if not node.state.reachable:
+            return None
+        info = node.state.models.get(model)
+        local_digest = self.llms.digests.get(model)
+        if info is None or info.kind != "gguf" or (local_digest and info.digest != local_digest):
+            return None
+        return next((load for load in node.state.llm if load.model == model), None)
+
+    def decide(self, model: str, shape: GenerationShape, objective: Objective, link: Link | None = None) -> LlmDecision:
+        engine = self.llms.engines.get(model)
+        local = LlmSpeed(engine.prompt_tok_s, engine.gen_tok_s) if engine and engine.gen_tok_s > 0 else None
+        nodes = []
+        for node in self.nodes:
+            load = self._node_load(node, model)
+            if load is None or load.gen_tok_s <= 0 or load.prompt_tok_s <= 0 or node.state.link is None:
+                continue
+            speed = self._observed.get((node.address, model), LlmSpeed(load.prompt_tok_s, load.gen_tok_s))
+            typical_ms = shape.max_tokens * 1e3 / speed.gen_tok_s
+            queue_ms = expected_queue_ms(reported_ms=load.queue_delay_ms, slots=max(load.slots, 1), active=load.active,
+                                         queued=load.queued, typical_generation_ms=typical_ms)
+            nodes.append(LlmNode(node=node.address, link=link or node.state.link, queue_ms=queue_ms, speed=speed))
+        if local is None and not nodes:
+            raise UnknownModel(f"unknown model {model!r}: not on this device and no reachable node serves it")
+        policy = LlmPolicy(allow_remote=self.settings.allow_remote, remote_tokens_left=self.budget.left(time.monotonic()),
+                           slo_ms=self.settings.slo_ms)
+        return route_generation(shape, local, nodes, self.power, objective=objective,
+                                weight_latency=self.weight_latency, policy=policy)
+
+    def _pick(self, decision: LlmDecision, pinned: str) -> tuple[LlmCandidate, str]:
+        if pinned:
+            kind, node = parse_llm_plan(pinned)
+            for candidate in decision.candidates:
+                if candidate.kind == kind and (not node or candidate.node == node):
+                    if candidate.hard_violation:
+                        raise NoFeasiblePlan(f"plan {pinned} breaks the device policy: {'; '.join(candidate.violations)}")
+                    return candidate, f"pinned by the caller: {pinned}"
+            raise NoFeasiblePlan(f"plan {pinned} is not available for this model (no such node, or the model is not here)")
+        if decision.winner is not None:
+            return decision.winner, decision.why
+        if decision.best_effort is not None:
+            return decision.best_effort, f"best effort, constraints not met: {decision.why}"
+        raise NoFeasiblePlan(f"no way to run this generation: {decision.why}")
+
+    async def generate(self, request: pb.GenerateRequest, objective: Objective,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        """Validate and route (errors raise before the first chunk), then stream."""
+        started = time.perf_counter()
+        if not request.model:
+            if len(self.llms.engines) != 1:
+                raise GenerationError(f"name the model: LLMs on this device are {sorted(self.llms.engines)}")
+            request.model = next(iter(self.llms.engines))
+        engine = self.llms.engines.get(request.model)
+        if engine is None and not self.serves(request.model):
+            raise UnknownModel(f"unknown model {request.model!r}; LLMs here: {sorted(self.llms.engines)}")
+        if engine is None:
+            raise GenerationError(f"model {request.model} is not on this device; the agent needs it locally to "
+                                  "tokenize and to finish a broken cloud stream")
+        tokens = prompt_tokens(engine, request)
+        sampling = sampling_of(request)
+        engine.validate(tokens, sampling, request.generated_token_ids)
+        shape = GenerationShape(prompt_tokens=len(tokens), max_tokens=sampling.max_tokens,
+                                prompt_bytes=request.ByteSize())
+        decision = self.decide(request.model, shape, objective)
+        candidate, why = self._pick(decision, request.plan)
+        predicted = dict(planned=KIND[candidate.kind], reason=why, predicted_ttft_ms=candidate.ttft_ms,
+                         predicted_total_ms=candidate.total_ms, predicted_energy_j=candidate.energy_j)
+        if candidate.kind == "local":
+            return self._local(engine, tokens, sampling, list(request.generated_token_ids), started, predicted)
+        node = next(n for n in self.nodes if n.address == candidate.node)
+        return self._remote(engine, node, request, tokens, sampling, started, predicted)
+
+    async def _local(self, engine: LlmEngine, tokens: list[int], sampling: Sampling, generated: list[int],
+                     started: float, predicted: dict, switch: dict | None = None) -> AsyncIterator[pb.GenerateChunk]:
+        async with contextlib.aclosing(stream(engine, tokens, sampling, generated)) as events:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    yield token_chunk(event)
+                else:
+                    summary = summary_of(event, started=started, ran=pb.PLAN_LOCAL)
+                    for key, value in {**predicted, **(switch or {})}.items():
+                        setattr(summary, key, value)
+                    yield pb.GenerateChunk(done=summary)
+
+    async def _remote(self, engine: LlmEngine, node: CloudNodeClient, request: pb.GenerateRequest, tokens: list[int],
+                      sampling: Sampling, started: float, predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
+        generated = list(request.generated_token_ids)
+        forward = pb.GenerateRequest(
+            model=request.model, prompt_token_ids=tokens, generated_token_ids=generated, max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop),
+        )
+        reason = ""
+        call = node.stub.Generate(forward)
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(call.read(), timeout=self.settings.stall_s)
+                except asyncio.TimeoutError:
+                    reason = f"{node.address} sent nothing for {self.settings.stall_s:.1f} s"
+                    break
+                if chunk is grpc.aio.EOF:
+                    reason = f"{node.address} ended the stream without a summary"
+                    break
+                if chunk.HasField("token"):
+                    generated.append(chunk.token.token_id)
+                    yield chunk
+                    continue
+                summary = chunk.done
+                self._observe(node.address, request.model, summary)
+                self.budget.spend(time.monotonic(), summary.completion_tokens - len(request.generated_token_ids))
+                summary.total_ms = (time.perf_counter() - started) * 1e3
+                summary.ran, summary.node = pb.PLAN_REMOTE, node.address
+                for key, value in predicted.items():
+                    setattr(summary, key, value)
+                yield pb.GenerateChunk(done=summary)
+                return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                node.mark_down(f"{exc.code().name}: {exc.details()}")
+            reason = f"{node.address}: {exc.code().name}: {exc.details()}"
+        finally:
+            call.cancel()
+        logger.warning("generation on %s broke after %d tokens, continuing on the device: %s",
+                       node.address, len(generated), reason)
+        switch = dict(switched=True, switched_at_token=len(generated), switch_reason=reason)
+        async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch):
+            yield chunk
+
+    def _observe(self, node: str, model: str, summary: pb.GenerateSummary) -> None:
+        """Smooth the node's generation speed as this agent saw it."""
+        if summary.tokens_per_s <= 0:
+            return
+        key = (node, model)
+        old = self._observed.get(key)
+        load = next((l for n in self.nodes if n.address == node for l in n.state.llm if l.model == model), None)
+        prompt_speed = load.prompt_tok_s if load and load.prompt_tok_s > 0 else (old.prompt_tok_s if old else 1.0)
+        gen = summary.tokens_per_s if old is None else old.gen_tok_s + 0.2 * (summary.tokens_per_s - old.gen_tok_s)
+        self._observed[key] = LlmSpeed(prompt_tok_s=prompt_speed, gen_tok_s=gen)
+
+    def explain(self, model: str, prompt_tokens: int, max_tokens: int, objective: Objective, link: Link | None) -> LlmDecision:
+        shape = GenerationShape(prompt_tokens=max(prompt_tokens, 1), max_tokens=max(max_tokens, 1),
+                                prompt_bytes=max(prompt_tokens, 1) * 4 + 64)
+        return self.decide(model, shape, objective, link)
