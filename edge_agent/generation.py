@@ -84,7 +84,6 @@ class Generator:
         self.objective = objective
         self.weight_latency = weight_latency
         self.budget = RemoteBudget(settings.remote_tokens_per_hour)
-        self._observed: dict[tuple[str, str], LlmSpeed] = {}  # (node, model) -> smoothed speeds seen in replies
 
     def serves(self, model: str) -> bool:
         return model in self.llms.engines or any(self._node_load(n, model) for n in self.nodes)
@@ -106,7 +105,10 @@ class Generator:
             load = self._node_load(node, model)
             if load is None or load.gen_tok_s <= 0 or load.prompt_tok_s <= 0 or node.state.link is None:
                 continue
-            speed = self._observed.get((node.address, model), LlmSpeed(load.prompt_tok_s, load.gen_tok_s))
+            # What a new stream would get there now. Both sides smooth their
+            # speeds over every decode step of every request they run; the
+            # node's figures arrive with each status refresh.
+            speed = LlmSpeed(load.prompt_tok_s, load.next_stream_tok_s or load.gen_tok_s)
             typical_ms = shape.max_tokens * 1e3 / speed.gen_tok_s
             queue_ms = expected_queue_ms(reported_ms=load.queue_delay_ms, slots=max(load.slots, 1), active=load.active,
                                          queued=load.queued, typical_generation_ms=typical_ms)
@@ -197,7 +199,6 @@ class Generator:
                     yield chunk
                     continue
                 summary = chunk.done
-                self._observe(node.address, request.model, summary)
                 self.budget.spend(time.monotonic(), summary.completion_tokens - len(request.generated_token_ids))
                 summary.total_ms = (time.perf_counter() - started) * 1e3
                 summary.ran, summary.node = pb.PLAN_REMOTE, node.address
@@ -216,17 +217,6 @@ class Generator:
         switch = dict(switched=True, switched_at_token=len(generated), switch_reason=reason)
         async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch):
             yield chunk
-
-    def _observe(self, node: str, model: str, summary: pb.GenerateSummary) -> None:
-        """Smooth the node's generation speed as this agent saw it."""
-        if summary.tokens_per_s <= 0:
-            return
-        key = (node, model)
-        old = self._observed.get(key)
-        load = next((l for n in self.nodes if n.address == node for l in n.state.llm if l.model == model), None)
-        prompt_speed = load.prompt_tok_s if load and load.prompt_tok_s > 0 else (old.prompt_tok_s if old else 1.0)
-        gen = summary.tokens_per_s if old is None else old.gen_tok_s + 0.2 * (summary.tokens_per_s - old.gen_tok_s)
-        self._observed[key] = LlmSpeed(prompt_tok_s=prompt_speed, gen_tok_s=gen)
 
     def explain(self, model: str, prompt_tokens: int, max_tokens: int, objective: Objective, link: Link | None) -> LlmDecision:
         shape = GenerationShape(prompt_tokens=max(prompt_tokens, 1), max_tokens=max(max_tokens, 1),

@@ -99,6 +99,7 @@ class CandidateView:
     feasible: bool
     violations: tuple[str, ...]
     uplink_bytes: float
+    ttft_ms: float          # LLMs: predicted time to first token
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Explanation:
             model=m.model, winner=m.winner.label, winner_node=m.winner.node, feasible=m.feasible, why=m.why,
             candidates=tuple(
                 CandidateView(c.plan.label, c.plan.node, _stages(c.predicted), c.energy_j, c.score, c.feasible,
-                              tuple(c.violations), c.uplink_bytes)
+                              tuple(c.violations), c.uplink_bytes, c.ttft_ms)
                 for c in m.candidates
             ),
             link={"uplink_mbps": m.link.uplink_mbps, "downlink_mbps": m.link.downlink_mbps, "rtt_ms": m.link.rtt_ms},
@@ -139,8 +140,10 @@ def _infer_request(model: str, inputs: dict[str, Any], objective: str | None, pl
                            encoding=ENCODINGS[encoding])
 
 
-def _explain_request(model: str, objective: str | None, link: dict[str, float] | None, encoding: str | None) -> pb.ExplainRequest:
-    request = pb.ExplainRequest(model=model, objective=OBJECTIVES[objective], encoding=ENCODINGS[encoding])
+def _explain_request(model: str, objective: str | None, link: dict[str, float] | None, encoding: str | None,
+                     prompt_tokens: int, max_tokens: int) -> pb.ExplainRequest:
+    request = pb.ExplainRequest(model=model, objective=OBJECTIVES[objective], encoding=ENCODINGS[encoding],
+                                prompt_tokens=prompt_tokens, max_tokens=max_tokens)
     if link is not None:
         request.link.CopyFrom(pb.LinkOverride(**link))
     return request
@@ -235,11 +238,13 @@ class EdgeClient:
             raise _typed(exc) from None
 
     def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
-                encoding: str | None = None) -> Explanation:
+                encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0) -> Explanation:
         """Candidates with predicted latency and energy; ``link`` plans for
-        {"uplink_mbps", "downlink_mbps", "rtt_ms"} instead of the measured link."""
+        {"uplink_mbps", "downlink_mbps", "rtt_ms"} instead of the measured link.
+        For an LLM, ``prompt_tokens`` and ``max_tokens`` describe the generation."""
+        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens)
         try:
-            return Explanation.from_message(self._stub.Explain(_explain_request(model, objective, link, encoding), timeout=self.timeout))
+            return Explanation.from_message(self._stub.Explain(request, timeout=self.timeout))
         except grpc.RpcError as exc:
             raise _typed(exc) from None
 
@@ -296,9 +301,10 @@ class AsyncEdgeClient:
             raise _typed(exc) from None
 
     async def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
-                      encoding: str | None = None) -> Explanation:
+                      encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0) -> Explanation:
+        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens)
         try:
-            return Explanation.from_message(await self._stub.Explain(_explain_request(model, objective, link, encoding), timeout=self.timeout))
+            return Explanation.from_message(await self._stub.Explain(request, timeout=self.timeout))
         except grpc.RpcError as exc:
             raise _typed(exc) from None
 

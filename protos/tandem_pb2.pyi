@@ -172,7 +172,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LlmLoad(_message.Message):
-    __slots__ = ("model", "slots", "active", "queued", "max_queue", "queue_delay_ms", "prompt_tok_s", "gen_tok_s", "ctx_per_seq")
+    __slots__ = ("model", "slots", "active", "queued", "max_queue", "queue_delay_ms", "prompt_tok_s", "gen_tok_s", "ctx_per_seq", "next_stream_tok_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class LlmLoad(_message.Message):
     PROMPT_TOK_S_FIELD_NUMBER: _ClassVar[int]
     GEN_TOK_S_FIELD_NUMBER: _ClassVar[int]
     CTX_PER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STREAM_TOK_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     slots: int
     active: int
@@ -191,7 +192,8 @@ class LlmLoad(_message.Message):
     prompt_tok_s: float
     gen_tok_s: float
     ctx_per_seq: int
-    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ...) -> None: ...
+    next_stream_tok_s: float
+    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ..., next_stream_tok_s: _Optional[float] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "models", "load", "llm")

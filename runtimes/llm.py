@@ -166,7 +166,7 @@ class LlmEngine:
         self._stop = False
         self.queue_delay_ms = 0.0          # EWMA of measured waits before prefill
         self.prompt_tok_s = 0.0            # EWMA of measured prefill speed
-        self.gen_tok_s = 0.0               # EWMA of measured per-stream generation speed
+        self._step_ms: dict[int, float] = {}  # batch size -> EWMA of one decode step's time
         self._thread = threading.Thread(target=self._loop, name=f"llm-{name}", daemon=True)
         self._thread.start()
 
@@ -239,7 +239,8 @@ class LlmEngine:
         with self._wake:
             if not self._free and self._waiting.qsize() >= self.max_queue:
                 # A slot frees after about one generation: a fair hint for a retry.
-                retry_ms = max(self.queue_delay_ms, 1e3 * request.sampling.max_tokens / max(self.gen_tok_s, 1.0))
+                speed = self.stream_tok_s(self.slots) or 1.0
+                retry_ms = max(self.queue_delay_ms, 1e3 * request.sampling.max_tokens / speed)
                 raise Overloaded(
                     f"{self.name}: {len(self._active)} generations running (limit {self.slots}) and "
                     f"{self._waiting.qsize()} queued (limit {self.max_queue}); retry in about {retry_ms:.0f} ms",
@@ -263,6 +264,21 @@ class LlmEngine:
         self.submit(Request(prompt_tokens=filler, sampling=Sampling(max_tokens=max_tokens), emit=emit))
         finished.wait()
         return done[0]
+
+    def stream_tok_s(self, batch: int = 1) -> float:
+        """Measured tokens/s of one stream decoding alongside ``batch - 1``
+        others (0.0 before any step was measured). Sizes not seen yet are
+        estimated from the nearest smaller one, assuming a step costs the same
+        for a larger batch (optimistic, which is what batching is for)."""
+        known = [b for b in self._step_ms if b <= batch]
+        if not known:
+            return 0.0
+        return 1e3 / self._step_ms[max(known)]
+
+    @property
+    def gen_tok_s(self) -> float:
+        """Single-stream generation speed, the figure routing starts from."""
+        return self.stream_tok_s(1)
 
     @property
     def active(self) -> int:
@@ -320,15 +336,22 @@ class LlmEngine:
             self._active[seq.seq_id] = seq
             start = time.perf_counter()
             # The prompt gets decode calls of its own, chunked to the batch size.
-            for offset in range(0, len(seq.tokens), self._n_batch):
-                chunk = seq.tokens[offset: offset + self._n_batch]
-                last = offset + len(chunk) == len(seq.tokens)
+            prompt = seq.request.prompt_tokens
+            for offset in range(0, len(prompt), self._n_batch):
+                chunk = prompt[offset: offset + self._n_batch]
+                last = offset + len(chunk) == len(prompt)
                 self._fill([(token, offset + i, seq.seq_id, last and i == len(chunk) - 1) for i, token in enumerate(chunk)])
                 self._decode()
-            seq.n_past = len(seq.tokens)
             seq.prompt_eval_ms = (time.perf_counter() - start) * 1e3
-            speed = len(seq.tokens) / max(seq.prompt_eval_ms / 1e3, 1e-6)
+            speed = len(prompt) / max(seq.prompt_eval_ms / 1e3, 1e-6)
             self.prompt_tok_s = speed if not self.prompt_tok_s else self.prompt_tok_s + 0.2 * (speed - self.prompt_tok_s)
+            # A continuation replays the tokens already generated one decode
+            # at a time, as they were first computed: batching them would
+            # change the floating-point sums, and greedy choices with them.
+            for i, token in enumerate(seq.request.generated):
+                self._fill([(token, len(prompt) + i, seq.seq_id, True)])
+                self._decode()
+            seq.n_past = len(seq.tokens)
             self._take(seq, batch_index=self._batch.n_tokens - 1)
 
     def _reap_cancelled(self) -> None:
@@ -339,7 +362,11 @@ class LlmEngine:
     def _step(self) -> None:
         order = list(self._active.values())
         self._fill([(seq.tokens[-1], seq.n_past, seq.seq_id, True) for seq in order])
+        start = time.perf_counter()
         self._decode()
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        old = self._step_ms.get(len(order))
+        self._step_ms[len(order)] = elapsed_ms if old is None else old + 0.1 * (elapsed_ms - old)
         for index, seq in enumerate(order):
             seq.n_past += 1
             self._take(seq, batch_index=index)
@@ -413,8 +440,6 @@ class LlmEngine:
         first = seq.first_token_at or now
         generated_after_first = max(seq.emitted_this_run - 1, 0)
         tokens_per_s = generated_after_first / (now - first) if now > first and generated_after_first else 0.0
-        if tokens_per_s:
-            self.gen_tok_s = tokens_per_s if not self.gen_tok_s else self.gen_tok_s + 0.2 * (tokens_per_s - self.gen_tok_s)
         seq.request.emit(DoneEvent(
             finish_reason=reason,
             prompt_tokens=len(seq.request.prompt_tokens),

@@ -29,11 +29,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cloud(model_dir: Path):
     """A cloud node shared by tests that do not stop it."""
-    with launch.cloud_node(model_dir) as node:
+    with launch.cloud_node(model_dir, "--llm", "smollm2") as node:
         yield node
 
 
 @pytest.fixture(scope="session")
 def agent(model_dir: Path, cloud: launch.Daemon):
-    with launch.edge_agent(model_dir, [cloud.address]) as daemon:
+    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2") as daemon:
         yield daemon

@@ -51,7 +51,8 @@ def chain_cuts(model_dir: Path) -> int:
 
 def test_models_listed(client: sdk.EdgeClient, chain_cuts: int) -> None:
     models = {m.name: m for m in client.models()}
-    assert set(models) == {"mobilenet", "resnet"}
+    assert set(models) == {"mobilenet", "resnet", "smollm2"}
+    assert models["smollm2"].kind == "gguf" and models["mobilenet"].kind == "onnx"
     assert models["mobilenet"].num_cuts == chain_cuts
     assert list(models["resnet"].inputs[0].shape) == [-1, 3, 224, 224]
 

@@ -1,0 +1,204 @@
+"""LLM path end to end: real llama.cpp (the packaged SmolLM2), real daemons on loopback."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from llama_cpp import Llama
+
+from edge_agent import sdk
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import launch
+from runtimes.llm import find_smollm2
+
+STORY = "Write a long story about a robot who learns to paint. Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def bare() -> Llama:
+    """llama-cpp-python used directly: the reference for greedy outputs."""
+    return Llama(model_path=str(find_smollm2()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+
+
+def bare_greedy(bare: Llama, prompt: str, max_tokens: int) -> list[int]:
+    ids = []
+    for token in bare.generate(bare.tokenize(prompt.encode(), add_bos=False, special=True), temp=0.0, repeat_penalty=1.0):
+        if token == bare.token_eos() or len(ids) == max_tokens:
+            break
+        ids.append(token)
+    bare.reset()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def client(agent: launch.Daemon):
+    with sdk.EdgeClient(agent.address) as c:
+        yield c
+
+
+def node_stub(address: str) -> tuple[grpc.Channel, pb_grpc.CloudNodeStub]:
+    channel = grpc.insecure_channel(address)
+    return channel, pb_grpc.CloudNodeStub(channel)
+
+
+def test_greedy_local_remote_and_bare_llama_cpp_agree(client: sdk.EdgeClient, bare: Llama) -> None:
+    prompt = "The three primary colors are"
+    expected_ids = bare_greedy(bare, prompt, 40)
+    expected_text = bare.create_completion(prompt, max_tokens=40, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+    for plan in ("local", "remote"):
+        result = client.generate_text(prompt, model="smollm2", max_tokens=40, plan=plan)
+        assert list(result.token_ids) == expected_ids, plan
+        assert result.text == expected_text, plan
+        assert result.summary.ran == plan and not result.summary.switched
+        assert result.summary.completion_tokens == len(expected_ids)
+        assert result.summary.ttft_ms > 0 and result.summary.tokens_per_s > 0
+
+
+def test_chat_messages_use_the_models_template(client: sdk.EdgeClient, bare: Llama) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = bare.create_chat_completion(messages=messages, max_tokens=16, temperature=0.0, repeat_penalty=1.0)
+    local = client.generate_text(messages=messages, max_tokens=16, plan="local")
+    remote = client.generate_text(messages=messages, max_tokens=16, plan="remote")
+    assert local.token_ids == remote.token_ids
+    assert local.text == expected["choices"][0]["message"]["content"]
+
+
+def test_stop_strings_end_the_stream_before_the_stop_text(client: sdk.EdgeClient) -> None:
+    full = client.generate_text("The three primary colors are", max_tokens=40, plan="local").text
+    stop = full.strip().split()[2]
+    for plan in ("local", "remote"):
+        result = client.generate_text("The three primary colors are", max_tokens=40, plan=plan, stop=[stop])
+        assert result.summary.finish_reason == "stop"
+        assert stop not in result.text and full.startswith(result.text)
+
+
+def test_cloud_killed_mid_stream_the_app_sees_one_uninterrupted_stream(model_dir: Path, client: sdk.EdgeClient) -> None:
+    reference = client.generate_text(STORY, max_tokens=160, plan="local")
+    assert len(reference.token_ids) > 40
+    node = launch.cloud_node(model_dir, "--llm", "smollm2").wait_ready()
+    try:
+        with launch.edge_agent(model_dir, [node.address], "--llm", "smollm2") as agent, sdk.EdgeClient(agent.address) as c:
+            tokens, summary = [], None
+            for chunk in c.generate(STORY, max_tokens=160, plan="remote"):
+                if isinstance(chunk, sdk.Token):
+                    tokens.append(chunk)
+                    if len(tokens) == 5:
+                        node.kill()
+                else:
+                    summary = chunk
+    finally:
+        node.stop()
+    assert [t.index for t in tokens] == list(range(len(tokens)))            # none lost, none repeated
+    assert tuple(t.token_id for t in tokens) == reference.token_ids
+    assert "".join(t.text for t in tokens) == reference.text
+    assert summary.switched and summary.ran == "local" and summary.planned == "remote"
+    assert 5 <= summary.switched_at_token < len(tokens)
+    assert summary.switch_reason
+
+
+def test_scheduler_batches_concurrent_requests_each_as_if_alone(cloud: launch.Daemon) -> None:
+    prompts = ["The capital of Italy is", "List four fruits:", "def add(a, b):", STORY]
+    channel, stub = node_stub(cloud.address)
+    with channel:
+        def run(prompt: str) -> list[int]:
+            request = pb.GenerateRequest(model="smollm2", prompt=prompt, max_tokens=48)
+            return [c.token.token_id for c in stub.Generate(request, timeout=120) if c.HasField("token")]
+
+        alone = {p: run(p) for p in prompts}
+        together: dict[str, list[int]] = {}
+        threads = [threading.Thread(target=lambda p=p: together.__setitem__(p, run(p))) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert together == alone
+
+
+def test_cancel_frees_the_slot_and_the_queue_bound_refuses(model_dir: Path) -> None:
+    with launch.cloud_node(model_dir, "--llm", "smollm2", "--llm-slots", "1", "--llm-max-queue", "1") as node:
+        channel, stub = node_stub(node.address)
+        with channel:
+            long = stub.Generate(pb.GenerateRequest(model="smollm2", prompt=STORY, max_tokens=1800), timeout=120)
+            next(long)  # it holds the only slot now
+            queued = stub.Generate(pb.GenerateRequest(model="smollm2", prompt="Hi", max_tokens=8), timeout=120)
+            deadline = time.monotonic() + 30
+            while stub.Status(pb.StatusRequest(), timeout=5).llm[0].queued < 1:  # bounded: the queue fills at once
+                assert time.monotonic() < deadline
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.Generate(pb.GenerateRequest(model="smollm2", prompt="Hi", max_tokens=8), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "retry in about" in refused.value.details()
+            assert dict(refused.value.trailing_metadata())["retry-after-ms"].isdigit()
+            long.cancel()
+            chunks = list(queued)
+            summary = chunks[-1].done
+            assert summary.finish_reason in ("length", "stop") and summary.completion_tokens >= 1
+            # 1800 tokens would take many seconds; the queued request started as soon as the first was cancelled
+            assert summary.queue_ms < 10_000
+            assert stub.Status(pb.StatusRequest(), timeout=5).llm[0].active == 0
+
+
+def test_bad_generation_requests_are_refused_and_daemons_stay_up(client: sdk.EdgeClient, agent: launch.Daemon, cloud: launch.Daemon) -> None:
+    with pytest.raises(sdk.InvalidArgument, match="empty"):
+        client.generate_text("", model="smollm2")
+    with pytest.raises(sdk.InvalidArgument, match="exceeds the context"):
+        client.generate_text("word " * 3000, model="smollm2")
+    with pytest.raises(sdk.InvalidArgument, match="max_tokens"):
+        client.generate_text("Hi", model="smollm2", max_tokens=0)
+    with pytest.raises(sdk.InvalidArgument, match="exceeds the context"):
+        client.generate_text("Hi", model="smollm2", max_tokens=10**6)
+    with pytest.raises(sdk.NotFound, match="unknown model"):
+        client.generate_text("Hi", model="no-such-llm")
+    # invalid UTF-8 in the prompt field (2), sent as raw bytes past any client library
+    raw = b"\x0a\x07smollm2" + b"\x12\x03\xff\xfe\xfd" + b"\x20\x04"
+    for address, method in ((agent.address, "/tandem.v1.EdgeAgent/Generate"), (cloud.address, "/tandem.v1.CloudNode/Generate")):
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(raw, timeout=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "UTF-8" in info.value.details()
+    assert client.generate_text("Hi", model="smollm2", max_tokens=4).summary.completion_tokens >= 1
+
+
+def test_privacy_policy_keeps_generation_on_the_device(model_dir: Path, cloud: launch.Daemon) -> None:
+    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--llm-allow-remote", "false") as agent, \
+            sdk.EdgeClient(agent.address) as c:
+        explanation = c.explain("smollm2")
+        assert {x.plan: x.feasible for x in explanation.candidates} == {"local": True, "remote": False}
+        assert c.generate_text(STORY, max_tokens=16).summary.ran == "local"
+        with pytest.raises(sdk.FailedPrecondition, match="policy"):
+            c.generate_text(STORY, max_tokens=16, plan="remote")
+
+
+def test_a_slow_device_routes_long_generations_to_a_fast_idle_node(model_dir: Path, cloud: launch.Daemon) -> None:
+    # one llama.cpp thread on the device against every core on the node: the device measures itself slower
+    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--llm-threads", "1") as agent, \
+            sdk.EdgeClient(agent.address) as c:
+        long = c.explain("smollm2", prompt_tokens=32, max_tokens=512)
+        assert long.winner == "remote", [(x.plan, x.predicted["total_ms"]) for x in long.candidates]
+        result = c.generate_text(STORY, max_tokens=400)
+        assert result.summary.planned == "remote"
+
+
+def test_an_overloaded_node_sends_generations_back_to_the_device(model_dir: Path) -> None:
+    with launch.cloud_node(model_dir, "--llm", "smollm2", "--llm-slots", "1", "--llm-max-queue", "4") as node, \
+            launch.edge_agent(model_dir, [node.address], "--llm", "smollm2", "--llm-threads", "1", "--refresh-s", "0.2") as agent, \
+            sdk.EdgeClient(agent.address) as c:
+        assert c.explain("smollm2", prompt_tokens=32, max_tokens=512).winner == "remote"  # idle: the faster node wins
+        channel, stub = node_stub(node.address)
+        with channel:
+            busy = [stub.Generate(pb.GenerateRequest(model="smollm2", prompt=STORY, max_tokens=1800), timeout=120) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while c.explain("smollm2", prompt_tokens=32, max_tokens=512).winner != "local":  # bounded: the agent refreshes every 0.2 s
+                assert time.monotonic() < deadline, "agent never saw the node's queue"
+                time.sleep(0.1)
+            assert c.generate_text(STORY, max_tokens=32).summary.ran == "local"
+            for call in busy:
+                call.cancel()
