@@ -39,6 +39,8 @@ class NodeConfig:
     llm_slots: int = field(default=4, metadata={"help": "generations decoded together per LLM (continuous batching)"})
     llm_max_queue: int = field(default=16, metadata={"help": "generations waiting for a slot before RESOURCE_EXHAUSTED"})
     llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
+    llm_unified_kv: bool = field(default=False, metadata={"help": "share one KV cache between streams: faster batching, "
+                                                                   "but greedy outputs may differ from a stream run alone"})
     llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
@@ -64,7 +66,7 @@ async def serve(config: NodeConfig) -> None:
     profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     llms = await asyncio.to_thread(
         LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
-        threads=config.llm_threads or None, max_queue=config.llm_max_queue,
+        threads=config.llm_threads or None, max_queue=config.llm_max_queue, unified_kv=config.llm_unified_kv,
     )
     service = CloudNodeService(
         store, profiles, llms, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",

@@ -129,7 +129,7 @@ class LlmEngine:
     """A GGUF model served to many requests through one continuous-batching loop."""
 
     def __init__(self, name: str, path: Path, *, slots: int = 4, ctx_per_seq: int = 2048, threads: int | None = None,
-                 max_queue: int = 16) -> None:
+                 max_queue: int = 16, unified_kv: bool = False) -> None:
         if slots < 1 or max_queue < 0 or ctx_per_seq < 16:
             raise ValueError("slots must be >= 1, max_queue >= 0, ctx_per_seq >= 16")
         self.name = name
@@ -149,7 +149,10 @@ class LlmEngine:
         params.n_seq_max = slots
         params.n_ctx = slots * ctx_per_seq
         params.n_batch = params.n_ubatch = min(ctx_per_seq, 512)
-        params.kv_unified = False
+        # One KV cache per sequence keeps every stream's tokens identical to a
+        # run of its own; a unified cache batches faster but greedy outputs
+        # drift (measured: bench/llm, docs/benchmarks.md).
+        params.kv_unified = unified_kv
         self._ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context for {self.path}")

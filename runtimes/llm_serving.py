@@ -39,11 +39,13 @@ class LlmStore:
         self.digests = {name: file_digest(engine.path) for name, engine in engines.items()}
 
     @classmethod
-    def load(cls, entries: Sequence[str], *, slots: int, ctx_per_seq: int, threads: int | None, max_queue: int) -> "LlmStore":
+    def load(cls, entries: Sequence[str], *, slots: int, ctx_per_seq: int, threads: int | None, max_queue: int,
+             unified_kv: bool = False) -> "LlmStore":
         engines = {}
         for entry in entries:
             name, path = resolve(entry)
-            engine = engines[name] = LlmEngine(name, path, slots=slots, ctx_per_seq=ctx_per_seq, threads=threads, max_queue=max_queue)
+            engine = engines[name] = LlmEngine(name, path, slots=slots, ctx_per_seq=ctx_per_seq, threads=threads,
+                                               max_queue=max_queue, unified_kv=unified_kv)
             engine.warm_up()
             logger.info("LLM %s from %s: %d slots x %d tokens; prompt %.0f tok/s, generation %.0f tok/s",
                         name, path, slots, ctx_per_seq, engine.prompt_tok_s, engine.gen_tok_s)

@@ -1,0 +1,172 @@
+"""LLM path: Tandem against bare llama-cpp-python and against itself under load.
+
+    python -m bench.llm [--tokens 128] [--json bench/results/llm.json]
+
+Side by side in one run, on the packaged SmolLM2 GGUF:
+  1. generation tokens/s: bare ``Llama.generate`` vs the agent's LOCAL plan through the SDK;
+  2. streaming through the agent (REMOTE over loopback) vs the cloud node called directly:
+     time between tokens and time to first token, as the client sees them;
+  3. cloud-node aggregate tokens/s at 1, 2, 4, 8 concurrent streams vs 8 requests one after
+     another, with time to first token under that load.
+Greedy decoding throughout, so every configuration generates the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from llama_cpp import Llama
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.sdk import EdgeClient, Token
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import launch
+from runtimes.llm import find_smollm2
+
+PROMPT = "Write a long story about a robot who learns to paint. Once upon a time"
+REPEATS = 3
+
+
+def timed_stream(chunks) -> dict:
+    """Arrival times of a token stream: ttft and the mean gap between tokens."""
+    start = time.perf_counter()
+    arrivals = [time.perf_counter() for _ in chunks]
+    tokens = len(arrivals)
+    gaps_ms = (arrivals[-1] - arrivals[0]) / (tokens - 1) * 1e3 if tokens > 1 else 0.0
+    return {"tokens": tokens, "ttft_ms": (arrivals[0] - start) * 1e3, "gap_ms": gaps_ms,
+            "tok_s": (tokens - 1) / (arrivals[-1] - arrivals[0]) if tokens > 1 else 0.0}
+
+
+def bare_stream(llm: Llama, tokens: int):
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+    for count, _ in enumerate(llm.generate(prompt, temp=0.0, repeat_penalty=1.0), start=1):
+        yield _
+        if count == tokens:
+            break
+    llm.reset()
+
+
+def agent_stream(client: EdgeClient, tokens: int, plan: str):
+    for chunk in client.generate(PROMPT, model="smollm2", max_tokens=tokens, plan=plan):
+        if isinstance(chunk, Token):
+            yield chunk
+
+
+def node_stream(stub: pb_grpc.CloudNodeStub, tokens: int, prompt: str = PROMPT):
+    for chunk in stub.Generate(pb.GenerateRequest(model="smollm2", prompt=prompt, max_tokens=tokens), timeout=600):
+        if chunk.HasField("token"):
+            yield chunk
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def concurrency(stub: pb_grpc.CloudNodeStub, streams: int, tokens: int) -> dict:
+    results: list[dict] = [{} for _ in range(streams)]
+    prompts = [f"{PROMPT} (story {i})" for i in range(streams)]
+
+    def worker(i: int) -> None:
+        results[i] = timed_stream(node_stream(stub, tokens, prompts[i]))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    total = sum(r["tokens"] for r in results)
+    return {"streams": streams, "tokens": total, "wall_s": wall, "aggregate_tok_s": total / wall,
+            "ttft_ms_median": statistics.median(r["ttft_ms"] for r in results),
+            "ttft_ms_max": max(r["ttft_ms"] for r in results)}
+
+
+def load_test(stub: pb_grpc.CloudNodeStub, tokens: int) -> dict:
+    rows = [concurrency(stub, n, tokens) for n in (1, 2, 4, 8)]
+    start = time.perf_counter()
+    total = sum(timed_stream(node_stream(stub, tokens, f"{PROMPT} (story {i})"))["tokens"] for i in range(8))
+    return {"concurrent": rows, "sequential_8_tok_s": total / (time.perf_counter() - start)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/llm.json"))
+    args = parser.parse_args()
+    console = Console(width=120)
+    threads = os.cpu_count() or 1
+    report: dict = {"machine": {"node": platform.node(), "cpus": threads, "python": platform.python_version()},
+                    "tokens": args.tokens, "prompt": PROMPT}
+
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as models:
+        with launch.cloud_node(Path(models), "--llm", "smollm2", "--llm-slots", "8") as node, \
+                launch.edge_agent(Path(models), [node.address], "--llm", "smollm2") as agent, \
+                EdgeClient(agent.address) as client, grpc.insecure_channel(node.address) as channel:
+            stub = pb_grpc.CloudNodeStub(channel)
+            bare = Llama(model_path=str(find_smollm2()), n_ctx=2048, n_threads=threads, verbose=False)
+            configs = {
+                "bare llama-cpp-python": lambda: bare_stream(bare, args.tokens),
+                "agent LOCAL (SDK)": lambda: agent_stream(client, args.tokens, "local"),
+                "cloud node direct": lambda: node_stream(stub, args.tokens),
+                "agent REMOTE (SDK, loopback)": lambda: agent_stream(client, args.tokens, "remote"),
+            }
+            for make in configs.values():  # warm every path once
+                timed_stream(make())
+            with console.status("single streams ..."):
+                runs = {name: [] for name in configs}
+                for _ in range(REPEATS):  # alternate so drift hits every configuration alike
+                    for name, make in configs.items():
+                        runs[name].append(timed_stream(make()))
+            single = {name: median_of(r) for name, r in runs.items()}
+            bare.close()
+
+            with console.status("concurrent streams ..."):
+                load = {"per-stream KV caches (default)": load_test(stub, args.tokens)}
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as models, \
+            launch.cloud_node(Path(models), "--llm", "smollm2", "--llm-slots", "8", "--llm-unified-kv", "true") as node, \
+            grpc.insecure_channel(node.address) as channel, console.status("concurrent streams, unified KV cache ..."):
+        load["unified KV cache (--llm-unified-kv)"] = load_test(pb_grpc.CloudNodeStub(channel), args.tokens)
+
+    table = Table(title=f"single stream, {args.tokens} tokens, greedy, median of {REPEATS}")
+    for column in ("configuration", "tokens/s", "ms between tokens", "time to first token ms"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for name, row in single.items():
+        table.add_row(name, f"{row['tok_s']:.1f}", f"{row['gap_ms']:.2f}", f"{row['ttft_ms']:.1f}")
+    console.print(table)
+    local_ratio = single["agent LOCAL (SDK)"]["tok_s"] / single["bare llama-cpp-python"]["tok_s"]
+    added_ms = single["agent REMOTE (SDK, loopback)"]["gap_ms"] - single["cloud node direct"]["gap_ms"]
+    console.print(f"agent LOCAL / bare: {local_ratio * 100:.1f} % (target >= 95 %); "
+                  f"agent REMOTE adds {added_ms:+.3f} ms per token over the node direct (target <= 1 ms)")
+
+    for mode, result in load.items():
+        load_table = Table(title=f"cloud node under load, 8 slots, {mode}")
+        for column in ("concurrent streams", "aggregate tokens/s", "vs 8 sequential", "TTFT median ms", "TTFT max ms"):
+            load_table.add_column(column, justify="right")
+        sequential = result["sequential_8_tok_s"]
+        for row in result["concurrent"]:
+            load_table.add_row(str(row["streams"]), f"{row['aggregate_tok_s']:.1f}", f"{row['aggregate_tok_s'] / sequential:.2f}x",
+                               f"{row['ttft_ms_median']:.1f}", f"{row['ttft_ms_max']:.1f}")
+        load_table.add_row("8 one after another", f"{sequential:.1f}", "1.00x", "", "")
+        console.print(load_table)
+
+    report.update(single=single, local_vs_bare=local_ratio, remote_added_ms_per_token=added_ms, load=load)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
