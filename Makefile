@@ -28,6 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.overhead
+	$(PY) -m bench.llm
 
 # Regenerate the committed gRPC stubs (tests check they match the .proto).
 protos: $(STAMP)

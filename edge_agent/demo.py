@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edge_agent.sdk import EdgeClient
+from edge_agent.sdk import EdgeClient, Token
 from modelzoo.build import build_all
 from runtimes import launch
 
@@ -36,7 +36,8 @@ def main() -> int:
         console.print("[bold]building models[/] (seeded ONNX graphs) ...")
         build_all(models)
         console.print("[bold]starting cloud-node and edge-agent on 127.0.0.1[/] (first start profiles each model) ...")
-        with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address]) as agent:
+        with launch.cloud_node(models, "--llm", "smollm2") as node, \
+                launch.edge_agent(models, [node.address], "--llm", "smollm2") as agent:
             with EdgeClient(agent.address) as client:
                 run_demo(client, node)
     return 0
@@ -81,11 +82,38 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
         stages.add_row(stage, f"{predicted:.2f}", f"{result.measured[stage]:.2f}")
     console.print(stages)
 
-    console.print("[bold]killing the cloud node[/] and sending a SPLIT request ...")
-    node.kill()
+    run_llm_demo(client, node)
+
+    console.print("[bold]the cloud node is gone;[/] sending a SPLIT request ...")
     result = client.infer("mobilenet", {"input": x}, plan=f"split:{middle}")
     console.print(f"  ran [cyan]{result.plan}[/] (planned {result.planned}), fell back: {result.fell_back} "
                   f"({result.fallback_reason}); output argmax {int(np.argmax(result.outputs['logits']))}")
+
+
+def run_llm_demo(client: EdgeClient, node: launch.Daemon) -> None:
+    explanation = client.explain("smollm2", prompt_tokens=32, max_tokens=256)
+    table = Table(title="smollm2: a 256-token generation, LOCAL vs the node (predicted)")
+    for column in ("plan", "first token ms", "total ms", "energy J", "feasible"):
+        table.add_column(column, justify="right")
+    for c in explanation.candidates:
+        table.add_row(c.plan + (f" {c.node}" if c.node else ""), f"{c.ttft_ms:.0f}", f"{c.predicted['total_ms']:.0f}",
+                      f"{c.energy_j:.2f}", "yes" if c.feasible else "no")
+    console.print(table)
+    console.print(f"why: {explanation.why}")
+
+    prompt = "Write a short story about a robot who learns to paint."
+    console.print(f"[bold]streaming a REMOTE generation[/] and killing the cloud node after 8 tokens:\n  {prompt}")
+    text = []
+    for chunk in client.generate(messages=[{"role": "user", "content": prompt}], max_tokens=96, plan="remote"):
+        if isinstance(chunk, Token):
+            text.append(chunk.text)
+            if len(text) == 8:
+                node.kill()
+                text.append("[bold red]|switch|[/]")
+        else:
+            console.print("  " + "".join(text).replace("\n", " "))
+            console.print(f"  finished: {chunk.finish_reason}, {chunk.completion_tokens} tokens, planned {chunk.planned}, "
+                          f"ran {chunk.ran}, switched at token {chunk.switched_at_token} ({chunk.switch_reason})")
 
 
 if __name__ == "__main__":
