@@ -17,9 +17,9 @@ from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
-from runtimes.admission import Admission, Overloaded, run_cancellable
+from runtimes.admission import Admission, run_cancellable
 from runtimes.llm import TokenEvent
-from runtimes.llm_serving import LlmStore, prompt_tokens, sampling_of, stream, summary_of, token_chunk
+from runtimes.llm_serving import LlmStore, checked, prompt_tokens, relay, sampling_of, stream, summary_of, token_chunk
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
 from runtimes.rpc import ModelMismatch, abort_for
@@ -96,24 +96,19 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                              load=self.load(), llm=self.llms.loads())
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        async for chunk in relay(context, self._generate(request)):
+            yield chunk
+
+    async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()
-        try:
-            engine = self.llms.get(request.model)
-            events = stream(engine, prompt_tokens(engine, request), sampling_of(request), request.generated_token_ids)
-        except Exception as exc:  # noqa: BLE001
-            await abort_for(context, exc)
+        engine = self.llms.get(request.model)
+        events = stream(engine, prompt_tokens(engine, request), sampling_of(request), request.generated_token_ids)
         async with contextlib.aclosing(events):
-            try:
-                async for event in events:
-                    if isinstance(event, TokenEvent):
-                        yield token_chunk(event)
-                    else:
-                        yield pb.GenerateChunk(done=summary_of(event, started=started, ran=pb.PLAN_REMOTE, node=self.node_id))
-            except Overloaded as exc:
-                context.set_trailing_metadata((("retry-after-ms", str(round(exc.retry_after_ms))),))
-                await abort_for(context, exc)
-            except Exception as exc:  # noqa: BLE001 -- the submit inside the stream refuses bad requests
-                await abort_for(context, exc)
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    yield token_chunk(event)
+                else:
+                    yield pb.GenerateChunk(done=summary_of(checked(event), started=started, ran=pb.PLAN_REMOTE, node=self.node_id))
 
     async def GetProfile(self, request: pb.ProfileRequest, context: grpc.aio.ServicerContext) -> pb.ModelProfileMsg:
         try:

@@ -28,7 +28,7 @@ from partitioner.llm_routing import (
 )
 from protos import tandem_pb2 as pb
 from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent
-from runtimes.llm_serving import LlmStore, prompt_tokens, sampling_of, stream, summary_of, token_chunk
+from runtimes.llm_serving import LlmStore, checked, prompt_tokens, sampling_of, stream, summary_of, token_chunk
 from runtimes.rpc import NoFeasiblePlan, UnknownModel
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,26 @@ class RemoteBudget:
     def spend(self, now: float, tokens: int) -> None:
         if self.per_hour is not None and tokens:
             self._used.append((now, tokens))
+
+
+async def app_view(chunks: AsyncIterator[pb.GenerateChunk], started: float) -> AsyncIterator[pb.GenerateChunk]:
+    """Time to first token and tokens/s as the agent delivers them to the app,
+    across a switch, instead of one side's own figures."""
+    first = last = None
+    tokens = 0
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            now = time.perf_counter()
+            if chunk.HasField("token"):
+                first = first or now
+                last = now
+                tokens += 1
+            else:
+                summary = chunk.done
+                summary.ttft_ms = ((first or now) - started) * 1e3
+                summary.tokens_per_s = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
+                summary.total_ms = (now - started) * 1e3
+            yield chunk
 
 
 def parse_llm_plan(label: str) -> tuple[str, str]:
@@ -109,9 +129,8 @@ class Generator:
             # speeds over every decode step of every request they run; the
             # node's figures arrive with each status refresh.
             speed = LlmSpeed(load.prompt_tok_s, load.next_stream_tok_s or load.gen_tok_s)
-            typical_ms = shape.max_tokens * 1e3 / speed.gen_tok_s
             queue_ms = expected_queue_ms(reported_ms=load.queue_delay_ms, slots=max(load.slots, 1), active=load.active,
-                                         queued=load.queued, typical_generation_ms=typical_ms)
+                                         queued=load.queued, max_tokens=shape.max_tokens, gen_tok_s=speed.gen_tok_s)
             nodes.append(LlmNode(node=node.address, link=link or node.state.link, queue_ms=queue_ms, speed=speed))
         if local is None and not nodes:
             raise UnknownModel(f"unknown model {model!r}: not on this device and no reachable node serves it")
@@ -135,8 +154,7 @@ class Generator:
             return decision.best_effort, f"best effort, constraints not met: {decision.why}"
         raise NoFeasiblePlan(f"no way to run this generation: {decision.why}")
 
-    async def generate(self, request: pb.GenerateRequest, objective: Objective,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+    async def generate(self, request: pb.GenerateRequest, objective: Objective) -> AsyncIterator[pb.GenerateChunk]:
         """Validate and route (errors raise before the first chunk), then stream."""
         started = time.perf_counter()
         if not request.model:
@@ -159,9 +177,11 @@ class Generator:
         predicted = dict(planned=KIND[candidate.kind], reason=why, predicted_ttft_ms=candidate.ttft_ms,
                          predicted_total_ms=candidate.total_ms, predicted_energy_j=candidate.energy_j)
         if candidate.kind == "local":
-            return self._local(engine, tokens, sampling, list(request.generated_token_ids), started, predicted)
-        node = next(n for n in self.nodes if n.address == candidate.node)
-        return self._remote(engine, node, request, tokens, sampling, started, predicted)
+            chunks = self._local(engine, tokens, sampling, list(request.generated_token_ids), started, predicted)
+        else:
+            node = next(n for n in self.nodes if n.address == candidate.node)
+            chunks = self._remote(engine, node, request, tokens, sampling, started, predicted)
+        return app_view(chunks, started)
 
     async def _local(self, engine: LlmEngine, tokens: list[int], sampling: Sampling, generated: list[int],
                      started: float, predicted: dict, switch: dict | None = None) -> AsyncIterator[pb.GenerateChunk]:
@@ -170,7 +190,7 @@ class Generator:
                 if isinstance(event, TokenEvent):
                     yield token_chunk(event)
                 else:
-                    summary = summary_of(event, started=started, ran=pb.PLAN_LOCAL)
+                    summary = summary_of(checked(event), started=started, ran=pb.PLAN_LOCAL)
                     for key, value in {**predicted, **(switch or {})}.items():
                         setattr(summary, key, value)
                     yield pb.GenerateChunk(done=summary)
@@ -199,8 +219,6 @@ class Generator:
                     yield chunk
                     continue
                 summary = chunk.done
-                self.budget.spend(time.monotonic(), summary.completion_tokens - len(request.generated_token_ids))
-                summary.total_ms = (time.perf_counter() - started) * 1e3
                 summary.ran, summary.node = pb.PLAN_REMOTE, node.address
                 for key, value in predicted.items():
                     setattr(summary, key, value)
@@ -212,9 +230,15 @@ class Generator:
             reason = f"{node.address}: {exc.code().name}: {exc.details()}"
         finally:
             call.cancel()
+            self.budget.spend(time.monotonic(), len(generated) - len(request.generated_token_ids))
         logger.warning("generation on %s broke after %d tokens, continuing on the device: %s",
                        node.address, len(generated), reason)
         switch = dict(switched=True, switched_at_token=len(generated), switch_reason=reason)
+        if len(generated) >= sampling.max_tokens:  # it broke after the last token: nothing is left to generate
+            summary = pb.GenerateSummary(finish_reason="length", prompt_tokens=len(tokens), completion_tokens=len(generated),
+                                         ran=pb.PLAN_REMOTE, node=node.address, **predicted, **switch)
+            yield pb.GenerateChunk(done=summary)
+            return
         async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch):
             yield chunk
 

@@ -49,6 +49,7 @@ class AgentConfig:
     rtt_ms: float | None = field(default=None, metadata={"help": "assume this round trip instead of measuring it, ms"})
     llm: tuple[str, ...] = field(default=(), metadata={"help": "LLM on this device: 'smollm2' (packaged), a .gguf path, or NAME=PATH"})
     llm_slots: int = field(default=1, metadata={"help": "local generations decoded together"})
+    llm_max_queue: int = field(default=8, metadata={"help": "local generations waiting for a slot before RESOURCE_EXHAUSTED"})
     llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
     llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core; match a CPU quota)"})
     llm_allow_remote: bool = field(default=True, metadata={"help": "false: prompts never leave the device"})
@@ -81,8 +82,8 @@ class AgentConfig:
             raise error("uplink_mbps, downlink_mbps and rtt_ms are given together or not at all")
         if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0:
             raise error("privacy_min_local and max_queue must be >= 0, max_concurrency >= 1")
-        if self.llm_slots < 1 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0:
-            raise error("llm_slots must be >= 1, llm_ctx_per_seq >= 16, llm_stall_s > 0")
+        if self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0:
+            raise error("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16, llm_stall_s > 0")
         if self.llm_remote_tokens_per_hour is not None and self.llm_remote_tokens_per_hour < 0:
             raise error("llm_remote_tokens_per_hour must be >= 0")
         get_device(self.device)
@@ -128,7 +129,7 @@ async def serve(config: AgentConfig) -> None:
             logger.warning("cloud node %s unreachable at start (%s); will keep trying", node.address, state.error)
 
     llms = await asyncio.to_thread(LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
-                                   threads=config.llm_threads or None, max_queue=config.max_queue)
+                                   threads=config.llm_threads or None, max_queue=config.llm_max_queue)
     policy = config.policy()
     generator = Generator(
         llms, nodes, power_of(device),

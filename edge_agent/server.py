@@ -39,6 +39,7 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes.admission import Admission, run_cancellable
+from runtimes.llm_serving import relay
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import InputError, OnnxModel
 from runtimes.rpc import NoFeasiblePlan, abort_for
@@ -306,14 +307,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        try:
+        async def chunks() -> AsyncIterator[pb.GenerateChunk]:
             objective, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policy)
-            chunks = await self.generator.generate(request, objective, context)
-        except Exception as exc:  # noqa: BLE001
-            await abort_for(context, exc)
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                yield chunk
+            async with contextlib.aclosing(await self.generator.generate(request, objective)) as generated:
+                async for chunk in generated:
+                    yield chunk
+
+        async for chunk in relay(context, chunks()):
+            yield chunk
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.Explanation:
         try:

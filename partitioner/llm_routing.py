@@ -519,15 +519,18 @@ def route_generation(
     )
 
 
-def expected_queue_ms(*, reported_ms: float, slots: int, active: int, queued: int, typical_generation_ms: float) -> float:
+def expected_queue_ms(*, reported_ms: float, slots: int, active: int, queued: int, max_tokens: int,
+                      gen_tok_s: float) -> float:
     """The wait a new request should expect on a node, from what it reports.
 
     The reported figure is a smoothed past wait; when every slot is taken now,
     the request also waits for its place in line: the requests ahead of it
-    (queued + 1) leave at a rate of ``slots`` per typical generation.
+    (queued + 1) leave at a rate of ``slots`` per typical generation, taken
+    as one of this request's size at the node's per-stream speed.
     """
-    if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
+    if slots < 1 or gen_tok_s <= 0:
+        raise ValueError(f"slots must be >= 1 and gen_tok_s > 0, got {slots} and {gen_tok_s}")
     if active < slots:
         return reported_ms
+    typical_generation_ms = max_tokens * 1e3 / gen_tok_s
     return max(reported_ms, (queued + 1) / slots * typical_generation_ms)

@@ -17,14 +17,15 @@ so the asyncio servers bridge them with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import importlib.metadata
 import importlib.util
 import logging
 import math
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,12 +113,15 @@ class _Sequence:
         self.seq_id = seq_id
         self.request = request
         self.tokens = [*request.prompt_tokens, *request.generated]  # everything in the KV cache or about to be
+        self.prefilled = 0                                          # prompt tokens evaluated so far
         self.n_past = 0
         self.completion = len(request.generated)                    # index of the next token to emit
         self.max_total = request.sampling.max_tokens                # counts the continued tokens too
-        self.text_so_far = engine.detokenize(request.generated, request.prompt_tokens)
-        self.pending: list[tuple[int, str]] = []                    # held back: could start a stop string
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Prime the decoder with what was already streamed, so a character
+        # split across the failover point is completed, not lost.
+        self.text_so_far = self.decoder.decode(b"".join(engine.piece(t) for t in request.generated))
+        self.pending: list[tuple[int, str]] = []                    # held back: could start a stop string
         self.sampler = engine.make_sampler(request.sampling)
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -160,16 +164,20 @@ class LlmEngine:
         self._n_batch = params.n_batch
         self._batch = llama_cpp.llama_batch_init(max(self._n_batch, slots), 0, 1)
         self._template = self._chat_formatter()
-        self._eos_piece = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
+        self._vocab = self.llm._model.vocab
 
-        self._waiting: queue.Queue[Request] = queue.Queue()
-        self._active: dict[int, _Sequence] = {}
+        # _waiting and _free are shared with submitting threads under _wake;
+        # _prefilling and _active belong to the decode thread.
+        self._waiting: deque[Request] = deque()
         self._free = list(range(slots - 1, -1, -1))
+        self._prefilling: deque[_Sequence] = deque()
+        self._active: dict[int, _Sequence] = {}
         self._wake = threading.Condition()
         self._stop = False
         self.queue_delay_ms = 0.0          # EWMA of measured waits before prefill
         self.prompt_tok_s = 0.0            # EWMA of measured prefill speed
         self._step_ms: dict[int, float] = {}  # batch size -> EWMA of one decode step's time
+        self.batched_steps = 0                 # decode steps that carried more than one sequence
         self._thread = threading.Thread(target=self._loop, name=f"llm-{name}", daemon=True)
         self._thread.start()
 
@@ -199,10 +207,22 @@ class LlmEngine:
             rendered = self._template(messages=list(messages))
         except Exception as exc:  # jinja raises many kinds; all mean "these messages do not fit the template"
             raise GenerationError(f"chat template of {self.name} refused the messages: {exc}") from None
-        return self.tokenize_prompt(rendered.prompt)
+        # The template writes any BOS itself (llama-cpp-python's chat path
+        # does not add one either), so none is added here.
+        return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
 
-    def detokenize(self, tokens: Sequence[int], prev: Sequence[int] = ()) -> str:
-        return self.llm.detokenize(list(tokens), prev_tokens=list(prev) or None).decode("utf-8", "replace")
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token. llama-cpp-python's own detokenizer uses a
+        32-byte buffer and returns nothing for longer pieces (runs of
+        indentation in code); we ask again with the size llama.cpp reports."""
+        size = 64
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False)
+        if n < 0:
+            size = -n
+            buffer = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False)
+        return buffer.raw[:n]
 
     def make_sampler(self, sampling: Sampling):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -240,17 +260,30 @@ class LlmEngine:
         """Queue ``request``; Overloaded when every slot and queue place is taken."""
         self.validate(request.prompt_tokens, request.sampling, request.generated)
         with self._wake:
-            if not self._free and self._waiting.qsize() >= self.max_queue:
-                # A slot frees after about one generation: a fair hint for a retry.
-                speed = self.stream_tok_s(self.slots) or 1.0
-                retry_ms = max(self.queue_delay_ms, 1e3 * request.sampling.max_tokens / speed)
+            if self._stop:
+                raise RuntimeError(f"{self.name} is shutting down")
+            self._drop_cancelled_waiting()
+            if len(self._waiting) >= self.max_queue + len(self._free):
+                retry_ms = self._retry_hint_ms()
                 raise Overloaded(
-                    f"{self.name}: {len(self._active)} generations running (limit {self.slots}) and "
-                    f"{self._waiting.qsize()} queued (limit {self.max_queue}); retry in about {retry_ms:.0f} ms",
+                    f"{self.name}: {len(self._active) + len(self._prefilling)} generations running (limit {self.slots}) "
+                    f"and {len(self._waiting)} queued (limit {self.max_queue}); retry in about {retry_ms:.0f} ms",
                     retry_ms,
                 )
-            self._waiting.put(request)
+            self._waiting.append(request)
             self._wake.notify()
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Called with the lock held: a cancelled request gives its queue place back at once."""
+        for request in [r for r in self._waiting if r.cancelled.is_set()]:
+            self._waiting.remove(request)
+            request.emit(DoneEvent("cancelled", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
+
+    def _retry_hint_ms(self) -> float:
+        """When the first running generation should end, at today's speed."""
+        speed = self.stream_tok_s(self.slots) or 1.0
+        remaining = [seq.max_total - seq.completion for seq in list(self._active.values())]
+        return max(self.queue_delay_ms, 1e3 * min(remaining, default=1) / speed)
 
     def warm_up(self, *, prompt_tokens: int = 32, max_tokens: int = 16) -> DoneEvent:
         """One real generation, so the speed figures are measured before the
@@ -273,10 +306,11 @@ class LlmEngine:
         others (0.0 before any step was measured). Sizes not seen yet are
         estimated from the nearest smaller one, assuming a step costs the same
         for a larger batch (optimistic, which is what batching is for)."""
-        known = [b for b in self._step_ms if b <= batch]
+        steps = dict(self._step_ms)  # a copy: the decode thread adds sizes while we read
+        known = [b for b in steps if b <= batch]
         if not known:
             return 0.0
-        return 1e3 / self._step_ms[max(known)]
+        return 1e3 / steps[max(known)]
 
     @property
     def gen_tok_s(self) -> float:
@@ -285,11 +319,11 @@ class LlmEngine:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._prefilling)
 
     @property
     def queued(self) -> int:
-        return self._waiting.qsize()
+        return len(self._waiting)
 
     def close(self) -> None:
         with self._wake:
@@ -308,44 +342,63 @@ class LlmEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self._active and self._waiting.empty():
+                while not self._stop and not self._active and not self._prefilling and not self._waiting:
                     self._wake.wait()
                 if self._stop:
                     break
-            try:
-                self._admit()
-                self._reap_cancelled()
-                if self._active:
+                self._drop_cancelled_waiting()
+                admitted = []
+                while self._free and self._waiting:
+                    admitted.append((self._free.pop(), self._waiting.popleft()))
+            for seq_id, request in admitted:
+                self._start(seq_id, request)
+            self._reap_cancelled()
+            if self._prefilling:
+                self._prefill_chunk(self._prefilling[0])
+            if self._active:
+                try:
                     self._step()
-            except Exception as exc:  # noqa: BLE001 -- a failed decode ends the requests, not the daemon
-                logger.exception("llm loop of %s failed", self.name)
-                for seq in list(self._active.values()):
-                    self._finish(seq, "error", str(exc))
-        for seq in list(self._active.values()):
+                except Exception as exc:  # noqa: BLE001 -- a failed batch ends its requests, not the daemon
+                    logger.exception("decode step of %s failed", self.name)
+                    for seq in list(self._active.values()):
+                        self._finish(seq, "error", str(exc))
+        for seq in [*self._active.values(), *self._prefilling]:
             self._finish(seq, "cancelled")
-        while not self._waiting.empty():
-            request = self._waiting.get_nowait()
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
             request.emit(DoneEvent("cancelled", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
 
-    def _admit(self) -> None:
-        while self._free and not self._waiting.empty():
-            request = self._waiting.get_nowait()
-            if request.cancelled.is_set():
-                request.emit(DoneEvent("cancelled", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
-                continue
-            seq = _Sequence(self, self._free.pop(), request)
-            waited_ms = (seq.started - request.submitted) * 1e3
-            self.queue_delay_ms += 0.2 * (waited_ms - self.queue_delay_ms)
-            self._active[seq.seq_id] = seq
+    def _start(self, seq_id: int, request: Request) -> None:
+        if request.cancelled.is_set():
+            self._release(seq_id)
+            request.emit(DoneEvent("cancelled", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
+            return
+        try:
+            seq = _Sequence(self, seq_id, request)
+        except Exception as exc:  # noqa: BLE001 -- this request fails; its slot comes back
+            self._release(seq_id)
+            request.emit(DoneEvent("error", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0, error=str(exc)))
+            return
+        waited_ms = (seq.started - request.submitted) * 1e3
+        self.queue_delay_ms += 0.2 * (waited_ms - self.queue_delay_ms)
+        self._prefilling.append(seq)
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        """Evaluate one batch-sized chunk of a prompt. Running streams get a
+        decode step between chunks, so a long prompt delays them by at most
+        one chunk instead of freezing them for its whole length."""
+        prompt = seq.request.prompt_tokens
+        try:
             start = time.perf_counter()
-            # The prompt gets decode calls of its own, chunked to the batch size.
-            prompt = seq.request.prompt_tokens
-            for offset in range(0, len(prompt), self._n_batch):
-                chunk = prompt[offset: offset + self._n_batch]
-                last = offset + len(chunk) == len(prompt)
-                self._fill([(token, offset + i, seq.seq_id, last and i == len(chunk) - 1) for i, token in enumerate(chunk)])
-                self._decode()
-            seq.prompt_eval_ms = (time.perf_counter() - start) * 1e3
+            chunk = prompt[seq.prefilled: seq.prefilled + self._n_batch]
+            last = seq.prefilled + len(chunk) == len(prompt)
+            self._fill([(token, seq.prefilled + i, seq.seq_id, last and i == len(chunk) - 1) for i, token in enumerate(chunk)])
+            self._decode()
+            seq.prefilled += len(chunk)
+            seq.prompt_eval_ms += (time.perf_counter() - start) * 1e3
+            if not last:
+                return
             speed = len(prompt) / max(seq.prompt_eval_ms / 1e3, 1e-6)
             self.prompt_tok_s = speed if not self.prompt_tok_s else self.prompt_tok_s + 0.2 * (speed - self.prompt_tok_s)
             # A continuation replays the tokens already generated one decode
@@ -354,13 +407,27 @@ class LlmEngine:
             for i, token in enumerate(seq.request.generated):
                 self._fill([(token, len(prompt) + i, seq.seq_id, True)])
                 self._decode()
-            seq.n_past = len(seq.tokens)
-            self._take(seq, batch_index=self._batch.n_tokens - 1)
+        except Exception as exc:  # noqa: BLE001 -- this request fails; others go on
+            logger.exception("prefill of a %s request failed", self.name)
+            self._prefilling.popleft()
+            self._finish(seq, "error", str(exc))
+            return
+        self._prefilling.popleft()
+        seq.n_past = len(seq.tokens)
+        self._active[seq.seq_id] = seq
+        self._take(seq, batch_index=self._batch.n_tokens - 1)
 
     def _reap_cancelled(self) -> None:
         for seq in list(self._active.values()):
             if seq.request.cancelled.is_set():
                 self._finish(seq, "cancelled")
+        for seq in [s for s in self._prefilling if s.request.cancelled.is_set()]:
+            self._prefilling.remove(seq)
+            self._finish(seq, "cancelled")
+
+    def _release(self, seq_id: int) -> None:
+        with self._wake:
+            self._free.append(seq_id)
 
     def _step(self) -> None:
         order = list(self._active.values())
@@ -370,6 +437,8 @@ class LlmEngine:
         elapsed_ms = (time.perf_counter() - start) * 1e3
         old = self._step_ms.get(len(order))
         self._step_ms[len(order)] = elapsed_ms if old is None else old + 0.1 * (elapsed_ms - old)
+        if len(order) > 1:
+            self.batched_steps += 1
         for index, seq in enumerate(order):
             seq.n_past += 1
             self._take(seq, batch_index=index)
@@ -392,31 +461,40 @@ class LlmEngine:
     def _take(self, seq: _Sequence, *, batch_index: int) -> None:
         """Sample this sequence's next token and stream or finish it."""
         token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, batch_index)
-        now = time.perf_counter()
         if seq.first_token_at is None:
-            seq.first_token_at = now
-        if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+            seq.first_token_at = time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(seq, "stop")
             return
-        text = seq.decoder.decode(self.llm.detokenize([token], prev_tokens=seq.tokens))
         seq.tokens.append(token)
-        seq.pending.append((token, text))
+        seq.pending.append((token, seq.decoder.decode(self.piece(token))))
         if self._hold_or_stop(seq):
             return
-        if seq.completion + len(seq.pending) >= seq.max_total:
-            self._finish(seq, "length")
-            return
-        if seq.n_past + 1 >= self.ctx_per_seq:
+        if seq.completion + len(seq.pending) >= seq.max_total or seq.n_past + 1 >= self.ctx_per_seq:
             self._finish(seq, "length")
 
     def _hold_or_stop(self, seq: _Sequence) -> bool:
-        """Emit what cannot be part of a stop string; True when a stop string ended the sequence."""
+        """Stream what cannot be part of a stop string; True when a stop string ended the sequence.
+
+        Text up to a stop string is streamed, the stop string is not: the
+        token in which it begins is streamed with its text cut there.
+        """
         stops = seq.request.sampling.stop
-        pending_text = "".join(text for _, text in seq.pending)
         if stops:
-            window = seq.text_so_far[-max(map(len, stops)):] + pending_text
-            if any(stop in window for stop in stops):
-                seq.pending.clear()  # the stop string and whatever completes it are not streamed
+            longest = max(map(len, stops))
+            emitted_tail = seq.text_so_far[len(seq.text_so_far) - (longest - 1):] if longest > 1 else ""
+            pending_text = "".join(text for _, text in seq.pending)
+            window = emitted_tail + pending_text
+            hits = [window.find(stop) for stop in stops if stop in window]
+            if hits:
+                cut = max(min(hits) - len(emitted_tail), 0)  # where the stop begins in the pending text
+                kept, consumed = [], 0
+                for token, text in seq.pending:
+                    if consumed >= cut:
+                        break
+                    kept.append((token, text[: cut - consumed]))
+                    consumed += len(text)
+                seq.pending = kept
                 self._finish(seq, "stop")
                 return True
             if any(window.endswith(stop[:i]) for stop in stops for i in range(1, len(stop))):
@@ -433,12 +511,12 @@ class LlmEngine:
         seq.pending.clear()
 
     def _finish(self, seq: _Sequence, reason: str, error: str = "") -> None:
-        if reason in ("length", "stop") and seq.pending and not error:
+        if reason in ("length", "stop"):
             self._flush(seq)
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
-        del self._active[seq.seq_id]
-        self._free.append(seq.seq_id)
+        self._active.pop(seq.seq_id, None)
+        self._release(seq.seq_id)
         now = time.perf_counter()
         first = seq.first_token_at or now
         generated_after_first = max(seq.emitted_this_run - 1, 0)

@@ -4,15 +4,19 @@ and the bridge from the decode thread to an asyncio stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import grpc
+
 from protos import tandem_pb2 as pb
+from runtimes.admission import Overloaded
 from runtimes.llm import DoneEvent, Event, GenerationError, LlmEngine, Request, Sampling, TokenEvent, find_smollm2
 from runtimes.onnx_exec import file_digest
-from runtimes.rpc import UnknownModel
+from runtimes.rpc import UnknownModel, abort_for
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +125,31 @@ async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, gener
     finally:
         if not finished:
             request.cancel()
+
+
+async def relay(context: grpc.aio.ServicerContext, chunks: AsyncIterator[pb.GenerateChunk]) -> AsyncIterator[pb.GenerateChunk]:
+    """Stream ``chunks`` to the caller; a failure at any point (the first
+    chunk included, where a generation is submitted) becomes its status, with
+    a retry hint in the trailing metadata when the server is full."""
+    async with contextlib.aclosing(chunks):
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Overloaded as exc:
+            context.set_trailing_metadata((("retry-after-ms", str(round(exc.retry_after_ms))),))
+            await abort_for(context, exc)
+        except Exception as exc:  # noqa: BLE001 -- mapped to a status; the daemon stays up
+            await abort_for(context, exc)
+
+
+class GenerationFailed(RuntimeError):
+    """llama.cpp failed while decoding this request."""
+
+
+def checked(done: DoneEvent) -> DoneEvent:
+    if done.finish_reason == "error":
+        raise GenerationFailed(f"generation failed: {done.error}")
+    return done
 
 
 def token_chunk(event: TokenEvent) -> pb.GenerateChunk:

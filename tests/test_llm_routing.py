@@ -370,9 +370,11 @@ def test_same_inputs_same_decision():
 def test_expected_queue_grows_with_the_line_when_all_slots_are_busy() -> None:
     from partitioner.llm_routing import expected_queue_ms
 
+    # a typical generation: 80 tokens at 100 tok/s = 800 ms
+    line = dict(max_tokens=80, gen_tok_s=100.0)
     # a free slot: the reported smoothed wait stands
-    assert expected_queue_ms(reported_ms=5.0, slots=4, active=3, queued=0, typical_generation_ms=800.0) == 5.0
+    assert expected_queue_ms(reported_ms=5.0, slots=4, active=3, queued=0, **line) == 5.0
     # all 4 busy, 2 waiting: (2 + 1) / 4 * 800 = 600 ms
-    assert expected_queue_ms(reported_ms=5.0, slots=4, active=4, queued=2, typical_generation_ms=800.0) == 600.0
+    assert expected_queue_ms(reported_ms=5.0, slots=4, active=4, queued=2, **line) == pytest.approx(600.0)
     # a reported wait longer than that estimate is kept
-    assert expected_queue_ms(reported_ms=900.0, slots=4, active=4, queued=2, typical_generation_ms=800.0) == 900.0
+    assert expected_queue_ms(reported_ms=900.0, slots=4, active=4, queued=2, **line) == 900.0
