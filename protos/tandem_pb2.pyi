@@ -172,7 +172,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LlmLoad(_message.Message):
-    __slots__ = ("model", "slots", "active", "queued", "max_queue", "queue_delay_ms", "prompt_tok_s", "gen_tok_s", "ctx_per_seq", "next_stream_tok_s")
+    __slots__ = ("model", "slots", "active", "queued", "max_queue", "queue_delay_ms", "prompt_tok_s", "gen_tok_s", "ctx_per_seq", "next_stream_tok_s", "batched_steps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class LlmLoad(_message.Message):
     GEN_TOK_S_FIELD_NUMBER: _ClassVar[int]
     CTX_PER_SEQ_FIELD_NUMBER: _ClassVar[int]
     NEXT_STREAM_TOK_S_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     slots: int
     active: int
@@ -193,7 +194,8 @@ class LlmLoad(_message.Message):
     gen_tok_s: float
     ctx_per_seq: int
     next_stream_tok_s: float
-    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ..., next_stream_tok_s: _Optional[float] = ...) -> None: ...
+    batched_steps: int
+    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ..., next_stream_tok_s: _Optional[float] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "models", "load", "llm")

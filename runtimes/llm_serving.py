@@ -68,7 +68,8 @@ class LlmStore:
         return [
             pb.LlmLoad(model=name, slots=e.slots, active=e.active, queued=e.queued, max_queue=e.max_queue,
                        queue_delay_ms=e.queue_delay_ms, prompt_tok_s=e.prompt_tok_s, gen_tok_s=e.gen_tok_s,
-                       ctx_per_seq=e.ctx_per_seq, next_stream_tok_s=e.stream_tok_s(min(e.active + 1, e.slots)))
+                       ctx_per_seq=e.ctx_per_seq, next_stream_tok_s=e.stream_tok_s(min(e.active + 1, e.slots)),
+                       batched_steps=e.batched_steps)
             for name, e in self.engines.items()
         ]
 

@@ -106,6 +106,7 @@ def test_scheduler_batches_concurrent_requests_each_as_if_alone(cloud: launch.Da
     prompts = ["The capital of Italy is", "List four fruits:", "def add(a, b):", STORY]
     channel, stub = node_stub(cloud.address)
     with channel:
+        batched_before = stub.Status(pb.StatusRequest(), timeout=5).llm[0].batched_steps
         def run(prompt: str) -> list[int]:
             request = pb.GenerateRequest(model="smollm2", prompt=prompt, max_tokens=48)
             return [c.token.token_id for c in stub.Generate(request, timeout=120) if c.HasField("token")]
@@ -117,7 +118,9 @@ def test_scheduler_batches_concurrent_requests_each_as_if_alone(cloud: launch.Da
             t.start()
         for t in threads:
             t.join()
+        batched_after = stub.Status(pb.StatusRequest(), timeout=5).llm[0].batched_steps
     assert together == alone
+    assert batched_after - batched_before >= 20  # they really decoded together, several per llama_decode
 
 
 def test_cancel_frees_the_slot_and_the_queue_bound_refuses(model_dir: Path) -> None:
@@ -202,3 +205,20 @@ def test_an_overloaded_node_sends_generations_back_to_the_device(model_dir: Path
             assert c.generate_text(STORY, max_tokens=32).summary.ran == "local"
             for call in busy:
                 call.cancel()
+
+
+def test_the_agent_answers_resource_exhausted_when_its_llm_queue_is_full(model_dir: Path) -> None:
+    with launch.edge_agent(model_dir, [], "--llm", "smollm2", "--llm-slots", "1", "--llm-max-queue", "0") as agent, \
+            sdk.EdgeClient(agent.address) as c:
+        running = c.generate(STORY, max_tokens=1500)
+        next(running)  # holds the only slot
+        with pytest.raises(sdk.ResourceExhausted, match="retry in about"):
+            c.generate_text("Hi", max_tokens=4)
+        running.close()  # leaving the stream cancels it and frees the slot
+        deadline = time.monotonic() + 30
+        while True:  # bounded: the slot comes back at the next decode step
+            try:
+                assert c.generate_text("Hi", max_tokens=4).summary.completion_tokens >= 1
+                break
+            except sdk.ResourceExhausted:
+                assert time.monotonic() < deadline

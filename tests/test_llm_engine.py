@@ -1,0 +1,85 @@
+"""The llama.cpp engine itself: queueing, text fidelity and stop strings (real SmolLM2)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from runtimes.admission import Overloaded
+from runtimes.llm import DoneEvent, Event, LlmEngine, Request, Sampling, TokenEvent, find_smollm2
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = LlmEngine("smollm2", find_smollm2(), slots=1, ctx_per_seq=2048, max_queue=1)
+    yield engine
+    engine.close()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.tokens: list[TokenEvent] = []
+        self.done = threading.Event()
+        self.summary: DoneEvent | None = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event)
+        else:
+            self.summary = event
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+
+def run(engine: LlmEngine, prompt: str, sampling: Sampling, generated: list[int] | None = None) -> Collector:
+    out = Collector()
+    engine.submit(Request(engine.tokenize_prompt(prompt), sampling, out, generated=list(generated or [])))
+    assert out.done.wait(120)
+    return out
+
+
+def test_queue_bound_and_cancelled_requests_give_their_place_back(engine: LlmEngine) -> None:
+    running, queued = Collector(), Collector()
+    long = Request(engine.tokenize_prompt("Once upon a time"), Sampling(max_tokens=1500), running)
+    engine.submit(long)
+    waiting = Request(engine.tokenize_prompt("Hi"), Sampling(max_tokens=4), queued)
+    engine.submit(waiting)
+    with pytest.raises(Overloaded):
+        engine.submit(Request(engine.tokenize_prompt("Hi"), Sampling(max_tokens=4), Collector()))
+    waiting.cancel()  # its queue place is free again right away
+    replacement = Collector()
+    engine.submit(Request(engine.tokenize_prompt("Hi"), Sampling(max_tokens=4), replacement))
+    long.cancel()
+    assert replacement.done.wait(120) and replacement.summary.finish_reason == "length"
+    assert queued.done.wait(10) and queued.summary.finish_reason == "cancelled"
+    assert running.done.wait(10) and running.summary.finish_reason == "cancelled"
+
+
+def test_long_token_pieces_keep_their_text(engine: LlmEngine) -> None:
+    # llama-cpp-python's own detokenizer returns b"" for pieces over 32 bytes (runs of indentation)
+    longest = max(range(engine.llm.n_vocab()), key=lambda t: len(engine.piece(t)))
+    assert len(engine.piece(longest)) > 32
+
+
+def test_failover_at_any_token_keeps_tokens_and_text(engine: LlmEngine) -> None:
+    prompt = "Emoji garden: 🌱🌟🌈🌸 and more emoji:"
+    full = run(engine, prompt, Sampling(max_tokens=12))
+    ids = [t.token_id for t in full.tokens]
+    for k in range(1, len(ids)):
+        rest = run(engine, prompt, Sampling(max_tokens=12), generated=ids[:k])
+        assert [t.index for t in rest.tokens] == list(range(k, len(ids)))
+        assert [t.token_id for t in rest.tokens] == ids[k:]
+        assert "".join(t.text for t in full.tokens[:k]) + rest.text == full.text
+
+
+def test_stop_string_inside_a_token_keeps_the_text_before_it(engine: LlmEngine) -> None:
+    full = run(engine, "The three primary colors are", Sampling(max_tokens=24)).text
+    stop = "ry"  # begins inside a word
+    assert stop in full
+    cut = run(engine, "The three primary colors are", Sampling(max_tokens=24, stop=(stop,)))
+    assert cut.summary.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
