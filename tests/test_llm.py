@@ -222,3 +222,25 @@ def test_the_agent_answers_resource_exhausted_when_its_llm_queue_is_full(model_d
                 break
             except sdk.ResourceExhausted:
                 assert time.monotonic() < deadline
+
+
+def test_async_generate_and_the_remote_token_cap(model_dir: Path, cloud: launch.Daemon, agent: launch.Daemon) -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        async with sdk.AsyncEdgeClient(agent.address) as c:
+            chunks = [chunk async for chunk in c.generate("The three primary colors are", max_tokens=12, plan="remote")]
+            assert isinstance(chunks[-1], sdk.GenerationSummary) and chunks[-1].ran == "remote"
+            whole = await c.generate_text("The three primary colors are", max_tokens=12, plan="local")
+            assert whole.token_ids == tuple(c.token_id for c in chunks[:-1])
+
+    asyncio.run(scenario())
+    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--llm-remote-tokens-per-hour", "100") as capped, \
+            sdk.EdgeClient(capped.address) as c:
+        small = {x.plan: x.feasible for x in c.explain("smollm2", prompt_tokens=8, max_tokens=64).candidates}
+        large = {x.plan: x.feasible for x in c.explain("smollm2", prompt_tokens=8, max_tokens=512).candidates}
+        assert small == {"local": True, "remote": True}
+        assert large == {"local": True, "remote": False}  # 512 tokens would exceed the 100 left this hour
+        c.generate_text(STORY, max_tokens=64, plan="remote")  # spends 64 of the 100
+        after = {x.plan: x.feasible for x in c.explain("smollm2", prompt_tokens=8, max_tokens=64).candidates}
+        assert after == {"local": True, "remote": False}
