@@ -43,81 +43,32 @@ allowed) and soft ones (SLO, energy budget) all make a candidate infeasible;
 be met still has the best plan it may legally run.
 """
 
-import math
-import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
-# Scores closer than this (relative) count as a tie; see _pick for who wins.
-TIE_REL_TOL = 1e-9
+from partitioner import choice
+from partitioner.choice import TIE_REL_TOL as TIE_REL_TOL  # re-exported: this module's public name
+from partitioner.choice import Objective, count, non_negative, positive, set_field
 
 LOCAL = "local"
 SPLIT = "split"
 REMOTE = "remote"
 
-
-class Objective(str, Enum):
-    LATENCY = "latency"
-    ENERGY = "energy"
-    WEIGHTED = "weighted"
-
-
 # --- input validation helpers -------------------------------------------------
 
 
-def _set(obj: object, name: str, value: object) -> None:
-    """Store a normalised value on a frozen dataclass from __post_init__."""
-    object.__setattr__(obj, name, value)
-
-
-def _number(where: str, value: object) -> float:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{where} must be finite, got {value!r}")
-    return number
-
-
-def _non_negative(where: str, value: object, unit: str) -> float:
-    number = _number(where, value)
-    if number < 0:
-        raise ValueError(f"{where} must be >= 0 {unit}, got {value!r}")
-    return number
-
-
-def _positive(where: str, value: object, unit: str) -> float:
-    number = _number(where, value)
-    if number <= 0:
-        raise ValueError(f"{where} must be > 0 {unit}, got {value!r}")
-    return number
-
-
-def _count(where: str, value: object, unit: str) -> int:
-    try:
-        count = operator.index(value)  # accepts numpy integers, refuses 1.5
-    except TypeError:
-        raise ValueError(f"{where} must be an integer number of {unit}, got {value!r}") from None
-    if count < 0:
-        raise ValueError(f"{where} must be >= 0 {unit}, got {value!r}")
-    return count
-
-
 def _times(where: str, values: Iterable[object]) -> tuple[float, ...]:
-    return tuple(_non_negative(f"{where}[{i}]", v, "ms") for i, v in enumerate(values))
+    return tuple(non_negative(f"{where}[{i}]", v, "ms") for i, v in enumerate(values))
+
+
+_NO_BANDWIDTH = (
+    ": zero bandwidth is not allowed, since a link that carries nothing cannot serve SPLIT or REMOTE; "
+    "leave the node out of `clouds` (or set Constraints(allow_remote=False)) instead"
+)
 
 
 def _bandwidth(where: str, value: object) -> float:
-    number = _number(where, value)
-    if number <= 0:
-        raise ValueError(
-            f"{where} must be > 0 Mbit/s, got {value!r}: zero bandwidth is not allowed, "
-            "since a link that carries nothing cannot serve SPLIT or REMOTE; leave the node "
-            "out of `clouds` (or set Constraints(allow_remote=False)) instead"
-        )
-    return number
+    return positive(where, value, "Mbit/s", _NO_BANDWIDTH)
 
 
 # --- inputs -------------------------------------------------------------------
@@ -132,9 +83,9 @@ class Link:
     rtt_ms: float  # round-trip time, ms
 
     def __post_init__(self) -> None:
-        _set(self, "uplink_mbps", _bandwidth("Link.uplink_mbps", self.uplink_mbps))
-        _set(self, "downlink_mbps", _bandwidth("Link.downlink_mbps", self.downlink_mbps))
-        _set(self, "rtt_ms", _non_negative("Link.rtt_ms", self.rtt_ms, "ms"))
+        set_field(self, "uplink_mbps", _bandwidth("Link.uplink_mbps", self.uplink_mbps))
+        set_field(self, "downlink_mbps", _bandwidth("Link.downlink_mbps", self.downlink_mbps))
+        set_field(self, "rtt_ms", non_negative("Link.rtt_ms", self.rtt_ms, "ms"))
 
 
 @dataclass(frozen=True)
@@ -147,14 +98,14 @@ class Power:
     radio_beta_w: float  # (Huang et al., MobiSys'12), W per Mbit/s and W
 
     def __post_init__(self) -> None:
-        _set(self, "active_w", _non_negative("Power.active_w", self.active_w, "W"))
-        _set(self, "idle_w", _non_negative("Power.idle_w", self.idle_w, "W"))
-        _set(
+        set_field(self, "active_w", non_negative("Power.active_w", self.active_w, "W"))
+        set_field(self, "idle_w", non_negative("Power.idle_w", self.idle_w, "W"))
+        set_field(
             self,
             "radio_alpha_w_per_mbps",
-            _non_negative("Power.radio_alpha_w_per_mbps", self.radio_alpha_w_per_mbps, "W per Mbit/s"),
+            non_negative("Power.radio_alpha_w_per_mbps", self.radio_alpha_w_per_mbps, "W per Mbit/s"),
         )
-        _set(self, "radio_beta_w", _non_negative("Power.radio_beta_w", self.radio_beta_w, "W"))
+        set_field(self, "radio_beta_w", non_negative("Power.radio_beta_w", self.radio_beta_w, "W"))
 
 
 @dataclass(frozen=True)
@@ -166,9 +117,9 @@ class Transfer:
     decode_ms: float  # codec time on the receiver, ms
 
     def __post_init__(self) -> None:
-        _set(self, "wire_bytes", _count("Transfer.wire_bytes", self.wire_bytes, "bytes"))
-        _set(self, "encode_ms", _non_negative("Transfer.encode_ms", self.encode_ms, "ms"))
-        _set(self, "decode_ms", _non_negative("Transfer.decode_ms", self.decode_ms, "ms"))
+        set_field(self, "wire_bytes", count("Transfer.wire_bytes", self.wire_bytes, "bytes"))
+        set_field(self, "encode_ms", non_negative("Transfer.encode_ms", self.encode_ms, "ms"))
+        set_field(self, "decode_ms", non_negative("Transfer.decode_ms", self.decode_ms, "ms"))
 
 
 @dataclass(frozen=True)
@@ -193,17 +144,17 @@ class ModelCosts:
                 f"then the cut after each of segments 1..{n - 1}), got {len(crossings)}"
             )
         memory = tuple(
-            _count(f"ModelCosts.edge_memory_bytes[{k}]", m, "bytes") for k, m in enumerate(self.edge_memory_bytes)
+            count(f"ModelCosts.edge_memory_bytes[{k}]", m, "bytes") for k, m in enumerate(self.edge_memory_bytes)
         )
         if len(memory) != n + 1:
             raise ValueError(
                 f"ModelCosts.edge_memory_bytes must have n + 1 = {n + 1} entries (k = 0..{n} segments "
                 f"on the device), got {len(memory)}"
             )
-        _set(self, "edge_segment_ms", segments)
-        _set(self, "edge_overhead_ms", _non_negative("ModelCosts.edge_overhead_ms", self.edge_overhead_ms, "ms"))
-        _set(self, "crossings", crossings)
-        _set(self, "edge_memory_bytes", memory)
+        set_field(self, "edge_segment_ms", segments)
+        set_field(self, "edge_overhead_ms", non_negative("ModelCosts.edge_overhead_ms", self.edge_overhead_ms, "ms"))
+        set_field(self, "crossings", crossings)
+        set_field(self, "edge_memory_bytes", memory)
 
     @property
     def n(self) -> int:
@@ -224,9 +175,9 @@ class CloudOption:
     def __post_init__(self) -> None:
         if not isinstance(self.node, str) or not self.node:
             raise ValueError(f"CloudOption.node must be a non-empty name, got {self.node!r}")
-        _set(self, "queue_ms", _non_negative(f"CloudOption({self.node}).queue_ms", self.queue_ms, "ms"))
-        _set(self, "segment_ms", _times(f"CloudOption({self.node}).segment_ms", self.segment_ms))
-        _set(self, "overhead_ms", _non_negative(f"CloudOption({self.node}).overhead_ms", self.overhead_ms, "ms"))
+        set_field(self, "queue_ms", non_negative(f"CloudOption({self.node}).queue_ms", self.queue_ms, "ms"))
+        set_field(self, "segment_ms", _times(f"CloudOption({self.node}).segment_ms", self.segment_ms))
+        set_field(self, "overhead_ms", non_negative(f"CloudOption({self.node}).overhead_ms", self.overhead_ms, "ms"))
 
 
 @dataclass(frozen=True)
@@ -242,23 +193,23 @@ class Constraints:
 
     def __post_init__(self) -> None:
         if self.slo_ms is not None:
-            _set(self, "slo_ms", _positive("Constraints.slo_ms", self.slo_ms, "ms"))
+            set_field(self, "slo_ms", positive("Constraints.slo_ms", self.slo_ms, "ms"))
         if self.energy_budget_j is not None:
-            _set(self, "energy_budget_j", _positive("Constraints.energy_budget_j", self.energy_budget_j, "J"))
+            set_field(self, "energy_budget_j", positive("Constraints.energy_budget_j", self.energy_budget_j, "J"))
         if self.memory_limit_bytes is not None:
-            _set(
+            set_field(
                 self,
                 "memory_limit_bytes",
-                _count("Constraints.memory_limit_bytes", self.memory_limit_bytes, "bytes"),
+                count("Constraints.memory_limit_bytes", self.memory_limit_bytes, "bytes"),
             )
-        _set(
+        set_field(
             self,
             "privacy_min_local",
-            _count("Constraints.privacy_min_local", self.privacy_min_local, "segments"),
+            count("Constraints.privacy_min_local", self.privacy_min_local, "segments"),
         )
         if self.allowed_cuts is not None:
-            cuts = frozenset(_count("Constraints.allowed_cuts", k, "segments") for k in self.allowed_cuts)
-            _set(self, "allowed_cuts", cuts)
+            cuts = frozenset(count("Constraints.allowed_cuts", k, "segments") for k in self.allowed_cuts)
+            set_field(self, "allowed_cuts", cuts)
         if not isinstance(self.allow_remote, bool):
             raise ValueError(f"Constraints.allow_remote must be True or False, got {self.allow_remote!r}")
 
@@ -320,21 +271,11 @@ class Decision:
 # --- the model ----------------------------------------------------------------
 
 
-def _objective(objective: object) -> Objective:
-    try:
-        return Objective(objective)
-    except ValueError:
-        names = ", ".join(repr(o.value) for o in Objective)
-        raise ValueError(f"objective must be one of {names}, got {objective!r}") from None
-
-
 def _check_against_model(
     costs: ModelCosts, clouds: Sequence[CloudOption], constraints: Constraints, weight_latency: object
 ) -> float:
     """Cross-checks that need n; returns the validated weight."""
-    weight = _number("weight_latency", weight_latency)
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight_latency must be in [0, 1], got {weight_latency!r}")
+    weight = choice.weight(weight_latency)
     n = costs.n
     seen: set[str] = set()
     for cloud in clouds:
@@ -393,32 +334,24 @@ def _offloaded(costs: ModelCosts, power: Power, k: int, cloud: CloudOption) -> t
     return stages, energy
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
 def _violations(
     constraints: Constraints, kind: str, k: int, total_ms: float, energy_j: float, memory_bytes: int
-) -> list[tuple[str, str, bool]]:
-    """(constraint, message, hard) for each constraint the plan breaks, hard ones first."""
-    found: list[tuple[str, str, bool]] = []
+) -> list[choice.Violation]:
+    """Each constraint the plan breaks, hard ones first."""
+    found: list[choice.Violation] = []
     limit = constraints.memory_limit_bytes
     if limit is not None and memory_bytes > limit:
         found.append(("memory limit", f"memory {memory_bytes} B > limit {limit} B", True))
     floor = constraints.privacy_min_local
     if k < floor:
-        found.append(("privacy floor", f"privacy: {_plural(k, 'segment')} on the device < floor {floor}", True))
+        found.append(("privacy floor", f"privacy: {choice.plural(k, 'segment')} on the device < floor {floor}", True))
     if kind != LOCAL and not constraints.allow_remote:
         found.append(("remote not allowed", "remote execution not allowed", True))
     cuts = constraints.allowed_cuts
     if kind == SPLIT and cuts is not None and k not in cuts:
         found.append(("allowed cuts", f"cut {k} not in allowed cuts {sorted(cuts)}", True))
-    slo = constraints.slo_ms
-    if slo is not None and total_ms > slo:
-        found.append(("SLO", f"latency {total_ms:.1f} ms > SLO {slo:.1f} ms", False))
-    budget = constraints.energy_budget_j
-    if budget is not None and energy_j > budget:
-        found.append(("energy budget", f"energy {energy_j:.4g} J > budget {budget:.4g} J", False))
+    found += choice.SLO.breach(total_ms, constraints.slo_ms)
+    found += choice.ENERGY_BUDGET.breach(energy_j, constraints.energy_budget_j)
     return found
 
 
@@ -429,9 +362,9 @@ def _evaluate(
     objective: object,
     weight_latency: object,
     constraints: Constraints,
-) -> tuple[Objective, list[tuple[Candidate, tuple[tuple[str, bool], ...]]]]:
+) -> tuple[Objective, list[tuple[Candidate, choice.Broken]]]:
     """Every candidate with the (name, hard) of each constraint it breaks."""
-    objective = _objective(objective)
+    objective = choice.objective(objective)
     weight = _check_against_model(costs, clouds, constraints, weight_latency)
     n = costs.n
     local_stages, local_j = _local(costs, power)
@@ -440,13 +373,6 @@ def _evaluate(
             "the weighted objective divides by the LOCAL plan's predicted latency and energy, "
             f"which are {local_stages.total_ms!r} ms and {local_j!r} J here: both must be > 0"
         )
-
-    def score(total_ms: float, energy_j: float) -> float:
-        if objective is Objective.LATENCY:
-            return total_ms
-        if objective is Objective.ENERGY:
-            return energy_j
-        return weight * total_ms / local_stages.total_ms + (1 - weight) * energy_j / local_j
 
     plans: list[tuple[str, int, CloudOption | None]] = [(LOCAL, n, None)]
     for cloud in clouds:
@@ -464,7 +390,7 @@ def _evaluate(
             node=None if cloud is None else cloud.node,
             stages=stages,
             energy_j=energy,
-            score=score(stages.total_ms, energy),
+            score=choice.score(objective, weight, stages.total_ms, energy, local_stages.total_ms, local_j),
             violations=tuple(message for _, message, _ in broken),
             hard_violation=any(hard for _, _, hard in broken),
             memory_bytes=memory,
@@ -488,101 +414,41 @@ def evaluate(
     return tuple(candidate for candidate, _ in evaluated)
 
 
-def _tied(a: float, b: float) -> bool:
-    return abs(a - b) <= TIE_REL_TOL * max(abs(a), abs(b))
-
-
-def _pick(candidates: Sequence[Candidate], pool: Sequence[int]) -> int | None:
-    """Index of the lowest score in pool, or None if pool is empty.
-
-    Among scores within TIE_REL_TOL, the plan with more segments on the device
-    wins: it exposes less data and depends less on the network for the same
-    predicted cost. Then the node listed first in `clouds` wins, the caller's
-    own preference order (candidates are built in that order, so the index
-    says it).
-    """
-    if not pool:
-        return None
-    best = min(candidates[i].score for i in pool)
-    tied = [i for i in pool if _tied(candidates[i].score, best)]
-    return min(tied, key=lambda i: (-candidates[i].k, i))
-
-
-def _name(candidate: Candidate) -> str:
-    return candidate.label if candidate.node is None else f"{candidate.label} on {candidate.node}"
-
-
-def _metric(objective: Objective, candidate: Candidate) -> str:
-    total, energy = candidate.stages.total_ms, candidate.energy_j
-    if objective is Objective.LATENCY:
-        return f"{total:.1f} ms"
-    if objective is Objective.ENERGY:
-        return f"{energy:.4g} J"
-    return f"score {candidate.score:.4g} ({total:.1f} ms, {energy:.4g} J)"
-
-
-def _tally(broken: Sequence[tuple[tuple[str, bool], ...]], *, hard_only: bool = False) -> str:
-    """'SLO: 3, memory limit: 1': how many candidates each constraint rules out."""
-    counts: dict[str, int] = {}
-    for names in broken:
-        for name, hard in names:
-            if hard or not hard_only:
-                counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{name}: {count}" for name, count in counts.items())
-
-
-def _why_winner(
-    objective: Objective, candidates: Sequence[Candidate], broken: Sequence[tuple[tuple[str, bool], ...]], win: int
-) -> str:
-    winner = candidates[win]
-    feasible = [i for i, c in enumerate(candidates) if c.feasible and i != win]
-    runner = _pick(candidates, feasible)
-    scale = " (local = 1)" if objective is Objective.WEIGHTED else ""
-    why = f"{_name(winner)} wins on {objective.value}{scale} at {_metric(objective, winner)}"
-    if runner is None:
-        why += ", the only feasible plan."
-    else:
-        other = candidates[runner]
-        if _tied(winner.score, other.score):
-            rule = "more segments on the device" if winner.k > other.k else "the node listed first"
-            why += f", tied with {_name(other)}: the tie goes to {rule}."
-        else:
-            why += f", ahead of {_name(other)} at {_metric(objective, other)}."
-    ruled_out = [broken[i] for i, c in enumerate(candidates) if not c.feasible]
-    if ruled_out:
-        why += f" {len(ruled_out)} of {len(candidates)} plans ruled out ({_tally(ruled_out)})."
-    return why
+# Among scores within TIE_REL_TOL, the plan with more segments on the device
+# wins: it exposes less data and depends less on the network for the same
+# predicted cost. Then the node listed first in `clouds` wins.
+_CHOOSER: choice.Chooser[Candidate] = choice.Chooser(
+    noun="plan",
+    counted="plan",
+    prefer=lambda c: -c.k,
+    tie_rule="more segments on the device",
+    total_ms=lambda c: c.stages.total_ms,
+)
 
 
 def _why_infeasible(
     candidates: Sequence[Candidate],
-    broken: Sequence[tuple[tuple[str, bool], ...]],
+    broken: Sequence[choice.Broken],
     constraints: Constraints,
     best_effort: int | None,
 ) -> str:
     if best_effort is None:
-        local = candidates[0]
         return (
             f"No plan is feasible: all {len(candidates)} plans break a hard constraint "
-            f"({_tally(broken, hard_only=True)}). "
-            f"Local breaks: {'; '.join(local.violations)}."
+            f"({choice.tally(broken, hard_only=True)}). "
+            f"Local breaks: {'; '.join(candidates[0].violations)}."
         )
-    allowed = [i for i, c in enumerate(candidates) if not c.hard_violation]
     slo, budget = constraints.slo_ms, constraints.energy_budget_j
-    binding = []
-    if slo is not None and all(candidates[i].stages.total_ms > slo for i in allowed):
-        fastest = candidates[min(allowed, key=lambda i: (candidates[i].stages.total_ms, -candidates[i].k, i))]
-        binding.append(f"the fastest, {_name(fastest)}, needs {fastest.stages.total_ms:.1f} ms > SLO {slo:.1f} ms")
-    if budget is not None and all(candidates[i].energy_j > budget for i in allowed):
-        frugal = candidates[min(allowed, key=lambda i: (candidates[i].energy_j, -candidates[i].k, i))]
-        binding.append(f"the most frugal, {_name(frugal)}, needs {frugal.energy_j:.4g} J > budget {budget:.4g} J")
-    if not binding:  # each soft constraint alone can be met, both together cannot
-        binding.append(f"none meets both the SLO ({slo:.1f} ms) and the energy budget ({budget:.4g} J)")
-    chosen = candidates[best_effort]
-    return (
-        f"No plan is feasible: of the {_plural(len(allowed), 'plan')} the hard constraints allow, "
-        f"{' and '.join(binding)}. Best effort, ignoring the soft constraints: {_name(chosen)} "
-        f"({chosen.stages.total_ms:.1f} ms, {chosen.energy_j:.4g} J)."
+    limits = (
+        (choice.SLO, slo, lambda c: c.stages.total_ms),
+        (choice.ENERGY_BUDGET, budget, lambda c: c.energy_j),
+    )
+    # Reached only when each soft constraint alone can be met, so both are set.
+    return _CHOOSER.why_best_effort(
+        candidates,
+        best_effort,
+        limits,
+        lambda: f"none meets both the SLO ({slo:.1f} ms) and the energy budget ({budget:.4g} J)",
     )
 
 
@@ -597,18 +463,7 @@ def choose(
 ) -> Decision:
     """The feasible plan with the lowest score, every candidate, and why."""
     objective, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints)
-    candidates = tuple(candidate for candidate, _ in evaluated)
-    broken = [names for _, names in evaluated]
-    win = _pick(candidates, [i for i, c in enumerate(candidates) if c.feasible])
-    effort = _pick(candidates, [i for i, c in enumerate(candidates) if not c.hard_violation])
-    if win is None:
-        why = _why_infeasible(candidates, broken, constraints, effort)
-    else:
-        why = _why_winner(objective, candidates, broken, win)
-    return Decision(
-        winner=None if win is None else candidates[win],
-        best_effort=None if effort is None else candidates[effort],
-        candidates=candidates,
-        objective=objective,
-        why=why,
+    verdict = _CHOOSER.decide(
+        objective, evaluated, lambda candidates, broken, effort: _why_infeasible(candidates, broken, constraints, effort)
     )
+    return Decision(objective=objective, **verdict._asdict())

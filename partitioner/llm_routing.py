@@ -55,26 +55,12 @@ prompt on the device and off the network, then to the node listed first in
 ``nodes``, the caller's own preference order.
 """
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from partitioner.costmodel import (
-    LOCAL,
-    REMOTE,
-    TIE_REL_TOL,
-    Link,
-    Objective,
-    Power,
-    _count,
-    _non_negative,
-    _number,
-    _objective,
-    _plural,
-    _positive,
-    _set,
-    _tied,
-)
+from partitioner import choice
+from partitioner.choice import TIE_REL_TOL, Objective, count, integer, non_negative, positive, set_field
+from partitioner.costmodel import LOCAL, REMOTE, Link, Power
 
 __all__ = [
     "TIE_REL_TOL",
@@ -98,24 +84,20 @@ DEFAULT_BYTES_PER_TOKEN = 48
 # --- input validation helpers -------------------------------------------------
 
 
+_NO_SPEED = (
+    ": a side that cannot run the model is not a candidate; pass local=None or leave the node out of `nodes` instead"
+)
+
+
 def _rate(where: str, value: object) -> float:
-    number = _number(where, value)
-    if number <= 0:
-        raise ValueError(
-            f"{where} must be > 0 tokens/s, got {value!r}: a side that cannot run the model "
-            "is not a candidate; pass local=None or leave the node out of `nodes` instead"
-        )
-    return number
+    return positive(where, value, "tokens/s", _NO_SPEED)
 
 
 def _tokens(where: str, value: object) -> int:
-    try:
-        count = operator.index(value)  # accepts numpy integers, refuses 1.5
-    except TypeError:
-        raise ValueError(f"{where} must be an integer number of tokens, got {value!r}") from None
-    if count < 1:
+    tokens = integer(where, value, "tokens")
+    if tokens < 1:
         raise ValueError(f"{where} must be >= 1 token, got {value!r}")
-    return count
+    return tokens
 
 
 def _is(where: str, value: object, kind: type) -> None:
@@ -135,9 +117,9 @@ class LlmSpeed:
     overhead_ms: float = 0.0  # fixed cost per request (scheduling, sampler setup), ms
 
     def __post_init__(self) -> None:
-        _set(self, "prompt_tok_s", _rate("LlmSpeed.prompt_tok_s", self.prompt_tok_s))
-        _set(self, "gen_tok_s", _rate("LlmSpeed.gen_tok_s", self.gen_tok_s))
-        _set(self, "overhead_ms", _non_negative("LlmSpeed.overhead_ms", self.overhead_ms, "ms"))
+        set_field(self, "prompt_tok_s", _rate("LlmSpeed.prompt_tok_s", self.prompt_tok_s))
+        set_field(self, "gen_tok_s", _rate("LlmSpeed.gen_tok_s", self.gen_tok_s))
+        set_field(self, "overhead_ms", non_negative("LlmSpeed.overhead_ms", self.overhead_ms, "ms"))
 
 
 @dataclass(frozen=True)
@@ -150,10 +132,10 @@ class GenerationShape:
     bytes_per_token: int = DEFAULT_BYTES_PER_TOKEN  # streamed chunk per generated token (downlink), bytes
 
     def __post_init__(self) -> None:
-        _set(self, "prompt_tokens", _tokens("GenerationShape.prompt_tokens", self.prompt_tokens))
-        _set(self, "max_tokens", _tokens("GenerationShape.max_tokens", self.max_tokens))
-        _set(self, "prompt_bytes", _count("GenerationShape.prompt_bytes", self.prompt_bytes, "bytes"))
-        _set(self, "bytes_per_token", _count("GenerationShape.bytes_per_token", self.bytes_per_token, "bytes"))
+        set_field(self, "prompt_tokens", _tokens("GenerationShape.prompt_tokens", self.prompt_tokens))
+        set_field(self, "max_tokens", _tokens("GenerationShape.max_tokens", self.max_tokens))
+        set_field(self, "prompt_bytes", count("GenerationShape.prompt_bytes", self.prompt_bytes, "bytes"))
+        set_field(self, "bytes_per_token", count("GenerationShape.bytes_per_token", self.bytes_per_token, "bytes"))
 
 
 @dataclass(frozen=True)
@@ -170,7 +152,7 @@ class LlmNode:
             raise ValueError(f"LlmNode.node must be a non-empty name, got {self.node!r}")
         _is(f"LlmNode({self.node}).link", self.link, Link)
         _is(f"LlmNode({self.node}).speed", self.speed, LlmSpeed)
-        _set(self, "queue_ms", _non_negative(f"LlmNode({self.node}).queue_ms", self.queue_ms, "ms"))
+        set_field(self, "queue_ms", non_negative(f"LlmNode({self.node}).queue_ms", self.queue_ms, "ms"))
 
 
 @dataclass(frozen=True)
@@ -187,17 +169,17 @@ class LlmPolicy:
         # A truthy string such as "false" must not silently allow the cloud.
         _is("LlmPolicy.allow_remote", self.allow_remote, bool)
         if self.remote_tokens_left is not None:
-            _set(
+            set_field(
                 self,
                 "remote_tokens_left",
-                _count("LlmPolicy.remote_tokens_left", self.remote_tokens_left, "tokens"),
+                count("LlmPolicy.remote_tokens_left", self.remote_tokens_left, "tokens"),
             )
         if self.slo_ms is not None:
-            _set(self, "slo_ms", _positive("LlmPolicy.slo_ms", self.slo_ms, "ms"))
+            set_field(self, "slo_ms", positive("LlmPolicy.slo_ms", self.slo_ms, "ms"))
         if self.ttft_slo_ms is not None:
-            _set(self, "ttft_slo_ms", _positive("LlmPolicy.ttft_slo_ms", self.ttft_slo_ms, "ms"))
+            set_field(self, "ttft_slo_ms", positive("LlmPolicy.ttft_slo_ms", self.ttft_slo_ms, "ms"))
         if self.energy_budget_j is not None:
-            _set(self, "energy_budget_j", _positive("LlmPolicy.energy_budget_j", self.energy_budget_j, "J"))
+            set_field(self, "energy_budget_j", positive("LlmPolicy.energy_budget_j", self.energy_budget_j, "J"))
 
 
 # --- outputs ------------------------------------------------------------------
@@ -266,25 +248,22 @@ def _remote(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[float,
     return ttft, total, energy
 
 
+_TTFT_SLO = choice.Soft("TTFT SLO", "first token", "TTFT SLO", "the quickest to first token", "ms")
+
+
 def _violations(
     policy: LlmPolicy, shape: GenerationShape, kind: str, ttft_ms: float, total_ms: float, energy_j: float
-) -> list[tuple[str, str, bool]]:
-    """(constraint, message, hard) for each constraint the route breaks, hard ones first."""
-    found: list[tuple[str, str, bool]] = []
+) -> list[choice.Violation]:
+    """Each constraint the route breaks, hard ones first."""
+    found: list[choice.Violation] = []
     if kind == REMOTE and not policy.allow_remote:
         found.append(("remote not allowed", "remote execution not allowed", True))
     left = policy.remote_tokens_left
     if kind == REMOTE and left is not None and shape.max_tokens > left:
         found.append(("remote token cap", f"max_tokens {shape.max_tokens} > remote tokens left {left}", True))
-    slo = policy.slo_ms
-    if slo is not None and total_ms > slo:
-        found.append(("SLO", f"latency {total_ms:.1f} ms > SLO {slo:.1f} ms", False))
-    ttft_slo = policy.ttft_slo_ms
-    if ttft_slo is not None and ttft_ms > ttft_slo:
-        found.append(("TTFT SLO", f"first token {ttft_ms:.1f} ms > TTFT SLO {ttft_slo:.1f} ms", False))
-    budget = policy.energy_budget_j
-    if budget is not None and energy_j > budget:
-        found.append(("energy budget", f"energy {energy_j:.4g} J > budget {budget:.4g} J", False))
+    found += choice.SLO.breach(total_ms, policy.slo_ms)
+    found += _TTFT_SLO.breach(ttft_ms, policy.ttft_slo_ms)
+    found += choice.ENERGY_BUDGET.breach(energy_j, policy.energy_budget_j)
     return found
 
 
@@ -299,9 +278,7 @@ def _checked_inputs(
     _is("policy", policy, LlmPolicy)
     if isinstance(nodes, (str, bytes)) or not isinstance(nodes, Sequence):
         raise ValueError(f"nodes must be a sequence of LlmNode, got {type(nodes).__name__} {nodes!r}")
-    weight = _number("weight_latency", weight_latency)
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight_latency must be in [0, 1], got {weight_latency!r}")
+    weight = choice.weight(weight_latency)
     seen: set[str] = set()
     for i, node in enumerate(nodes):
         _is(f"nodes[{i}]", node, LlmNode)
@@ -313,10 +290,6 @@ def _checked_inputs(
     return tuple(nodes), weight
 
 
-def _name(candidate: LlmCandidate) -> str:
-    return candidate.label if candidate.node is None else f"{candidate.label} on {candidate.node}"
-
-
 def _evaluate(
     shape: GenerationShape,
     local: LlmSpeed | None,
@@ -325,9 +298,9 @@ def _evaluate(
     objective: object,
     weight_latency: object,
     policy: LlmPolicy,
-) -> tuple[Objective, list[tuple[LlmCandidate, tuple[tuple[str, bool], ...]]]]:
+) -> tuple[Objective, list[tuple[LlmCandidate, choice.Broken]]]:
     """Every candidate with the (name, hard) of each constraint it breaks."""
-    objective = _objective(objective)
+    objective = choice.objective(objective)
     checked_nodes, weight = _checked_inputs(shape, local, nodes, power, weight_latency, policy)
 
     routes: list[tuple[str, str | None, tuple[float, float, float]]] = []
@@ -344,13 +317,6 @@ def _evaluate(
             f"and energy, which are {ref_total!r} ms and {ref_energy!r} J here: both must be > 0"
         )
 
-    def score(total_ms: float, energy_j: float) -> float:
-        if objective is Objective.LATENCY:
-            return total_ms
-        if objective is Objective.ENERGY:
-            return energy_j
-        return weight * total_ms / ref_total + (1 - weight) * energy_j / ref_energy
-
     evaluated = []
     for kind, node_name, (ttft, total, energy) in routes:
         broken = _violations(policy, shape, kind, ttft, total, energy)
@@ -360,7 +326,7 @@ def _evaluate(
             ttft_ms=ttft,
             total_ms=total,
             energy_j=energy,
-            score=score(total, energy),
+            score=choice.score(objective, weight, total, energy, ref_total, ref_energy),
             violations=tuple(message for _, message, _ in broken),
             hard_violation=any(hard for _, _, hard in broken),
         )
@@ -383,67 +349,21 @@ def evaluate_generation(
     return tuple(candidate for candidate, _ in evaluated)
 
 
-def _pick(candidates: Sequence[LlmCandidate], pool: Sequence[int]) -> int | None:
-    """Index of the lowest score in pool, or None if pool is empty.
-
-    Among scores within TIE_REL_TOL the lowest index wins: candidates are
-    built local first, then in the caller's node order, so a tie keeps the
-    prompt on the device, and between nodes goes to the one listed first.
-    """
-    if not pool:
-        return None
-    best = min(candidates[i].score for i in pool)
-    return min(i for i in pool if _tied(candidates[i].score, best))
-
-
-def _metric(objective: Objective, candidate: LlmCandidate) -> str:
-    total, energy = candidate.total_ms, candidate.energy_j
-    if objective is Objective.LATENCY:
-        return f"{total:.1f} ms"
-    if objective is Objective.ENERGY:
-        return f"{energy:.4g} J"
-    return f"score {candidate.score:.4g} ({total:.1f} ms, {energy:.4g} J)"
-
-
-def _tally(broken: Sequence[tuple[tuple[str, bool], ...]], *, hard_only: bool = False) -> str:
-    """'TTFT SLO: 2, remote not allowed: 1': how many candidates each constraint rules out."""
-    counts: dict[str, int] = {}
-    for names in broken:
-        for name, hard in names:
-            if hard or not hard_only:
-                counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{name}: {count}" for name, count in counts.items())
-
-
-def _why_winner(
-    objective: Objective,
-    candidates: Sequence[LlmCandidate],
-    broken: Sequence[tuple[tuple[str, bool], ...]],
-    win: int,
-) -> str:
-    winner = candidates[win]
-    runner = _pick(candidates, [i for i, c in enumerate(candidates) if c.feasible and i != win])
-    scale = f" ({_name(candidates[0])} = 1)" if objective is Objective.WEIGHTED else ""
-    why = f"{_name(winner)} wins on {objective.value}{scale} at {_metric(objective, winner)}"
-    if runner is None:
-        why += ", the only feasible route."
-    else:
-        other = candidates[runner]
-        if _tied(winner.score, other.score):
-            rule = "local, which keeps the prompt on the device" if winner.kind == LOCAL else "the node listed first"
-            why += f", tied with {_name(other)}: the tie goes to {rule}."
-        else:
-            why += f", ahead of {_name(other)} at {_metric(objective, other)}."
-    why += f" First token in {winner.ttft_ms:.1f} ms."
-    ruled_out = [broken[i] for i, c in enumerate(candidates) if not c.feasible]
-    if ruled_out:
-        why += f" {len(ruled_out)} of {_plural(len(candidates), 'candidate')} ruled out ({_tally(ruled_out)})."
-    return why
+# Ties go to LOCAL, which keeps the prompt on the device (it is built first,
+# so it also has the lowest index), then to the node listed first in `nodes`.
+_CHOOSER: choice.Chooser[LlmCandidate] = choice.Chooser(
+    noun="route",
+    counted="candidate",
+    prefer=lambda c: c.kind != LOCAL,
+    tie_rule="local, which keeps the prompt on the device",
+    total_ms=lambda c: c.total_ms,
+    ttft_ms=lambda c: c.ttft_ms,
+)
 
 
 def _why_infeasible(
     candidates: Sequence[LlmCandidate],
-    broken: Sequence[tuple[tuple[str, bool], ...]],
+    broken: Sequence[choice.Broken],
     policy: LlmPolicy,
     best_effort: int | None,
 ) -> str:
@@ -451,28 +371,19 @@ def _why_infeasible(
         # LOCAL breaks no hard constraint, so this only happens when the model is not on the device.
         where = "" if candidates[0].kind == LOCAL else "the model is not on the device and "
         return (
-            f"No route is feasible: {where}all {_plural(len(candidates), 'candidate')} break a hard "
-            f"constraint ({_tally(broken, hard_only=True)}). "
-            f"{_name(candidates[0])} breaks: {'; '.join(candidates[0].violations)}."
+            f"No route is feasible: {where}all {choice.plural(len(candidates), 'candidate')} break a hard "
+            f"constraint ({choice.tally(broken, hard_only=True)}). "
+            f"{choice.name(candidates[0])} breaks: {'; '.join(candidates[0].violations)}."
         )
-    allowed = [i for i, c in enumerate(candidates) if not c.hard_violation]
-
-    def best_by(key: str) -> LlmCandidate:
-        return candidates[min(allowed, key=lambda i: (getattr(candidates[i], key), i))]
-
     slo, ttft_slo, budget = policy.slo_ms, policy.ttft_slo_ms, policy.energy_budget_j
-    binding = []
-    if slo is not None and all(candidates[i].total_ms > slo for i in allowed):
-        fastest = best_by("total_ms")
-        binding.append(f"the fastest, {_name(fastest)}, needs {fastest.total_ms:.1f} ms > SLO {slo:.1f} ms")
-    if ttft_slo is not None and all(candidates[i].ttft_ms > ttft_slo for i in allowed):
-        first = best_by("ttft_ms")
-        binding.append(f"the quickest to first token, {_name(first)}, needs {first.ttft_ms:.1f} ms > TTFT SLO {ttft_slo:.1f} ms")
-    if budget is not None and all(candidates[i].energy_j > budget for i in allowed):
-        frugal = best_by("energy_j")
-        binding.append(f"the most frugal, {_name(frugal)}, needs {frugal.energy_j:.4g} J > budget {budget:.4g} J")
-    if not binding:  # each soft constraint alone can be met, not all together
-        limits = [
+    limits = (
+        (choice.SLO, slo, lambda c: c.total_ms),
+        (_TTFT_SLO, ttft_slo, lambda c: c.ttft_ms),
+        (choice.ENERGY_BUDGET, budget, lambda c: c.energy_j),
+    )
+
+    def together() -> str:  # each soft constraint alone can be met, not all together
+        named = [
             text
             for value, text in (
                 (slo, f"the SLO ({slo} ms)"),
@@ -481,13 +392,9 @@ def _why_infeasible(
             )
             if value is not None
         ]
-        binding.append(f"none meets {', '.join(limits[:-1])} and {limits[-1]} together")
-    chosen = candidates[best_effort]
-    return (
-        f"No route is feasible: of the {_plural(len(allowed), 'candidate')} the hard constraints allow, "
-        f"{' and '.join(binding)}. Best effort, ignoring the soft constraints: {_name(chosen)} "
-        f"({chosen.total_ms:.1f} ms, first token {chosen.ttft_ms:.1f} ms, {chosen.energy_j:.4g} J)."
-    )
+        return f"none meets {', '.join(named[:-1])} and {named[-1]} together"
+
+    return _CHOOSER.why_best_effort(candidates, best_effort, limits, together)
 
 
 def route_generation(
@@ -502,21 +409,10 @@ def route_generation(
 ) -> LlmDecision:
     """The feasible route with the lowest score, every candidate, and why."""
     objective, evaluated = _evaluate(shape, local, nodes, power, objective, weight_latency, policy)
-    candidates = tuple(candidate for candidate, _ in evaluated)
-    broken = [names for _, names in evaluated]
-    win = _pick(candidates, [i for i, c in enumerate(candidates) if c.feasible])
-    effort = _pick(candidates, [i for i, c in enumerate(candidates) if not c.hard_violation])
-    if win is None:
-        why = _why_infeasible(candidates, broken, policy, effort)
-    else:
-        why = _why_winner(objective, candidates, broken, win)
-    return LlmDecision(
-        winner=None if win is None else candidates[win],
-        best_effort=None if effort is None else candidates[effort],
-        candidates=candidates,
-        objective=objective,
-        why=why,
+    verdict = _CHOOSER.decide(
+        objective, evaluated, lambda candidates, broken, effort: _why_infeasible(candidates, broken, policy, effort)
     )
+    return LlmDecision(objective=objective, **verdict._asdict())
 
 
 def expected_queue_ms(*, reported_ms: float, slots: int, active: int, queued: int, max_tokens: int,
