@@ -123,7 +123,7 @@ class Generator:
         nodes = []
         for node in self.nodes:
             load = self._node_load(node, model)
-            if load is None or load.gen_tok_s <= 0 or load.prompt_tok_s <= 0 or node.state.link is None:
+            if load is None or load.gen_tok_s <= 0 or load.prompt_tok_s <= 0 or node.link is None:
                 continue
             # What a new stream would get there now. Both sides smooth their
             # speeds over every decode step of every request they run; the
@@ -131,7 +131,7 @@ class Generator:
             speed = LlmSpeed(load.prompt_tok_s, load.next_stream_tok_s or load.gen_tok_s)
             queue_ms = expected_queue_ms(reported_ms=load.queue_delay_ms, slots=max(load.slots, 1), active=load.active,
                                          queued=load.queued, max_tokens=shape.max_tokens, gen_tok_s=speed.gen_tok_s)
-            nodes.append(LlmNode(node=node.address, link=link or node.state.link, queue_ms=queue_ms, speed=speed))
+            nodes.append(LlmNode(node=node.address, link=link or node.link, queue_ms=queue_ms, speed=speed))
         if local is None and not nodes:
             raise UnknownModel(f"unknown model {model!r}: not on this device and no reachable node serves it")
         policy = LlmPolicy(allow_remote=self.settings.allow_remote, remote_tokens_left=self.budget.left(time.monotonic()),

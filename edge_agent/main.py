@@ -43,6 +43,7 @@ class AgentConfig:
     memory_limit_mb: float | None = field(default=None, metadata={"help": "device memory a plan may use, MiB (hard)"})
     privacy_min_local: int = field(default=0, metadata={"help": "segments that must run on the device (hard; >0 forbids REMOTE)"})
     encoding: str = field(default="raw", metadata={"help": "codec for tensors sent to nodes: raw, fp16 or int8"})
+    hysteresis_margin: float = field(default=0.1, metadata={"help": "change plan only when the new one is predicted this much better (0.1 = 10 %)"})
     cloud_timeout_s: float = field(default=10.0, metadata={"help": "longest wait for one cloud call before falling back, s"})
     uplink_mbps: float | None = field(default=None, metadata={"help": "assume this uplink instead of measuring it, Mbit/s"})
     downlink_mbps: float | None = field(default=None, metadata={"help": "assume this downlink instead of measuring it, Mbit/s"})
@@ -80,6 +81,8 @@ class AgentConfig:
         link = (self.uplink_mbps, self.downlink_mbps, self.rtt_ms)
         if any(v is not None for v in link) and any(v is None for v in link):
             raise error("uplink_mbps, downlink_mbps and rtt_ms are given together or not at all")
+        if self.hysteresis_margin < 0:
+            raise error(f"hysteresis_margin must be >= 0, got {self.hysteresis_margin}")
         if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0:
             raise error("privacy_min_local and max_queue must be >= 0, max_concurrency >= 1")
         if self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0:
@@ -100,6 +103,7 @@ class AgentConfig:
             ),
             encoding=codec.ENCODING_BY_NAME[self.encoding],
             cloud_timeout_s=self.cloud_timeout_s,
+            hysteresis_margin=self.hysteresis_margin,
         )
 
     def link_override(self) -> Link | None:
@@ -124,7 +128,7 @@ async def serve(config: AgentConfig) -> None:
     for node in nodes:
         state = node.state
         if state.reachable:
-            logger.info("cloud node %s (%s): models %s, link %s", node.address, state.node_id, sorted(state.models), state.link)
+            logger.info("cloud node %s (%s): models %s, link %s", node.address, state.node_id, sorted(state.models), node.link)
         else:
             logger.warning("cloud node %s unreachable at start (%s); will keep trying", node.address, state.error)
 

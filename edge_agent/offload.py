@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from edge_agent.link import LinkEstimator
 from partitioner.costmodel import Link
 from partitioner.profile import ModelProfile
 from protos import tandem_pb2 as pb
@@ -18,10 +19,11 @@ from runtimes.rpc import channel_options
 
 logger = logging.getLogger(__name__)
 
-PROBE_BYTES = 1 << 20
-# A transfer faster than this is measurement noise (loopback, tiny payload):
-# report this ceiling rather than a figure that makes the network look free.
-MAX_PLAUSIBLE_MBPS = 40_000.0
+# The first bandwidth probe is small enough to finish within seconds even on
+# a 0.25 Mbit/s link; later probes are sized from the estimate.
+FIRST_PROBE_BYTES = 32 * 1024
+PROBE_TIMEOUT_S = 10.0
+IDLE_PROBE_S = 10.0  # probe a link that carried no request for this long
 
 
 @dataclass
@@ -33,14 +35,7 @@ class NodeState:
     load: pb.NodeLoad = field(default_factory=pb.NodeLoad)
     models: dict[str, pb.ModelInfo] = field(default_factory=dict)   # name -> info (digest)
     llm: list[pb.LlmLoad] = field(default_factory=list)
-    link: Link | None = None
     error: str = ""
-
-
-def _mbps(size_bytes: int, seconds: float) -> float:
-    if seconds <= 0:
-        return MAX_PLAUSIBLE_MBPS
-    return min(size_bytes * 8 / seconds / 1e6, MAX_PLAUSIBLE_MBPS)
 
 
 class CloudNodeClient:
@@ -50,29 +45,55 @@ class CloudNodeClient:
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
         self.stub = pb_grpc.CloudNodeStub(self._channel)
         self.state = NodeState()
+        self.estimator: LinkEstimator | None = None
+        self._last_probe = 0.0
         self._profiles: dict[str, ModelProfile] = {}  # digest -> profile measured on the node
         self._generation = 0  # bumped by mark_down, so a refresh in flight cannot undo it
+
+    @property
+    def link(self) -> Link | None:
+        """The link the planner should use: the operator's override, else the live estimate."""
+        if self.link_override is not None:
+            return self.link_override
+        return self.estimator.link() if self.estimator else None
 
     async def _timed_probe(self, request: pb.ProbeRequest, timeout_s: float) -> float:
         start = time.perf_counter()
         await self.stub.Probe(request, timeout=timeout_s)
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) * 1e3
+
+    async def _probe_bandwidth(self, size: int) -> None:
+        """One uplink and one downlink transfer of ``size`` bytes, less the RTT."""
+        assert self.estimator is not None
+        try:
+            up_ms = await self._timed_probe(pb.ProbeRequest(payload=bytes(size)), PROBE_TIMEOUT_S)
+            down_ms = await self._timed_probe(pb.ProbeRequest(reply_bytes=size), PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            logger.info("bandwidth probe of %d bytes to %s timed out; keeping the estimate", size, self.address)
+            return
+        self.estimator.observe_one_way(uplink=True, size_bytes=size, transfer_ms=up_ms - self.estimator.rtt_ms)
+        self.estimator.observe_one_way(uplink=False, size_bytes=size, transfer_ms=down_ms - self.estimator.rtt_ms)
+        self._last_probe = time.monotonic()
 
     async def refresh(self, *, timeout_s: float = 2.0, measure_link: bool = False) -> NodeState:
-        """Status, RTT (empty probes), profiles of new models and, when asked,
-        bandwidth (the time a 1 MiB payload adds over an empty probe)."""
+        """Status, RTT (empty probes), profiles of new models and, on the
+        first call, when asked, or when the link has been idle, bandwidth."""
         generation = self._generation
         try:
-            empty = pb.ProbeRequest()
-            rtt_s = statistics.median([await self._timed_probe(empty, timeout_s) for _ in range(3)])
+            rtt_ms = statistics.median([await self._timed_probe(pb.ProbeRequest(), timeout_s) for _ in range(3)])
             status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
-            link = self.state.link
-            if measure_link or link is None:
-                up_s = await self._timed_probe(pb.ProbeRequest(payload=bytes(PROBE_BYTES)), timeout_s) - rtt_s
-                down_s = await self._timed_probe(pb.ProbeRequest(reply_bytes=PROBE_BYTES), timeout_s) - rtt_s
-                link = Link(uplink_mbps=_mbps(PROBE_BYTES, up_s), downlink_mbps=_mbps(PROBE_BYTES, down_s), rtt_ms=rtt_s * 1e3)
-            else:
-                link = Link(link.uplink_mbps, link.downlink_mbps, rtt_s * 1e3)
+            if self.estimator is None:
+                self.estimator = LinkEstimator(uplink_mbps=10.0, downlink_mbps=10.0, rtt_ms=rtt_ms)
+                await self._probe_bandwidth(FIRST_PROBE_BYTES)
+                measure_link = True
+            self.estimator.observe_rtt(rtt_ms)
+            now = time.monotonic()
+            idle = (self.estimator.last_transfer is None or now - self.estimator.last_transfer > IDLE_PROBE_S) \
+                and now - self._last_probe > IDLE_PROBE_S
+            if measure_link or idle:
+                await self._probe_bandwidth(self.estimator.probe_bytes())
             for info in status.models:
                 if info.kind == "onnx" and info.digest not in self._profiles:
                     reply = await self.stub.GetProfile(pb.ProfileRequest(model=info.name), timeout=timeout_s)
@@ -84,17 +105,20 @@ class CloudNodeClient:
             self.mark_down(f"unreadable profile: {exc}")
             return self.state
         if generation == self._generation:
-            self.state = NodeState(
-                reachable=True, node_id=status.node_id, load=status.load, llm=list(status.llm),
-                models={m.name: m for m in status.models}, link=self.link_override or link,
-            )
+            self.state = NodeState(reachable=True, node_id=status.node_id, load=status.load, llm=list(status.llm),
+                                   models={m.name: m for m in status.models})
         return self.state
+
+    def observe_transfer(self, *, up_bytes: int, down_bytes: int, network_ms: float) -> None:
+        if self.estimator is not None:
+            self.estimator.observe_transfer(up_bytes=up_bytes, down_bytes=down_bytes, network_ms=network_ms,
+                                            now=time.monotonic())
 
     def mark_down(self, reason: str) -> None:
         self._generation += 1
         if self.state.reachable:
             logger.warning("cloud node %s unavailable: %s", self.address, reason)
-        self.state = NodeState(reachable=False, error=reason, link=self.state.link)
+        self.state = NodeState(reachable=False, error=reason)
 
     def update_load(self, load: pb.NodeLoad) -> None:
         self.state.load = load

@@ -112,6 +112,9 @@ class Explanation:
     candidates: tuple[CandidateView, ...]
     link: dict[str, float]
     device: str
+    current: str = ""            # the plan requests run now
+    hysteresis_margin: float = 0.0
+    would_switch: bool = False
 
     @classmethod
     def from_message(cls, m: pb.Explanation) -> "Explanation":
@@ -123,7 +126,7 @@ class Explanation:
                 for c in m.candidates
             ),
             link={"uplink_mbps": m.link.uplink_mbps, "downlink_mbps": m.link.downlink_mbps, "rtt_ms": m.link.rtt_ms},
-            device=m.device,
+            device=m.device, current=m.current.label, hysteresis_margin=m.hysteresis_margin, would_switch=m.would_switch,
         )
 
     def candidate(self, plan: str) -> CandidateView:

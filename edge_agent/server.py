@@ -26,6 +26,7 @@ from partitioner.costmodel import (
     StagePrediction,
     choose,
 )
+from partitioner.hysteresis import hold_or_switch
 from partitioner.planning import (
     CodecSpeed,
     cloud_budget_s,
@@ -71,6 +72,7 @@ class Policy:
     constraints: Constraints = field(default_factory=Constraints)
     encoding: int = pb.ENCODING_RAW          # codec for tensors sent to a node
     cloud_timeout_s: float = 10.0            # longest wait for one cloud call
+    hysteresis_margin: float = 0.1           # switch plan only for a predicted gain above this (relative)
 
 
 @dataclass
@@ -143,6 +145,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, float], ModelCosts] = {}  # profiles are immutable: build once
+        self._current: dict[tuple[str, Objective, int], tuple[str, str | None]] = {}  # plan per model/objective/codec
 
     # ------------------------------------------------------------ planning --
 
@@ -164,7 +167,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             cloud_profile = node.profile(model.name, model.digest) if node.state.reachable else None
             if cloud_profile is None or cloud_profile.num_segments != profile.num_segments:
                 continue
-            clouds.append(cloud_option(node.address, cloud_profile, link=link or node.state.link,
+            clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link,
                                        queue_ms=node.state.load.queue_delay_ms, scale=scale))
         decision = choose(costs, clouds, self.power, objective=objective, weight_latency=self.policy.weight_latency,
                           constraints=self.policy.constraints)
@@ -227,6 +230,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             stages.decode_ms += (time.perf_counter() - start) * 1e3
             stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
             stages.network_ms = max(rpc_ms - stages.cloud_ms, 0.0)
+            node.observe_transfer(up_bytes=request.ByteSize(), down_bytes=reply.ByteSize(), network_ms=stages.network_ms)
             return {**local_outputs, **outputs}, None
         except (CloudFailed, codec.CodecError, InputError) as exc:
             reason = str(exc)
@@ -258,11 +262,13 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
             await abort_for(context, exc)
 
-    def _pick(self, model: OnnxModel, decision: Decision, pinned: str) -> tuple[Candidate, str, str]:
+    def _pick(self, model: OnnxModel, decision: Decision, pinned: str, key: tuple[str, Objective, int]) -> tuple[Candidate, str, str]:
         """(candidate to run, why, fallback reason if a pinned cloud plan has no node)."""
         if not pinned:
-            if decision.winner is not None:
-                return decision.winner, decision.why, ""
+            held = hold_or_switch(decision, self._current.get(key), margin=self.policy.hysteresis_margin)
+            if held.candidate is not None:
+                self._current[key] = (held.candidate.label, held.candidate.node)
+                return held.candidate, held.why, ""
             if decision.best_effort is not None:
                 return decision.best_effort, f"best effort, constraints not met: {decision.why}", ""
             raise NoFeasiblePlan(f"no feasible plan for {model.name}: {decision.why}")
@@ -282,7 +288,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                      objective: Objective, encoding: int, pinned: str, arrived: float) -> pb.InferReply:
         scale = input_scale(self.profiles[model.name], {name: array.shape for name, array in feeds.items()})
         decision, costs = self.decide(model, objective, encoding, scale=scale)
-        candidate, why, fallback_reason = self._pick(model, decision, pinned)
+        candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding))
         planned = plan_message(candidate, model, encoding)
 
         stages = Stages()
@@ -332,11 +338,16 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             decision, _ = self.decide(model, objective, encoding, link=link)
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
-        shown = decision.winner or decision.best_effort
-        used = link or next((n.state.link for n in self.nodes if n.state.reachable and n.state.link), None)
+        current = self._current.get((model.name, objective, encoding))
+        held = hold_or_switch(decision, current, margin=self.policy.hysteresis_margin)
+        shown = held.candidate or decision.best_effort
+        current_candidate = next((c for c in decision.candidates if (c.label, c.node) == current), None)
+        used = link or next((n.link for n in self.nodes if n.state.reachable and n.link), None)
         return pb.Explanation(
-            model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=decision.why,
+            model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=held.why,
             winner=plan_message(shown, model, encoding) if shown else pb.Plan(),
+            current=plan_message(current_candidate, model, encoding) if current_candidate else pb.Plan(),
+            hysteresis_margin=self.policy.hysteresis_margin, would_switch=held.switched,
             candidates=[
                 pb.Candidate(plan=plan_message(c, model, encoding), predicted=stage_times(c.stages, c.stages.total_ms),
                              energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations,

@@ -1,0 +1,79 @@
+"""The live estimate of the link to one cloud node.
+
+Fed by every real transfer (split tensors and whole requests going up,
+results coming down) and by small probes when the link has been idle; smoothed
+so one slow packet does not swing the plan, quick enough that a changed link
+is followed within a few requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from partitioner.costmodel import Link
+
+# Weight of the newest sample in the moving averages.
+SMOOTHING = 0.3
+# Transfers shorter than this (after the RTT is taken off) say more about
+# timer noise than about bandwidth; they are not used.
+MIN_SAMPLE_MS = 0.5
+# Ceiling for a bandwidth figure: above it the sample is noise (loopback).
+MAX_MBPS = 40_000.0
+
+
+@dataclass
+class LinkEstimator:
+    uplink_mbps: float
+    downlink_mbps: float
+    rtt_ms: float
+    samples: int = 0
+    last_transfer: float | None = None   # monotonic time of the last real transfer
+
+    def link(self) -> Link:
+        return Link(uplink_mbps=self.uplink_mbps, downlink_mbps=self.downlink_mbps, rtt_ms=self.rtt_ms)
+
+    def observe_rtt(self, rtt_ms: float) -> None:
+        self.rtt_ms += SMOOTHING * (max(rtt_ms, 0.0) - self.rtt_ms)
+
+    def observe_one_way(self, *, uplink: bool, size_bytes: int, transfer_ms: float) -> None:
+        """A probe that moved ``size_bytes`` one way in ``transfer_ms`` beyond the RTT."""
+        if transfer_ms < MIN_SAMPLE_MS or size_bytes <= 0:
+            return
+        mbps = min(size_bytes * 8 / (transfer_ms * 1e3), MAX_MBPS)
+        if uplink:
+            self.uplink_mbps = _smoothed_rate(self.uplink_mbps, mbps)
+        else:
+            self.downlink_mbps = _smoothed_rate(self.downlink_mbps, mbps)
+        self.samples += 1
+
+    def observe_transfer(self, *, up_bytes: int, down_bytes: int, network_ms: float, now: float) -> None:
+        """A request/reply whose time on the wire (RTT included) was ``network_ms``.
+
+        One round trip cannot tell uplink from downlink time, so the time
+        beyond the RTT is shared out in proportion to what the current
+        estimates predict for each direction, and both are corrected by the
+        same factor. A transfer dominated by one direction (split tensors up,
+        logits down) therefore mostly corrects that direction.
+        """
+        self.last_transfer = now
+        wire_ms = network_ms - self.rtt_ms
+        predicted_up = up_bytes * 8 / (self.uplink_mbps * 1e3)
+        predicted_down = down_bytes * 8 / (self.downlink_mbps * 1e3)
+        predicted = predicted_up + predicted_down
+        if wire_ms < MIN_SAMPLE_MS or predicted <= 0:
+            return
+        factor = predicted / wire_ms  # > 1: faster than we thought
+        self.uplink_mbps = _smoothed_rate(self.uplink_mbps, min(self.uplink_mbps * factor, MAX_MBPS))
+        self.downlink_mbps = _smoothed_rate(self.downlink_mbps, min(self.downlink_mbps * factor, MAX_MBPS))
+        self.samples += 1
+
+    def probe_bytes(self, *, target_ms: float = 200.0, floor: int = 16 * 1024, ceiling: int = 1 << 20) -> int:
+        """A probe size that takes about ``target_ms`` at the current uplink
+        estimate: big enough to measure, small enough not to clog a slow link."""
+        return int(min(max(self.uplink_mbps * 1e3 * target_ms / 8, floor), ceiling))
+
+
+def _smoothed_rate(old: float, new: float) -> float:
+    """Average in time per bit, not bits per second: a link that alternates
+    between 1 and 100 Mbit/s behaves like ~2 Mbit/s for bulk data, not 50."""
+    return 1.0 / (1.0 / old + SMOOTHING * (1.0 / new - 1.0 / old))
