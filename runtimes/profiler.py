@@ -38,8 +38,35 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem")) / "profiles"
 
 
+def cpu_quota() -> float | None:
+    """CPUs this process may use under a cgroup quota (v2 cpu.max or v1
+    cfs_quota_us), None when unlimited: a profile measured under one quota
+    says nothing about another, so the quota is part of the cache key."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            limit = Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max"
+            if limit.exists():
+                quota, period = limit.read_text().split()
+                return None if quota == "max" else int(quota) / int(period)
+        elif "cpu" in controllers.split(","):
+            base = Path("/sys/fs/cgroup") / controllers / path.lstrip("/")
+            for root in (base, Path("/sys/fs/cgroup/cpu") / path.lstrip("/")):
+                quota_file = root / "cpu.cfs_quota_us"
+                if quota_file.exists():
+                    quota = int(quota_file.read_text())
+                    return None if quota < 0 else quota / int((root / "cpu.cfs_period_us").read_text())
+    return None
+
+
 def host_key(threads: int | None) -> str:
-    return f"{platform.node()}-{os.cpu_count()}cpu-t{threads or 0}-ort{ort.__version__}"
+    quota = cpu_quota()
+    limit = f"-q{quota:.3f}" if quota else ""
+    return f"{platform.node()}-{os.cpu_count()}cpu{limit}-t{threads or 0}-ort{ort.__version__}"
 
 
 def sample_feeds(inputs: tuple[TensorSpec, ...], *, seed: int = 0) -> dict[str, np.ndarray]:
