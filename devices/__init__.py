@@ -1,1 +1,2 @@
-"""What a device is: board profiles, power figures, and (later) live telemetry."""
+"""What a device is: board profiles (``profiles``), detection of the board we
+run on (``detect``) and live telemetry (``telemetry``). No decisions here."""

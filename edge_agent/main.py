@@ -35,7 +35,7 @@ class AgentConfig:
     listen: str = field(default="127.0.0.1:50051", metadata={"help": "HOST:PORT or unix:PATH for apps (port 0: any free port)"})
     models: Path = field(default=Path("models"), metadata={"help": "directory of .onnx models this device can run"})
     cloud: tuple[str, ...] = field(default=(), metadata={"help": "cloud node HOST:PORT"})
-    device: str = field(default="host", metadata={"help": "device profile for power figures: host, pi4, pi5"})
+    device: str = field(default="host", metadata={"help": "device profile for power figures: host, pi4, pi5, jetson-nano, jetson-orin-nano"})
     objective: str = field(default="latency", metadata={"help": "default objective: latency, energy or weighted"})
     weight_latency: float = field(default=0.5, metadata={"help": "weighted objective: share of latency, 0..1"})
     slo_ms: float | None = field(default=None, metadata={"help": "latency SLO per request, ms (soft)"})

@@ -179,9 +179,16 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         return next(node for node in self.nodes if node.address == address)
 
     async def _cloud_call(self, node: CloudNodeClient, method: str, request, timeout_s: float) -> pb.RunReply:
+        start = time.perf_counter()
         try:
             reply = await getattr(node.stub, method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The request was still on the wire (or queued) when time ran
+                # out: its elapsed time is a lower bound on the transfer, and
+                # without it a link that collapsed would never be noticed.
+                node.observe_transfer(up_bytes=request.ByteSize(), down_bytes=0,
+                                      network_ms=(time.perf_counter() - start) * 1e3)
             # Only a node we cannot reach is taken out of planning; a missed
             # deadline or a full queue shows up in its reported load instead.
             if exc.code() == grpc.StatusCode.UNAVAILABLE:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,8 +25,9 @@ START_TIMEOUT_S = 300.0  # first start profiles every model
 
 class Daemon:
     def __init__(self, module: str, args: list[str], *, env: dict[str, str] | None = None, log_path: Path | None = None,
-                 prefix: list[str] | None = None, check_health: bool = True) -> None:
-        """``prefix`` runs the daemon under another command (``ip netns exec NS``);
+                 wrap: Callable[[list[str]], list[str]] | None = None, check_health: bool = True) -> None:
+        """``wrap`` turns the daemon's argv into the one to run (inside a network
+        namespace, under a CPU quota: see ``emulation``);
         ``check_health`` False when this process cannot reach the daemon's
         address (another network namespace): the ready file, written once the
         daemon serves, is then the readiness signal."""
@@ -35,7 +37,7 @@ class Daemon:
         self.log_path = log_path or Path(self._tmp.name) / "daemon.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", module, *args, "--ready-file", str(self.ready_file)],
+            (wrap or list)([sys.executable, "-m", module, *args, "--ready-file", str(self.ready_file)]),
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         self.address = ""
