@@ -28,6 +28,8 @@ class LinkEstimator:
     rtt_ms: float
     samples: int = 0
     last_transfer: float | None = None   # monotonic time of the last real transfer
+    measured_up: bool = False             # until then the rates are priors, replaced by the first sample
+    measured_down: bool = False
 
     def link(self) -> Link:
         return Link(uplink_mbps=self.uplink_mbps, downlink_mbps=self.downlink_mbps, rtt_ms=self.rtt_ms)
@@ -41,9 +43,11 @@ class LinkEstimator:
             return
         mbps = min(size_bytes * 8 / (transfer_ms * 1e3), MAX_MBPS)
         if uplink:
-            self.uplink_mbps = _smoothed_rate(self.uplink_mbps, mbps)
+            self.uplink_mbps = _smoothed_rate(self.uplink_mbps, mbps) if self.measured_up else mbps
+            self.measured_up = True
         else:
-            self.downlink_mbps = _smoothed_rate(self.downlink_mbps, mbps)
+            self.downlink_mbps = _smoothed_rate(self.downlink_mbps, mbps) if self.measured_down else mbps
+            self.measured_down = True
         self.samples += 1
 
     def observe_transfer(self, *, up_bytes: int, down_bytes: int, network_ms: float, now: float) -> None:

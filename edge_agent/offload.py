@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -63,18 +62,25 @@ class CloudNodeClient:
         return (time.perf_counter() - start) * 1e3
 
     async def _probe_bandwidth(self, size: int) -> None:
-        """One uplink and one downlink transfer of ``size`` bytes, less the RTT."""
+        """Bandwidth each way from the difference between transfers of ``size``
+        and ``2 * size`` bytes, fastest of two tries each: fixed costs (the
+        RTT, per-call work, a CPU-quota stall on a busy board) cancel out
+        instead of being charged to the link."""
         assert self.estimator is not None
         try:
-            up_ms = await self._timed_probe(pb.ProbeRequest(payload=bytes(size)), PROBE_TIMEOUT_S)
-            down_ms = await self._timed_probe(pb.ProbeRequest(reply_bytes=size), PROBE_TIMEOUT_S)
+            for uplink in (True, False):
+                times = []
+                for size_now in (size, 2 * size):
+                    request = pb.ProbeRequest(payload=bytes(size_now)) if uplink else pb.ProbeRequest(reply_bytes=size_now)
+                    times.append(min([await self._timed_probe(request, PROBE_TIMEOUT_S) for _ in range(2)]))
+                self.estimator.observe_one_way(uplink=uplink, size_bytes=size, transfer_ms=times[1] - times[0])
+                logger.debug("probe %s %s: %d vs %d bytes in %.2f vs %.2f ms", self.address, "up" if uplink else "down",
+                             size, 2 * size, times[0], times[1])
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
             logger.info("bandwidth probe of %d bytes to %s timed out; keeping the estimate", size, self.address)
             return
-        self.estimator.observe_one_way(uplink=True, size_bytes=size, transfer_ms=up_ms - self.estimator.rtt_ms)
-        self.estimator.observe_one_way(uplink=False, size_bytes=size, transfer_ms=down_ms - self.estimator.rtt_ms)
         self._last_probe = time.monotonic()
 
     async def refresh(self, *, timeout_s: float = 2.0, measure_link: bool = False) -> NodeState:
@@ -82,7 +88,8 @@ class CloudNodeClient:
         first call, when asked, or when the link has been idle, bandwidth."""
         generation = self._generation
         try:
-            rtt_ms = statistics.median([await self._timed_probe(pb.ProbeRequest(), timeout_s) for _ in range(3)])
+            # The fastest of a few empty round trips: slower ones carry scheduling noise, not the path.
+            rtt_ms = min([await self._timed_probe(pb.ProbeRequest(), timeout_s) for _ in range(3)])
             status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
             if self.estimator is None:
                 self.estimator = LinkEstimator(uplink_mbps=10.0, downlink_mbps=10.0, rtt_ms=rtt_ms)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -21,7 +22,12 @@ logger = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CPU_ROOT = CGROUP_ROOT / "cpu"
-PERIOD_US = 100_000  # kernel default CFS period (100 ms)
+# A short CFS period: with the kernel's default 100 ms, a 10 ms inference
+# under a 0.25-CPU quota still runs at full speed (it fits in the period's
+# 25 ms budget) and only every few requests stall, which emulates bursts, not
+# a slower board. At 10 ms the budget is spent within one inference, so it is
+# slowed throughout, as on a board with less compute.
+PERIOD_US = 10_000
 MIN_QUOTA_US = 1_000  # the kernel rejects quotas below 1 ms
 RMDIR_ATTEMPTS = 50  # rmdir can see EBUSY briefly while exiting tasks leave
 RMDIR_PAUSE_S = 0.02
@@ -89,12 +95,14 @@ class CpuQuota:
         """Change the quota live; None removes the limit."""
         if cpus is not None and not cpus > 0:
             raise ValueError(f"cpus must be > 0, got {cpus}")
-        quota = None if cpus is None else max(MIN_QUOTA_US, round(cpus * PERIOD_US))
+        # The quota may not go below MIN_QUOTA_US: small shares get a longer period.
+        period = PERIOD_US if cpus is None else max(PERIOD_US, math.ceil(MIN_QUOTA_US / cpus))
+        quota = None if cpus is None else max(MIN_QUOTA_US, round(cpus * period))
         if self.version == "v2":
-            (self.path / "cpu.max").write_text(f"{'max' if quota is None else quota} {PERIOD_US}\n")
+            (self.path / "cpu.max").write_text(f"{'max' if quota is None else quota} {period}\n")
         else:
             # Period first: a quota is validated against the current period.
-            (self.path / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
+            (self.path / "cpu.cfs_period_us").write_text(f"{period}\n")
             (self.path / "cpu.cfs_quota_us").write_text(f"{-1 if quota is None else quota}\n")
         self.cpus = cpus
 

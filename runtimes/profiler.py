@@ -10,6 +10,7 @@ Profiles are cached per model digest and host, since measuring takes seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -63,9 +64,27 @@ def cpu_quota() -> float | None:
     return None
 
 
+def cpu_cgroup() -> str:
+    """This process's cpu cgroup path ("/" at the root). /proc stays readable
+    where /sys is not (inside ``ip netns exec``), so a profile taken inside a
+    quota group is never mistaken for one taken outside it."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpu" in controllers.split(",") or controllers == "":
+                if path != "/":
+                    return path
+    except OSError:
+        pass
+    return "/"
+
+
 def host_key(threads: int | None) -> str:
     quota = cpu_quota()
+    group = cpu_cgroup()
     limit = f"-q{quota:.3f}" if quota else ""
+    if group != "/":
+        limit += "-cg" + hashlib.sha256(group.encode()).hexdigest()[:8]
     return f"{platform.node()}-{os.cpu_count()}cpu{limit}-t{threads or 0}-ort{ort.__version__}"
 
 
