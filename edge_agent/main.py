@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from devices.detect import detect_board
 from devices.profiles import get_device
 from edge_agent.generation import Generator, LlmSettings
 from edge_agent.offload import CloudNodeClient, refresh_all
@@ -25,7 +26,7 @@ from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.llm_serving import LlmStore
 from runtimes.model_store import ModelStore
-from runtimes.profiler import measure_codec_speed, profile_store
+from runtimes.profiler import measure_codec_speed, predicted_for, profile_store
 from runtimes.rpc import add_health, add_service, channel_options, set_serving
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,14 @@ async def serve(config: AgentConfig) -> None:
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     device = get_device(config.device)
+    board = detect_board()
+    if device.name not in ("host", board):
+        # Planning for another board than the one we run on: predict its times.
+        for name, model in store.models.items():
+            measured_ms = profiles[name].whole_ms
+            profiles[name] = predicted_for(device, model, profiles[name])
+            logger.info("%s: planning for %s (detected %s): predicted %.1f ms per run from %.1f ms measured here",
+                        name, device.name, board, profiles[name].whole_ms, measured_ms)
     nodes = [CloudNodeClient(a, max_message_mb=config.max_message_mb, link_override=config.link_override()) for a in config.cloud]
     await refresh_all(nodes, measure_link=True)
     for node in nodes:

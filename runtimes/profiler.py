@@ -284,3 +284,22 @@ def measure_codec_speed(runs: int = 5) -> dict[int, CodecSpeed]:
             dec.append(time.perf_counter() - start)
         speeds[encoding] = CodecSpeed(megabytes / statistics.median(enc), megabytes / statistics.median(dec))
     return speeds
+
+
+def predicted_for(device, model: OnnxModel, profile: ModelProfile) -> ModelProfile:
+    """``profile`` (measured here) as it would be on ``device``: each segment's
+    time scaled by its roofline ratio (FLOPs and bytes from the graph, this
+    host's measured GFLOPS and bandwidth against the board's figures), so a
+    laptop can plan for a Pi. Models that cannot be cut scale as one segment."""
+    from devices.profiles import measure_host
+    from partitioner.work import Machine, Work, concrete_shapes, node_work, predict_profile, segment_work
+
+    measured = measure_host()
+    host = Machine(measured.gflops_fp64, measured.mem_bandwidth_gbs, name="this host")
+    target = Machine(device.cpu_gflops, device.mem_bandwidth_gbs, name=device.name)
+    if model.graph is None:
+        works: tuple[Work, ...] = (Work(0.0, 0.0, unknown=1),)
+    else:
+        per_node = node_work(model.graph.model, concrete_shapes(model.graph.model))
+        works = segment_work(model.graph, per_node)
+    return predict_profile(profile, works, host, target)
