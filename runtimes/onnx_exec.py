@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
 
+from devices.limits import cpu_quota
 from partitioner.graph import (
     Cut,
     GraphError,
@@ -54,6 +56,13 @@ def file_digest(path: Path) -> str:
 
 def session_options(*, threads: int | None = None, level: ort.GraphOptimizationLevel | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    quota = cpu_quota()
+    if quota is not None:
+        # Under a CPU quota, threads that spin-wait between kernels burn the
+        # quota doing nothing and the run stalls until the next period: no
+        # spinning, and no more threads than whole CPUs allowed.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        threads = threads or max(1, math.floor(quota))
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
