@@ -33,6 +33,8 @@ class NodeConfig:
     max_concurrency: int = field(default=2, metadata={"help": "requests computing at once"})
     max_queue: int = field(default=16, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
     threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads per session (0: onnxruntime default)"})
+    ort_spinning: str = field(default="auto", metadata={"help": "onnxruntime threads spin between kernels: on, off, or auto "
+                                                                "(off when a CPU quota is visible; say off under a quota /sys cannot show)"})
     max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
     profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
     llm: tuple[str, ...] = field(default=(), metadata={"help": "LLM to serve: 'smollm2' (packaged), a .gguf path, or NAME=PATH"})
@@ -46,7 +48,12 @@ class NodeConfig:
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
+    def spinning(self) -> bool | None:
+        return {"auto": None, "on": True, "off": False}[self.ort_spinning]
+
     def validate(self) -> None:
+        if self.ort_spinning not in ("auto", "on", "off"):
+            raise config_loader.ConfigError(f"ort_spinning must be auto, on or off, got {self.ort_spinning!r}")
         if self.max_concurrency < 1:
             raise config_loader.ConfigError("max_concurrency must be >= 1")
         if self.max_queue < 0:
@@ -58,7 +65,7 @@ class NodeConfig:
 
 
 async def serve(config: NodeConfig) -> None:
-    store = ModelStore.from_dir(config.models, threads=config.threads or None)
+    store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     server = grpc.aio.server(options=channel_options(config.max_message_mb))
     address = bind(server, config.listen)

@@ -15,8 +15,14 @@ from partitioner.costmodel import Link
 # Weight of the newest sample in the moving averages.
 SMOOTHING = 0.3
 # Transfers shorter than this (after the RTT is taken off) say more about
-# timer noise than about bandwidth; they are not used.
-MIN_SAMPLE_MS = 0.5
+# timer noise and per-call costs than about bandwidth; they are not used.
+MIN_SAMPLE_MS = 2.0
+# Requests smaller than this are not used to correct the bandwidth either:
+# their time is mostly per-call work, not bytes on the wire.
+MIN_SAMPLE_BYTES = 32 * 1024
+# Probes cancel fixed costs (two sizes), so they are trusted more than
+# request timings.
+PROBE_SMOOTHING = 0.5
 # Ceiling for a bandwidth figure: above it the sample is noise (loopback).
 MAX_MBPS = 40_000.0
 
@@ -43,10 +49,10 @@ class LinkEstimator:
             return
         mbps = min(size_bytes * 8 / (transfer_ms * 1e3), MAX_MBPS)
         if uplink:
-            self.uplink_mbps = _smoothed_rate(self.uplink_mbps, mbps) if self.measured_up else mbps
+            self.uplink_mbps = _smoothed_rate(self.uplink_mbps, mbps, PROBE_SMOOTHING) if self.measured_up else mbps
             self.measured_up = True
         else:
-            self.downlink_mbps = _smoothed_rate(self.downlink_mbps, mbps) if self.measured_down else mbps
+            self.downlink_mbps = _smoothed_rate(self.downlink_mbps, mbps, PROBE_SMOOTHING) if self.measured_down else mbps
             self.measured_down = True
         self.samples += 1
 
@@ -64,20 +70,15 @@ class LinkEstimator:
         predicted_up = up_bytes * 8 / (self.uplink_mbps * 1e3)
         predicted_down = down_bytes * 8 / (self.downlink_mbps * 1e3)
         predicted = predicted_up + predicted_down
-        if wire_ms < MIN_SAMPLE_MS or predicted <= 0:
+        if wire_ms < MIN_SAMPLE_MS or predicted <= 0 or up_bytes + down_bytes < MIN_SAMPLE_BYTES:
             return
         factor = predicted / wire_ms  # > 1: faster than we thought
         self.uplink_mbps = _smoothed_rate(self.uplink_mbps, min(self.uplink_mbps * factor, MAX_MBPS))
         self.downlink_mbps = _smoothed_rate(self.downlink_mbps, min(self.downlink_mbps * factor, MAX_MBPS))
         self.samples += 1
 
-    def probe_bytes(self, *, target_ms: float = 200.0, floor: int = 16 * 1024, ceiling: int = 1 << 20) -> int:
-        """A probe size that takes about ``target_ms`` at the current uplink
-        estimate: big enough to measure, small enough not to clog a slow link."""
-        return int(min(max(self.uplink_mbps * 1e3 * target_ms / 8, floor), ceiling))
 
-
-def _smoothed_rate(old: float, new: float) -> float:
+def _smoothed_rate(old: float, new: float, weight: float = SMOOTHING) -> float:
     """Average in time per bit, not bits per second: a link that alternates
     between 1 and 100 Mbit/s behaves like ~2 Mbit/s for bulk data, not 50."""
-    return 1.0 / (1.0 / old + SMOOTHING * (1.0 / new - 1.0 / old))
+    return 1.0 / (1.0 / old + weight * (1.0 / new - 1.0 / old))

@@ -57,17 +57,25 @@ class AgentConfig:
     llm_allow_remote: bool = field(default=True, metadata={"help": "false: prompts never leave the device"})
     llm_remote_tokens_per_hour: int | None = field(default=None, metadata={"help": "cap on tokens generated in the cloud per hour"})
     llm_stall_s: float = field(default=5.0, metadata={"help": "a cloud stream silent this long is finished on the device, s"})
+    probe_idle_s: float = field(default=10.0, metadata={"help": "measure the bandwidth of a link idle this long, s"})
     refresh_s: float = field(default=2.0, metadata={"help": "how often node status (load, RTT) is refreshed, s"})
     max_concurrency: int = field(default=4, metadata={"help": "requests served at once"})
     max_queue: int = field(default=64, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
     threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads per session (0: onnxruntime default)"})
+    ort_spinning: str = field(default="auto", metadata={"help": "onnxruntime threads spin between kernels: on, off, or auto "
+                                                                "(off when a CPU quota is visible; say off under a quota /sys cannot show)"})
     max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
     profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
+    def spinning(self) -> bool | None:
+        return {"auto": None, "on": True, "off": False}[self.ort_spinning]
+
     def validate(self) -> None:
+        if self.ort_spinning not in ("auto", "on", "off"):
+            raise config_loader.ConfigError(f"ort_spinning must be auto, on or off, got {self.ort_spinning!r}")
         error = config_loader.ConfigError
         if self.objective not in {o.value for o in Objective}:
             raise error(f"objective must be latency, energy or weighted, got {self.objective!r}")
@@ -120,7 +128,7 @@ async def refresh_loop(nodes: list[CloudNodeClient], every_s: float) -> None:
 
 
 async def serve(config: AgentConfig) -> None:
-    store = ModelStore.from_dir(config.models, threads=config.threads or None)
+    store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     device = get_device(config.device)
@@ -132,7 +140,8 @@ async def serve(config: AgentConfig) -> None:
             profiles[name] = predicted_for(device, model, profiles[name])
             logger.info("%s: planning for %s (detected %s): predicted %.1f ms per run from %.1f ms measured here",
                         name, device.name, board, profiles[name].whole_ms, measured_ms)
-    nodes = [CloudNodeClient(a, max_message_mb=config.max_message_mb, link_override=config.link_override()) for a in config.cloud]
+    nodes = [CloudNodeClient(a, max_message_mb=config.max_message_mb, link_override=config.link_override(),
+                             idle_probe_s=config.probe_idle_s) for a in config.cloud]
     await refresh_all(nodes, measure_link=True)
     for node in nodes:
         state = node.state

@@ -18,9 +18,10 @@ from runtimes.rpc import channel_options
 
 logger = logging.getLogger(__name__)
 
-# The first bandwidth probe is small enough to finish within seconds even on
-# a 0.25 Mbit/s link; later probes are sized from the estimate.
-FIRST_PROBE_BYTES = 32 * 1024
+PROBE_START_BYTES = 16 * 1024    # ~0.5 s on a 0.25 Mbit/s link
+PROBE_MAX_BYTES = 4 << 20
+PROBE_TARGET_MS = 60.0           # stop doubling once a transfer takes this long
+PROBE_MIN_MS = 10.0              # shorter transfers are too short to time (or ride the shaper's burst)
 PROBE_TIMEOUT_S = 10.0
 IDLE_PROBE_S = 10.0  # probe a link that carried no request for this long
 
@@ -38,8 +39,10 @@ class NodeState:
 
 
 class CloudNodeClient:
-    def __init__(self, address: str, *, max_message_mb: int, link_override: Link | None = None) -> None:
+    def __init__(self, address: str, *, max_message_mb: int, link_override: Link | None = None,
+                 idle_probe_s: float = IDLE_PROBE_S) -> None:
         self.address = address
+        self.idle_probe_s = idle_probe_s
         self.link_override = link_override
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
         self.stub = pb_grpc.CloudNodeStub(self._channel)
@@ -61,25 +64,36 @@ class CloudNodeClient:
         await self.stub.Probe(request, timeout=timeout_s)
         return (time.perf_counter() - start) * 1e3
 
-    async def _probe_bandwidth(self, size: int) -> None:
-        """Bandwidth each way from the difference between transfers of ``size``
-        and ``2 * size`` bytes, fastest of two tries each: fixed costs (the
-        RTT, per-call work, a CPU-quota stall on a busy board) cancel out
-        instead of being charged to the link."""
+    async def _probe_bandwidth(self) -> None:
+        """Bandwidth each way from transfers of doubling size, 16 KiB up,
+        until one takes PROBE_TARGET_MS, so the probe stays short on any link
+        (a collapsed link is measured in a fraction of a second, not flooded
+        by a probe sized for the old rate). The sample is the best rate among
+        the transfers long enough to time (at least PROBE_MIN_MS beyond the
+        RTT): per-call costs make small transfers look slow, and a shallow
+        queue that drops a large burst makes large ones look slow."""
         assert self.estimator is not None
         try:
             for uplink in (True, False):
-                times = []
-                for size_now in (size, 2 * size):
-                    request = pb.ProbeRequest(payload=bytes(size_now)) if uplink else pb.ProbeRequest(reply_bytes=size_now)
-                    times.append(min([await self._timed_probe(request, PROBE_TIMEOUT_S) for _ in range(2)]))
-                self.estimator.observe_one_way(uplink=uplink, size_bytes=size, transfer_ms=times[1] - times[0])
-                logger.debug("probe %s %s: %d vs %d bytes in %.2f vs %.2f ms", self.address, "up" if uplink else "down",
-                             size, 2 * size, times[0], times[1])
+                rates = []
+                size = PROBE_START_BYTES
+                while size <= PROBE_MAX_BYTES:
+                    request = pb.ProbeRequest(payload=bytes(size)) if uplink else pb.ProbeRequest(reply_bytes=size)
+                    wire_ms = await self._timed_probe(request, PROBE_TIMEOUT_S) - self.estimator.rtt_ms
+                    if wire_ms >= PROBE_MIN_MS:
+                        rates.append((size * 8 / (wire_ms * 1e3), size, wire_ms))
+                    if wire_ms >= PROBE_TARGET_MS:
+                        break
+                    size *= 2
+                if rates:
+                    _, best_size, best_ms = max(rates)
+                    self.estimator.observe_one_way(uplink=uplink, size_bytes=best_size, transfer_ms=best_ms)
+                    logger.debug("probe %s %s: %s", self.address, "up" if uplink else "down",
+                                 ", ".join(f"{s} B in {t:.1f} ms" for _, s, t in rates))
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
-            logger.info("bandwidth probe of %d bytes to %s timed out; keeping the estimate", size, self.address)
+            logger.info("bandwidth probe to %s timed out; keeping the estimate", self.address)
             return
         self._last_probe = time.monotonic()
 
@@ -93,19 +107,23 @@ class CloudNodeClient:
             status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
             if self.estimator is None:
                 self.estimator = LinkEstimator(uplink_mbps=10.0, downlink_mbps=10.0, rtt_ms=rtt_ms)
-                await self._probe_bandwidth(FIRST_PROBE_BYTES)
                 measure_link = True
             self.estimator.observe_rtt(rtt_ms)
             now = time.monotonic()
-            idle = (self.estimator.last_transfer is None or now - self.estimator.last_transfer > IDLE_PROBE_S) \
-                and now - self._last_probe > IDLE_PROBE_S
+            idle = (self.estimator.last_transfer is None or now - self.estimator.last_transfer > self.idle_probe_s) \
+                and now - self._last_probe > self.idle_probe_s
             if measure_link or idle:
-                await self._probe_bandwidth(self.estimator.probe_bytes())
+                await self._probe_bandwidth()
             for info in status.models:
                 if info.kind == "onnx" and info.digest not in self._profiles:
                     reply = await self.stub.GetProfile(pb.ProfileRequest(model=info.name), timeout=timeout_s)
                     self._profiles[info.digest] = ModelProfile.from_json(reply.json)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.state.reachable:
+                # A slow link busy with a large request delays the status call;
+                # that is not a dead node. Keep what we knew; requests will tell.
+                logger.info("status of %s timed out; keeping its last state", self.address)
+                return self.state
             self.mark_down(f"{exc.code().name}: {exc.details()}")
             return self.state
         except ValueError as exc:  # a profile we cannot read: plan without this node

@@ -36,7 +36,7 @@ class ModelStore:
         self.models = models
 
     @classmethod
-    def from_dir(cls, directory: Path, *, threads: int | None = None) -> "ModelStore":
+    def from_dir(cls, directory: Path, *, threads: int | None = None, spinning: bool | None = None) -> "ModelStore":
         """Every ``*.onnx`` in ``directory``, named by file stem. A file that
         is not a usable model is skipped with the reason logged, so one bad
         file does not take the daemon down."""
@@ -46,7 +46,7 @@ class ModelStore:
         models = {}
         for path in sorted(directory.glob("*.onnx")):
             try:
-                models[path.stem] = OnnxModel(path.stem, path, threads=threads)
+                models[path.stem] = OnnxModel(path.stem, path, threads=threads, spinning=spinning)
             except (GraphError, ValueError) as exc:
                 logger.error("skipping %s: %s", path, exc)
         logger.info("loaded %d models from %s: %s", len(models), directory, ", ".join(models) or "none")

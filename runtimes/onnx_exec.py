@@ -54,15 +54,19 @@ def file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def session_options(*, threads: int | None = None, level: ort.GraphOptimizationLevel | None = None) -> ort.SessionOptions:
+def session_options(*, threads: int | None = None, level: ort.GraphOptimizationLevel | None = None,
+                    spinning: bool | None = None) -> ort.SessionOptions:
+    """``spinning`` None: decide from the CPU quota we can see."""
     options = ort.SessionOptions()
     quota = cpu_quota()
-    if quota is not None:
+    if spinning is None:
+        spinning = quota is None
+    if not spinning:
         # Under a CPU quota, threads that spin-wait between kernels burn the
-        # quota doing nothing and the run stalls until the next period: no
-        # spinning, and no more threads than whole CPUs allowed.
+        # quota doing nothing and the run stalls until the next period.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        threads = threads or max(1, math.floor(quota))
+    if quota is not None:
+        threads = threads or max(1, math.floor(quota))  # no more threads than whole CPUs allowed
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -92,10 +96,11 @@ def _ort_type_to_numpy(type_name: str) -> np.dtype:
 class OnnxModel:
     """A model file loaded once, with its cut analysis and cached sessions."""
 
-    def __init__(self, name: str, path: Path, *, threads: int | None = None) -> None:
+    def __init__(self, name: str, path: Path, *, threads: int | None = None, spinning: bool | None = None) -> None:
         self.name = name
         self.path = Path(path)
         self.threads = threads
+        self.spinning = spinning
         self.digest = file_digest(self.path)
         try:
             proto = onnx.load(str(self.path))
@@ -143,7 +148,7 @@ class OnnxModel:
         return self.graph
 
     def _session(self, serialized: bytes) -> ort.InferenceSession:
-        return ort.InferenceSession(serialized, session_options(threads=self.threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialized, session_options(threads=self.threads, spinning=self.spinning), providers=["CPUExecutionProvider"])
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
         """Refuse feeds that onnxruntime would reject with a cryptic message."""

@@ -40,13 +40,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem")) / "profiles"
 
 
-def host_key(threads: int | None) -> str:
+def host_key(threads: int | None, spinning: bool | None = None) -> str:
     quota = cpu_quota()
     group = cpu_cgroup()
     limit = f"-q{quota:.3f}" if quota else ""
     if group != "/":
         limit += "-cg" + hashlib.sha256(group.encode()).hexdigest()[:8]
-    return f"{platform.node()}-{os.cpu_count()}cpu{limit}-t{threads or 0}-ort{ort.__version__}"
+    spin = {None: "", True: "-spin", False: "-nospin"}[spinning]
+    return f"{platform.node()}-{os.cpu_count()}cpu{limit}-t{threads or 0}{spin}-ort{ort.__version__}"
 
 
 def sample_feeds(inputs: tuple[TensorSpec, ...], *, seed: int = 0) -> dict[str, np.ndarray]:
@@ -96,7 +97,7 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
     serialized = graph.model.SerializeToString()
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads=model.threads, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        options = session_options(threads=model.threads, spinning=model.spinning, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         profiling = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
@@ -122,7 +123,7 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
     plain_segments = [statistics.median(run[i] for run in per_segment) for i in range(len(graph.segments))]
     plain_overhead = max(statistics.median(profiled_ms) - sum(plain_segments), 0.0)
 
-    optimised = ort.InferenceSession(serialized, session_options(threads=model.threads), providers=["CPUExecutionProvider"])
+    optimised = ort.InferenceSession(serialized, session_options(threads=model.threads, spinning=model.spinning), providers=["CPUExecutionProvider"])
     _median_run_ms(optimised, feeds, warmup)
     whole_ms = _median_run_ms(optimised, feeds, runs)
     if on_progress:
@@ -137,7 +138,7 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
     return ModelProfile(
         model=model.name,
         digest=model.digest,
-        host=host_key(model.threads),
+        host=host_key(model.threads, model.spinning),
         segment_ms=segment_ms,
         run_overhead_ms=plain_overhead * scale,
         whole_ms=whole_ms,
@@ -163,7 +164,7 @@ def _measure_whole(model: OnnxModel, feeds: dict[str, np.ndarray], *, runs: int,
         return tuple(TensorMeta(n, str(v.dtype), tuple(int(d) for d in v.shape)) for n, v in values.items())
 
     return ModelProfile(
-        model=model.name, digest=model.digest, host=host_key(model.threads), segment_ms=(whole_ms,),
+        model=model.name, digest=model.digest, host=host_key(model.threads, model.spinning), segment_ms=(whole_ms,),
         run_overhead_ms=0.0, whole_ms=whole_ms, crossings=(metas(feeds),), outputs=metas(outputs),
         segment_param_bytes=(model.param_bytes,), runs=runs,
     )
@@ -176,7 +177,7 @@ def _tensor_metas(model: OnnxModel, feeds: dict[str, np.ndarray]) -> tuple[tuple
     inner = sorted({name for cut in graph.cuts for name in cut.tensors} - set(feeds))
     exposed = ort.InferenceSession(
         expose_tensors(graph, inner).SerializeToString(),
-        session_options(threads=model.threads, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+        session_options(threads=model.threads, spinning=model.spinning, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
         providers=["CPUExecutionProvider"],
     )
     names = [value.name for value in exposed.get_outputs()]
@@ -193,7 +194,7 @@ def _tensor_metas(model: OnnxModel, feeds: dict[str, np.ndarray]) -> tuple[tuple
 def load_or_measure(model: OnnxModel, *, cache_dir: Path | None = None, runs: int = 10, on_progress=None) -> ModelProfile:
     """The cached profile of this exact model file on this host, measured if absent."""
     cache_dir = cache_dir or default_cache_dir()
-    path = cache_dir / f"{model.name}-{model.digest[:16]}-{host_key(model.threads)}-v{PROFILE_FORMAT}.json"
+    path = cache_dir / f"{model.name}-{model.digest[:16]}-{host_key(model.threads, model.spinning)}-v{PROFILE_FORMAT}.json"
     if path.exists():
         try:
             profile = ModelProfile.from_json(path.read_text())

@@ -73,6 +73,7 @@ class Deployment:
         self.agent = launch.Daemon(
             "edge_agent.main",
             ["--listen", socket, "--models", str(model_dir), "--cloud", self.node.address, "--threads", "1",
+             *(["--ort-spinning", "off"] if quota else []),
              "--refresh-s", "0.5", *agent_args],
             wrap=wrap,
         ).wait_ready()
