@@ -166,7 +166,9 @@ def _known(t: TypeProto | None) -> bool:
     return True
 
 
-def _itemsize(elem_type: int) -> float:
+def itemsize(elem_type: int, *, unknown: float = 0.0) -> float:
+    """Bytes per element of an ONNX element type (0.5 for 4-bit types);
+    ``unknown`` for types numpy cannot name."""
     if elem_type in _HALF_BYTE_TYPES:
         return 0.5
     if elem_type == TensorProto.STRING:
@@ -174,7 +176,7 @@ def _itemsize(elem_type: int) -> float:
     try:
         return float(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
     except (KeyError, TypeError, ValueError):
-        return 0.0
+        return unknown
 
 
 def _tensor_bytes(t: TensorProto) -> int:
@@ -182,7 +184,7 @@ def _tensor_bytes(t: TensorProto) -> int:
         return sum(len(s) for s in t.string_data)
     if t.raw_data:
         return len(t.raw_data)
-    return math.ceil(math.prod(t.dims) * _itemsize(t.data_type))
+    return math.ceil(math.prod(t.dims) * itemsize(t.data_type))
 
 
 def _static_bytes(t: TypeProto | None) -> float | None:
@@ -192,7 +194,7 @@ def _static_bytes(t: TypeProto | None) -> float | None:
     dims = t.tensor_type.shape.dim
     if not all(d.HasField("dim_value") for d in dims):
         return None
-    return math.prod(d.dim_value for d in dims) * _itemsize(t.tensor_type.elem_type)
+    return math.prod(d.dim_value for d in dims) * itemsize(t.tensor_type.elem_type)
 
 
 def _grows(before: TypeProto | None, after: TypeProto | None) -> bool:
@@ -204,7 +206,7 @@ def _grows(before: TypeProto | None, after: TypeProto | None) -> bool:
         # Symbolic shapes: same dims means only the element type can change the size.
         db, da = before.tensor_type.shape.dim, after.tensor_type.shape.dim
         if before.tensor_type.HasField("shape") and after.tensor_type.HasField("shape") and list(db) == list(da):
-            return _itemsize(after.tensor_type.elem_type) > _itemsize(before.tensor_type.elem_type)
+            return itemsize(after.tensor_type.elem_type) > itemsize(before.tensor_type.elem_type)
     return False
 
 

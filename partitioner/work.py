@@ -27,11 +27,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, TensorProto, helper
+from onnx import ModelProto, NodeProto
 
-from partitioner.graph import ModelGraph
+from partitioner.graph import ModelGraph, itemsize
 from partitioner.profile import ModelProfile
 
 logger = logging.getLogger(__name__)
@@ -400,18 +399,7 @@ def _itemsizes(model: ModelProto) -> dict[str, float]:
             collect(onnx.shape_inference.infer_shapes(model))
         except Exception as exc:  # noqa: BLE001 -- untyped tensors then count as float32
             logger.debug("type inference failed on %s: %s", model.graph.name, exc)
-    return {name: _itemsize(t) for name, t in types.items()}
-
-
-def _itemsize(elem_type: int) -> float:
-    if elem_type in (getattr(TensorProto, t, -1) for t in ("INT4", "UINT4", "FLOAT4E2M1")):
-        return 0.5
-    if elem_type == TensorProto.STRING:
-        return 0.0
-    try:
-        return float(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
-    except (KeyError, TypeError, ValueError):
-        return 4.0
+    return {name: itemsize(t, unknown=4.0) for name, t in types.items()}
 
 
 def segment_work(graph: ModelGraph, per_node: Mapping[str, Work]) -> tuple[Work, ...]:
