@@ -31,7 +31,7 @@ from rich.table import Table
 
 from devices.profiles import DEVICES, measure_host
 from edge_agent import sdk
-from emulation import CpuQuota, Testbed, netns
+from emulation import CpuQuota, Testbed, exit_on_sigterm, netns
 from emulation import cpu as cpu_emulation
 from modelzoo.build import build_all
 from runtimes import launch
@@ -92,6 +92,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("bench/results/plans.json"))
     parser.add_argument("--png", type=Path, default=Path("bench/results/plans.png"))
     args = parser.parse_args()
+    exit_on_sigterm()
     reason = netns.available() or cpu_emulation.available()
     if reason:
         print(f"cannot run: {reason}")

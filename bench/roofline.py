@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from devices.profiles import measure_host
-from emulation import CpuQuota
+from emulation import CpuQuota, exit_on_sigterm
 from emulation import cpu as cpu_emulation
 from modelzoo.build import build_all
 from partitioner.profile import ModelProfile
@@ -50,6 +50,7 @@ def main() -> int:
     parser.add_argument("--quotas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--json", type=Path, default=Path("bench/results/roofline.json"))
     args = parser.parse_args()
+    exit_on_sigterm()
     reason = cpu_emulation.available()
     if reason:
         print(f"cannot run: {reason}")

@@ -16,3 +16,12 @@ from emulation.netns import Testbed
 from emulation.relay import Relay
 
 __all__ = ["CpuQuota", "Relay", "Testbed"]
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so every testbed and quota a program
+    holds is torn down by its ``with`` block instead of left behind."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
