@@ -15,7 +15,7 @@ from emulation.cpu import CpuQuota
 from emulation.netns import Testbed
 from emulation.relay import Relay
 
-__all__ = ["CpuQuota", "Relay", "Testbed"]
+__all__ = ["CpuQuota", "Relay", "Testbed", "exit_on_sigterm"]
 
 
 def exit_on_sigterm() -> None:
