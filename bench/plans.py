@@ -29,43 +29,15 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from devices.profiles import DEVICES, measure_host
 from edge_agent import sdk
 from emulation import CpuQuota, Testbed, exit_on_sigterm, netns
 from emulation import cpu as cpu_emulation
+from emulation.deployment import Deployment, cpus_like
 from modelzoo.build import build_all
-from runtimes import launch
 
 # After a rate change the agent gets this long to notice it by itself (it
 # probes a link idle for half of it); nothing tells it the new rate.
 SETTLE_S = 4.0
-
-
-def quota_like(board: str) -> float:
-    """CPUs of this host that compute like ``board`` (HPL GFLOPS ratio, sbc-reviews via DESIGN.md)."""
-    host = measure_host()
-    return max((os.cpu_count() or 1) * DEVICES[board].cpu_gflops / host.gflops_fp64, 0.05)
-
-
-class Deployment:
-    def __init__(self, bed: Testbed, models: Path, quota: CpuQuota | None, tmp: Path) -> None:
-        self.node = launch.Daemon("cloud_node.main", ["--listen", f"{bed.address('cloud')}:0", "--models", str(models)],
-                                  wrap=lambda argv: bed.wrap("cloud", argv), check_health=False).wait_ready()
-        def wrap(argv: list[str]) -> list[str]:
-            inner = bed.wrap("edge", argv)
-            return quota.wrap(inner) if quota else inner
-        self.agent = launch.Daemon("edge_agent.main", [
-            "--listen", f"unix:{tmp}/agent.sock", "--models", str(models), "--cloud", self.node.address,
-            "--encoding", "int8", "--refresh-s", "0.5", "--probe-idle-s", str(SETTLE_S / 2), "--hysteresis-margin", "0",
-            "--cloud-timeout-s", "120",
-            *(["--threads", "1", "--ort-spinning", "off"] if quota else []),
-        ], wrap=wrap).wait_ready()
-        self.client = sdk.EdgeClient(self.agent.address, timeout=300)
-
-    def close(self) -> None:
-        self.client.close()
-        self.agent.stop()
-        self.node.stop()
 
 
 def measure(client: sdk.EdgeClient, model: str, x: np.ndarray, plan: str | None, runs: int) -> tuple[float | None, str]:
@@ -104,10 +76,13 @@ def main() -> int:
         tmp = Path(tmp_name)
         build_all(tmp / "models")
         for edge in args.edges:
-            cpus = None if edge == "unthrottled" else quota_like(edge)
+            cpus = None if edge == "unthrottled" else cpus_like(edge)
             with Testbed(uplink_mbps=max(args.bandwidths), downlink_mbps=max(args.bandwidths)) as bed, \
                     CpuQuota(cpus or float(os.cpu_count() or 1)) as quota:
-                deployment = Deployment(bed, tmp / "models", quota if cpus else None, tmp)
+                deployment = Deployment(
+                    bed, tmp / "models", quota if cpus else None, "--encoding", "int8", "--probe-idle-s", str(SETTLE_S / 2),
+                    "--hysteresis-margin", "0", "--cloud-timeout-s", "120", timeout_s=300,
+                )
                 try:
                     for mbps in sorted(args.bandwidths, reverse=True):
                         bed.set_rate(uplink_mbps=mbps, downlink_mbps=mbps)

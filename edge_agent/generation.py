@@ -96,12 +96,11 @@ class Generator:
     """The agent's LLM side; ``EdgeAgentService`` delegates Generate here."""
 
     def __init__(self, llms: LlmStore, nodes: list[CloudNodeClient], power: Power, settings: LlmSettings,
-                 objective: Objective, weight_latency: float) -> None:
+                 weight_latency: float) -> None:
         self.llms = llms
         self.nodes = nodes
         self.power = power
         self.settings = settings
-        self.objective = objective
         self.weight_latency = weight_latency
         self.budget = RemoteBudget(settings.remote_tokens_per_hour)
 

@@ -157,7 +157,7 @@ async def serve(config: AgentConfig) -> None:
         llms, nodes, power_of(device),
         LlmSettings(allow_remote=config.llm_allow_remote, remote_tokens_per_hour=config.llm_remote_tokens_per_hour,
                     slo_ms=config.slo_ms, stall_s=config.llm_stall_s),
-        objective=policy.objective, weight_latency=policy.weight_latency,
+        weight_latency=policy.weight_latency,
     )
     service = EdgeAgentService(
         store=store, profiles=profiles, nodes=nodes, power=power_of(device), device_name=device.name,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +13,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from devices.profiles import DEVICES, measure_host
-from edge_agent import sdk
 from emulation import CpuQuota, Testbed, netns
 from emulation import cpu as cpu_emulation
+from emulation.deployment import Deployment, cpus_like
 from partitioner.graph import analyze, prefix_model, suffix_model
 from protos import codec
 from protos import tandem_pb2 as pb
-from runtimes import launch
 
 reason = netns.available() or cpu_emulation.available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"emulation unavailable: {reason}")
-
-
-def pi4_like_cpus() -> float:
-    """The share of this host's CPU that computes like a Raspberry Pi 4: the
-    ratio of the Pi 4's HPL GFLOPS (sbc-reviews, DESIGN.md) to this host's
-    measured float64 GFLOPS, times its cores."""
-    host = measure_host()
-    return max((os.cpu_count() or 1) * DEVICES["pi4"].cpu_gflops / host.gflops_fp64, 0.05)
 
 
 def direct(model_dir: Path, x: np.ndarray) -> np.ndarray:
@@ -57,35 +46,6 @@ def expected_with_codec(model_dir: Path, x: np.ndarray, plan: str, encoding: int
     return run_proto(suffix_model(graph, cut), sent)["logits"]
 
 
-class Deployment:
-    """A cloud node in the cloud namespace, an edge agent in the edge namespace
-    (under a CPU quota), the app in this process talking to the agent over a
-    unix socket."""
-
-    def __init__(self, bed: Testbed, model_dir: Path, quota: CpuQuota | None, *agent_args: str) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="tandem-emu-")
-        self.node = launch.Daemon(
-            "cloud_node.main", ["--listen", f"{bed.address('cloud')}:0", "--models", str(model_dir)],
-            wrap=lambda argv: bed.wrap("cloud", argv), check_health=False,
-        ).wait_ready()
-        socket = f"unix:{self.tmp.name}/agent.sock"
-        wrap = (lambda argv: quota.wrap(bed.wrap("edge", argv))) if quota else (lambda argv: bed.wrap("edge", argv))
-        self.agent = launch.Daemon(
-            "edge_agent.main",
-            ["--listen", socket, "--models", str(model_dir), "--cloud", self.node.address, "--threads", "1",
-             *(["--ort-spinning", "off"] if quota else []),
-             "--refresh-s", "0.5", *agent_args],
-            wrap=wrap,
-        ).wait_ready()
-        self.client = sdk.EdgeClient(self.agent.address, timeout=120)
-
-    def close(self) -> None:
-        self.client.close()
-        self.agent.stop()
-        self.node.stop()
-        self.tmp.cleanup()
-
-
 @pytest.fixture
 def image() -> np.ndarray:
     return np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
@@ -94,7 +54,7 @@ def image() -> np.ndarray:
 def test_slow_link_keeps_work_local_and_fast_link_with_a_pi4_like_device_offloads(model_dir: Path, image: np.ndarray) -> None:
     expected = direct(model_dir, image)
     with Testbed(uplink_mbps=0.5, downlink_mbps=0.5) as bed:
-        deployment = Deployment(bed, model_dir, None)
+        deployment = Deployment(bed, model_dir, None, "--threads", "1")
         try:
             result = deployment.client.infer("mobilenet", {"input": image})
             explanation = deployment.client.explain("mobilenet")
@@ -111,7 +71,7 @@ def test_slow_link_keeps_work_local_and_fast_link_with_a_pi4_like_device_offload
     # takes ~50 ms raw at 100 Mbit/s and ~30 ms as fp16 plus codec time on the
     # throttled CPU, so this deployment sends int8 (150 kB; the result is
     # checked against the codec's own rounding below).
-    with Testbed(uplink_mbps=100, downlink_mbps=100) as bed, CpuQuota(pi4_like_cpus()) as quota:
+    with Testbed(uplink_mbps=100, downlink_mbps=100) as bed, CpuQuota(cpus_like("pi4")) as quota:
         deployment = Deployment(bed, model_dir, quota, "--encoding", "int8")
         try:
             result = deployment.client.infer("mobilenet", {"input": image})
@@ -126,7 +86,7 @@ def test_slow_link_keeps_work_local_and_fast_link_with_a_pi4_like_device_offload
 
 def test_a_collapsing_link_moves_the_plan_back_to_the_device_within_a_few_requests(model_dir: Path, image: np.ndarray) -> None:
     expected = direct(model_dir, image)
-    with Testbed(uplink_mbps=100, downlink_mbps=100) as bed, CpuQuota(pi4_like_cpus()) as quota:
+    with Testbed(uplink_mbps=100, downlink_mbps=100) as bed, CpuQuota(cpus_like("pi4")) as quota:
         deployment = Deployment(bed, model_dir, quota, "--cloud-timeout-s", "3", "--encoding", "int8")
         try:
             assert deployment.client.infer("mobilenet", {"input": image}).plan != "local"

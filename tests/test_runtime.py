@@ -187,10 +187,11 @@ def test_cloud_node_refuses_bad_partitions_and_keeps_serving(cloud: launch.Daemo
 
 def test_cloud_node_answers_resource_exhausted_beyond_its_limits(model_dir: Path) -> None:
     with launch.cloud_node(model_dir, "--max-concurrency", "1", "--max-queue", "1") as node:
-        request = pb.ModelRequest(model="resnet", inputs=[codec.encode(image(8), "input")])
+        # batch 16 keeps each request busy (~60 ms) far longer than 16 calls take to arrive
+        request = pb.ModelRequest(model="resnet", inputs=[codec.encode(image(16), "input")])
         with grpc.insecure_channel(node.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
             stub = pb_grpc.CloudNodeStub(channel)
-            calls = [stub.RunModel.future(request, timeout=60) for _ in range(8)]
+            calls = [stub.RunModel.future(request, timeout=60) for _ in range(16)]
             codes = []
             for call in calls:
                 try:

@@ -1,0 +1,55 @@
+"""A cloud node and an edge agent on an emulated testbed, for tests and benchmarks.
+
+The node listens in the cloud namespace, the agent in the edge namespace
+(under a CPU quota when given) on a unix socket, which the app in the root
+namespace can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from devices.profiles import DEVICES, measure_host
+from edge_agent import sdk
+from emulation.cpu import CpuQuota
+from emulation.netns import Testbed
+from runtimes import launch
+
+
+def cpus_like(board: str) -> float:
+    """CPUs of this host that compute like ``board``: the board's HPL GFLOPS
+    (sbc-reviews, DESIGN.md) over this host's measured float64 GFLOPS, times
+    its cores (at least 0.05)."""
+    host = measure_host()
+    return max((os.cpu_count() or 1) * DEVICES[board].cpu_gflops / host.gflops_fp64, 0.05)
+
+
+class Deployment:
+    def __init__(self, bed: Testbed, models: Path, quota: CpuQuota | None, *agent_args: str, timeout_s: float = 120) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="tandem-emu-")
+        self.node = launch.Daemon(
+            "cloud_node.main", ["--listen", f"{bed.address('cloud')}:0", "--models", str(models)],
+            wrap=lambda argv: bed.wrap("cloud", argv), check_health=False,
+        ).wait_ready()
+
+        def wrap(argv: list[str]) -> list[str]:
+            inner = bed.wrap("edge", argv)
+            return quota.wrap(inner) if quota else inner
+
+        # Inside `ip netns exec` /sys hides the quota from the agent, so say it.
+        throttled = ["--threads", "1", "--ort-spinning", "off"] if quota else []
+        self.agent = launch.Daemon(
+            "edge_agent.main",
+            ["--listen", f"unix:{self._tmp.name}/agent.sock", "--models", str(models), "--cloud", self.node.address,
+             "--refresh-s", "0.5", *throttled, *agent_args],
+            wrap=wrap,
+        ).wait_ready()
+        self.client = sdk.EdgeClient(self.agent.address, timeout=timeout_s)
+
+    def close(self) -> None:
+        self.client.close()
+        self.agent.stop()
+        self.node.stop()
+        self._tmp.cleanup()
