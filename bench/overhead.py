@@ -65,8 +65,9 @@ def codec_throughput(runs: int) -> list[dict]:
     """The agent's own codec measurement, reported in GB/s with wire sizes."""
     raw_bytes = math.prod(CODEC_PROBE_SHAPE) * 4
     rows = []
+    speeds = measure_codec_speed(runs)
     for name, encoding in (("fp32", pb.ENCODING_RAW), ("fp16", pb.ENCODING_FP16), ("int8", pb.ENCODING_INT8)):
-        speed = measure_codec_speed(runs)[encoding]
+        speed = speeds[encoding]
         rows.append({
             "encoding": name, "raw_bytes": raw_bytes, "wire_bytes": codec.wire_bytes(CODEC_PROBE_SHAPE, "float32", encoding),
             "encode_gb_s": speed.encode_mb_s / 1e3, "decode_gb_s": speed.decode_mb_s / 1e3,

@@ -38,7 +38,8 @@ class ModelProfile:
     crossings: tuple[tuple[TensorMeta, ...], ...]  # n entries: [0] model inputs, [k] tensors of cut k
     outputs: tuple[TensorMeta, ...]
     segment_param_bytes: tuple[int, ...]
-    runs: int                                    # timed runs behind the medians
+    runs: int                                    # timed runs behind the figures
+    method: str = "optimised"                    # whose kernels shaped it: "optimised", "unoptimised" or "whole"
 
     @property
     def num_segments(self) -> int:
@@ -65,6 +66,7 @@ class ModelProfile:
             outputs=metas(raw["outputs"]),
             segment_param_bytes=tuple(int(b) for b in raw["segment_param_bytes"]),
             runs=int(raw["runs"]),
+            method=str(raw.get("method", "unoptimised")),
         )
         if len(profile.crossings) != profile.num_segments:
             raise ValueError(

@@ -1,10 +1,19 @@
 """Measure a model's per-segment times with onnxruntime's own profiler.
 
-Per-node kernel times come from a profiling session with graph optimisation
-off, where every node keeps its name (even basic optimisation fuses some,
-e.g. MatMul+Add, under new names; see DESIGN.md's measured facts). They are then scaled so that their sum plus the
-run overhead equals the measured median of a real, fully optimised run: the
-shape of the profile comes from the profiler, its size from reality.
+Per-node kernel times come from profiling the fully optimised session, the
+one that really runs: fusion changes the shape of a profile (an early layer
+whose BatchNorm and activation fold into its Conv loses a third of its time),
+so an unoptimised profile misplaces the cheap cuts. Optimised nodes keep their
+original name or extend it (``conv1_relu_nchwc``); nodes onnxruntime adds
+(layout reorders) are charged to the segment that ran just before them. If too
+little of the time can be traced to our nodes (an onnxruntime version naming
+fused nodes otherwise), the profile falls back to an unoptimised session,
+where every node keeps its name. Either way per-segment times are scaled so
+that their sum plus the run overhead equals the median of real, unprofiled
+runs: the shape of the profile comes from the profiler, its size from reality.
+Per-segment times are means over runs, not medians: under a CPU quota a run
+stalls wherever the quota runs out, and only the mean charges those stalls to
+segments in proportion to their work.
 Profiles are cached per model digest and host, since measuring takes seconds.
 """
 
@@ -33,7 +42,10 @@ from runtimes.onnx_exec import OnnxModel, TensorSpec, session_options
 
 logger = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 2
+PROFILE_FORMAT = 3
+# Below this share of kernel time traced to our nodes, the optimised profile
+# is not trusted and an unoptimised one is taken instead.
+MIN_TRACED_SHARE = 0.9
 
 
 def default_cache_dir() -> Path:
@@ -73,7 +85,7 @@ def _median_run_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], 
 
 
 def _node_times_per_run(profile_file: str) -> list[dict[str, float]]:
-    """Kernel time (ms) of each node in each run recorded by the profiler."""
+    """Kernel time (ms) of each node in each run recorded by the profiler, in execution order."""
     with open(profile_file) as handle:
         events = json.load(handle)
     runs: list[dict[str, float]] = []
@@ -88,6 +100,68 @@ def _node_times_per_run(profile_file: str) -> list[dict[str, float]]:
     return runs
 
 
+def _traced_segment(name: str, segment_of: dict[str, int]) -> int | None:
+    """The segment of an optimised node: its own name, or the longest of ours
+    it extends at a separator (onnxruntime appends ``_nchwc`` and the like)."""
+    if name in segment_of:
+        return segment_of[name]
+    for end in range(len(name) - 1, 0, -1):
+        if name[end] in "_/:. -" and name[:end] in segment_of:
+            return segment_of[name[:end]]
+    return None
+
+
+def attribute(node_order: list[str], segment_of: dict[str, int]) -> tuple[dict[str, int], set[str]]:
+    """Segment of each profiled node and the names traced to ours; a node of
+    onnxruntime's own goes with the segment that ran before it (the first
+    ones with the segment after them): reorders belong to their neighbours."""
+    traced = {name: seg for name in node_order if (seg := _traced_segment(name, segment_of)) is not None}
+    placed: dict[str, int] = {}
+    previous: int | None = None
+    pending: list[str] = []
+    for name in node_order:
+        if name in traced:
+            previous = traced[name]
+            placed[name] = previous
+            for early in pending:
+                placed[early] = previous
+            pending = []
+        elif previous is not None:
+            placed[name] = previous
+        else:
+            pending.append(name)
+    return placed, set(traced)
+
+
+def _profile_runs(model: OnnxModel, serialized: bytes, feeds: dict[str, np.ndarray], level: ort.GraphOptimizationLevel,
+                  *, runs: int, warmup: int, on_progress) -> tuple[list[dict[str, float]], list[float]]:
+    """Per-node times of ``runs`` profiled runs and their wall times, ms."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads=model.threads, spinning=model.spinning, level=level)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        profiling = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        for _ in range(warmup):
+            profiling.run(None, feeds)
+        wall_ms = []
+        for i in range(runs):
+            start = time.perf_counter()
+            profiling.run(None, feeds)
+            wall_ms.append((time.perf_counter() - start) * 1e3)
+            if on_progress:
+                on_progress(i + 1, 2 * runs)
+        return _node_times_per_run(profiling.end_profiling())[warmup:], wall_ms
+
+
+def _segment_means(per_run: list[dict[str, float]], placed: dict[str, int], n: int) -> list[float]:
+    totals = [0.0] * n
+    for node_times in per_run:
+        for node, ms in node_times.items():
+            if node in placed:
+                totals[placed[node]] += ms
+    return [t / max(len(per_run), 1) for t in totals]
+
+
 def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=None) -> ModelProfile:
     """Profile ``model`` on this host (blocking, takes roughly 2 x (runs + warmup) model runs)."""
     graph = model.graph
@@ -95,33 +169,25 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
     if graph is None:
         return _measure_whole(model, feeds, runs=runs, warmup=warmup)
     serialized = graph.model.SerializeToString()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads=model.threads, spinning=model.spinning, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        profiling = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-        for _ in range(warmup):
-            profiling.run(None, feeds)
-        profiled_ms = []
-        for i in range(runs):
-            start = time.perf_counter()
-            profiling.run(None, feeds)
-            profiled_ms.append((time.perf_counter() - start) * 1e3)
-            if on_progress:
-                on_progress(i + 1, 2 * runs)
-        per_run = _node_times_per_run(profiling.end_profiling())[warmup:]
-
     segment_of = {node: i for i, names in enumerate(graph.segments) for node in names}
-    per_segment = [[0.0] * len(graph.segments) for _ in per_run]
-    for run_index, node_times in enumerate(per_run):
-        for node, ms in node_times.items():
-            # onnxruntime may add nodes of its own (casts, copies); they are
-            # not ours to place, so they count as run overhead.
-            if node in segment_of:
-                per_segment[run_index][segment_of[node]] += ms
-    plain_segments = [statistics.median(run[i] for run in per_segment) for i in range(len(graph.segments))]
-    plain_overhead = max(statistics.median(profiled_ms) - sum(plain_segments), 0.0)
+    n = len(graph.segments)
+
+    method = "optimised"
+    per_run, profiled_ms = _profile_runs(model, serialized, feeds, ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                         runs=runs, warmup=warmup, on_progress=on_progress)
+    order = list(dict.fromkeys(node for run in per_run for node in run))
+    placed, traced = attribute(order, segment_of)
+    kernel_ms = sum(sum(run.values()) for run in per_run)
+    traced_ms = sum(ms for run in per_run for node, ms in run.items() if node in traced)
+    if kernel_ms <= 0 or traced_ms / kernel_ms < MIN_TRACED_SHARE:
+        logger.info("%s: only %.0f%% of optimised kernel time traces to its nodes; profiling it unoptimised",
+                    model.name, 100 * traced_ms / max(kernel_ms, 1e-9))
+        per_run, profiled_ms = _profile_runs(model, serialized, feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                             runs=runs, warmup=warmup, on_progress=None)
+        placed = segment_of  # onnxruntime's own nodes (casts, copies) count as run overhead
+        method = "unoptimised"
+    plain_segments = _segment_means(per_run, placed, n)
+    plain_overhead = max(statistics.mean(profiled_ms) - sum(plain_segments), 0.0)
 
     optimised = ort.InferenceSession(serialized, session_options(threads=model.threads, spinning=model.spinning), providers=["CPUExecutionProvider"])
     _median_run_ms(optimised, feeds, warmup)
@@ -130,7 +196,7 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
         on_progress(2 * runs, 2 * runs)
 
     # Profiling itself slows kernels; rescale the profiled shape to the
-    # unprofiled fully-optimised run.
+    # unprofiled run.
     scale = whole_ms / max(sum(plain_segments) + plain_overhead, 1e-9)
     segment_ms = tuple(t * scale for t in plain_segments)
 
@@ -146,6 +212,7 @@ def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=No
         outputs=outputs,
         segment_param_bytes=graph.segment_param_bytes,
         runs=runs,
+        method=method,
     )
 
 
@@ -166,7 +233,7 @@ def _measure_whole(model: OnnxModel, feeds: dict[str, np.ndarray], *, runs: int,
     return ModelProfile(
         model=model.name, digest=model.digest, host=host_key(model.threads, model.spinning), segment_ms=(whole_ms,),
         run_overhead_ms=0.0, whole_ms=whole_ms, crossings=(metas(feeds),), outputs=metas(outputs),
-        segment_param_bytes=(model.param_bytes,), runs=runs,
+        segment_param_bytes=(model.param_bytes,), runs=runs, method="whole",
     )
 
 
@@ -230,22 +297,36 @@ def profile_store(store, *, cache_dir: Path | None = None) -> dict[str, ModelPro
 CODEC_PROBE_SHAPE = (1, 32, 112, 112)  # a typical early activation of an image model
 
 
-def measure_codec_speed(runs: int = 5) -> dict[int, CodecSpeed]:
-    """Encode/decode throughput of each encoding on this host, on float32 data."""
+CODEC_MIN_MEASURE_S = 0.1  # per encoding and direction: spans many CPU-quota periods
+
+
+def measure_codec_speed(runs: int = 5, min_seconds: float = CODEC_MIN_MEASURE_S) -> dict[int, CodecSpeed]:
+    """Encode/decode throughput of each encoding on this host, on float32 data.
+
+    Total bytes over total time of at least ``runs`` repetitions and
+    ``min_seconds``: under a CPU quota a short burst runs at full speed until
+    the quota runs out, so a median of quick runs would promise a speed that
+    a busy agent never sees.
+    """
     tensor = np.random.default_rng(0).standard_normal(CODEC_PROBE_SHAPE).astype(np.float32)
     megabytes = tensor.nbytes / 1e6
     speeds = {}
     for encoding in (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8):
-        enc, dec = [], []
-        for _ in range(runs):
-            start = time.perf_counter()
-            message = codec.encode(tensor, "t", encoding)
-            enc.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            codec.decode(message)
-            dec.append(time.perf_counter() - start)
-        speeds[encoding] = CodecSpeed(megabytes / statistics.median(enc), megabytes / statistics.median(dec))
+        message = codec.encode(tensor, "t", encoding)
+        encode_s = _throughput_seconds(lambda: codec.encode(tensor, "t", encoding), runs, min_seconds)
+        decode_s = _throughput_seconds(lambda: codec.decode(message), runs, min_seconds)
+        speeds[encoding] = CodecSpeed(megabytes / encode_s, megabytes / decode_s)
     return speeds
+
+
+def _throughput_seconds(work, runs: int, min_seconds: float) -> float:
+    """Mean seconds per call of ``work`` over at least ``runs`` calls and ``min_seconds``."""
+    calls = 0
+    start = time.perf_counter()
+    while calls < runs or time.perf_counter() - start < min_seconds:
+        work()
+        calls += 1
+    return (time.perf_counter() - start) / calls
 
 
 def predicted_for(device, model: OnnxModel, profile: ModelProfile) -> ModelProfile:
