@@ -11,7 +11,7 @@ Server errors arrive as typed exceptions (``InvalidArgument``, ``NotFound``,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -115,6 +115,7 @@ class Explanation:
     current: str = ""            # the plan requests run now
     hysteresis_margin: float = 0.0
     would_switch: bool = False
+    calibration: dict[str, float] = field(default_factory=dict)  # edge_factor, offload_ms, samples
 
     @classmethod
     def from_message(cls, m: pb.Explanation) -> "Explanation":
@@ -127,6 +128,8 @@ class Explanation:
             ),
             link={"uplink_mbps": m.link.uplink_mbps, "downlink_mbps": m.link.downlink_mbps, "rtt_ms": m.link.rtt_ms},
             device=m.device, current=m.current.label, hysteresis_margin=m.hysteresis_margin, would_switch=m.would_switch,
+            calibration={"edge_factor": m.calibration.edge_factor, "offload_ms": m.calibration.offload_ms,
+                         "samples": m.calibration.samples},
         )
 
     def candidate(self, plan: str) -> CandidateView:

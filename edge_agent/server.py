@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_agent.generation import Generator
 from edge_agent.offload import CloudNodeClient
+from partitioner.calibration import Calibration
 from partitioner.costmodel import (
     Candidate,
     Constraints,
@@ -146,6 +147,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, float], ModelCosts] = {}  # profiles are immutable: build once
         self._current: dict[tuple[str, Objective, int], tuple[str, str | None]] = {}  # plan per model/objective/codec
+        self.calibration = Calibration()  # what completed requests taught about the profile
 
     # ------------------------------------------------------------ planning --
 
@@ -161,7 +163,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, scale: float = 1.0,
                link: Link | None = None) -> tuple[Decision, ModelCosts]:
         profile = self.profiles[model.name]
-        costs = self._model_costs(model, encoding, scale)
+        costs = self.calibration.apply(self._model_costs(model, encoding, scale))
         clouds = []
         for node in self.nodes:
             cloud_profile = node.profile(model.name, model.digest) if node.state.reachable else None
@@ -309,6 +311,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
+        if not fallback_reason:
+            self.calibration = self.calibration.observed(candidate.stages, stages, offloaded=candidate.kind != "local")
         encoded = encode_all(outputs, pb.ENCODING_RAW)
         total_ms = (time.perf_counter() - arrived) * 1e3
         return pb.InferReply(
@@ -355,6 +359,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             winner=plan_message(shown, model, encoding) if shown else pb.Plan(),
             current=plan_message(current_candidate, model, encoding) if current_candidate else pb.Plan(),
             hysteresis_margin=self.policy.hysteresis_margin, would_switch=held.switched,
+            calibration=pb.Calibration(edge_factor=self.calibration.edge_factor, offload_ms=self.calibration.offload_ms,
+                                       samples=self.calibration.samples),
             candidates=[
                 pb.Candidate(plan=plan_message(c, model, encoding), predicted=stage_times(c.stages, c.stages.total_ms),
                              energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations,

@@ -456,7 +456,7 @@ class Candidate(_message.Message):
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch")
+    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     WINNER_FIELD_NUMBER: _ClassVar[int]
@@ -468,6 +468,7 @@ class Explanation(_message.Message):
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     HYSTERESIS_MARGIN_FIELD_NUMBER: _ClassVar[int]
     WOULD_SWITCH_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     winner: Plan
@@ -479,7 +480,18 @@ class Explanation(_message.Message):
     current: Plan
     hysteresis_margin: float
     would_switch: bool
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ...) -> None: ...
+    calibration: Calibration
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("edge_factor", "offload_ms", "samples")
+    EDGE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    edge_factor: float
+    offload_ms: float
+    samples: int
+    def __init__(self, edge_factor: _Optional[float] = ..., offload_ms: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -121,6 +121,10 @@ def test_unpinned_request_runs_the_plan_explain_predicts(client: sdk.EdgeClient)
     assert result.planned in scores
     # the plan ran is within the margin of the best predicted score at that moment
     assert scores[result.planned] <= min(scores.values()) * 1.5 + 1.0
+    # and the request taught the agent how its profile compares with reality
+    learned = client.explain("mobilenet").calibration
+    assert learned["samples"] >= explanation.calibration["samples"] + 1
+    assert 0.25 <= learned["edge_factor"] <= 4.0 and learned["offload_ms"] >= 0.0
 
 
 def test_explain_with_link_override_plans_for_that_link(client: sdk.EdgeClient) -> None:

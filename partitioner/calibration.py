@@ -1,0 +1,73 @@
+"""Correct the measured profiles with what requests really took.
+
+A profile is measured once, at start-up, in a tight loop of runs; requests
+then run among gRPC calls, codec work and other programs, and under a CPU
+quota the work around a run eats into the budget the run needs. Two
+corrections are learned from every request the agent completes, whichever
+plan it ran, so that what one plan teaches applies to all of them:
+
+- ``edge_factor``: measured over predicted device compute, local runs and
+  split prefixes alike. A board that heats up and slows its clock, or shares
+  its CPU with another program, is followed.
+- ``offload_ms``: the device's own cost of one cloud call beyond codec and
+  wire time (handing work to threads, gRPC framing and copies), measured as
+  the excess of the encode and decode stages over their prediction.
+
+Both are smoothed and bounded, so one odd request moves them little. Pure:
+the agent feeds in predictions and measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from partitioner.costmodel import ModelCosts, StagePrediction, Transfer
+
+# Weight of the newest request in the moving averages.
+SMOOTHING = 0.2
+# Device compute shorter than this is timer noise and per-call cost, not speed.
+MIN_EDGE_SAMPLE_MS = 1.0
+# The correction stays within these bounds: beyond them the profile is wrong,
+# not the conditions, and the agent should be re-profiled (say, restarted).
+EDGE_FACTOR_BOUNDS = (0.25, 4.0)
+MAX_OFFLOAD_MS = 1_000.0
+
+
+class MeasuredStages(Protocol):
+    edge_ms: float
+    encode_ms: float
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    edge_factor: float = 1.0     # measured / profiled device compute
+    offload_ms: float = 0.0      # device time per cloud call beyond codec and wire
+    samples: int = 0             # requests learned from
+
+    def observed(self, predicted: StagePrediction, measured: MeasuredStages, *, offloaded: bool) -> Calibration:
+        """The calibration after a request that ran as planned (not one that
+        fell back: its stages are not the plan's). ``predicted`` is what this
+        calibration predicted, so each update corrects the remaining error."""
+        edge_factor, offload_ms = self.edge_factor, self.offload_ms
+        if predicted.edge_ms >= MIN_EDGE_SAMPLE_MS and measured.edge_ms > 0:
+            ratio = measured.edge_ms / predicted.edge_ms
+            low, high = EDGE_FACTOR_BOUNDS
+            edge_factor = min(max(edge_factor * (1 + SMOOTHING * (ratio - 1)), low), high)
+        if offloaded:
+            excess = (measured.encode_ms + measured.decode_ms) - (predicted.encode_ms + predicted.decode_ms)
+            offload_ms = min(max(offload_ms + SMOOTHING * excess, 0.0), MAX_OFFLOAD_MS)
+        return Calibration(edge_factor=edge_factor, offload_ms=offload_ms, samples=self.samples + 1)
+
+    def apply(self, costs: ModelCosts) -> ModelCosts:
+        """``costs`` as this device runs them now: compute scaled, each cloud
+        call's device-side cost added to the encoding of what it sends."""
+        if self.edge_factor == 1.0 and self.offload_ms == 0.0:
+            return costs
+        return replace(
+            costs,
+            edge_segment_ms=tuple(t * self.edge_factor for t in costs.edge_segment_ms),
+            edge_overhead_ms=costs.edge_overhead_ms * self.edge_factor,
+            crossings=tuple(Transfer(c.wire_bytes, c.encode_ms + self.offload_ms, c.decode_ms) for c in costs.crossings),
+        )
