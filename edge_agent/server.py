@@ -85,6 +85,7 @@ class Stages:
     network_ms: float = 0.0   # after a fallback: the time lost on the failed cloud attempt
     cloud_ms: float = 0.0
     decode_ms: float = 0.0
+    cold: bool = False        # a session was built on the way: a one-off, not the device's speed
 
 
 def stage_times(stages: Stages | StagePrediction, total_ms: float) -> pb.StageTimes:
@@ -211,6 +212,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         local_outputs: dict[str, np.ndarray] = {}
         to_send = feeds
         if split:
+            stages.cold = not model.prefix_ready(cut)
             start = time.perf_counter()
             produced = await run_cancellable(self._pool, model.run_prefix, cut, feeds)
             stages.edge_ms += (time.perf_counter() - start) * 1e3
@@ -311,7 +313,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
-        if not fallback_reason:
+        if not fallback_reason and not stages.cold:
             self.calibration = self.calibration.observed(candidate.stages, stages, offloaded=candidate.kind != "local")
         encoded = encode_all(outputs, pb.ENCODING_RAW)
         total_ms = (time.perf_counter() - arrived) * 1e3

@@ -186,6 +186,11 @@ class OnnxModel:
             produced[name] = feeds[name]
         return produced
 
+    def prefix_ready(self, cut: Cut) -> bool:
+        """Whether the prefix session of ``cut`` is built: its first run also builds it."""
+        with self._lock:
+            return cut.index in self._prefix
+
     def run_suffix(self, cut: Cut, tensors: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
         """Cloud side of a SPLIT (or the edge's fallback after one)."""
         session = self._cached(self._suffix, cut, suffix_model)
