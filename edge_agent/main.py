@@ -13,9 +13,11 @@ from pathlib import Path
 import grpc
 
 from devices.detect import detect_board
+from devices.power_fit import PowerFit
 from devices.profiles import get_device
 from edge_agent.generation import Generator, LlmSettings
 from edge_agent.offload import CloudNodeClient, refresh_all
+from edge_agent.power import PowerMonitor
 from edge_agent.server import EdgeAgentService, Policy
 from partitioner.costmodel import Constraints, Link, Objective
 from partitioner.planning import power_of
@@ -58,6 +60,8 @@ class AgentConfig:
     llm_remote_tokens_per_hour: int | None = field(default=None, metadata={"help": "cap on tokens generated in the cloud per hour"})
     llm_stall_s: float = field(default=5.0, metadata={"help": "a cloud stream silent this long is finished on the device, s"})
     probe_idle_s: float = field(default=10.0, metadata={"help": "measure the bandwidth of a link idle this long, s"})
+    sysfs_root: Path = field(default=Path("/"), metadata={"help": "where the board's /sys is mounted (a container given the host's at /host/sys: /host)"})
+    power_window_s: float = field(default=1.0, metadata={"help": "power sensor sample window, s"})
     refresh_s: float = field(default=2.0, metadata={"help": "how often node status (load, RTT) is refreshed, s"})
     max_concurrency: int = field(default=4, metadata={"help": "requests served at once"})
     max_queue: int = field(default=64, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
@@ -160,7 +164,8 @@ async def serve(config: AgentConfig) -> None:
         weight_latency=policy.weight_latency,
     )
     service = EdgeAgentService(
-        store=store, profiles=profiles, nodes=nodes, power=power_of(device), device_name=device.name,
+        store=store, profiles=profiles, nodes=nodes, power=power_of(device),
+        power_figures=PowerFit().figures(device.idle_w, device.active_w, device.name), device_name=device.name,
         codec_speed=measure_codec_speed(), policy=policy,
         max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,
     )
@@ -173,11 +178,15 @@ async def serve(config: AgentConfig) -> None:
     write_ready_file(config.ready_file, address)
     logger.info("edge agent (%s) serving %d models on %s", device.name, len(store.models), address)
     refresher = asyncio.create_task(refresh_loop(nodes, config.refresh_s))
+    monitor = PowerMonitor(device, root=config.sysfs_root, window_s=config.power_window_s,
+                           busy_ms=lambda: service.busy_ms, apply=service.use_power)
+    metering = asyncio.create_task(monitor.run())
     signame = await wait_for_shutdown()
     logger.info("%s: draining for up to %.1f s", signame, config.grace_s)
-    refresher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await refresher
+    for task in (refresher, metering):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     health.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     service.close()

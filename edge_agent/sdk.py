@@ -116,6 +116,7 @@ class Explanation:
     hysteresis_margin: float = 0.0
     would_switch: bool = False
     calibration: dict[str, float] = field(default_factory=dict)  # edge_factor, offload_ms, samples
+    power: dict[str, float | str] = field(default_factory=dict)  # idle_w, active_w, source
 
     @classmethod
     def from_message(cls, m: pb.Explanation) -> "Explanation":
@@ -130,6 +131,7 @@ class Explanation:
             device=m.device, current=m.current.label, hysteresis_margin=m.hysteresis_margin, would_switch=m.would_switch,
             calibration={"edge_factor": m.calibration.edge_factor, "offload_ms": m.calibration.offload_ms,
                          "samples": m.calibration.samples},
+            power={"idle_w": m.power.idle_w, "active_w": m.power.active_w, "source": m.power.source},
         )
 
     def candidate(self, plan: str) -> CandidateView:

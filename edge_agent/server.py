@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from devices.power_fit import PowerFigures
 from edge_agent.generation import Generator
 from edge_agent.offload import CloudNodeClient
+from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
 from partitioner.costmodel import (
     Candidate,
@@ -134,13 +136,15 @@ def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]
 
 class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def __init__(self, *, store: ModelStore, profiles: dict[str, ModelProfile], nodes: list[CloudNodeClient],
-                 power: Power, device_name: str, codec_speed: dict[int, CodecSpeed], policy: Policy,
+                 power: Power, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policy: Policy,
                  max_concurrency: int, max_queue: int, generator: Generator) -> None:
         self.store = store
         self.generator = generator
         self.profiles = profiles
         self.nodes = nodes
         self.power = power
+        self.power_figures = power_figures
+        self.busy_ms = 0.0  # device compute and codec time so far, for the power sensor's fit
         self.device_name = device_name
         self.codec_speed = codec_speed
         self.policy = policy
@@ -175,6 +179,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         decision = choose(costs, clouds, self.power, objective=objective, weight_latency=self.policy.weight_latency,
                           constraints=self.policy.constraints)
         return decision, costs
+
+    def use_power(self, figures: PowerFigures) -> None:
+        """Plan with these board watts from now on (tensor models and LLMs alike)."""
+        self.power_figures = figures
+        self.power = with_figures(self.power, figures)
+        self.generator.power = with_figures(self.generator.power, figures)
 
     # ----------------------------------------------------------- execution --
 
@@ -313,6 +323,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
+        self.busy_ms += stages.edge_ms + stages.encode_ms + stages.decode_ms
         if not fallback_reason and not stages.cold:
             self.calibration = self.calibration.observed(candidate.stages, stages, offloaded=candidate.kind != "local")
         encoded = encode_all(outputs, pb.ENCODING_RAW)
@@ -363,6 +374,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             hysteresis_margin=self.policy.hysteresis_margin, would_switch=held.switched,
             calibration=pb.Calibration(edge_factor=self.calibration.edge_factor, offload_ms=self.calibration.offload_ms,
                                        samples=self.calibration.samples),
+            power=pb.PowerFigures(idle_w=self.power_figures.idle_w, active_w=self.power_figures.active_w,
+                                  source=self.power_figures.source),
             candidates=[
                 pb.Candidate(plan=plan_message(c, model, encoding), predicted=stage_times(c.stages, c.stages.total_ms),
                              energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations,

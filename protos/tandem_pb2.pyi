@@ -456,7 +456,7 @@ class Candidate(_message.Message):
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration")
+    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration", "power")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     WINNER_FIELD_NUMBER: _ClassVar[int]
@@ -469,6 +469,7 @@ class Explanation(_message.Message):
     HYSTERESIS_MARGIN_FIELD_NUMBER: _ClassVar[int]
     WOULD_SWITCH_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    POWER_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     winner: Plan
@@ -481,7 +482,18 @@ class Explanation(_message.Message):
     hysteresis_margin: float
     would_switch: bool
     calibration: Calibration
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+    power: PowerFigures
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., power: _Optional[_Union[PowerFigures, _Mapping]] = ...) -> None: ...
+
+class PowerFigures(_message.Message):
+    __slots__ = ("idle_w", "active_w", "source")
+    IDLE_W_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_W_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    idle_w: float
+    active_w: float
+    source: str
+    def __init__(self, idle_w: _Optional[float] = ..., active_w: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Calibration(_message.Message):
     __slots__ = ("edge_factor", "offload_ms", "samples")
