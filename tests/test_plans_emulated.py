@@ -111,3 +111,44 @@ def test_emulated_daemons_leave_nothing_behind() -> None:
     assert f"tdm-{os.getpid()}-" not in names
     cgroups = Path("/sys/fs/cgroup/cpu")
     assert not list(cgroups.glob(f"tandem-{os.getpid()}-*")) if cgroups.exists() else True
+
+
+def break_even_mbps(client, model: str) -> float:
+    """The uplink at which the agent's best offload plan and LOCAL are predicted
+    equal (bisection on explain with link overrides, which change nothing)."""
+    low, high = 0.1, 1000.0
+    rtt_ms = client.explain(model).link["rtt_ms"]
+    for _ in range(20):
+        mid = (low * high) ** 0.5
+        explanation = client.explain(model, link={"uplink_mbps": mid, "downlink_mbps": mid, "rtt_ms": rtt_ms})
+        local = explanation.candidate("local").predicted["total_ms"]
+        offload = min(c.predicted["total_ms"] for c in explanation.candidates if c.plan != "local")
+        low, high = (mid, high) if offload > local else (low, mid)
+    return (low * high) ** 0.5
+
+
+def test_a_link_wobbling_around_break_even_does_not_make_the_agent_flap(model_dir: Path, image: np.ndarray) -> None:
+    with Testbed(uplink_mbps=100, downlink_mbps=100) as bed, CpuQuota(cpus_like("pi4")) as quota:
+        deployment = Deployment(bed, model_dir, quota, "--encoding", "int8", "--hysteresis-margin", "0.25")
+        try:
+            client = deployment.client
+            for _ in range(3):  # the agent calibrates its profile on a few real requests first
+                client.infer("mobilenet", {"input": image})
+            even = break_even_mbps(client, "mobilenet")
+            # per bit, 1/(2B) and 1/(2B/3) average to 1/B: the smoothed estimate swings across break-even
+            rates = [even * 2, even * 2 / 3]
+            ran, raw_best, reasons = [], [], []
+            for i in range(16):  # bounded
+                bed.set_rate(uplink_mbps=rates[i % 2], downlink_mbps=rates[i % 2])
+                result = client.infer("mobilenet", {"input": image})
+                ran.append(result.planned)
+                explanation = client.explain("mobilenet")
+                raw_best.append(min((c for c in explanation.candidates if c.feasible), key=lambda c: c.score).plan)
+                reasons.append(explanation.why)
+            switches = sum(a != b for a, b in zip(ran, ran[1:]))
+            raw_switches = sum(a != b for a, b in zip(raw_best, raw_best[1:]))
+            assert switches <= 2, (f"break-even {even:.1f} Mbit/s", ran, raw_best)
+            if raw_switches > 2:  # the wobble did cross break-even: the margin is what held the plan
+                assert any("within the 25% margin" in why for why in reasons), reasons
+        finally:
+            deployment.close()
