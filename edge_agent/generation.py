@@ -10,7 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -23,9 +23,11 @@ from partitioner.llm_routing import (
     LlmNode,
     LlmPolicy,
     LlmSpeed,
+    estimated_prompt_bytes,
     expected_queue_ms,
     route_generation,
 )
+from partitioner.policy import LlmLimits
 from protos import tandem_pb2 as pb
 from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent
 from runtimes.llm_serving import LlmStore, checked, prompt_tokens, sampling_of, stream, summary_of, token_chunk
@@ -103,6 +105,13 @@ class Generator:
         self.settings = settings
         self.weight_latency = weight_latency
         self.budget = RemoteBudget(settings.remote_tokens_per_hour)
+
+    def use_limits(self, limits: LlmLimits, *, weight_latency: float) -> None:
+        """A reloaded policy's LLM limits; tokens already spent in the cloud still count."""
+        self.settings = replace(self.settings, allow_remote=limits.allow_remote,
+                                remote_tokens_per_hour=limits.remote_tokens_per_hour)
+        self.budget.per_hour = limits.remote_tokens_per_hour
+        self.weight_latency = weight_latency
 
     def serves(self, model: str) -> bool:
         return model in self.llms.engines or any(self._node_load(n, model) for n in self.nodes)
@@ -243,5 +252,5 @@ class Generator:
 
     def explain(self, model: str, prompt_tokens: int, max_tokens: int, objective: Objective, link: Link | None) -> LlmDecision:
         shape = GenerationShape(prompt_tokens=max(prompt_tokens, 1), max_tokens=max(max_tokens, 1),
-                                prompt_bytes=max(prompt_tokens, 1) * 4 + 64)
+                                prompt_bytes=estimated_prompt_bytes(prompt_tokens))
         return self.decide(model, shape, objective, link)

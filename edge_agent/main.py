@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,10 @@ from devices.profiles import get_device
 from edge_agent.generation import Generator, LlmSettings
 from edge_agent.offload import CloudNodeClient, refresh_all
 from edge_agent.power import PowerMonitor
-from edge_agent.server import EdgeAgentService, Policy
+from edge_agent.server import EdgeAgentService
 from partitioner.costmodel import Constraints, Link, Objective
 from partitioner.planning import power_of
+from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -62,6 +64,7 @@ class AgentConfig:
     probe_idle_s: float = field(default=10.0, metadata={"help": "measure the bandwidth of a link idle this long, s"})
     sysfs_root: Path = field(default=Path("/"), metadata={"help": "where the board's /sys is mounted (a container given the host's at /host/sys: /host)"})
     power_window_s: float = field(default=1.0, metadata={"help": "power sensor sample window, s"})
+    policy: Path | None = field(default=None, metadata={"help": "TOML policy file (offload-tune write-policy) over these flags; reloaded on SIGHUP"})
     refresh_s: float = field(default=2.0, metadata={"help": "how often node status (load, RTT) is refreshed, s"})
     max_concurrency: int = field(default=4, metadata={"help": "requests served at once"})
     max_queue: int = field(default=64, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
@@ -104,7 +107,8 @@ class AgentConfig:
             raise error("llm_remote_tokens_per_hour must be >= 0")
         get_device(self.device)
 
-    def policy(self) -> Policy:
+    def base_policy(self) -> Policy:
+        """The policy the flags and config say; a policy file overrides it key by key."""
         return Policy(
             objective=Objective(self.objective),
             weight_latency=self.weight_latency,
@@ -119,6 +123,21 @@ class AgentConfig:
             hysteresis_margin=self.hysteresis_margin,
         )
 
+    def policies(self, segments: dict[str, int]) -> PolicySet:
+        """The flags' policy with the policy file (if any) over it; PolicyError
+        (naming the line) for a file the agent must not load."""
+        base_llm = LlmLimits(allow_remote=self.llm_allow_remote, remote_tokens_per_hour=self.llm_remote_tokens_per_hour)
+        if self.policy is None:
+            return PolicySet(default=self.base_policy(), llm=base_llm)
+        try:
+            text = self.policy.read_text()
+        except OSError as exc:
+            raise PolicyError(f"cannot read {self.policy}: {exc.strerror}") from None
+        policies = parse(text, self.base_policy(), base_llm)
+        for warning in check_models(policies, text, segments):
+            logger.warning("policy %s: %s", self.policy, warning)
+        return policies
+
     def link_override(self) -> Link | None:
         if self.uplink_mbps is None:
             return None
@@ -131,8 +150,24 @@ async def refresh_loop(nodes: list[CloudNodeClient], every_s: float) -> None:
         await refresh_all(nodes)
 
 
+def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAgentService) -> None:
+    """SIGHUP: the policy file again; a file that does not check out leaves the current policy in force."""
+    if config.policy is None:
+        logger.info("SIGHUP: no --policy file to reload")
+        return
+    try:
+        policies = config.policies(segments)
+    except PolicyError as exc:
+        logger.error("policy %s rejected, keeping the previous one: %s", config.policy, exc)
+        return
+    service.use_policies(policies)
+    logger.info("policy %s reloaded", config.policy)
+
+
 async def serve(config: AgentConfig) -> None:
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
+    segments = {name: model.num_segments for name, model in store.models.items()}
+    policies = config.policies(segments)  # an invalid file stops the start, naming the line
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     device = get_device(config.device)
@@ -156,17 +191,16 @@ async def serve(config: AgentConfig) -> None:
 
     llms = await asyncio.to_thread(LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
                                    threads=config.llm_threads or None, max_queue=config.llm_max_queue)
-    policy = config.policy()
     generator = Generator(
         llms, nodes, power_of(device),
-        LlmSettings(allow_remote=config.llm_allow_remote, remote_tokens_per_hour=config.llm_remote_tokens_per_hour,
+        LlmSettings(allow_remote=policies.llm.allow_remote, remote_tokens_per_hour=policies.llm.remote_tokens_per_hour,
                     slo_ms=config.slo_ms, stall_s=config.llm_stall_s),
-        weight_latency=policy.weight_latency,
+        weight_latency=policies.default.weight_latency,
     )
     service = EdgeAgentService(
         store=store, profiles=profiles, nodes=nodes, power=power_of(device),
         power_figures=PowerFit().figures(device.idle_w, device.active_w, device.name), device_name=device.name,
-        codec_speed=measure_codec_speed(), policy=policy,
+        codec_speed=measure_codec_speed(), policies=policies,
         max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,
     )
     server = grpc.aio.server(options=channel_options(config.max_message_mb))
@@ -178,6 +212,7 @@ async def serve(config: AgentConfig) -> None:
     write_ready_file(config.ready_file, address)
     logger.info("edge agent (%s) serving %d models on %s", device.name, len(store.models), address)
     refresher = asyncio.create_task(refresh_loop(nodes, config.refresh_s))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, config, segments, service)
     monitor = PowerMonitor(device, root=config.sysfs_root, window_s=config.power_window_s,
                            busy_ms=lambda: service.busy_ms, apply=service.use_power)
     metering = asyncio.create_task(monitor.run())
@@ -205,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     try:
         asyncio.run(serve(config))
+    except PolicyError as exc:
+        logger.error("policy %s: %s", config.policy, exc)
+        return 2
     except OSError as exc:
         logger.error("%s", exc)
         return 1

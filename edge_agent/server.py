@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -20,7 +20,6 @@ from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
 from partitioner.costmodel import (
     Candidate,
-    Constraints,
     Decision,
     Link,
     ModelCosts,
@@ -38,6 +37,7 @@ from partitioner.planning import (
     local_finish_ms,
     model_costs,
 )
+from partitioner.policy import Policy, PolicySet
 from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
@@ -66,16 +66,6 @@ MIN_CLOUD_BUDGET_S = 0.005
 
 class PlanError(InputError):
     """A pinned plan that does not exist for this model."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    objective: Objective = Objective.LATENCY
-    weight_latency: float = 0.5
-    constraints: Constraints = field(default_factory=Constraints)
-    encoding: int = pb.ENCODING_RAW          # codec for tensors sent to a node
-    cloud_timeout_s: float = 10.0            # longest wait for one cloud call
-    hysteresis_margin: float = 0.1           # switch plan only for a predicted gain above this (relative)
 
 
 @dataclass
@@ -136,7 +126,7 @@ def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]
 
 class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def __init__(self, *, store: ModelStore, profiles: dict[str, ModelProfile], nodes: list[CloudNodeClient],
-                 power: Power, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policy: Policy,
+                 power: Power, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policies: PolicySet,
                  max_concurrency: int, max_queue: int, generator: Generator) -> None:
         self.store = store
         self.generator = generator
@@ -147,7 +137,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.busy_ms = 0.0  # device compute and codec time so far, for the power sensor's fit
         self.device_name = device_name
         self.codec_speed = codec_speed
-        self.policy = policy
+        self.policies = policies
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, float], ModelCosts] = {}  # profiles are immutable: build once
@@ -165,20 +155,31 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                            output_encoding=pb.ENCODING_RAW, scale=scale)
         return self._costs[key]
 
+    def _planned_nodes(self, policy: Policy) -> list[CloudNodeClient]:
+        """The policy's preferred nodes while one is reachable, else every node."""
+        preferred = [n for n in self.nodes if n.address in policy.preferred_nodes and n.state.reachable]
+        return preferred or self.nodes
+
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, scale: float = 1.0,
                link: Link | None = None) -> tuple[Decision, ModelCosts]:
         profile = self.profiles[model.name]
+        policy = self.policies.for_model(model.name)
         costs = self.calibration.apply(self._model_costs(model, encoding, scale))
         clouds = []
-        for node in self.nodes:
+        for node in self._planned_nodes(policy):
             cloud_profile = node.profile(model.name, model.digest) if node.state.reachable else None
             if cloud_profile is None or cloud_profile.num_segments != profile.num_segments:
                 continue
             clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link,
                                        queue_ms=node.state.load.queue_delay_ms, scale=scale))
-        decision = choose(costs, clouds, self.power, objective=objective, weight_latency=self.policy.weight_latency,
-                          constraints=self.policy.constraints)
+        decision = choose(costs, clouds, self.power, objective=objective, weight_latency=policy.weight_latency,
+                          constraints=policy.constraints)
         return decision, costs
+
+    def use_policies(self, policies: PolicySet) -> None:
+        """Plan by ``policies`` from the next request on (a SIGHUP reload)."""
+        self.policies = policies
+        self.generator.use_limits(policies.llm, weight_latency=policies.default.weight_latency)
 
     def use_power(self, figures: PowerFigures) -> None:
         """Plan with these board watts from now on (tensor models and LLMs alike)."""
@@ -230,7 +231,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             to_send = {name: produced[name] for name in cut.tensors}
         attempt = time.perf_counter()
         try:
-            budget_s = cloud_budget_s(timeout_s=self.policy.cloud_timeout_s, remaining_s=context.time_remaining(),
+            budget_s = cloud_budget_s(timeout_s=self.policies.for_model(model.name).cloud_timeout_s, remaining_s=context.time_remaining(),
                                       local_finish_ms=local_finish_ms(costs, candidate.k))
             if budget_s < MIN_CLOUD_BUDGET_S:
                 raise CloudFailed(f"the deadline leaves {budget_s * 1e3:.1f} ms for the cloud: not enough to try")
@@ -275,7 +276,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         arrived = time.perf_counter()
         try:
             model = self.store.get(request.model)
-            objective, encoding = request_options(request.objective, request.encoding, self.policy)
+            objective, encoding = request_options(request.objective, request.encoding, self.policies.for_model(model.name))
             feeds = decode_all(request.inputs)
             model.check_inputs(feeds)
             async with self.admission.slot():
@@ -286,7 +287,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def _pick(self, model: OnnxModel, decision: Decision, pinned: str, key: tuple[str, Objective, int]) -> tuple[Candidate, str, str]:
         """(candidate to run, why, fallback reason if a pinned cloud plan has no node)."""
         if not pinned:
-            held = hold_or_switch(decision, self._current.get(key), margin=self.policy.hysteresis_margin)
+            margin = self.policies.for_model(model.name).hysteresis_margin
+            held = hold_or_switch(decision, self._current.get(key), margin=margin)
             if held.candidate is not None:
                 self._current[key] = (held.candidate.label, held.candidate.node)
                 return held.candidate, held.why, ""
@@ -338,7 +340,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         async def chunks() -> AsyncIterator[pb.GenerateChunk]:
-            objective, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policy)
+            objective, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
             async with contextlib.aclosing(await self.generator.generate(request, objective)) as generated:
                 async for chunk in generated:
                     yield chunk
@@ -347,8 +349,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             yield chunk
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.Explanation:
+        policy = self.policies.for_model(request.model)
         try:
-            objective, encoding = request_options(request.objective, request.encoding, self.policy)
+            objective, encoding = request_options(request.objective, request.encoding, policy)
             link = None
             if request.HasField("link"):
                 o = request.link
@@ -363,7 +366,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
         current = self._current.get((model.name, objective, encoding))
-        held = hold_or_switch(decision, current, margin=self.policy.hysteresis_margin)
+        held = hold_or_switch(decision, current, margin=policy.hysteresis_margin)
         shown = held.candidate or decision.best_effort
         current_candidate = next((c for c in decision.candidates if (c.label, c.node) == current), None)
         used = link or next((n.link for n in self.nodes if n.state.reachable and n.link), None)
@@ -371,7 +374,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=held.why,
             winner=plan_message(shown, model, encoding) if shown else pb.Plan(),
             current=plan_message(current_candidate, model, encoding) if current_candidate else pb.Plan(),
-            hysteresis_margin=self.policy.hysteresis_margin, would_switch=held.switched,
+            hysteresis_margin=policy.hysteresis_margin, would_switch=held.switched,
             calibration=pb.Calibration(edge_factor=self.calibration.edge_factor, offload_ms=self.calibration.offload_ms,
                                        samples=self.calibration.samples),
             power=pb.PowerFigures(idle_w=self.power_figures.idle_w, active_w=self.power_figures.active_w,

@@ -79,6 +79,16 @@ __all__ = [
 # frame header. An estimate from those framing sizes, not a measurement;
 # callers that measure their stream should pass their own figure.
 DEFAULT_BYTES_PER_TOKEN = 48
+# A prompt not yet tokenised travels as text: about 4 characters per token
+# for English (OpenAI's tokenizer guide, "a helpful rule of thumb"), plus
+# the request's own fields and framing.
+PROMPT_BYTES_PER_TOKEN = 4
+REQUEST_FRAMING_BYTES = 64
+
+
+def estimated_prompt_bytes(prompt_tokens: int) -> int:
+    """Uplink bytes of a prompt known only by its length (explain, offload-tune)."""
+    return max(prompt_tokens, 1) * PROMPT_BYTES_PER_TOKEN + REQUEST_FRAMING_BYTES
 
 
 # --- input validation helpers -------------------------------------------------

@@ -194,16 +194,20 @@ def _fail(text: str, table: str, key: str | None, reason: str) -> PolicyError:
     return PolicyError(f"line {line}: {name}: {reason}" if line else f"{name}: {reason}")
 
 
+def _set(policy: Policy, name: str, value: Any) -> Policy:
+    key = KEY_BY_NAME.get(name)
+    if key is None:
+        raise ValueError(f"unknown key; known: {', '.join(KEY_BY_NAME)}")
+    return key.apply(policy, key.parse(value))
+
+
 def _apply(text: str, table_name: str, table: Any, base: Policy) -> Policy:
     if not isinstance(table, dict):
         raise _fail(text, table_name, None, "must be a table")
     policy = base
     for name, value in table.items():
-        key = KEY_BY_NAME.get(name)
-        if key is None:
-            raise _fail(text, table_name, name, f"unknown key; known: {', '.join(KEY_BY_NAME)}")
         try:
-            policy = key.apply(policy, key.parse(value))
+            policy = _set(policy, name, value)
         except ValueError as exc:
             raise _fail(text, table_name, name, str(exc)) from None
     try:  # the cost model's own checks, on the whole policy
@@ -291,3 +295,39 @@ def render(policies: PolicySet, *, header: list[str] = (), notes: Mapping[str, l
             llm.add(name, tomlkit.item(value).comment(doc))
     document.add("llm", llm)
     return tomlkit.dumps(document)
+
+
+def check_models(policies: PolicySet, text: str, segments: Mapping[str, int]) -> list[str]:
+    """Check the policy against the models the agent serves (name -> segments).
+    Cuts a model does not have are an error (PolicyError, naming the line);
+    tables for models the agent does not serve are returned as warnings (the
+    model may be added later)."""
+    warnings = []
+    for name, policy in policies.models.items():
+        if name not in segments:
+            warnings.append(f"[models.{name}]: no such model here (serving {', '.join(sorted(segments)) or 'none'})")
+            continue
+        cuts = policy.constraints.allowed_cuts
+        bad = sorted(k for k in cuts or () if not 1 <= k < segments[name])
+        if bad:
+            table = f"models.{name}" if _line_of(text, f"models.{name}", "allowed_cuts") else "default"
+            raise _fail(text, table, "allowed_cuts", f"{name} has cuts 1..{segments[name] - 1}, not {bad}")
+    default_cuts = policies.default.constraints.allowed_cuts
+    if default_cuts:
+        for name, n in segments.items():
+            if name not in policies.models and all(not 1 <= k < n for k in default_cuts):
+                warnings.append(f"[default] allowed_cuts: none of {sorted(default_cuts)} is a cut of {name} "
+                                f"(1..{n - 1}): it can only run LOCAL or REMOTE")
+    return warnings
+
+
+def policy_from_values(values: Mapping[str, Any], base: Policy | None = None) -> Policy:
+    """A policy from key -> value (as a [default] table would hold them, e.g.
+    from command-line flags); PolicyError names the key and the reason."""
+    policy = base or Policy()
+    for name, value in values.items():
+        try:
+            policy = _set(policy, name, value)
+        except ValueError as exc:
+            raise PolicyError(f"{name}: {exc}") from None
+    return policy
