@@ -198,3 +198,24 @@ def test_an_invalid_policy_stops_the_agent_at_start_with_the_line(tmp_path: Path
         agent.wait_ready(timeout_s=120)
     assert "line 3: allowed_cuts in [models.mobilenet]: mobilenet has cuts 1..25, not [0]" in agent.log()
     agent.stop()
+
+
+def test_policy_prefers_nodes_and_limits_llm_routing(tmp_path: Path, model_dir: Path, cloud: launch.Daemon) -> None:
+    policy = tmp_path / "policy.toml"
+    with launch.cloud_node(model_dir) as other:
+        policy.write_text(f'[models.mobilenet]\npreferred_nodes = ["{other.address}"]\n[llm]\nallow_remote = false\n')
+        with launch.edge_agent(model_dir, [cloud.address, other.address], "--policy", str(policy), "--llm", "smollm2") \
+                as agent, sdk.EdgeClient(agent.address) as client:
+            offloads = {c.node for c in client.explain("mobilenet").candidates if c.plan != "local"}
+            assert offloads == {other.address}
+            both = {c.node for c in client.explain("resnet").candidates if c.plan != "local"}
+            assert both == {cloud.address, other.address}  # no preference for resnet
+            routes = client.explain("smollm2", prompt_tokens=16, max_tokens=8).candidates
+            assert all(not c.feasible for c in routes if c.plan != "local") and any(c.plan != "local" for c in routes)
+            other.stop()  # the preferred node is gone: plan on the others rather than not at all
+            for _ in range(100):  # bounded: the agent notices at its next refresh (2 s) or request
+                offloads = {c.node for c in client.explain("mobilenet").candidates if c.plan != "local"}
+                if offloads == {cloud.address}:
+                    break
+                time.sleep(0.1)
+            assert offloads == {cloud.address}
