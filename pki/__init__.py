@@ -1,0 +1,1 @@
+"""The deployment's certificates: a CA, node and device identities for mutual TLS."""
