@@ -18,9 +18,10 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.llm_serving import LlmStore
+from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
 from runtimes.profiler import profile_store
-from runtimes.rpc import add_health, add_service, channel_options, set_serving
+from runtimes.rpc import add_health, add_reflection, add_service, channel_options, set_serving
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ class NodeConfig:
                                                                    "but greedy outputs may differ from a stream run alone"})
     llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
-    ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
+    ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid, metrics URL} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    log_format: str = field(default="text", metadata={"help": "log lines as text (for people) or json (one object per line)"})
+    metrics_listen: str = field(default="", metadata={"help": "HOST:PORT for the Prometheus /metrics endpoint "
+                                                              "(port 0: any free port; empty: off)"})
 
     def spinning(self) -> bool | None:
         return {"auto": None, "on": True, "off": False}[self.ort_spinning]
@@ -62,6 +66,10 @@ class NodeConfig:
             raise config_loader.ConfigError("max_message_mb must be >= 1")
         if self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16:
             raise config_loader.ConfigError("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16")
+        if self.log_format not in ("text", "json"):
+            raise config_loader.ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
+            raise config_loader.ConfigError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
 
 
 async def serve(config: NodeConfig) -> None:
@@ -75,21 +83,28 @@ async def serve(config: NodeConfig) -> None:
         LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
         threads=config.llm_threads or None, max_queue=config.llm_max_queue, unified_kv=config.llm_unified_kv,
     )
+    metrics = Metrics("cloud-node")
     service = CloudNodeService(
         store, profiles, llms, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",
-        max_concurrency=config.max_concurrency, max_queue=config.max_queue,
+        max_concurrency=config.max_concurrency, max_queue=config.max_queue, metrics=metrics,
     )
+    service_name = pb.DESCRIPTOR.services_by_name["CloudNode"].full_name
     add_service(server, pb_grpc.add_CloudNodeServicer_to_server, service)
     health = add_health(server)
+    add_reflection(server, [service_name])
+    metrics_url = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
     await server.start()
-    set_serving(health, [pb.DESCRIPTOR.services_by_name["CloudNode"].full_name])
-    write_ready_file(config.ready_file, address)
+    set_serving(health, [service_name])
+    write_ready_file(config.ready_file, address, {"metrics": metrics_url} if metrics_url else None)
     logger.info("cloud node %s serving %d models on %s", service.node_id, len(store.models), address)
+    if metrics_url:
+        logger.info("metrics at %s", metrics_url)
     signame = await wait_for_shutdown()
     logger.info("%s: draining for up to %.1f s", signame, config.grace_s)
     health.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     service.close()
+    metrics.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_loader.load(NodeConfig, args, env_prefix="TANDEM_NODE")
     except config_loader.ConfigError as exc:
         parser.error(str(exc))
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
     except (FileNotFoundError, OSError) as exc:

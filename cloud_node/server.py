@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,9 +18,10 @@ from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
-from runtimes.admission import Admission, run_cancellable
+from runtimes.admission import Admission, Overloaded, run_cancellable
 from runtimes.llm import TokenEvent
 from runtimes.llm_serving import LlmStore, checked, prompt_tokens, relay, sampling_of, stream, summary_of, token_chunk
+from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
 from runtimes.rpc import ModelMismatch, abort_for
@@ -44,14 +46,38 @@ def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run, opti
 
 class CloudNodeService(pb_grpc.CloudNodeServicer):
     def __init__(self, store: ModelStore, profiles: dict[str, ModelProfile], llms: LlmStore, *, node_id: str,
-                 max_concurrency: int, max_queue: int) -> None:
+                 max_concurrency: int, max_queue: int, metrics: Metrics) -> None:
         self.store = store
         self.llms = llms
         self.profiles = profiles
         self.node_id = node_id
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="cloud-compute")
+        self.metrics = metrics
+        # Queue depths are read at each scrape, so they are exact whenever Prometheus looks.
+        metrics.set_queue("onnx", lambda: self.admission.queued)
+        for name, engine in llms.engines.items():
+            metrics.set_queue(name, lambda engine=engine: engine.queued)
         psutil.cpu_percent()  # first call primes the counter
+
+    @contextlib.contextmanager
+    def _observed(self, method: str) -> Iterator[dict[str, float]]:
+        """Count the enclosed request by outcome, in flight while it runs; the
+        block fills in its stage times (ms)."""
+        stages: dict[str, float] = {}
+        outcome = "error"
+        with self.metrics.in_flight():
+            try:
+                yield stages
+                outcome = "ok"
+            except Overloaded:
+                outcome = "rejected"
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                outcome = "cancelled"
+                raise
+            finally:
+                self.metrics.observe_request(method, "", outcome, stages)
 
     def load(self) -> pb.NodeLoad:
         return pb.NodeLoad(
@@ -63,17 +89,19 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
             cpu_percent=psutil.cpu_percent(),
         )
 
-    async def _compute(self, context: grpc.aio.ServicerContext, model_name: str, digest: str, tensors, reply_encoding: int,
-                       run: Callable[..., dict[str, np.ndarray]]) -> pb.RunReply:
+    async def _compute(self, context: grpc.aio.ServicerContext, method: str, model_name: str, digest: str, tensors,
+                       reply_encoding: int, run: Callable[..., dict[str, np.ndarray]]) -> pb.RunReply:
         """Admit, then decode, run and encode in a worker thread; every failure becomes a status."""
         try:
-            model = self.store.get(model_name)
-            if digest and digest != model.digest:
-                raise ModelMismatch(
-                    f"model {model_name}: caller has digest {digest[:12]}…, this node has {model.digest[:12]}…"
-                )
-            async with self.admission.slot() as waited_ms:
-                timings, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors, reply_encoding, run)
+            with self._observed(method) as stages:
+                model = self.store.get(model_name)
+                if digest and digest != model.digest:
+                    raise ModelMismatch(
+                        f"model {model_name}: caller has digest {digest[:12]}…, this node has {model.digest[:12]}…"
+                    )
+                async with self.admission.slot() as waited_ms:
+                    timings, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors, reply_encoding, run)
+                stages.update(queue=waited_ms, compute=timings["compute_ms"])
         except Exception as exc:  # noqa: BLE001 -- mapped to a status, server stays up
             await abort_for(context, exc)
         return pb.RunReply(outputs=encoded, queue_ms=waited_ms, load=self.load(), node_id=self.node_id, **timings)
@@ -82,14 +110,16 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         def run(model: OnnxModel, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
             return model.run_suffix(model.find_cut(list(request.cut)), feeds, options)
 
-        return await self._compute(context, request.model, request.model_digest, request.tensors, request.reply_encoding, run)
+        return await self._compute(context, "RunPartition", request.model, request.model_digest, request.tensors,
+                                   request.reply_encoding, run)
 
     async def RunModel(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.RunReply:
         def run(model: OnnxModel, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
             model.check_inputs(feeds)
             return model.run(feeds, options)
 
-        return await self._compute(context, request.model, request.model_digest, request.inputs, request.reply_encoding, run)
+        return await self._compute(context, "RunModel", request.model, request.model_digest, request.inputs,
+                                   request.reply_encoding, run)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
         return pb.NodeStatus(node_id=self.node_id, models=[*self.store.model_infos(), *self.llms.model_infos()],
@@ -101,14 +131,19 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()
-        engine = self.llms.get(request.model)
-        events = stream(engine, prompt_tokens(engine, request), sampling_of(request), request.generated_token_ids)
-        async with contextlib.aclosing(events):
-            async for event in events:
-                if isinstance(event, TokenEvent):
-                    yield token_chunk(event)
-                else:
-                    yield pb.GenerateChunk(done=summary_of(checked(event), started=started, ran=pb.PLAN_REMOTE, node=self.node_id))
+        with self._observed("Generate"):
+            engine = self.llms.get(request.model)
+            events = stream(engine, prompt_tokens(engine, request), sampling_of(request), request.generated_token_ids)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        yield token_chunk(event)
+                        continue
+                    done = checked(event)
+                    # A continuation's completion count includes the tokens another side generated.
+                    generated_here = done.completion_tokens - len(request.generated_token_ids)
+                    self.metrics.observe_llm(request.model, "node", tokens=generated_here, tok_s=done.tokens_per_s)
+                    yield pb.GenerateChunk(done=summary_of(done, started=started, ran=pb.PLAN_REMOTE, node=self.node_id))
 
     async def GetProfile(self, request: pb.ProfileRequest, context: grpc.aio.ServicerContext) -> pb.ModelProfileMsg:
         try:

@@ -7,18 +7,42 @@ import json
 import logging
 import os
 import signal
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 logger = logging.getLogger(__name__)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_FIELDS = {*vars(logging.makeLogRecord({})), "message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers that parse fields instead of text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({key: value for key, value in vars(record).items() if key not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Root handler for a daemon's entry point: ``fmt`` "text" for people, "json" for machines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def bind(server: grpc.aio.Server, listen: str) -> str:
@@ -32,12 +56,13 @@ def bind(server: grpc.aio.Server, listen: str) -> str:
     return f"{host}:{port}"
 
 
-def write_ready_file(path: Path | None, address: str) -> None:
-    """Tell a supervisor (or a test) where we listen, atomically."""
+def write_ready_file(path: Path | None, address: str, extra: dict[str, Any] | None = None) -> None:
+    """Tell a supervisor (or a test) where we listen, atomically; ``extra``
+    adds fields (the metrics URL)."""
     if path is None:
         return
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), **(extra or {})}))
     tmp.replace(path)
 
 

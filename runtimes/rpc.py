@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from partitioner.graph import GraphError
 from protos.codec import CodecError
@@ -74,6 +75,13 @@ def add_health(server: grpc.aio.Server) -> health.HealthServicer:
 def set_serving(servicer: health.HealthServicer, service_names: list[str]) -> None:
     for name in ["", *service_names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """Server reflection, so grpcurl and other generic clients can list and call
+    ``service_names`` (full names) without our .proto; health and reflection
+    itself are listed too."""
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
 
 class MalformedRequest:
