@@ -51,6 +51,8 @@ class CloudNodeClient:
         self._last_probe = 0.0
         self._profiles: dict[str, ModelProfile] = {}  # digest -> profile measured on the node
         self._generation = 0  # bumped by mark_down, so a refresh in flight cannot undo it
+        self.inflight = 0     # this agent's requests on the node now
+        self.sent = 0         # this agent's requests to the node so far
 
     @property
     def link(self) -> Link | None:

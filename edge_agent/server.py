@@ -36,6 +36,7 @@ from partitioner.planning import (
     input_scale,
     local_finish_ms,
     model_costs,
+    queue_wait_ms,
 )
 from partitioner.policy import Policy, PolicySet
 from partitioner.profile import ModelProfile
@@ -62,6 +63,9 @@ ENCODINGS = (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8)
 # Below this much time left before the caller's deadline, a cloud attempt is
 # not worth starting: there would be no time left to fall back.
 MIN_CLOUD_BUDGET_S = 0.005
+# Nodes one request may try before it finishes on the device: the planned one
+# and the next best, so a node that vanishes costs one retry, never the request.
+NODE_ATTEMPTS = 2
 
 
 class PlanError(InputError):
@@ -141,7 +145,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, float], ModelCosts] = {}  # profiles are immutable: build once
-        self._current: dict[tuple[str, Objective, int], tuple[str, str | None]] = {}  # plan per model/objective/codec
+        self._current: dict[tuple[str, Objective, int], str] = {}  # plan label per model/objective/codec
         self.calibration = Calibration()  # what completed requests taught about the profile
 
     # ------------------------------------------------------------ planning --
@@ -166,12 +170,16 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         policy = self.policies.for_model(model.name)
         costs = self.calibration.apply(self._model_costs(model, encoding, scale))
         clouds = []
-        for node in self._planned_nodes(policy):
+        # Least busy (then least used) first: among nodes predicted equal the
+        # first wins, so equal nodes take turns.
+        for node in sorted(self._planned_nodes(policy), key=lambda n: (n.inflight, n.sent)):
             cloud_profile = node.profile(model.name, model.digest) if node.state.reachable else None
             if cloud_profile is None or cloud_profile.num_segments != profile.num_segments:
                 continue
-            clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link,
-                                       queue_ms=node.state.load.queue_delay_ms, scale=scale))
+            load = node.state.load
+            queue_ms = queue_wait_ms(reported_ms=load.queue_delay_ms, in_flight=node.inflight,
+                                     capacity=load.max_concurrency, service_ms=cloud_profile.whole_ms * scale)
+            clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link, queue_ms=queue_ms, scale=scale))
         decision = choose(costs, clouds, self.power, objective=objective, weight_latency=policy.weight_latency,
                           constraints=policy.constraints)
         return decision, costs
@@ -189,11 +197,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     # ----------------------------------------------------------- execution --
 
-    def _node(self, address: str) -> CloudNodeClient:
-        return next(node for node in self.nodes if node.address == address)
-
     async def _cloud_call(self, node: CloudNodeClient, method: str, request, timeout_s: float) -> pb.RunReply:
         start = time.perf_counter()
+        node.inflight += 1
+        node.sent += 1
         try:
             reply = await getattr(node.stub, method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -208,16 +215,27 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 node.mark_down(f"{exc.code().name}: {exc.details()}")
             raise CloudFailed(f"{node.address} {method}: {exc.code().name}: {exc.details()}") from exc
+        finally:
+            node.inflight -= 1
         node.update_load(reply.load)
         return reply
 
-    async def _offload(self, context: grpc.aio.ServicerContext, model: OnnxModel, candidate: Candidate, costs: ModelCosts,
-                       feeds: dict[str, np.ndarray], encoding: int, stages: Stages) -> tuple[dict[str, np.ndarray], str | None]:
-        """Run a SPLIT or REMOTE plan; on any cloud failure finish locally.
+    def _attempts(self, candidate: Candidate, decision: Decision | None) -> list[CloudNodeClient]:
+        """The planned node, then the best other node offering the same plan
+        (none when ``decision`` is None): a node that fails costs one retry
+        before the request falls back."""
+        others = sorted((c for c in (decision.candidates if decision else ())
+                         if c.label == candidate.label and c.node != candidate.node and c.feasible), key=lambda c: c.score)
+        nodes = {node.address: node for node in self.nodes}
+        planned = [nodes.get(c.node) for c in (candidate, *others)]
+        return [node for node in planned if node is not None][:NODE_ATTEMPTS]
 
-        Returns the outputs and the fallback reason (None if the cloud answered).
-        """
-        node = self._node(candidate.node)
+    async def _offload(self, context: grpc.aio.ServicerContext, model: OnnxModel, candidate: Candidate,
+                       decision: Decision | None, costs: ModelCosts, feeds: dict[str, np.ndarray], encoding: int,
+                       stages: Stages) -> tuple[dict[str, np.ndarray], str | None, str]:
+        """Run a SPLIT or REMOTE plan, on another node if the first fails, else
+        finish locally. Returns the outputs, the fallback reason (None if a
+        node answered) and the node that answered."""
         split = candidate.kind == "split"
         cut = model.cut(candidate.k) if split else None
         local_outputs: dict[str, np.ndarray] = {}
@@ -230,42 +248,55 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             local_outputs = {name: produced[name] for name in cut.edge_outputs}
             to_send = {name: produced[name] for name in cut.tensors}
         attempt = time.perf_counter()
+        failures: list[str] = []
         try:
-            budget_s = cloud_budget_s(timeout_s=self.policies.for_model(model.name).cloud_timeout_s, remaining_s=context.time_remaining(),
-                                      local_finish_ms=local_finish_ms(costs, candidate.k))
-            if budget_s < MIN_CLOUD_BUDGET_S:
-                raise CloudFailed(f"the deadline leaves {budget_s * 1e3:.1f} ms for the cloud: not enough to try")
             tensors = await self._in_pool(encode_all, to_send, encoding)
             stages.encode_ms += (time.perf_counter() - attempt) * 1e3
-            start = time.perf_counter()
             if split:
-                request = pb.PartitionRequest(model=model.name, model_digest=model.digest, cut=list(cut.tensors),
-                                              tensors=tensors, reply_encoding=pb.ENCODING_RAW)
-                reply = await self._cloud_call(node, "RunPartition", request, budget_s)
+                method, request = "RunPartition", pb.PartitionRequest(
+                    model=model.name, model_digest=model.digest, cut=list(cut.tensors), tensors=tensors,
+                    reply_encoding=pb.ENCODING_RAW)
             else:
-                request = pb.ModelRequest(model=model.name, model_digest=model.digest, inputs=tensors,
-                                          reply_encoding=pb.ENCODING_RAW)
-                reply = await self._cloud_call(node, "RunModel", request, budget_s)
-            rpc_ms = (time.perf_counter() - start) * 1e3
-            start = time.perf_counter()
-            outputs = await self._in_pool(decode_all, reply.outputs)
-            stages.decode_ms += (time.perf_counter() - start) * 1e3
-            stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
-            stages.network_ms = max(rpc_ms - stages.cloud_ms, 0.0)
-            node.observe_transfer(up_bytes=request.ByteSize(), down_bytes=reply.ByteSize(), network_ms=stages.network_ms)
-            return {**local_outputs, **outputs}, None
-        except (CloudFailed, codec.CodecError, InputError) as exc:
-            reason = str(exc)
-            stages.encode_ms = stages.cloud_ms = stages.decode_ms = 0.0
-            stages.network_ms = (time.perf_counter() - attempt) * 1e3
-            logger.warning("%s %s falling back to LOCAL: %s", model.name, candidate.label, reason)
-            start = time.perf_counter()
-            if split:  # the prefix already ran: finish from its tensors
-                outputs = await run_cancellable(self._pool, model.run_suffix, cut, to_send)
-            else:
-                outputs = await run_cancellable(self._pool, model.run, feeds)
-            stages.edge_ms += (time.perf_counter() - start) * 1e3
-            return {**local_outputs, **outputs}, reason
+                method, request = "RunModel", pb.ModelRequest(model=model.name, model_digest=model.digest, inputs=tensors,
+                                                              reply_encoding=pb.ENCODING_RAW)
+            for node in self._attempts(candidate, decision):
+                budget_s = cloud_budget_s(timeout_s=self.policies.for_model(model.name).cloud_timeout_s,
+                                          remaining_s=context.time_remaining(),
+                                          local_finish_ms=local_finish_ms(costs, candidate.k))
+                if budget_s < MIN_CLOUD_BUDGET_S:
+                    failures.append(f"the deadline leaves {budget_s * 1e3:.1f} ms for the cloud: not enough to try")
+                    break
+                start = time.perf_counter()
+                try:
+                    reply = await self._cloud_call(node, method, request, budget_s)
+                except CloudFailed as exc:
+                    failures.append(str(exc))
+                    logger.warning("%s %s: %s", model.name, candidate.label, exc)
+                    continue
+                rpc_ms = (time.perf_counter() - start) * 1e3
+                start = time.perf_counter()
+                outputs = await self._in_pool(decode_all, reply.outputs)
+                stages.decode_ms += (time.perf_counter() - start) * 1e3
+                stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
+                stages.network_ms = max(rpc_ms - stages.cloud_ms, 0.0)
+                node.observe_transfer(up_bytes=request.ByteSize(), down_bytes=reply.ByteSize(), network_ms=stages.network_ms)
+                if failures:
+                    stages.cold = True  # the time includes a failed attempt: nothing to learn from it
+                return {**local_outputs, **outputs}, None, node.address
+            failures = failures or [f"no node serving {model.name} is left in the table"]
+        except (codec.CodecError, InputError) as exc:
+            failures.append(str(exc))
+        reason = "; ".join(failures)
+        stages.encode_ms = stages.cloud_ms = stages.decode_ms = 0.0
+        stages.network_ms = (time.perf_counter() - attempt) * 1e3
+        logger.warning("%s %s falling back to LOCAL: %s", model.name, candidate.label, reason)
+        start = time.perf_counter()
+        if split:  # the prefix already ran: finish from its tensors
+            outputs = await run_cancellable(self._pool, model.run_suffix, cut, to_send)
+        else:
+            outputs = await run_cancellable(self._pool, model.run, feeds)
+        stages.edge_ms += (time.perf_counter() - start) * 1e3
+        return {**local_outputs, **outputs}, reason, ""
 
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -290,7 +321,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             margin = self.policies.for_model(model.name).hysteresis_margin
             held = hold_or_switch(decision, self._current.get(key), margin=margin)
             if held.candidate is not None:
-                self._current[key] = (held.candidate.label, held.candidate.node)
+                self._current[key] = held.candidate.label
                 return held.candidate, held.why, ""
             if decision.best_effort is not None:
                 return decision.best_effort, f"best effort, constraints not met: {decision.why}", ""
@@ -315,13 +346,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         planned = plan_message(candidate, model, encoding)
 
         stages = Stages()
-        ran = planned
+        ran, answered = planned, ""
         if candidate.kind == "local":
             start = time.perf_counter()
             outputs = await run_cancellable(self._pool, model.run, feeds)
             stages.edge_ms = (time.perf_counter() - start) * 1e3
         else:
-            outputs, reason = await self._offload(context, model, candidate, costs, feeds, encoding, stages)
+            # a plan pinned to one node runs there or locally, never elsewhere
+            retry_on = decision if "@" not in pinned else None
+            outputs, reason, answered = await self._offload(context, model, candidate, retry_on, costs, feeds, encoding, stages)
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
@@ -334,7 +367,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             outputs=encoded, plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
             measured=stage_times(stages, total_ms), predicted_energy_j=candidate.energy_j,
             fell_back=bool(fallback_reason), fallback_reason=fallback_reason,
-            node=candidate.node if ran.kind != pb.PLAN_LOCAL else "",
+            node=answered if ran.kind != pb.PLAN_LOCAL else "",
             constraints_met=candidate.feasible, reason=why,
         )
 
@@ -368,7 +401,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         current = self._current.get((model.name, objective, encoding))
         held = hold_or_switch(decision, current, margin=policy.hysteresis_margin)
         shown = held.candidate or decision.best_effort
-        current_candidate = next((c for c in decision.candidates if (c.label, c.node) == current), None)
+        current_candidate = min((c for c in decision.candidates if c.label == current), key=lambda c: c.score, default=None)
         used = link or next((n.link for n in self.nodes if n.state.reachable and n.link), None)
         return pb.Explanation(
             model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=held.why,

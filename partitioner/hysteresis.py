@@ -2,8 +2,10 @@
 
 Without it a link that wobbles around a break-even point makes the agent flap
 between two plans on every request, paying the switch (cold sessions on both
-sides, a different node) each time. Pure: the agent remembers the current plan
-and passes it in.
+sides) each time. The plan is held, not the node: which node runs it is load
+balancing, and the best node for the held plan is taken on every request, so
+equal nodes share the work. Pure: the agent remembers the current plan and
+passes it in.
 """
 
 from __future__ import annotations
@@ -20,14 +22,11 @@ class Held:
     why: str
 
 
-def _key(candidate: Candidate) -> tuple[str, str | None]:
-    return candidate.label, candidate.node
-
-
-def hold_or_switch(decision: Decision, current: tuple[str, str | None] | None, *, margin: float) -> Held:
-    """Keep ``current`` (label, node) unless the decision's winner scores more
-    than ``margin`` (relative, e.g. 0.1 = 10 %) better, or ``current`` is no
-    longer feasible. ``margin`` 0 follows every decision."""
+def hold_or_switch(decision: Decision, current: str | None, *, margin: float) -> Held:
+    """Keep the plan ``current`` (a label such as "split:3"), on its best
+    node, unless the decision's winner scores more than ``margin`` (relative,
+    e.g. 0.1 = 10 %) better, or no node can run ``current`` any more.
+    ``margin`` 0 follows every decision."""
     if margin < 0:
         raise ValueError(f"hysteresis margin must be >= 0, got {margin}")
     best = decision.winner
@@ -35,12 +34,13 @@ def hold_or_switch(decision: Decision, current: tuple[str, str | None] | None, *
         return Held(None, current is not None, decision.why)
     if current is None:
         return Held(best, True, f"first decision: {decision.why}")
-    if _key(best) == current:
+    if best.label == current:
         return Held(best, False, f"staying on {best.label}: {decision.why}")
-    held = next((c for c in decision.candidates if _key(c) == current), None)
-    if held is None or not held.feasible:
-        broken = "; ".join(held.violations) if held else "no longer available"
-        return Held(best, True, f"switched from {current[0]} ({broken}) to {best.label}: {decision.why}")
+    same = [c for c in decision.candidates if c.label == current]
+    held = min((c for c in same if c.feasible), key=lambda c: c.score, default=None)
+    if held is None:
+        broken = "; ".join(same[0].violations) if same else "no longer available"
+        return Held(best, True, f"switched from {current} ({broken}) to {best.label}: {decision.why}")
     gain = (held.score - best.score) / held.score if held.score > 0 else 0.0
     if gain > margin:
         return Held(best, True, f"switched from {held.label} to {best.label}: {gain:.1%} better, above the "

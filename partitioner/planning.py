@@ -108,3 +108,13 @@ def power_of(device) -> Power:
         radio_alpha_w_per_mbps=device.radio.alpha_w_per_mbps,
         radio_beta_w=device.radio.beta_w,
     )
+
+
+def queue_wait_ms(*, reported_ms: float, in_flight: int, capacity: int, service_ms: float) -> float:
+    """The wait a new request should expect at a node: what the node reports
+    (a smoothed past wait, other agents included), or, when this agent alone
+    already fills its ``capacity`` workers, its place behind its own requests,
+    each taking about ``service_ms``."""
+    capacity = max(capacity, 1)
+    ahead = in_flight + 1 - capacity
+    return max(reported_ms, ahead / capacity * service_ms if ahead > 0 else 0.0)

@@ -10,7 +10,7 @@ from partitioner.hysteresis import hold_or_switch
 POWER = Power(active_w=5.0, idle_w=1.6, radio_alpha_w_per_mbps=0.283, radio_beta_w=0.133)
 
 
-def decision(uplink_mbps: float):
+def decision(uplink_mbps: float, queues_ms: tuple[float, ...] = (0.0,)):
     """A 2-segment model: 40 + 40 ms on the device, 5 + 5 ms in the cloud.
     Input 100 kB, the cut tensor 10 kB, output 1 kB; no codec cost, RTT 0."""
     costs = ModelCosts(
@@ -18,8 +18,9 @@ def decision(uplink_mbps: float):
         crossings=(Transfer(100_000, 0.0, 0.0), Transfer(10_000, 0.0, 0.0)),
         output=Transfer(1_000, 0.0, 0.0), edge_memory_bytes=(0, 0, 0),
     )
-    cloud = CloudOption(node="n", link=Link(uplink_mbps, 1000.0, 0.0), queue_ms=0.0, segment_ms=(5.0, 5.0), overhead_ms=0.0)
-    return choose(costs, [cloud], POWER)
+    clouds = [CloudOption(node=f"n{i}", link=Link(uplink_mbps, 1000.0, 0.0), queue_ms=queue, segment_ms=(5.0, 5.0),
+                          overhead_ms=0.0) for i, queue in enumerate(queues_ms)]
+    return choose(costs, clouds, POWER)
 
 
 def test_first_decision_takes_the_winner() -> None:
@@ -32,34 +33,43 @@ def test_small_gains_do_not_switch_and_large_ones_do() -> None:
     # split:1 at 20 Mbit/s: 40 + 4 (10 kB) + 5 + 0.008 = 49.008 ms: better than remote by 2.0 %
     d = decision(20.0)
     assert d.winner.label == "split:1"
-    stay = hold_or_switch(d, ("remote", "n"), margin=0.1)
+    stay = hold_or_switch(d, "remote", margin=0.1)
     assert not stay.switched and stay.candidate.label == "remote" and "within the 10% margin" in stay.why
     # at 2 Mbit/s remote needs 400 + 10 ms and split:1 40 + 40 + 5 = 85 ms, local 80 ms: local wins by 80 %
-    moved = hold_or_switch(decision(2.0), ("remote", "n"), margin=0.1)
+    moved = hold_or_switch(decision(2.0), "remote", margin=0.1)
     assert moved.switched and moved.candidate.label == "local" and "above the 10% margin" in moved.why
 
 
 def test_a_link_alternating_around_break_even_does_not_flap() -> None:
     # break-even of split:1 (45 ms + 80 000 bits / B) and local (80 ms) is B = 2.29 Mbit/s
-    current = ("local", None)
+    current = "local"
     switches = 0
     for uplink in [2.1, 2.5, 2.1, 2.5, 2.2, 2.4] * 5:
         held = hold_or_switch(decision(uplink), current, margin=0.1)
         switches += held.switched
-        current = (held.candidate.label, held.candidate.node)
-    assert switches == 0 and current == ("local", None)
+        current = held.candidate.label
+    assert switches == 0 and current == "local"
     # with no margin it flaps on every change
-    current, switches = ("local", None), 0
+    current, switches = "local", 0
     for uplink in [2.1, 2.5] * 5:
         held = hold_or_switch(decision(uplink), current, margin=0.0)
         switches += held.switched
-        current = (held.candidate.label, held.candidate.node)
+        current = held.candidate.label
     assert switches == 9
 
 
 def test_an_infeasible_current_plan_is_left_even_within_the_margin() -> None:
     d = decision(20.0)
-    held = hold_or_switch(d, ("split:1", "gone-node"), margin=0.5)
+    held = hold_or_switch(d, "split:7", margin=0.5)  # no node offers it (a model with 2 segments)
     assert held.switched and "no longer available" in held.why
     with pytest.raises(ValueError):
         hold_or_switch(d, None, margin=-0.1)
+
+
+def test_the_plan_is_held_but_its_node_follows_the_load() -> None:
+    # remote at 20 Mbit/s: 50.008 ms on an idle node; split:1 wins on node n1 (idle) at 49.008 ms
+    d = decision(20.0, queues_ms=(30.0, 0.0))
+    held = hold_or_switch(d, "remote", margin=0.1)
+    assert not held.switched and held.candidate.label == "remote" and held.candidate.node == "n1"
+    busy_other = hold_or_switch(decision(20.0, queues_ms=(0.0, 30.0)), "remote", margin=0.1)
+    assert busy_other.candidate.node == "n0"
