@@ -67,14 +67,16 @@ class Advertiser:
         self._zeroconf = AsyncZeroconf(interfaces=self.interfaces or _default_interfaces(), ip_version=IPVersion.V4Only)
         # cooperating_responders: every node names itself uniquely, so the
         # long probe for conflicts is not needed (0.45 s instead of 1.6 s).
-        await self._zeroconf.async_register_service(self.info, cooperating_responders=True)
+        # The call returns once the service is queued; the task it returns
+        # finishes when the announcements have gone out.
+        await (await self._zeroconf.async_register_service(self.info, cooperating_responders=True))
         logger.info("advertised %s at %s:%d", self.info.name, ",".join(self.info.parsed_addresses()), self.info.port)
 
     async def close(self) -> None:
         if self._zeroconf is None:
             return
         try:
-            await self._zeroconf.async_unregister_service(self.info)
+            await (await self._zeroconf.async_unregister_service(self.info))  # the goodbye is sent
         finally:
             await self._zeroconf.async_close()
             self._zeroconf = None

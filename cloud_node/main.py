@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import socket
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import grpc
 
+from cloud_node.advert import Advertiser, txt_records
 from cloud_node.server import CloudNodeService
+from pki.certs import fingerprint, identity
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
@@ -22,6 +26,7 @@ from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
 from runtimes.profiler import profile_store
 from runtimes.rpc import add_health, add_reflection, add_service, channel_options, set_serving
+from runtimes.tls import TlsFiles, peer_identity, server_credentials, tls_from_config, warn_plaintext
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,13 @@ class NodeConfig:
     log_format: str = field(default="text", metadata={"help": "log lines as text (for people) or json (one object per line)"})
     metrics_listen: str = field(default="", metadata={"help": "HOST:PORT for the Prometheus /metrics endpoint "
                                                               "(port 0: any free port; empty: off)"})
+    tls_ca: Path | None = field(default=None, metadata={"help": "the deployment CA certificate (PEM): only devices it signed are served"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "this node's certificate (PEM, from tandem-certs node)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "this node's private key (PEM)"})
+    plaintext: bool = field(default=False, metadata={"help": "serve without TLS (lab use only; said loudly at start-up)"})
+    deny: tuple[str, ...] = field(default=(), metadata={"help": "device ids or certificate serials (hex) refused; reloaded on SIGHUP"})
+    advertise: bool = field(default=True, metadata={"help": "advertise this node over DNS-SD (_tandem._tcp.local.)"})
+    advertise_interfaces: tuple[str, ...] = field(default=(), metadata={"help": "interfaces (names or IPv4 addresses) to advertise on (default: all; loopback-only when listening on loopback)"})
 
     def spinning(self) -> bool | None:
         return {"auto": None, "on": True, "off": False}[self.ort_spinning]
@@ -70,13 +82,57 @@ class NodeConfig:
             raise config_loader.ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
             raise config_loader.ConfigError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
+        self.tls()
+
+    def tls(self) -> TlsFiles | None:
+        return tls_from_config(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, plaintext=self.plaintext,
+                               daemon="cloud-node")
 
 
-async def serve(config: NodeConfig) -> None:
+# Settings SIGHUP applies at once; the others need a restart (said in the log).
+RELOADABLE = ("deny", "log_level")
+
+
+class DenyList:
+    """Devices refused by id or certificate serial, changeable while serving."""
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self.entries = frozenset(e.lower() for e in entries)
+
+    def refusal(self, context: grpc.aio.ServicerContext) -> str | None:
+        peer = peer_identity(context)
+        if peer is None:
+            return None  # plaintext: nobody to refuse by certificate
+        device, serial = peer
+        if device.lower() in self.entries or serial.lower() in self.entries:
+            return f"device {device} (certificate serial {serial}) is revoked on this node"
+        return None
+
+
+def reload_config(current: list[NodeConfig], load: Callable[[], NodeConfig], deny: DenyList) -> None:
+    """SIGHUP: read the config again; a broken one leaves the running config in force."""
+    try:
+        fresh = load()
+    except (config_loader.ConfigError, ValueError) as exc:
+        logger.error("config rejected on SIGHUP, keeping the previous one: %s", exc)
+        return
+    old = current[0]
+    deny.entries = frozenset(e.lower() for e in fresh.deny)
+    logging.getLogger().setLevel(fresh.log_level.upper())
+    needs_restart = [f.name for f in fields(NodeConfig) if f.name not in RELOADABLE and f.name != "ready_file"
+                     and getattr(fresh, f.name) != getattr(old, f.name)]
+    current[0] = replace(old, **{name: getattr(fresh, name) for name in RELOADABLE})
+    logger.info("config reloaded: deny list %d entries, log level %s%s", len(deny.entries), fresh.log_level,
+                f"; changed but needing a restart: {', '.join(needs_restart)}" if needs_restart else "")
+
+
+async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None) -> None:
+    tls = config.tls()
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     server = grpc.aio.server(options=channel_options(config.max_message_mb))
-    address = bind(server, config.listen)
+    ca_pem, cert_pem, key_pem = tls.load() if tls else (b"", b"", b"")
+    address = bind(server, config.listen, server_credentials(cert_pem, key_pem, ca_pem) if tls else None)
     # Profile before serving: measuring while serving would skew both.
     profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     llms = await asyncio.to_thread(
@@ -84,23 +140,38 @@ async def serve(config: NodeConfig) -> None:
         threads=config.llm_threads or None, max_queue=config.llm_max_queue, unified_kv=config.llm_unified_kv,
     )
     metrics = Metrics("cloud-node")
-    service = CloudNodeService(
-        store, profiles, llms, node_id=config.node_id or f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}",
-        max_concurrency=config.max_concurrency, max_queue=config.max_queue, metrics=metrics,
-    )
+    # Under TLS the node is its certificate's name: agents verify that name.
+    node_id = config.node_id or (identity(cert_pem)[0] if tls else f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}")
+    service = CloudNodeService(store, profiles, llms, node_id=node_id, max_concurrency=config.max_concurrency,
+                               max_queue=config.max_queue, metrics=metrics)
     service_name = pb.DESCRIPTOR.services_by_name["CloudNode"].full_name
-    add_service(server, pb_grpc.add_CloudNodeServicer_to_server, service)
+    deny = DenyList(config.deny)
+    add_service(server, pb_grpc.add_CloudNodeServicer_to_server, service, gate=deny.refusal)
     health = add_health(server)
     add_reflection(server, [service_name])
     metrics_url = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
     await server.start()
+    if not tls:
+        warn_plaintext("cloud-node", address)
     set_serving(health, [service_name])
+    advert = None
+    if config.advertise:
+        host, _, port = address.rpartition(":")
+        txt = txt_records(node_id=node_id, models=[*store.models, *llms.engines], slots=config.max_concurrency,
+                          queue=config.max_queue, fingerprint=fingerprint(cert_pem) if tls else "")
+        advert = Advertiser(node_id=node_id, host=host, port=int(port), txt=txt, interfaces=config.advertise_interfaces)
+        await advert.start()
+    current = [config]
+    if load is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, current, load, deny)
     write_ready_file(config.ready_file, address, {"metrics": metrics_url} if metrics_url else None)
     logger.info("cloud node %s serving %d models on %s", service.node_id, len(store.models), address)
     if metrics_url:
         logger.info("metrics at %s", metrics_url)
     signame = await wait_for_shutdown()
     logger.info("%s: draining for up to %.1f s", signame, config.grace_s)
+    if advert is not None:  # agents stop planning on this node first
+        await advert.close()
     health.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     service.close()
@@ -111,13 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-node", description=__doc__)
     config_loader.add_arguments(parser, NodeConfig)
     args = parser.parse_args(argv)
+    def load() -> NodeConfig:
+        return config_loader.load(NodeConfig, args, env_prefix="TANDEM_NODE")
+
     try:
-        config = config_loader.load(NodeConfig, args, env_prefix="TANDEM_NODE")
+        config = load()
     except config_loader.ConfigError as exc:
         parser.error(str(exc))
     setup_logging(config.log_level, config.log_format)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, load))
+    except ValueError as exc:  # unreadable TLS files and the like: the operator's to fix
+        logger.error("%s", exc)
+        return 2
     except (FileNotFoundError, OSError) as exc:
         logger.error("%s", exc)
         return 1

@@ -92,9 +92,13 @@ class Browser:
         self._known[name] = advert
         try:
             await self._on_added(advert)
-        except Exception:  # the table refused it (and said why); forget it so a fixed advert is tried again
-            self._known.pop(name, None)
-            raise
+        except Exception as exc:  # noqa: BLE001 -- the table refused it and logged why
+            logger.debug("advert %s not taken: %s", name, exc)
+            self._known.pop(name, None)  # a corrected advert is tried again
+
+    def forget(self, name: str) -> None:
+        """Take ``name`` again when it is next announced (the table dropped it)."""
+        self._known.pop(name, None)
 
     async def _remove(self, name: str) -> None:
         advert = self._known.pop(name, None)

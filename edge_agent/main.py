@@ -16,6 +16,8 @@ import grpc
 from devices.detect import detect_board
 from devices.power_fit import PowerFit
 from devices.profiles import get_device
+from edge_agent.discovery import Browser
+from edge_agent.fleet import NodeTable, Trust
 from edge_agent.generation import Generator, LlmSettings
 from edge_agent.offload import CloudNodeClient, refresh_all
 from edge_agent.power import PowerMonitor
@@ -29,9 +31,11 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
 from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.llm_serving import LlmStore
+from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
 from runtimes.profiler import measure_codec_speed, predicted_for, profile_store
-from runtimes.rpc import add_health, add_service, channel_options, set_serving
+from runtimes.rpc import add_health, add_reflection, add_service, channel_options, set_serving
+from runtimes.tls import TlsFiles, channel_credentials, tls_from_config, warn_plaintext
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,15 @@ class AgentConfig:
     probe_idle_s: float = field(default=10.0, metadata={"help": "measure the bandwidth of a link idle this long, s"})
     sysfs_root: Path = field(default=Path("/"), metadata={"help": "where the board's /sys is mounted (a container given the host's at /host/sys: /host)"})
     power_window_s: float = field(default=1.0, metadata={"help": "power sensor sample window, s"})
+    tls_ca: Path | None = field(default=None, metadata={"help": "the deployment CA certificate (PEM): only nodes it signed are used"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "this device's certificate (PEM, from tandem-certs device)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "this device's private key (PEM)"})
+    plaintext: bool = field(default=False, metadata={"help": "talk to nodes without TLS (lab use only; said loudly at start-up)"})
+    discovery: bool = field(default=True, metadata={"help": "find cloud nodes over DNS-SD (_tandem._tcp.local.), besides --cloud"})
+    discovery_interfaces: tuple[str, ...] = field(default=(), metadata={"help": "IPv4 addresses of the interfaces to browse on (default: all)"})
+    forget_after_s: float = field(default=10.0, metadata={"help": "a discovered node unreachable this long leaves the table, s"})
+    metrics_listen: str = field(default="", metadata={"help": "HOST:PORT for the Prometheus /metrics endpoint (port 0: any; empty: off)"})
+    log_format: str = field(default="text", metadata={"help": "log lines as text or json (one object per line)"})
     policy: Path | None = field(default=None, metadata={"help": "TOML policy file (offload-tune write-policy) over these flags; reloaded on SIGHUP"})
     refresh_s: float = field(default=2.0, metadata={"help": "how often node status (load, RTT) is refreshed, s"})
     max_concurrency: int = field(default=4, metadata={"help": "requests served at once"})
@@ -81,6 +94,9 @@ class AgentConfig:
         return {"auto": None, "on": True, "off": False}[self.ort_spinning]
 
     def validate(self) -> None:
+        self.tls()  # TLS files, or plaintext said out loud
+        if self.log_format not in ("text", "json"):
+            raise config_loader.ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.ort_spinning not in ("auto", "on", "off"):
             raise config_loader.ConfigError(f"ort_spinning must be auto, on or off, got {self.ort_spinning!r}")
         error = config_loader.ConfigError
@@ -106,6 +122,10 @@ class AgentConfig:
         if self.llm_remote_tokens_per_hour is not None and self.llm_remote_tokens_per_hour < 0:
             raise error("llm_remote_tokens_per_hour must be >= 0")
         get_device(self.device)
+
+    def tls(self) -> TlsFiles | None:
+        return tls_from_config(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, plaintext=self.plaintext,
+                               daemon="edge-agent")
 
     def base_policy(self) -> Policy:
         """The policy the flags and config say; a policy file overrides it key by key."""
@@ -144,10 +164,18 @@ class AgentConfig:
         return Link(uplink_mbps=self.uplink_mbps, downlink_mbps=self.downlink_mbps, rtt_ms=self.rtt_ms)
 
 
-async def refresh_loop(nodes: list[CloudNodeClient], every_s: float) -> None:
+async def refresh_loop(table: NodeTable, browser: Browser | None, every_s: float, metrics: Metrics) -> None:
+    """Status and RTT of every node, health-checking discovered ones out of the table."""
     while True:
         await asyncio.sleep(every_s)
-        await refresh_all(nodes)
+        await refresh_all(list(table.nodes))
+        for name in await table.prune():
+            if browser is not None:
+                browser.forget(name)
+        for node in table.nodes:
+            if node.link is not None:
+                metrics.set_link(node.address, uplink_mbps=node.link.uplink_mbps, downlink_mbps=node.link.downlink_mbps,
+                                 rtt_ms=node.link.rtt_ms)
 
 
 def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAgentService) -> None:
@@ -179,8 +207,20 @@ async def serve(config: AgentConfig) -> None:
             profiles[name] = predicted_for(device, model, profiles[name])
             logger.info("%s: planning for %s (detected %s): predicted %.1f ms per run from %.1f ms measured here",
                         name, device.name, board, profiles[name].whole_ms, measured_ms)
-    nodes = [CloudNodeClient(a, max_message_mb=config.max_message_mb, link_override=config.link_override(),
-                             idle_probe_s=config.probe_idle_s) for a in config.cloud]
+    trust = None
+    if (tls := config.tls()) is not None:
+        ca_pem, cert_pem, key_pem = tls.load()
+        trust = Trust(ca_pem, cert_pem, key_pem, channel_credentials(ca_pem, cert_pem, key_pem))
+    else:
+        warn_plaintext("edge-agent's link to cloud nodes", ", ".join(config.cloud) or "discovered nodes")
+
+    def make_client(address: str, *, node_name: str | None = None, discovered: bool = False) -> CloudNodeClient:
+        return CloudNodeClient(address, max_message_mb=config.max_message_mb, link_override=config.link_override(),
+                               idle_probe_s=config.probe_idle_s, credentials=trust.credentials if trust else None,
+                               node_name=node_name, discovered=discovered)
+
+    nodes = [make_client(a) for a in config.cloud]
+    table = NodeTable(nodes, trust=trust, make_client=make_client, forget_after_s=config.forget_after_s)
     await refresh_all(nodes, measure_link=True)
     for node in nodes:
         state = node.state
@@ -197,8 +237,9 @@ async def serve(config: AgentConfig) -> None:
                     slo_ms=config.slo_ms, stall_s=config.llm_stall_s),
         weight_latency=policies.default.weight_latency,
     )
+    metrics = Metrics("edge-agent")
     service = EdgeAgentService(
-        store=store, profiles=profiles, nodes=nodes, power=power_of(device),
+        store=store, profiles=profiles, nodes=nodes, power=power_of(device), metrics=metrics,
         power_figures=PowerFit().figures(device.idle_w, device.active_w, device.name), device_name=device.name,
         codec_speed=measure_codec_speed(), policies=policies,
         max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,
@@ -206,12 +247,19 @@ async def serve(config: AgentConfig) -> None:
     server = grpc.aio.server(options=channel_options(config.max_message_mb))
     add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service)
     health = add_health(server)
-    address = bind(server, config.listen)
+    service_name = pb.DESCRIPTOR.services_by_name["EdgeAgent"].full_name
+    add_reflection(server, [service_name])
+    address = bind(server, config.listen)  # apps on this device: loopback or a unix socket by default
+    metrics_url = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
     await server.start()
-    set_serving(health, [pb.DESCRIPTOR.services_by_name["EdgeAgent"].full_name])
-    write_ready_file(config.ready_file, address)
+    set_serving(health, [service_name])
+    browser = None
+    if config.discovery:
+        browser = Browser(interfaces=config.discovery_interfaces, on_added=table.added, on_removed=table.removed)
+        await browser.start()
+    write_ready_file(config.ready_file, address, {"metrics": metrics_url} if metrics_url else None)
     logger.info("edge agent (%s) serving %d models on %s", device.name, len(store.models), address)
-    refresher = asyncio.create_task(refresh_loop(nodes, config.refresh_s))
+    refresher = asyncio.create_task(refresh_loop(table, browser, config.refresh_s, metrics))
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, config, segments, service)
     monitor = PowerMonitor(device, root=config.sysfs_root, window_s=config.power_window_s,
                            busy_ms=lambda: service.busy_ms, apply=service.use_power)
@@ -222,9 +270,12 @@ async def serve(config: AgentConfig) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if browser is not None:
+        await browser.close()
     health.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     service.close()
+    metrics.stop()
     for node in nodes:
         await node.close()
 
@@ -237,11 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         config = config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT")
     except (config_loader.ConfigError, ValueError) as exc:
         parser.error(str(exc))
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
     except PolicyError as exc:
         logger.error("policy %s: %s", config.policy, exc)
+        return 2
+    except ValueError as exc:  # unreadable TLS files and the like: the operator's to fix
+        logger.error("%s", exc)
         return 2
     except OSError as exc:
         logger.error("%s", exc)

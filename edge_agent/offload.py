@@ -40,17 +40,29 @@ class NodeState:
 
 class CloudNodeClient:
     def __init__(self, address: str, *, max_message_mb: int, link_override: Link | None = None,
-                 idle_probe_s: float = IDLE_PROBE_S) -> None:
+                 idle_probe_s: float = IDLE_PROBE_S, credentials: grpc.ChannelCredentials | None = None,
+                 node_name: str | None = None, discovered: bool = False) -> None:
+        """``credentials`` for TLS; ``node_name`` is the name the node's
+        certificate must carry when it differs from the address's host (a
+        discovered node reached by IP)."""
         self.address = address
         self.idle_probe_s = idle_probe_s
         self.link_override = link_override
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        self.discovered = discovered
+        options = channel_options(max_message_mb)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            if node_name:
+                options.append(("grpc.ssl_target_name_override", node_name))
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.CloudNodeStub(self._channel)
         self.state = NodeState()
         self.estimator: LinkEstimator | None = None
         self._last_probe = 0.0
         self._profiles: dict[str, ModelProfile] = {}  # digest -> profile measured on the node
         self._generation = 0  # bumped by mark_down, so a refresh in flight cannot undo it
+        self.down_since: float | None = None  # monotonic time it was last found unreachable, None while reachable
         self.inflight = 0     # this agent's requests on the node now
         self.sent = 0         # this agent's requests to the node so far
 
@@ -132,6 +144,7 @@ class CloudNodeClient:
             self.mark_down(f"unreadable profile: {exc}")
             return self.state
         if generation == self._generation:
+            self.down_since = None
             self.state = NodeState(reachable=True, node_id=status.node_id, load=status.load, llm=list(status.llm),
                                    models={m.name: m for m in status.models})
         return self.state
@@ -143,6 +156,8 @@ class CloudNodeClient:
 
     def mark_down(self, reason: str) -> None:
         self._generation += 1
+        if self.down_since is None:
+            self.down_since = time.monotonic()
         if self.state.reachable:
             logger.warning("cloud node %s unavailable: %s", self.address, reason)
         self.state = NodeState(reachable=False, error=reason)

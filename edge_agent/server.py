@@ -43,8 +43,9 @@ from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
-from runtimes.admission import Admission, run_cancellable
+from runtimes.admission import Admission, Overloaded, run_cancellable
 from runtimes.llm_serving import relay
+from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import InputError, OnnxModel
 from runtimes.rpc import NoFeasiblePlan, abort_for
@@ -89,6 +90,18 @@ def stage_times(stages: Stages | StagePrediction, total_ms: float) -> pb.StageTi
                          cloud_ms=stages.cloud_ms, decode_ms=stages.decode_ms, total_ms=total_ms)
 
 
+def fallback_kind(reason: str) -> str:
+    """A few stable label values for the fallback counter (the reason itself is logged)."""
+    for status in ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+        if status in reason:
+            return status.lower()
+    if "deadline leaves" in reason:
+        return "no_time"
+    if "none is reachable" in reason or "no node" in reason:
+        return "no_node"
+    return "other"
+
+
 class CloudFailed(RuntimeError):
     """A cloud call failed; the request continues locally."""
 
@@ -130,13 +143,14 @@ def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]
 
 class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def __init__(self, *, store: ModelStore, profiles: dict[str, ModelProfile], nodes: list[CloudNodeClient],
-                 power: Power, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policies: PolicySet,
+                 power: Power, metrics: Metrics, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policies: PolicySet,
                  max_concurrency: int, max_queue: int, generator: Generator) -> None:
         self.store = store
         self.generator = generator
         self.profiles = profiles
         self.nodes = nodes
         self.power = power
+        self.metrics = metrics
         self.power_figures = power_figures
         self.busy_ms = 0.0  # device compute and codec time so far, for the power sensor's fit
         self.device_name = device_name
@@ -306,14 +320,27 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
         arrived = time.perf_counter()
         try:
-            model = self.store.get(request.model)
-            objective, encoding = request_options(request.objective, request.encoding, self.policies.for_model(model.name))
-            feeds = decode_all(request.inputs)
-            model.check_inputs(feeds)
-            async with self.admission.slot():
-                return await self._infer(context, model, feeds, objective, encoding, request.plan, arrived)
+            with self.metrics.in_flight():
+                model = self.store.get(request.model)
+                objective, encoding = request_options(request.objective, request.encoding, self.policies.for_model(model.name))
+                feeds = decode_all(request.inputs)
+                model.check_inputs(feeds)
+                async with self.admission.slot():
+                    reply = await self._infer(context, model, feeds, objective, encoding, request.plan, arrived)
+            self._observe(reply)
+            return reply
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
+            self.metrics.observe_request("Infer", "", "rejected" if isinstance(exc, Overloaded) else "error")
             await abort_for(context, exc)
+
+    def _observe(self, reply: pb.InferReply) -> None:
+        kind = pb.PlanKind.Name(reply.planned.kind).removeprefix("PLAN_").lower()
+        measured = {field.name.removesuffix("_ms"): value for field, value in reply.measured.ListFields()}
+        self.metrics.observe_request("Infer", kind, "fallback" if reply.fell_back else "ok", measured)
+        if reply.fell_back:
+            self.metrics.observe_fallback(fallback_kind(reply.fallback_reason))
+        else:
+            self.metrics.observe_prediction(kind, reply.predicted.total_ms, reply.measured.total_ms)
 
     def _pick(self, model: OnnxModel, decision: Decision, pinned: str, key: tuple[str, Objective, int]) -> tuple[Candidate, str, str]:
         """(candidate to run, why, fallback reason if a pinned cloud plan has no node)."""

@@ -48,7 +48,8 @@ class Deployment:
         self._tmp = tempfile.TemporaryDirectory(prefix="tandem-emu-")
         one_core = ["--threads", "1"] if pinning_available() else []
         self.node = launch.Daemon(
-            "cloud_node.main", ["--listen", f"{bed.address('cloud')}:0", "--models", str(models), *one_core],
+            "cloud_node.main", ["--listen", f"{bed.address('cloud')}:0", "--models", str(models), *one_core,
+                             *launch.lab_defaults((), announce="--advertise")],
             wrap=lambda argv: pinned(bed.wrap("cloud", argv), CLOUD_CPU), check_health=False,
         ).wait_ready()
 
@@ -61,7 +62,7 @@ class Deployment:
         self.agent = launch.Daemon(
             "edge_agent.main",
             ["--listen", f"unix:{self._tmp.name}/agent.sock", "--models", str(models), "--cloud", self.node.address,
-             "--refresh-s", "0.5", *throttled, *agent_args],
+             "--refresh-s", "0.5", *throttled, *launch.lab_defaults(agent_args, announce="--discovery"), *agent_args],
             wrap=wrap,
         ).wait_ready()
         self.client = sdk.EdgeClient(self.agent.address, timeout=timeout_s)

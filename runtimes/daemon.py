@@ -45,9 +45,10 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
-def bind(server: grpc.aio.Server, listen: str) -> str:
-    """Bind ``listen`` (HOST:PORT, port 0 for any, or unix:PATH); returns the real address."""
-    port = server.add_insecure_port(listen)
+def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None) -> str:
+    """Bind ``listen`` (HOST:PORT, port 0 for any, or unix:PATH), with TLS when
+    ``credentials`` are given; returns the real address."""
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if listen.startswith("unix:"):
         return listen
     if port == 0:

@@ -91,10 +91,23 @@ class Daemon:
         self.stop()
 
 
+def lab_defaults(extra: tuple[str, ...], *, announce: str) -> list[str]:
+    """Tests and the demo run plaintext and keep off the network's multicast
+    unless the caller says otherwise (TLS files, ``--advertise``/``--discovery``)."""
+    defaults = []
+    if not any(arg.startswith(("--tls-", "--plaintext")) for arg in extra):
+        defaults += ["--plaintext", "true"]
+    if not any(arg.startswith(announce) for arg in extra):
+        defaults += [announce, "false"]
+    return defaults
+
+
 def cloud_node(models: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
-    return Daemon("cloud_node.main", ["--listen", "127.0.0.1:0", "--models", str(models), *extra], env=env)
+    return Daemon("cloud_node.main", ["--listen", "127.0.0.1:0", "--models", str(models),
+                                      *lab_defaults(extra, announce="--advertise"), *extra], env=env)
 
 
 def edge_agent(models: Path, clouds: list[str], *extra: str, env: dict[str, str] | None = None) -> Daemon:
     cloud_args = [arg for address in clouds for arg in ("--cloud", address)]
-    return Daemon("edge_agent.main", ["--listen", "127.0.0.1:0", "--models", str(models), *cloud_args, *extra], env=env)
+    return Daemon("edge_agent.main", ["--listen", "127.0.0.1:0", "--models", str(models), *cloud_args,
+                                      *lab_defaults(extra, announce="--discovery"), *extra], env=env)

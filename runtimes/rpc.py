@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import NoReturn
 
 import grpc
@@ -103,13 +104,24 @@ def _lenient(deserializer):
     return parse
 
 
-def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+Gate = Callable[[grpc.aio.ServicerContext], "str | None"]  # the reason to refuse a caller, or None
+
+
+async def _admit(request, context: grpc.aio.ServicerContext, gate: Gate | None) -> None:
+    """Refuse a caller the gate names a reason for, then a request that did not parse."""
+    refusal = gate(context) if gate else None
+    if refusal:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, gate: Gate | None) -> grpc.RpcMethodHandler:
     if handler.unary_stream is not None:
         behavior = handler.unary_stream
 
         async def stream(request, context):
-            if isinstance(request, MalformedRequest):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+            await _admit(request, context, gate)
             async for item in behavior(request, context):
                 yield item
 
@@ -117,8 +129,7 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     behavior = handler.unary_unary
 
     async def unary(request, context):
-        if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+        await _admit(request, context, gate)
         return await behavior(request, context)
 
     return handler._replace(unary_unary=unary, request_deserializer=_lenient(handler.request_deserializer))
@@ -134,11 +145,12 @@ class _Capture:
         self.name, self.handlers = name, handlers
 
 
-def add_service(server: grpc.aio.Server, add_to_server, servicer) -> None:
+def add_service(server: grpc.aio.Server, add_to_server, servicer, *, gate: Gate | None = None) -> None:
     """Register ``servicer`` like the generated ``add_to_server`` does, with
-    unparseable requests answered INVALID_ARGUMENT."""
+    unparseable requests answered INVALID_ARGUMENT and callers ``gate``
+    refuses (it returns the reason) answered PERMISSION_DENIED."""
     capture = _Capture()
     add_to_server(servicer, capture)
-    handlers = {method: _guarded(handler) for method, handler in capture.handlers.items()}
+    handlers = {method: _guarded(handler, gate) for method, handler in capture.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
     server.add_registered_method_handlers(capture.name, handlers)

@@ -128,3 +128,26 @@ def _read_pem(path: Path, what: str) -> bytes:
     if b"-----BEGIN " not in data:
         raise ValueError(f"TLS {what} file {path} does not contain PEM data")
     return data
+
+
+def tls_from_config(*, ca: Path | None, cert: Path | None, key: Path | None, plaintext: bool, daemon: str) -> TlsFiles | None:
+    """The TLS files a daemon's config names, or None when it explicitly asked
+    for plaintext; ConfigError for anything in between, so TLS is never off by
+    accident."""
+    from runtimes.config import ConfigError
+
+    given = [p for p in (ca, cert, key) if p is not None]
+    if plaintext:
+        if given:
+            raise ConfigError("plaintext = true and TLS files are both given: choose one")
+        return None
+    if len(given) != 3:
+        raise ConfigError(f"{daemon} needs tls_ca, tls_cert and tls_key (tandem-certs creates them), "
+                          "or plaintext = true to run without TLS")
+    return TlsFiles(ca=ca, cert=cert, key=key)
+
+
+def warn_plaintext(daemon: str, address: str) -> None:
+    logger.warning("*** %s on %s is PLAINTEXT: no encryption, no authentication; anyone on the network can call "
+                   "it or read its traffic (plaintext = true). Use tls_ca/tls_cert/tls_key outside a lab. ***",
+                   daemon, address)

@@ -1,0 +1,107 @@
+"""The agent's table of cloud nodes: static ones and discovered ones.
+
+Nodes named with ``--cloud`` stay for the agent's life (marked down while
+unreachable). Discovered nodes join when their advert checks out and leave
+when the advert is withdrawn or when they have been unreachable longer than
+``forget_after_s`` (a killed node sends no goodbye); a node that comes back
+re-announces itself and joins again. The table is one list shared with the
+planner and the LLM router, changed in place on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from edge_agent.discovery import Advert
+from edge_agent.offload import CloudNodeClient
+from runtimes.tls import server_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What the agent needs to check and reach TLS nodes."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    credentials: grpc.ChannelCredentials
+
+
+class NodeTable:
+    def __init__(self, nodes: list[CloudNodeClient], *, trust: Trust | None,
+                 make_client: Callable[..., CloudNodeClient], forget_after_s: float) -> None:
+        self.nodes = nodes
+        self.trust = trust
+        self._make_client = make_client
+        self.forget_after_s = forget_after_s
+        self._by_advert: dict[str, str] = {}   # advert instance name -> address
+        self.forgotten: list[str] = []          # advert names dropped for being unreachable
+
+    def _find(self, address: str) -> CloudNodeClient | None:
+        return next((n for n in self.nodes if n.address == address), None)
+
+    async def _check(self, advert: Advert) -> str | None:
+        """Why the advert must not be used, or None."""
+        if self.trust is None:
+            return "it is a TLS node and this agent runs plaintext" if advert.fingerprint else None
+        host, _, port = advert.address.rpartition(":")
+        try:
+            seen = await asyncio.to_thread(server_fingerprint, host, int(port), self.trust.ca_pem,
+                                           client_cert_pem=self.trust.cert_pem, client_key_pem=self.trust.key_pem)
+        except (ConnectionError, OSError, ValueError) as exc:
+            return f"the node at {advert.address} fails TLS verification: {exc}"
+        if advert.fingerprint and seen != advert.fingerprint:
+            return (f"the certificate at {advert.address} ({seen[:16]}...) is not the one advertised "
+                    f"({advert.fingerprint[:16]}...): a spoofed or stale advert")
+        return None
+
+    async def added(self, advert: Advert) -> None:
+        if self._find(advert.address) is not None:
+            self._by_advert.setdefault(advert.name, advert.address)
+            return  # a static entry or already known: the advert adds nothing
+        problem = await self._check(advert)
+        if problem:
+            logger.warning("ignoring advert %s (%s): %s", advert.name, advert.node_id, problem)
+            raise PermissionError(problem)
+        node = self._make_client(advert.address, node_name=advert.node_id, discovered=True)
+        await node.refresh(measure_link=True)
+        if not node.state.reachable:
+            logger.warning("discovered node %s at %s is unreachable: %s", advert.node_id, advert.address, node.state.error)
+            await node.close()
+            raise ConnectionError(node.state.error)
+        self.nodes.append(node)
+        self._by_advert[advert.name] = advert.address
+        logger.info("discovered node %s at %s: models %s, link %s", advert.node_id, advert.address,
+                    sorted(node.state.models), node.link)
+
+    async def removed(self, advert: Advert) -> None:
+        address = self._by_advert.pop(advert.name, advert.address)
+        node = self._find(address)
+        if node is not None and node.discovered:
+            await self._drop(node, f"advert {advert.name} withdrawn")
+
+    async def _drop(self, node: CloudNodeClient, why: str) -> None:
+        self.nodes.remove(node)
+        logger.info("node %s left the table: %s", node.address, why)
+        await node.close()
+
+    async def prune(self, now: float | None = None) -> list[str]:
+        """Drop discovered nodes unreachable for longer than ``forget_after_s``;
+        returns the advert names dropped, so discovery can take them again."""
+        now = time.monotonic() if now is None else now
+        dropped = []
+        for node in [n for n in self.nodes if n.discovered and n.down_since is not None]:
+            if now - node.down_since > self.forget_after_s:
+                await self._drop(node, f"unreachable for {now - node.down_since:.1f} s ({node.state.error})")
+                dropped += [name for name, address in self._by_advert.items() if address == node.address]
+        for name in dropped:
+            self._by_advert.pop(name, None)
+        return dropped
