@@ -43,11 +43,14 @@ class LinkEstimator:
     def observe_rtt(self, rtt_ms: float) -> None:
         self.rtt_ms += SMOOTHING * (max(rtt_ms, 0.0) - self.rtt_ms)
 
-    def observe_one_way(self, *, uplink: bool, size_bytes: int, transfer_ms: float) -> None:
-        """A probe that moved ``size_bytes`` one way in ``transfer_ms`` beyond the RTT."""
-        if transfer_ms < MIN_SAMPLE_MS or size_bytes <= 0:
+    def observe_one_way(self, *, uplink: bool, size_bytes: int, transfer_ms: float, at_least: bool = False) -> None:
+        """A probe that moved ``size_bytes`` one way in ``transfer_ms`` beyond the RTT.
+        ``at_least``: the transfer was too quick to time, so its rate (with
+        the time floored at MIN_SAMPLE_MS) is a lower bound, taken as the
+        estimate rather than keeping a prior that is surely too slow."""
+        if size_bytes <= 0 or (transfer_ms < MIN_SAMPLE_MS and not at_least):
             return
-        mbps = min(size_bytes * 8 / (transfer_ms * 1e3), MAX_MBPS)
+        mbps = min(size_bytes * 8 / (max(transfer_ms, MIN_SAMPLE_MS) * 1e3), MAX_MBPS)
         if uplink:
             self.uplink_mbps = _smoothed_rate(self.uplink_mbps, mbps, PROBE_SMOOTHING) if self.measured_up else mbps
             self.measured_up = True

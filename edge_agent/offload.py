@@ -102,6 +102,9 @@ class CloudNodeClient:
                 if rates:
                     _, best_size, best_ms = max(rates)
                     self.estimator.observe_one_way(uplink=uplink, size_bytes=best_size, transfer_ms=best_ms)
+                else:  # even the largest probe was too quick to time: the link is at least this fast
+                    self.estimator.observe_one_way(uplink=uplink, size_bytes=size // 2, transfer_ms=max(wire_ms, 0.0),
+                                                   at_least=True)
                     logger.debug("probe %s %s: %s", self.address, "up" if uplink else "down",
                                  ", ".join(f"{s} B in {t:.1f} ms" for _, s, t in rates))
         except grpc.aio.AioRpcError as exc:

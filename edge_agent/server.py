@@ -28,7 +28,7 @@ from partitioner.costmodel import (
     StagePrediction,
     choose,
 )
-from partitioner.hysteresis import hold_or_switch
+from partitioner.hysteresis import hold_or_switch, share_load
 from partitioner.planning import (
     CodecSpeed,
     cloud_budget_s,
@@ -122,10 +122,10 @@ def parse_pinned(label: str) -> tuple[str, int | None, str]:
 
 
 def find_pinned(decision: Decision, kind: str, k: int | None, node: str) -> Candidate | None:
-    for candidate in decision.candidates:
-        if candidate.kind == kind and (k is None or candidate.k == k) and (not node or candidate.node == node):
-            return candidate
-    return None
+    """The pinned plan on its best node (any node unless ``node`` names one)."""
+    matches = [c for c in decision.candidates
+               if c.kind == kind and (k is None or c.k == k) and (not node or c.node == node)]
+    return min(matches, key=lambda c: (c.hard_violation, c.score), default=None)
 
 
 def request_options(objective: int, encoding: int, policy: Policy) -> tuple[Objective, int]:
@@ -370,6 +370,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         scale = input_scale(self.profiles[model.name], {name: array.shape for name, array in feeds.items()})
         decision, costs = self.decide(model, objective, encoding, scale=scale)
         candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding))
+        if "@" not in pinned:
+            candidate = share_load(decision, candidate, {n.address: (n.inflight, n.sent) for n in self.nodes})
         planned = plan_message(candidate, model, encoding)
 
         stages = Stages()

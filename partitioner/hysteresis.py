@@ -47,3 +47,19 @@ def hold_or_switch(decision: Decision, current: str | None, *, margin: float) ->
                                 f"{margin:.0%} margin")
     return Held(held, False, f"staying on {held.label}: {best.label} would be only {gain:.1%} better, within the "
                              f"{margin:.0%} margin")
+
+
+# Nodes whose prediction for the same plan is within this share of the best
+# are treated as equal: link estimates wobble by a few per cent, and without
+# a band one node would take all the work on noise.
+EQUAL_NODES_REL = 0.05
+
+
+def share_load(decision: Decision, chosen: Candidate, usage: dict[str, tuple[int, int]]) -> Candidate:
+    """Among the nodes predicted equal for ``chosen``'s plan, the least used:
+    ``usage`` maps a node to (requests in flight, requests sent so far)."""
+    if chosen.node is None:
+        return chosen
+    equal = [c for c in decision.candidates if c.label == chosen.label and c.node is not None and c.feasible
+             and c.score <= chosen.score * (1 + EQUAL_NODES_REL)]
+    return min(equal, key=lambda c: usage.get(c.node, (0, 0)), default=chosen)

@@ -103,8 +103,10 @@ def lab_defaults(extra: tuple[str, ...], *, announce: str) -> list[str]:
 
 
 def cloud_node(models: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+    # A TLS node admits device certificates only: the ready file is the signal then.
+    tls = any(arg.startswith("--tls-") for arg in extra)
     return Daemon("cloud_node.main", ["--listen", "127.0.0.1:0", "--models", str(models),
-                                      *lab_defaults(extra, announce="--advertise"), *extra], env=env)
+                                      *lab_defaults(extra, announce="--advertise"), *extra], env=env, check_health=not tls)
 
 
 def edge_agent(models: Path, clouds: list[str], *extra: str, env: dict[str, str] | None = None) -> Daemon:

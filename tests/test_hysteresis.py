@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from partitioner.costmodel import CloudOption, Link, ModelCosts, Power, Transfer, choose
-from partitioner.hysteresis import hold_or_switch
+from partitioner.hysteresis import hold_or_switch, share_load
 
 POWER = Power(active_w=5.0, idle_w=1.6, radio_alpha_w_per_mbps=0.283, radio_beta_w=0.133)
 
@@ -73,3 +73,12 @@ def test_the_plan_is_held_but_its_node_follows_the_load() -> None:
     assert not held.switched and held.candidate.label == "remote" and held.candidate.node == "n1"
     busy_other = hold_or_switch(decision(20.0, queues_ms=(0.0, 30.0)), "remote", margin=0.1)
     assert busy_other.candidate.node == "n0"
+
+
+def test_nodes_predicted_equal_share_the_work() -> None:
+    d = decision(20.0, queues_ms=(0.0, 1.0, 20.0))  # n1 is 2 % behind n0, n2 40 % behind
+    best = hold_or_switch(d, None, margin=0.1).candidate
+    assert best.node == "n0"
+    assert share_load(d, best, {"n0": (0, 3), "n1": (0, 2)}).node == "n1"   # equal enough, used less
+    assert share_load(d, best, {"n0": (1, 0), "n1": (2, 0)}).node == "n0"   # fewer in flight wins
+    assert share_load(d, best, {"n0": (5, 9), "n1": (5, 9), "n2": (0, 0)}).node in ("n0", "n1")  # n2 is slower

@@ -1,0 +1,166 @@
+"""Several cloud nodes: discovery on loopback, mutual TLS, load-aware choice, node loss."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edge_agent import sdk
+from pki import certs
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import launch
+
+LOOPBACK_ADVERT = ["--advertise", "true", "--advertise-interfaces", "127.0.0.1"]
+LOOPBACK_BROWSE = ["--discovery", "true", "--discovery-interfaces", "127.0.0.1", "--forget-after-s", "1",
+                   "--refresh-s", "0.5"]
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
+
+
+def wait_for(condition, what: str, tries: int = 100, pause_s: float = 0.1):
+    """Poll ``condition`` a bounded number of times; its last truthy value, else fail naming ``what``."""
+    for _ in range(tries):
+        value = condition()
+        if value:
+            return value
+        time.sleep(pause_s)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def offload_nodes(client: sdk.EdgeClient, model: str = "mobilenet") -> set[str]:
+    return {c.node for c in client.explain(model).candidates if c.plan != "local"}
+
+
+def test_discovered_nodes_join_leave_and_no_request_is_lost(model_dir: Path) -> None:
+    x = image()
+    expected = None
+    with launch.cloud_node(model_dir, *LOOPBACK_ADVERT, "--node-id", "node-a") as a, \
+            launch.cloud_node(model_dir, *LOOPBACK_ADVERT, "--node-id", "node-b") as b, \
+            launch.edge_agent(model_dir, [], *LOOPBACK_BROWSE) as agent, sdk.EdgeClient(agent.address) as client:
+        wait_for(lambda: offload_nodes(client) == {a.address, b.address}, "both adverts in the table")
+        assert "discovered node node-a" in agent.log() and "discovered node node-b" in agent.log()
+        expected = client.infer("mobilenet", {"input": x}, plan="local").outputs["logits"]
+        with ThreadPoolExecutor(8) as pool:  # equal nodes share a concurrent load
+            results = list(pool.map(lambda _: client.infer("mobilenet", {"input": x}, plan="remote"), range(24)))
+        for result in results:
+            np.testing.assert_allclose(result.outputs["logits"], expected, rtol=1e-5, atol=1e-5)
+        assert {r.node for r in results} == {a.address, b.address}
+        a.kill()  # no goodbye: the agent must notice by itself
+        for i in range(20):  # every request is answered, by b or (at worst) locally, never lost
+            result = client.infer("mobilenet", {"input": x}, plan="remote")
+            np.testing.assert_allclose(result.outputs["logits"], expected, rtol=1e-5, atol=1e-5)
+            assert result.node in ("", b.address)
+        wait_for(lambda: offload_nodes(client) == {b.address}, "the killed node to leave the table")
+        assert client.infer("mobilenet", {"input": x}, plan="remote").node == b.address
+        b.stop()  # a clean stop withdraws the advert
+        wait_for(lambda: not offload_nodes(client), "the stopped node to leave the table")
+        assert client.infer("mobilenet", {"input": x}).plan == "local"
+
+
+def test_a_node_with_a_long_queue_gets_no_work_while_another_is_free(model_dir: Path) -> None:
+    x = image(1)
+    with launch.cloud_node(model_dir, "--max-concurrency", "1", "--max-queue", "64") as busy, \
+            launch.cloud_node(model_dir) as free, \
+            launch.edge_agent(model_dir, [busy.address, free.address], "--refresh-s", "0.3") as agent, \
+            sdk.EdgeClient(agent.address) as client, grpc.insecure_channel(busy.address) as channel:
+        stub = pb_grpc.CloudNodeStub(channel)
+        digest = next(m.digest for m in stub.Status(pb.StatusRequest(), timeout=5).models if m.name == "resnet")
+        from protos import codec
+
+        heavy = pb.ModelRequest(model="resnet", model_digest=digest,
+                                inputs=[codec.encode(np.zeros((16, 3, 224, 224), np.float32), "input")])
+        with ThreadPoolExecutor(8) as pool:  # another tenant keeps the busy node's one worker queued up
+            futures = [pool.submit(stub.RunModel, heavy, timeout=120) for _ in range(12)]
+            wait_for(lambda: stub.Status(pb.StatusRequest(), timeout=5).load.queue_delay_ms > 50, "a measured queue")
+            time.sleep(0.7)  # the agent's next status refresh sees it
+            nodes = {client.infer("mobilenet", {"input": x}, plan="remote").node for _ in range(5)}
+            for f in futures:
+                f.result()
+        assert nodes == {free.address}
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    """A deployment CA with one node and two devices, plus a foreign CA's device."""
+    ca_cert, ca_key = certs.create_ca("test deployment")
+    other_cert, other_key = certs.create_ca("someone else")
+    files = {}
+    for stem, (cert, key) in {
+        "ca": (ca_cert, ca_key),
+        "node": certs.create_node(ca_cert, ca_key, "node-1", ["127.0.0.1"]),
+        "rogue": certs.create_node(other_cert, other_key, "node-1", ["127.0.0.1"]),
+        "device": certs.create_device(ca_cert, ca_key, "pi-kitchen"),
+        "revoked": certs.create_device(ca_cert, ca_key, "pi-stolen"),
+        "foreign": certs.create_device(other_cert, other_key, "pi-kitchen"),
+    }.items():
+        certs.write_pair(directory, stem, cert, key)
+        files[stem] = directory / f"{stem}.crt"
+    return files
+
+
+def tls_args(files: dict[str, Path], who: str) -> list[str]:
+    return ["--tls-ca", str(files["ca"]), "--tls-cert", str(files[who]), "--tls-key", str(files[who].with_suffix(".key"))]
+
+
+def call_status(address: str, files: dict[str, Path], device: str | None) -> grpc.StatusCode:
+    ca = files["ca"].read_bytes()
+    key = files[device].with_suffix(".key").read_bytes() if device else None
+    cert = files[device].read_bytes() if device else None
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    options = [("grpc.ssl_target_name_override", "node-1")]
+    with grpc.secure_channel(address, credentials, options=options) as channel:
+        try:
+            pb_grpc.CloudNodeStub(channel).Status(pb.StatusRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_mutual_tls_admits_only_the_deployments_devices(tmp_path: Path, model_dir: Path) -> None:
+    files = make_pki(tmp_path)
+    serial = certs.identity(files["revoked"].read_bytes())[1]
+    with launch.cloud_node(model_dir, *tls_args(files, "node"), "--deny", "pi-stolen") as node:
+        assert call_status(node.address, files, "device") == grpc.StatusCode.OK
+        assert call_status(node.address, files, None) == grpc.StatusCode.UNAVAILABLE       # no certificate
+        assert call_status(node.address, files, "foreign") == grpc.StatusCode.UNAVAILABLE  # another CA
+        assert call_status(node.address, files, "revoked") == grpc.StatusCode.PERMISSION_DENIED
+        # an agent holding the device certificate is served end to end
+        with launch.edge_agent(model_dir, [node.address], *tls_args(files, "device")) as agent, \
+                sdk.EdgeClient(agent.address) as client:
+            result = client.infer("mobilenet", {"input": image()}, plan="remote")
+            assert result.plan == "remote" and not result.fell_back
+        assert "PLAINTEXT" not in node.log()
+    # revoking by serial works as well
+    with launch.cloud_node(model_dir, *tls_args(files, "node"), "--deny", serial) as node:
+        assert call_status(node.address, files, "revoked") == grpc.StatusCode.PERMISSION_DENIED
+        assert call_status(node.address, files, "device") == grpc.StatusCode.OK
+
+
+def test_a_spoofed_advert_is_never_used(tmp_path: Path, model_dir: Path) -> None:
+    files = make_pki(tmp_path)
+    with launch.cloud_node(model_dir, *tls_args(files, "node"), *LOOPBACK_ADVERT) as real, \
+            launch.cloud_node(model_dir, *tls_args(files, "rogue"), *LOOPBACK_ADVERT, "--node-id", "node-1-rogue") as rogue:
+        # the rogue node's certificate is another CA's: right service name, wrong certificate
+        with launch.edge_agent(model_dir, [], *LOOPBACK_BROWSE, *tls_args(files, "device")) as agent, \
+                sdk.EdgeClient(agent.address) as client:
+            wait_for(lambda: offload_nodes(client) == {real.address}, "the real node in the table")
+            wait_for(lambda: "ignoring advert node-1-rogue" in agent.log(), "the rogue advert to be refused")
+            assert rogue.address not in offload_nodes(client)
+            assert client.infer("mobilenet", {"input": image()}, plan="remote").node == real.address
+
+
+def test_plaintext_is_explicit_and_loud(tmp_path: Path, model_dir: Path) -> None:
+    with launch.cloud_node(model_dir) as node:  # launch passes --plaintext true for tests
+        assert "PLAINTEXT" in node.log()
+    refused = launch.Daemon("cloud_node.main", ["--listen", "127.0.0.1:0", "--models", str(model_dir)])
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        refused.wait_ready(timeout_s=60)
+    assert "needs tls_ca, tls_cert and tls_key" in refused.log()
+    refused.stop()
