@@ -1,0 +1,138 @@
+"""Running the daemons as services: health, reflection, metrics, signals, floods."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from edge_agent import sdk
+from protos import codec
+from protos import tandem_pb2 as pb
+from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import launch
+from tests.test_fleet import wait_for
+
+
+def image(seed: int = 0, batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one series on a /metrics page (0 when absent)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(w in line for w in want):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def services(address: str) -> set[str]:
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        return {s.name for reply in replies for s in reply.list_services_response.service}
+
+
+def test_agent_health_reflection_and_metrics_that_move(model_dir: Path, cloud: launch.Daemon) -> None:
+    agent = launch.edge_agent(model_dir, [cloud.address], "--metrics-listen", "127.0.0.1:0", "--refresh-s", "0.3").wait_ready()
+    try:
+        url = json.loads(agent.ready_file.read_text())["metrics"]
+        with grpc.insecure_channel(agent.address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert {"tandem.v1.EdgeAgent", "grpc.health.v1.Health"} <= services(agent.address)
+        before = metric(url, "tandem_requests_total", method="Infer", plan="remote", outcome="ok")
+        with sdk.EdgeClient(agent.address) as client:
+            for _ in range(3):
+                client.infer("mobilenet", {"input": image()}, plan="remote")
+        assert metric(url, "tandem_requests_total", method="Infer", plan="remote", outcome="ok") == before + 3
+        assert metric(url, "tandem_stage_seconds_count", stage="network") >= 3
+        assert metric(url, "tandem_prediction_error_ratio_count", plan_kind="remote") >= 3
+        wait_for(lambda: metric(url, "tandem_link_rtt_seconds", node=cloud.address) > 0, "a link estimate series")
+        assert metric(url, "tandem_inflight_requests") == 0
+    finally:
+        agent.stop()
+
+
+def test_sigterm_during_a_burst_answers_every_accepted_request(model_dir: Path, cloud: launch.Daemon) -> None:
+    agent = launch.edge_agent(model_dir, [cloud.address], "--max-concurrency", "2", "--grace-s", "20").wait_ready()
+    x = image(3)
+    outcomes: list[str] = []
+
+    def one(_: int) -> str:
+        try:
+            with sdk.EdgeClient(agent.address, timeout=60) as client:
+                result = client.infer("resnet", {"input": image(3, batch=8)}, plan="local")
+            assert result.outputs["logits"].shape == (8, 1000)
+            return "ok"
+        except sdk.TandemError as exc:
+            return exc.code.name
+
+    with sdk.EdgeClient(agent.address) as client:
+        client.infer("mobilenet", {"input": x})
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(one, i) for i in range(12)]
+        time.sleep(0.5)  # some are computing, some queued
+        agent.process.send_signal(signal.SIGTERM)
+        outcomes = [f.result() for f in futures]
+    assert agent.process.wait(30) == 0
+    assert outcomes.count("ok") >= 2, outcomes
+    # what was not accepted was refused as unavailable, nothing accepted was dropped
+    assert set(outcomes) <= {"ok", "UNAVAILABLE"}, outcomes
+    assert "draining" in agent.log()
+    agent.stop()
+
+
+def test_sighup_with_a_broken_config_keeps_the_running_one(tmp_path: Path, model_dir: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('deny = ["pi-old"]\nlog_level = "info"\n')
+    with launch.cloud_node(model_dir, "--config", str(config)) as node:
+        config.write_text('deny = ["pi-old"\n')  # a TOML syntax error
+        node.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config rejected on SIGHUP" in node.log(), "the rejection in the log")
+        config.write_text('deny = ["pi-old", "pi-lost"]\nlog_level = "info"\nmax_queue = 3\n')
+        node.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config reloaded" in node.log(), "the reload in the log")
+        assert "deny list 2 entries" in node.log() and "needing a restart: max_queue" in node.log()
+        with grpc.insecure_channel(node.address) as channel:
+            assert pb_grpc.CloudNodeStub(channel).Status(pb.StatusRequest(), timeout=5).node_id
+
+
+def test_a_flood_is_refused_beyond_the_limits_memory_stays_bounded_and_service_resumes(model_dir: Path) -> None:
+    with launch.cloud_node(model_dir, "--max-concurrency", "1", "--max-queue", "2") as node:
+        process = psutil.Process(node.process.pid)
+        request = pb.ModelRequest(model="mobilenet", inputs=[codec.encode(image(), "input")])
+        with grpc.insecure_channel(node.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
+            stub = pb_grpc.CloudNodeStub(channel)
+            stub.RunModel(request, timeout=30)  # warm: sessions and arenas exist before we measure
+            baseline = process.memory_info().rss
+            codes: dict[str, int] = {}
+            for _ in range(3):  # 3 waves of 100 concurrent requests
+                calls = [stub.RunModel.future(request, timeout=60) for _ in range(100)]
+                for call in calls:
+                    try:
+                        call.result()
+                        codes["OK"] = codes.get("OK", 0) + 1
+                    except grpc.RpcError as exc:
+                        codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            assert "retry" in exc.details()
+            grown_mb = (process.memory_info().rss - baseline) / 2**20
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+            assert codes.get("RESOURCE_EXHAUSTED", 0) > 100 and codes.get("OK", 0) >= 3, codes
+            assert grown_mb < 200, f"the node grew by {grown_mb:.0f} MiB under the flood"
+            reply = stub.RunModel(request, timeout=30)  # normal service resumes
+            assert reply.outputs
