@@ -29,6 +29,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.overhead
 	$(PY) -m bench.llm
+	$(PY) -m bench.fleet
 
 # Regenerate the committed gRPC stubs (tests check they match the .proto).
 protos: $(STAMP)
