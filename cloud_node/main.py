@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -20,7 +20,7 @@ from pki.certs import fingerprint, identity
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
-from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.daemon import bind, reload_settings, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.llm_serving import LlmStore
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
@@ -109,23 +109,6 @@ class DenyList:
         return None
 
 
-def reload_config(current: list[NodeConfig], load: Callable[[], NodeConfig], deny: DenyList) -> None:
-    """SIGHUP: read the config again; a broken one leaves the running config in force."""
-    try:
-        fresh = load()
-    except (config_loader.ConfigError, ValueError) as exc:
-        logger.error("config rejected on SIGHUP, keeping the previous one: %s", exc)
-        return
-    old = current[0]
-    deny.entries = frozenset(e.lower() for e in fresh.deny)
-    logging.getLogger().setLevel(fresh.log_level.upper())
-    needs_restart = [f.name for f in fields(NodeConfig) if f.name not in RELOADABLE and f.name != "ready_file"
-                     and getattr(fresh, f.name) != getattr(old, f.name)]
-    current[0] = replace(old, **{name: getattr(fresh, name) for name in RELOADABLE})
-    logger.info("config reloaded: deny list %d entries, log level %s%s", len(deny.entries), fresh.log_level,
-                f"; changed but needing a restart: {', '.join(needs_restart)}" if needs_restart else "")
-
-
 async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None) -> None:
     tls = config.tls()
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
@@ -163,7 +146,11 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
         await advert.start()
     current = [config]
     if load is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, current, load, deny)
+        def apply(fresh: NodeConfig) -> str:
+            deny.entries = frozenset(e.lower() for e in fresh.deny)
+            return f"deny list {len(deny.entries)} entries"
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, current, load, RELOADABLE, apply)
     write_ready_file(config.ready_file, address, {"metrics": metrics_url} if metrics_url else None)
     logger.info("cloud node %s serving %d models on %s", service.node_id, len(store.models), address)
     if metrics_url:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
-from runtimes.daemon import bind, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.daemon import bind, reload_settings, setup_logging, wait_for_shutdown, write_ready_file
 from runtimes.llm_serving import LlmStore
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
@@ -178,21 +179,25 @@ async def refresh_loop(table: NodeTable, browser: Browser | None, every_s: float
                                  rtt_ms=node.link.rtt_ms)
 
 
-def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAgentService) -> None:
-    """SIGHUP: the policy file again; a file that does not check out leaves the current policy in force."""
-    if config.policy is None:
-        logger.info("SIGHUP: no --policy file to reload")
-        return
+# Settings SIGHUP applies at once: the policy (file and the flags under it)
+# and the log level. The others need a restart (the log says which changed).
+RELOADABLE = ("log_level", "policy", "objective", "weight_latency", "slo_ms", "energy_budget_j", "memory_limit_mb",
+              "privacy_min_local", "encoding", "hysteresis_margin", "cloud_timeout_s", "llm_allow_remote",
+              "llm_remote_tokens_per_hour")
+
+
+def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAgentService) -> str:
+    """The policy file and flags again; a policy that does not check out leaves the current one in force."""
     try:
         policies = config.policies(segments)
     except PolicyError as exc:
         logger.error("policy %s rejected, keeping the previous one: %s", config.policy, exc)
-        return
+        return "policy kept (rejected)"
     service.use_policies(policies)
-    logger.info("policy %s reloaded", config.policy)
+    return f"policy {config.policy or '(flags only)'} reloaded"
 
 
-async def serve(config: AgentConfig) -> None:
+async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = None) -> None:
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     segments = {name: model.num_segments for name, model in store.models.items()}
     policies = config.policies(segments)  # an invalid file stops the start, naming the line
@@ -260,7 +265,9 @@ async def serve(config: AgentConfig) -> None:
     write_ready_file(config.ready_file, address, {"metrics": metrics_url} if metrics_url else None)
     logger.info("edge agent (%s) serving %d models on %s", device.name, len(store.models), address)
     refresher = asyncio.create_task(refresh_loop(table, browser, config.refresh_s, metrics))
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, config, segments, service)
+    if load is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, [config], load, RELOADABLE,
+                                                      lambda fresh: reload_policy(fresh, segments, service))
     monitor = PowerMonitor(device, root=config.sysfs_root, window_s=config.power_window_s,
                            busy_ms=lambda: service.busy_ms, apply=service.use_power)
     metering = asyncio.create_task(monitor.run())
@@ -284,13 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     config_loader.add_arguments(parser, AgentConfig)
     args = parser.parse_args(argv)
+    def load() -> AgentConfig:
+        return config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT")
+
     try:
-        config = config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT")
+        config = load()
     except (config_loader.ConfigError, ValueError) as exc:
         parser.error(str(exc))
     setup_logging(config.log_level, config.log_format)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, load))
     except PolicyError as exc:
         logger.error("policy %s: %s", config.policy, exc)
         return 2

@@ -157,6 +157,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.codec_speed = codec_speed
         self.policies = policies
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
+        metrics.set_queue("onnx", lambda: self.admission.queued)
+        for name, engine in generator.llms.engines.items():
+            metrics.set_queue(name, lambda engine=engine: engine.queued)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, float], ModelCosts] = {}  # profiles are immutable: build once
         self._current: dict[tuple[str, Objective, int], str] = {}  # plan label per model/objective/codec
@@ -405,6 +408,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             objective, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
             async with contextlib.aclosing(await self.generator.generate(request, objective)) as generated:
                 async for chunk in generated:
+                    if chunk.HasField("done"):
+                        done = chunk.done
+                        side = pb.PlanKind.Name(done.ran).removeprefix("PLAN_").lower()
+                        self.metrics.observe_llm(request.model, side, tokens=done.completion_tokens, tok_s=done.tokens_per_s)
+                        self.metrics.observe_request("Generate", side, "fallback" if done.switched else "ok")
                     yield chunk
 
         async for chunk in relay(context, chunks()):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -74,3 +76,26 @@ async def wait_for_shutdown() -> str:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s.name))
     return await received
+
+
+def reload_settings(current: list, load: Callable[[], Any], reloadable: tuple[str, ...],
+                    apply: Callable[[Any], str]) -> None:
+    """SIGHUP: read the daemon's config again (file, environment, flags) and
+    apply the ``reloadable`` settings through ``apply`` (which says what it
+    did); a config that does not load leaves the running one in force. The
+    other settings need a restart, and the log says which changed."""
+    from runtimes.config import ConfigError
+
+    try:
+        fresh = load()
+    except (ConfigError, ValueError) as exc:
+        logger.error("config rejected on SIGHUP, keeping the previous one: %s", exc)
+        return
+    old = current[0]
+    needs_restart = [f.name for f in dataclasses.fields(old) if f.name not in reloadable and f.name != "ready_file"
+                     and getattr(fresh, f.name) != getattr(old, f.name)]
+    current[0] = dataclasses.replace(old, **{name: getattr(fresh, name) for name in reloadable})
+    logging.getLogger().setLevel(fresh.log_level.upper())
+    done = apply(current[0])
+    logger.info("config reloaded: %s, log level %s%s", done, fresh.log_level,
+                f"; changed but needing a restart: {', '.join(needs_restart)}" if needs_restart else "")
