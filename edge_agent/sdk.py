@@ -10,6 +10,7 @@ Server errors arrive as typed exceptions (``InvalidArgument``, ``NotFound``,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,15 @@ _ERRORS = {
 def _typed(exc: grpc.RpcError) -> TandemError:
     code = exc.code()
     return _ERRORS.get(code, TandemError)(code, exc.details() or "")
+
+
+@contextlib.contextmanager
+def _agent_errors() -> Iterator[None]:
+    """gRPC failures as the SDK's typed errors (sync and async calls alike)."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise _typed(exc) from None
 
 
 def _stages(message: pb.StageTimes) -> dict[str, float]:
@@ -240,10 +250,8 @@ class EdgeClient:
     def infer(self, model: str, inputs: dict[str, Any], *, objective: str | None = None, plan: str | None = None,
               encoding: str | None = None, deadline: float | None = None) -> InferResult:
         request = _infer_request(model, inputs, objective, plan, encoding)
-        try:
+        with _agent_errors():
             return InferResult.from_reply(self._stub.Infer(request, timeout=deadline or self.timeout))
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
 
     def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
                 encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0) -> Explanation:
@@ -251,16 +259,12 @@ class EdgeClient:
         {"uplink_mbps", "downlink_mbps", "rtt_ms"} instead of the measured link.
         For an LLM, ``prompt_tokens`` and ``max_tokens`` describe the generation."""
         request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens)
-        try:
+        with _agent_errors():
             return Explanation.from_message(self._stub.Explain(request, timeout=self.timeout))
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
 
     def models(self) -> list[pb.ModelInfo]:
-        try:
+        with _agent_errors():
             return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
 
     def generate(self, prompt: str | None = None, *, model: str | None = None, messages: list[dict[str, str]] | None = None,
                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -271,10 +275,9 @@ class EdgeClient:
         request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
         call = self._stub.Generate(request, timeout=deadline)
         try:
-            for message in call:
-                yield _chunk(message)
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
+            with _agent_errors():
+                for message in call:
+                    yield _chunk(message)
         finally:
             call.cancel()  # a caller that stops iterating frees its slot on the agent
 
@@ -303,24 +306,18 @@ class AsyncEdgeClient:
     async def infer(self, model: str, inputs: dict[str, Any], *, objective: str | None = None, plan: str | None = None,
                     encoding: str | None = None, deadline: float | None = None) -> InferResult:
         request = _infer_request(model, inputs, objective, plan, encoding)
-        try:
+        with _agent_errors():
             return InferResult.from_reply(await self._stub.Infer(request, timeout=deadline or self.timeout))
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
 
     async def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
                       encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0) -> Explanation:
         request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens)
-        try:
+        with _agent_errors():
             return Explanation.from_message(await self._stub.Explain(request, timeout=self.timeout))
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
 
     async def models(self) -> list[pb.ModelInfo]:
-        try:
+        with _agent_errors():
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
 
     async def generate(self, prompt: str | None = None, *, model: str | None = None,
                        messages: list[dict[str, str]] | None = None, max_tokens: int = 64, temperature: float = 0.0,
@@ -330,10 +327,9 @@ class AsyncEdgeClient:
         request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
         call = self._stub.Generate(request, timeout=deadline)
         try:
-            async for message in call:
-                yield _chunk(message)
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
+            with _agent_errors():
+                async for message in call:
+                    yield _chunk(message)
         finally:
             call.cancel()
 
