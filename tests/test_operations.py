@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import grpc
@@ -85,7 +84,8 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(model_dir: Path, 
         client.infer("mobilenet", {"input": x})
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(one, i) for i in range(12)]
-        time.sleep(0.5)  # some are computing, some queued
+        # once one has finished, others are computing or queued: stop then
+        wait(futures, timeout=120, return_when=FIRST_COMPLETED)
         agent.process.send_signal(signal.SIGTERM)
         outcomes = [f.result() for f in futures]
     assert agent.process.wait(30) == 0
