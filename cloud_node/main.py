@@ -20,7 +20,15 @@ from pki.certs import fingerprint, identity
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
-from runtimes.daemon import bind, reload_settings, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.daemon import (
+    bind,
+    check_log_settings,
+    hold_sighup_until_ready,
+    reload_settings,
+    setup_logging,
+    wait_for_shutdown,
+    write_ready_file,
+)
 from runtimes.llm_serving import LlmStore
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
@@ -78,8 +86,7 @@ class NodeConfig:
             raise config_loader.ConfigError("max_message_mb must be >= 1")
         if self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16:
             raise config_loader.ConfigError("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16")
-        if self.log_format not in ("text", "json"):
-            raise config_loader.ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        check_log_settings(self.log_level, self.log_format)
         if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
             raise config_loader.ConfigError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
         self.tls()
@@ -136,11 +143,15 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     await server.start()
     if not tls:
         warn_plaintext("cloud-node", address)
+        if config.deny:
+            logger.warning("deny list ignored: without TLS there are no device certificates to refuse")
     set_serving(health, [service_name])
     advert = None
     if config.advertise:
         host, _, port = address.rpartition(":")
-        txt = txt_records(node_id=node_id, models=[*store.models, *llms.engines], slots=config.max_concurrency,
+        # Agents verify a TLS node by the name its certificate carries: advertise that name.
+        advertised_id = identity(cert_pem)[0] if tls else node_id
+        txt = txt_records(node_id=advertised_id, models=[*store.models, *llms.engines], slots=config.max_concurrency,
                           queue=config.max_queue, fingerprint=fingerprint(cert_pem) if tls else "")
         advert = Advertiser(node_id=node_id, host=host, port=int(port), txt=txt, interfaces=config.advertise_interfaces)
         await advert.start()
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-node", description=__doc__)
     config_loader.add_arguments(parser, NodeConfig)
     args = parser.parse_args(argv)
+    hold_sighup_until_ready()
     def load() -> NodeConfig:
         return config_loader.load(NodeConfig, args, env_prefix="TANDEM_NODE")
 

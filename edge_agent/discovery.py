@@ -61,6 +61,9 @@ class Browser:
         self._browser: AsyncServiceBrowser | None = None
         self._known: dict[str, Advert] = {}   # instance name -> advert in use
         self._tasks: set[asyncio.Task] = set()
+        # One advert event at a time: a withdrawal must not overtake the
+        # check of the same node's announcement (adverts are rare).
+        self._events = asyncio.Lock()
 
     async def start(self) -> None:
         from zeroconf import InterfaceChoice
@@ -72,9 +75,13 @@ class Browser:
     def _changed(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         handle = self._resolve(zeroconf, service_type, name) if state_change is not ServiceStateChange.Removed \
             else self._remove(name)
-        task = asyncio.ensure_future(handle)
+        task = asyncio.ensure_future(self._in_turn(handle))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _in_turn(self, handle) -> None:
+        async with self._events:
+            await handle
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)

@@ -37,11 +37,13 @@ class Trust:
 
 class NodeTable:
     def __init__(self, nodes: list[CloudNodeClient], *, trust: Trust | None,
-                 make_client: Callable[..., CloudNodeClient], forget_after_s: float) -> None:
+                 make_client: Callable[..., CloudNodeClient], forget_after_s: float, drain_grace_s: float = 30.0) -> None:
         self.nodes = nodes
         self.trust = trust
         self._make_client = make_client
         self.forget_after_s = forget_after_s
+        self.drain_grace_s = drain_grace_s
+        self._closing: set[asyncio.Future] = set()
         self._by_advert: dict[str, str] = {}   # advert instance name -> address
         self.forgotten: list[str] = []          # advert names dropped for being unreachable
 
@@ -89,9 +91,15 @@ class NodeTable:
             await self._drop(node, f"advert {advert.name} withdrawn")
 
     async def _drop(self, node: CloudNodeClient, why: str) -> None:
+        """Out of the table at once; requests already on their way get the
+        grace to finish (a node withdrawing its advert is draining them)."""
+        if node not in self.nodes:
+            return  # a removal and a prune both found it
         self.nodes.remove(node)
         logger.info("node %s left the table: %s", node.address, why)
-        await node.close()
+        closing = asyncio.ensure_future(node.close(grace_s=self.drain_grace_s))  # not waited for: the table moves on
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def prune(self, now: float | None = None) -> list[str]:
         """Drop discovered nodes unreachable for longer than ``forget_after_s``;

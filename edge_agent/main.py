@@ -30,7 +30,15 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
-from runtimes.daemon import bind, reload_settings, setup_logging, wait_for_shutdown, write_ready_file
+from runtimes.daemon import (
+    bind,
+    check_log_settings,
+    hold_sighup_until_ready,
+    reload_settings,
+    setup_logging,
+    wait_for_shutdown,
+    write_ready_file,
+)
 from runtimes.llm_serving import LlmStore
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
@@ -96,8 +104,7 @@ class AgentConfig:
 
     def validate(self) -> None:
         self.tls()  # TLS files, or plaintext said out loud
-        if self.log_format not in ("text", "json"):
-            raise config_loader.ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        check_log_settings(self.log_level, self.log_format)
         if self.ort_spinning not in ("auto", "on", "off"):
             raise config_loader.ConfigError(f"ort_spinning must be auto, on or off, got {self.ort_spinning!r}")
         error = config_loader.ConfigError
@@ -169,14 +176,21 @@ async def refresh_loop(table: NodeTable, browser: Browser | None, every_s: float
     """Status and RTT of every node, health-checking discovered ones out of the table."""
     while True:
         await asyncio.sleep(every_s)
-        await refresh_all(list(table.nodes))
-        for name in await table.prune():
-            if browser is not None:
-                browser.forget(name)
-        for node in table.nodes:
-            if node.link is not None:
-                metrics.set_link(node.address, uplink_mbps=node.link.uplink_mbps, downlink_mbps=node.link.downlink_mbps,
-                                 rtt_ms=node.link.rtt_ms)
+        try:
+            await refresh_all(list(table.nodes))
+            for name in await table.prune():
+                if browser is not None:
+                    browser.forget(name)
+            for node in table.nodes:
+                if node.link is not None:
+                    metrics.set_link(node.address, uplink_mbps=node.link.uplink_mbps,
+                                     downlink_mbps=node.link.downlink_mbps, rtt_ms=node.link.rtt_ms)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # shutting down
+            logger.info("a node left the table during a refresh")  # its channel closed under the call
+        except Exception:  # noqa: BLE001 -- one bad round must not end the refreshing for good
+            logger.exception("node refresh failed; trying again in %.1f s", every_s)
 
 
 # Settings SIGHUP applies at once: the policy (file and the flags under it)
@@ -225,7 +239,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
                                node_name=node_name, discovered=discovered)
 
     nodes = [make_client(a) for a in config.cloud]
-    table = NodeTable(nodes, trust=trust, make_client=make_client, forget_after_s=config.forget_after_s)
+    table = NodeTable(nodes, trust=trust, make_client=make_client, forget_after_s=config.forget_after_s,
+                      drain_grace_s=config.cloud_timeout_s)
     await refresh_all(nodes, measure_link=True)
     for node in nodes:
         state = node.state
@@ -268,8 +283,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     if load is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, [config], load, RELOADABLE,
                                                       lambda fresh: reload_policy(fresh, segments, service))
-    monitor = PowerMonitor(device, root=config.sysfs_root, window_s=config.power_window_s,
-                           busy_ms=lambda: service.busy_ms, apply=service.use_power)
+    monitor = PowerMonitor(device, root=config.sysfs_root, window_s=config.power_window_s, apply=service.use_power)
     metering = asyncio.create_task(monitor.run())
     signame = await wait_for_shutdown()
     logger.info("%s: draining for up to %.1f s", signame, config.grace_s)
@@ -291,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     config_loader.add_arguments(parser, AgentConfig)
     args = parser.parse_args(argv)
+    hold_sighup_until_ready()
     def load() -> AgentConfig:
         return config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT")
 

@@ -64,7 +64,8 @@ class CloudNodeClient:
         self._generation = 0  # bumped by mark_down, so a refresh in flight cannot undo it
         self.down_since: float | None = None  # monotonic time it was last found unreachable, None while reachable
         self.inflight = 0     # this agent's requests on the node now
-        self.sent = 0         # this agent's requests to the node so far
+        self.last_sent = 0.0  # monotonic time of this agent's last request to it
+        self.closed = False   # left the table: no more refreshes
 
     @property
     def link(self) -> Link | None:
@@ -118,6 +119,8 @@ class CloudNodeClient:
         """Status, RTT (empty probes), profiles of new models and, on the
         first call, when asked, or when the link has been idle, bandwidth."""
         generation = self._generation
+        if self.closed:
+            return self.state
         try:
             # The fastest of a few empty round trips: slower ones carry scheduling noise, not the path.
             rtt_ms = min([await self._timed_probe(pb.ProbeRequest(), timeout_s) for _ in range(3)])
@@ -176,8 +179,11 @@ class CloudNodeClient:
             return None
         return self._profiles.get(digest)
 
-    async def close(self) -> None:
-        await self._channel.close()
+    async def close(self, grace_s: float | None = None) -> None:
+        """Close the channel; calls still running get ``grace_s`` to finish
+        (None: cancelled at once, as at the agent's own shutdown)."""
+        self.closed = True
+        await self._channel.close(grace=grace_s)
 
 
 async def refresh_all(nodes: list[CloudNodeClient], **kwargs) -> None:

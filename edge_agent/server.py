@@ -152,7 +152,6 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.power = power
         self.metrics = metrics
         self.power_figures = power_figures
-        self.busy_ms = 0.0  # device compute and codec time so far, for the power sensor's fit
         self.device_name = device_name
         self.codec_speed = codec_speed
         self.policies = policies
@@ -187,9 +186,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         policy = self.policies.for_model(model.name)
         costs = self.calibration.apply(self._model_costs(model, encoding, scale))
         clouds = []
-        # Least busy (then least used) first: among nodes predicted equal the
-        # first wins, so equal nodes take turns.
-        for node in sorted(self._planned_nodes(policy), key=lambda n: (n.inflight, n.sent)):
+        # Least busy (then least recently used) first: among nodes predicted
+        # equal the first wins, so equal nodes take turns.
+        for node in sorted(self._planned_nodes(policy), key=lambda n: (n.inflight, n.last_sent)):
             cloud_profile = node.profile(model.name, model.digest) if node.state.reachable else None
             if cloud_profile is None or cloud_profile.num_segments != profile.num_segments:
                 continue
@@ -217,9 +216,16 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     async def _cloud_call(self, node: CloudNodeClient, method: str, request, timeout_s: float) -> pb.RunReply:
         start = time.perf_counter()
         node.inflight += 1
-        node.sent += 1
+        node.last_sent = time.monotonic()
         try:
             reply = await getattr(node.stub, method)(request, timeout=timeout_s)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # our own caller went away: nothing to finish
+            # the node left the table and its channel closed under the call
+            raise CloudFailed(f"{node.address} {method}: the node left the table mid-call") from None
+        except grpc.aio.UsageError as exc:
+            raise CloudFailed(f"{node.address} {method}: the node left the table ({exc})") from exc
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 # The request was still on the wire (or queued) when time ran
@@ -371,10 +377,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     async def _infer(self, context: grpc.aio.ServicerContext, model: OnnxModel, feeds: dict[str, np.ndarray],
                      objective: Objective, encoding: int, pinned: str, arrived: float) -> pb.InferReply:
         scale = input_scale(self.profiles[model.name], {name: array.shape for name, array in feeds.items()})
+        calibration = self.calibration  # what this request's predictions are made with
         decision, costs = self.decide(model, objective, encoding, scale=scale)
         candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding))
         if "@" not in pinned:
-            candidate = share_load(decision, candidate, {n.address: (n.inflight, n.sent) for n in self.nodes})
+            candidate = share_load(decision, candidate, {n.address: (n.inflight, n.last_sent) for n in self.nodes})
         planned = plan_message(candidate, model, encoding)
 
         stages = Stages()
@@ -390,9 +397,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
-        self.busy_ms += stages.edge_ms + stages.encode_ms + stages.decode_ms
         if not fallback_reason and not stages.cold:
-            self.calibration = self.calibration.observed(candidate.stages, stages, offloaded=candidate.kind != "local")
+            self.calibration = self.calibration.observed(candidate.stages, stages, offloaded=candidate.kind != "local",
+                                                         used=calibration)
         encoded = encode_all(outputs, pb.ENCODING_RAW)
         total_ms = (time.perf_counter() - arrived) * 1e3
         return pb.InferReply(

@@ -85,7 +85,7 @@ def cloud_for(args: argparse.Namespace, board: Board) -> tuple[tuple[ModelProfil
     """The node's own profile and the measured RTT when --cloud is given."""
     if not args.cloud:
         return None, args.rtt_ms if args.rtt_ms is not None else DEFAULT_RTT_MS
-    node = asyncio.run(reach_node(args.cloud))
+    node = asyncio.run(reach_node(args.cloud, args))
     profile = node.profile(board.model.name, board.model.digest)
     if profile is None:
         raise ToolError(f"cloud node {args.cloud} does not serve this exact {board.model.name} "
@@ -176,7 +176,7 @@ def profile_command(args: argparse.Namespace) -> int:
 
 
 def link_command(args: argparse.Namespace) -> int:
-    node = asyncio.run(reach_node(args.address))
+    node = asyncio.run(reach_node(args.address, args))
     link = node.link
     report = {"address": args.address, "node_id": node.state.node_id, "rtt_ms": link.rtt_ms,
               "uplink_mbps": link.uplink_mbps, "downlink_mbps": link.downlink_mbps,
@@ -345,6 +345,14 @@ def planning_options(parser: argparse.ArgumentParser, *, device_required: bool =
     parser.add_argument("--radio", choices=["wifi", "lte"], help="uplink radio power model (default: the device's)")
     parser.add_argument("--cloud", help="HOST:PORT of a running cloud node: use its measured profile and RTT")
     parser.add_argument("--whole", action="store_true", help="plan a model that cannot be cut as one segment")
+    tls_options(parser)
+
+
+def tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", help="deployment CA (PEM), to reach a TLS node with --cloud / link")
+    parser.add_argument("--tls-cert", help="a device certificate (PEM) the node admits")
+    parser.add_argument("--tls-key", help="its private key (PEM)")
+    parser.add_argument("--tls-name", help="the name in the node's certificate, when the address is not in it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     link = commands.add_parser("link", help="RTT and bandwidth to a running cloud node")
     link.add_argument("address", help="HOST:PORT")
     link.add_argument("--json", action="store_true")
+    tls_options(link)
 
     sweep = commands.add_parser("sweep", help="the plan and every plan's latency and energy across bandwidths")
     sweep.add_argument("model", help="an .onnx or .gguf file")

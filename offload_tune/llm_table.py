@@ -82,7 +82,7 @@ def cloud_speed(args: argparse.Namespace, name: str, here: LlmSpeed) -> tuple[Ll
     """(speed, where it comes from, measured RTT or None)."""
     if not args.cloud:
         return here, "this host's measured speed (no --cloud node given)", None
-    node = asyncio.run(reach_node(args.cloud))
+    node = asyncio.run(reach_node(args.cloud, args))
     load = next((load for load in node.state.llm if load.model == name), None)
     if load is None or load.gen_tok_s <= 0:
         raise ToolError(f"cloud node {args.cloud} does not serve {name} (LLMs there: {[l.model for l in node.state.llm]})")

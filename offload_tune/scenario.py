@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
+
 from devices.detect import detect_board
 from devices.profiles import RADIOS, DeviceProfile, get_device, measure_host
 from edge_agent.offload import CloudNodeClient
@@ -28,6 +30,7 @@ from partitioner.work import Work, concrete_shapes, node_work, segment_work
 from protos import tandem_pb2 as pb
 from runtimes.onnx_exec import OnnxModel
 from runtimes.profiler import load_or_measure, measure_codec_speed, predicted_for
+from runtimes.tls import TlsFiles, channel_credentials
 
 # Round trip assumed when none is given or measured: an assumption for the
 # sweep's shape, not a reference figure (measure yours: offload-tune link).
@@ -163,12 +166,28 @@ def break_even_points(sc: Scenario, bandwidths: list[float], *, steps: int = 40)
 
 
 
-async def reach_node(address: str) -> CloudNodeClient:
+def node_credentials(args) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """TLS credentials from --tls-ca/--tls-cert/--tls-key (a device's, as the
+    agent holds them), or none for a plaintext lab node; ToolError if half given."""
+    files = [getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key")]
+    if not any(files):
+        return None, None
+    if not all(files):
+        raise ToolError("--tls-ca, --tls-cert and --tls-key go together (tandem-certs creates them)")
+    try:
+        ca, cert, key = TlsFiles(*(Path(f) for f in files)).load()
+    except ValueError as exc:
+        raise ToolError(str(exc)) from None
+    return channel_credentials(ca, cert, key), getattr(args, "tls_name", None)
+
+
+async def reach_node(address: str, args=None) -> CloudNodeClient:
     """A cloud node's state, profiles and measured link, or ToolError."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ToolError(f"{address!r} is not HOST:PORT")
-    node = CloudNodeClient(address, max_message_mb=64)
+    credentials, name = node_credentials(args)
+    node = CloudNodeClient(address, max_message_mb=64, credentials=credentials, node_name=name)
     try:
         state = await node.refresh(timeout_s=5.0, measure_link=True)
     finally:

@@ -46,18 +46,24 @@ class Calibration:
     offload_ms: float = 0.0      # device time per cloud call beyond codec and wire
     samples: int = 0             # requests learned from
 
-    def observed(self, predicted: StagePrediction, measured: MeasuredStages, *, offloaded: bool) -> Calibration:
+    def observed(self, predicted: StagePrediction, measured: MeasuredStages, *, offloaded: bool,
+                 used: Calibration | None = None) -> Calibration:
         """The calibration after a request that ran as planned (not one that
-        fell back: its stages are not the plan's). ``predicted`` is what this
-        calibration predicted, so each update corrects the remaining error."""
+        fell back: its stages are not the plan's). ``predicted`` was made with
+        ``used`` (default: this calibration); requests run concurrently, so
+        that may be an older one. Each figure moves toward what this request
+        showed of the uncalibrated profile, so late or simultaneous requests
+        cannot push it past the truth."""
+        used = used or self
         edge_factor, offload_ms = self.edge_factor, self.offload_ms
         if predicted.edge_ms >= MIN_EDGE_SAMPLE_MS and measured.edge_ms > 0:
-            ratio = measured.edge_ms / predicted.edge_ms
+            ratio = measured.edge_ms / (predicted.edge_ms / used.edge_factor)
             low, high = EDGE_FACTOR_BOUNDS
-            edge_factor = min(max(edge_factor * (1 + SMOOTHING * (ratio - 1)), low), high)
+            edge_factor = min(max(edge_factor + SMOOTHING * (ratio - edge_factor), low), high)
         if offloaded:
-            excess = (measured.encode_ms + measured.decode_ms) - (predicted.encode_ms + predicted.decode_ms)
-            offload_ms = min(max(offload_ms + SMOOTHING * excess, 0.0), MAX_OFFLOAD_MS)
+            codec_ms = predicted.encode_ms + predicted.decode_ms - used.offload_ms
+            excess = measured.encode_ms + measured.decode_ms - codec_ms
+            offload_ms = min(max(offload_ms + SMOOTHING * (excess - offload_ms), 0.0), MAX_OFFLOAD_MS)
         return Calibration(edge_factor=edge_factor, offload_ms=offload_ms, samples=self.samples + 1)
 
     def apply(self, costs: ModelCosts) -> ModelCosts:

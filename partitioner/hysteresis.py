@@ -55,9 +55,9 @@ def hold_or_switch(decision: Decision, current: str | None, *, margin: float) ->
 EQUAL_NODES_REL = 0.05
 
 
-def share_load(decision: Decision, chosen: Candidate, usage: dict[str, tuple[int, int]]) -> Candidate:
+def share_load(decision: Decision, chosen: Candidate, usage: dict[str, tuple[int, float]]) -> Candidate:
     """Among the nodes predicted equal for ``chosen``'s plan, the least used:
-    ``usage`` maps a node to (requests in flight, requests sent so far)."""
+    ``usage`` maps a node to (requests in flight, when it was last sent one)."""
     if chosen.node is None:
         return chosen
     equal = [c for c in decision.candidates if c.label == chosen.label and c.node is not None and c.feasible

@@ -40,6 +40,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def check_log_settings(level: str, fmt: str) -> None:
+    """ConfigError for a log level or format the daemons do not know."""
+    from runtimes.config import ConfigError
+
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"log_format must be text or json, got {fmt!r}")
+
+
+def hold_sighup_until_ready() -> None:
+    """Until the daemon installs its reload handler, a SIGHUP (``systemctl
+    reload`` during a long start-up) is ignored instead of killing it."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     """Root handler for a daemon's entry point: ``fmt`` "text" for people, "json" for machines."""
     handler = logging.StreamHandler()
@@ -95,7 +114,7 @@ def reload_settings(current: list, load: Callable[[], Any], reloadable: tuple[st
     needs_restart = [f.name for f in dataclasses.fields(old) if f.name not in reloadable and f.name != "ready_file"
                      and getattr(fresh, f.name) != getattr(old, f.name)]
     current[0] = dataclasses.replace(old, **{name: getattr(fresh, name) for name in reloadable})
-    logging.getLogger().setLevel(fresh.log_level.upper())
     done = apply(current[0])
+    logging.getLogger().setLevel(LOG_LEVELS[fresh.log_level])
     logger.info("config reloaded: %s, log level %s%s", done, fresh.log_level,
                 f"; changed but needing a restart: {', '.join(needs_restart)}" if needs_restart else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,14 +12,17 @@ import numpy as np
 import pytest
 
 from edge_agent import sdk
+from offload_tune.cli import main as tune
 from pki import certs
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
 
 LOOPBACK_ADVERT = ["--advertise", "true", "--advertise-interfaces", "127.0.0.1"]
+# The link is given, not probed: two nodes on loopback are then predicted equal,
+# as two nodes on one LAN would be, instead of differing by probe noise.
 LOOPBACK_BROWSE = ["--discovery", "true", "--discovery-interfaces", "127.0.0.1", "--forget-after-s", "1",
-                   "--refresh-s", "0.5"]
+                   "--refresh-s", "0.5", "--uplink-mbps", "1000", "--downlink-mbps", "1000", "--rtt-ms", "1"]
 
 
 def image(seed: int = 0) -> np.ndarray:
@@ -80,7 +84,12 @@ def test_a_node_with_a_long_queue_gets_no_work_while_another_is_free(model_dir: 
         with ThreadPoolExecutor(8) as pool:  # another tenant keeps the busy node's one worker queued up
             futures = [pool.submit(stub.RunModel, heavy, timeout=120) for _ in range(12)]
             wait_for(lambda: stub.Status(pb.StatusRequest(), timeout=5).load.queue_delay_ms > 50, "a measured queue")
-            time.sleep(0.7)  # the agent's next status refresh sees it
+
+            def busy_predicted_slower() -> bool:  # the agent's status refresh has seen the queue
+                remote = {c.node: c.predicted["total_ms"] for c in client.explain("mobilenet").candidates if c.plan == "remote"}
+                return remote[busy.address] > 1.2 * remote[free.address]
+
+            wait_for(busy_predicted_slower, "the busy node's queue in the agent's prediction")
             nodes = {client.infer("mobilenet", {"input": x}, plan="remote").node for _ in range(5)}
             for f in futures:
                 f.result()
@@ -123,7 +132,7 @@ def call_status(address: str, files: dict[str, Path], device: str | None) -> grp
     return grpc.StatusCode.OK
 
 
-def test_mutual_tls_admits_only_the_deployments_devices(tmp_path: Path, model_dir: Path) -> None:
+def test_mutual_tls_admits_only_the_deployments_devices(tmp_path: Path, model_dir: Path, capsys) -> None:
     files = make_pki(tmp_path)
     serial = certs.identity(files["revoked"].read_bytes())[1]
     with launch.cloud_node(model_dir, *tls_args(files, "node"), "--deny", "pi-stolen") as node:
@@ -137,6 +146,9 @@ def test_mutual_tls_admits_only_the_deployments_devices(tmp_path: Path, model_di
             result = client.infer("mobilenet", {"input": image()}, plan="remote")
             assert result.plan == "remote" and not result.fell_back
         assert "PLAINTEXT" not in node.log()
+        # offload-tune reaches a TLS node with a device's certificate
+        assert tune(["link", node.address, *tls_args(files, "device"), "--tls-name", "node-1", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["node_id"] == "node-1"
     # revoking by serial works as well
     with launch.cloud_node(model_dir, *tls_args(files, "node"), "--deny", serial) as node:
         assert call_status(node.address, files, "revoked") == grpc.StatusCode.PERMISSION_DENIED
@@ -164,3 +176,23 @@ def test_plaintext_is_explicit_and_loud(tmp_path: Path, model_dir: Path) -> None
         refused.wait_ready(timeout_s=60)
     assert "needs tls_ca, tls_cert and tls_key" in refused.log()
     refused.stop()
+
+
+def test_a_node_stopping_mid_burst_loses_no_request(model_dir: Path) -> None:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    x = image(2)
+    with launch.cloud_node(model_dir, *LOOPBACK_ADVERT, "--node-id", "node-c", "--grace-s", "20") as c, \
+            launch.cloud_node(model_dir, *LOOPBACK_ADVERT, "--node-id", "node-d") as d, \
+            launch.edge_agent(model_dir, [], *LOOPBACK_BROWSE, "--max-concurrency", "8") as agent, \
+            sdk.EdgeClient(agent.address, timeout=60) as client:
+        wait_for(lambda: offload_nodes(client, "resnet") == {c.address, d.address}, "both nodes in the table")
+        expected = client.infer("resnet", {"input": x}, plan="local").outputs["logits"]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client.infer, "resnet", {"input": x}, plan="remote") for _ in range(16)]
+            wait(futures, timeout=60, return_when=FIRST_COMPLETED)
+            c.stop()  # withdraws its advert, then drains what it accepted
+            results = [f.result() for f in futures]  # a lost request would raise DeadlineExceeded here
+        for result in results:
+            np.testing.assert_allclose(result.outputs["logits"], expected, rtol=1e-5, atol=1e-5)
+        assert {r.node for r in results} <= {c.address, d.address, ""}

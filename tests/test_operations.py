@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import urllib.request
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -67,31 +67,32 @@ def test_agent_health_reflection_and_metrics_that_move(model_dir: Path, cloud: l
 
 
 def test_sigterm_during_a_burst_answers_every_accepted_request(model_dir: Path, cloud: launch.Daemon) -> None:
-    agent = launch.edge_agent(model_dir, [cloud.address], "--max-concurrency", "2", "--grace-s", "20").wait_ready()
-    x = image(3)
-    outcomes: list[str] = []
+    agent = launch.edge_agent(model_dir, [cloud.address], "--max-concurrency", "1", "--grace-s", "60",
+                              "--metrics-listen", "127.0.0.1:0").wait_ready()
+    url = json.loads(agent.ready_file.read_text())["metrics"]
+    batch = image(3, batch=48)  # ~0.1 s of compute per request here: they overlap
 
     def one(_: int) -> str:
         try:
-            with sdk.EdgeClient(agent.address, timeout=60) as client:
-                result = client.infer("resnet", {"input": image(3, batch=8)}, plan="local")
-            assert result.outputs["logits"].shape == (8, 1000)
-            return "ok"
+            with sdk.EdgeClient(agent.address, timeout=120) as client:
+                result = client.infer("resnet", {"input": batch}, plan="local")
         except sdk.TandemError as exc:
             return exc.code.name
+        assert result.outputs["logits"].shape == (48, 1000)
+        return "ok"
 
-    with sdk.EdgeClient(agent.address) as client:
-        client.infer("mobilenet", {"input": x})
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(one, i) for i in range(12)]
-        # once one has finished, others are computing or queued: stop then
-        wait(futures, timeout=120, return_when=FIRST_COMPLETED)
+        # stop while several are accepted (one computing, the others waiting for the single slot)
+        accepted = wait_for(lambda: metric(url, "tandem_inflight_requests") >= 3 and metric(url, "tandem_inflight_requests"),
+                            "accepted requests", tries=400, pause_s=0.02)
+        finished = sum(f.done() for f in futures)
         agent.process.send_signal(signal.SIGTERM)
         outcomes = [f.result() for f in futures]
-    assert agent.process.wait(30) == 0
-    assert outcomes.count("ok") >= 2, outcomes
-    # what was not accepted was refused as unavailable, nothing accepted was dropped
-    assert set(outcomes) <= {"ok", "UNAVAILABLE"}, outcomes
+    assert agent.process.wait(60) == 0
+    # everything accepted by the moment of SIGTERM was answered; the rest was refused, never half-served
+    assert outcomes.count("ok") >= finished + accepted, (finished, accepted, outcomes)
+    assert set(outcomes) <= {"ok", "UNAVAILABLE", "CANCELLED"}, outcomes
     assert "draining" in agent.log()
     agent.stop()
 
