@@ -28,11 +28,15 @@ RESOLVE_TIMEOUT_MS = 3000
 @dataclass(frozen=True)
 class Advert:
     name: str                  # DNS-SD instance name
-    address: str               # HOST:PORT to connect to
+    addresses: tuple[str, ...]  # HOST:PORT for each address advertised, in the advert's order
     node_id: str
     models: tuple[str, ...]
     fingerprint: str           # SHA-256 of the node's certificate, "" without TLS
     version: str
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
 
 
 def parse_advert(name: str, addresses: Sequence[str], port: int | None, properties: dict) -> Advert | str:
@@ -45,7 +49,7 @@ def parse_advert(name: str, addresses: Sequence[str], port: int | None, properti
     if version != dnssd.PROTOCOL_VERSION:
         return f"protocol version {version!r}, this agent speaks {dnssd.PROTOCOL_VERSION}"
     models = tuple(m for m in txt.get(dnssd.TXT_MODELS, "").split(",") if m and m != "...")
-    return Advert(name=name, address=f"{addresses[0]}:{port}", node_id=txt.get(dnssd.TXT_NODE_ID, name), models=models,
+    return Advert(name=name, addresses=tuple(f"{a}:{port}" for a in addresses), node_id=txt.get(dnssd.TXT_NODE_ID, name), models=models,
                   fingerprint=txt.get(dnssd.TXT_FINGERPRINT, ""), version=version)
 
 

@@ -50,39 +50,54 @@ class NodeTable:
     def _find(self, address: str) -> CloudNodeClient | None:
         return next((n for n in self.nodes if n.address == address), None)
 
-    async def _check(self, advert: Advert) -> str | None:
-        """Why the advert must not be used, or None."""
+    async def _check(self, advert: Advert, address: str) -> str | None:
+        """Why the node at ``address`` must not be used for ``advert``, or None."""
         if self.trust is None:
             return "it is a TLS node and this agent runs plaintext" if advert.fingerprint else None
-        host, _, port = advert.address.rpartition(":")
+        host, _, port = address.rpartition(":")
         try:
             seen = await asyncio.to_thread(server_fingerprint, host, int(port), self.trust.ca_pem,
                                            client_cert_pem=self.trust.cert_pem, client_key_pem=self.trust.key_pem)
         except (ConnectionError, OSError, ValueError) as exc:
-            return f"the node at {advert.address} fails TLS verification: {exc}"
+            return f"the node at {address} fails TLS verification: {exc}"
         if advert.fingerprint and seen != advert.fingerprint:
-            return (f"the certificate at {advert.address} ({seen[:16]}...) is not the one advertised "
+            return (f"the certificate at {address} ({seen[:16]}...) is not the one advertised "
                     f"({advert.fingerprint[:16]}...): a spoofed or stale advert")
         return None
 
     async def added(self, advert: Advert) -> None:
-        if self._find(advert.address) is not None:
-            self._by_advert.setdefault(advert.name, advert.address)
+        """Take the first of the advert's addresses that checks out and answers
+        (a node on several networks advertises an address on each, not all
+        reachable from here), unless the node is in the table already."""
+        if any(self._find(address) for address in advert.addresses):
+            self._by_advert.setdefault(advert.name, next(a for a in advert.addresses if self._find(a)))
             return  # a static entry or already known: the advert adds nothing
-        problem = await self._check(advert)
-        if problem:
-            logger.warning("ignoring advert %s (%s): %s", advert.name, advert.node_id, problem)
-            raise PermissionError(problem)
-        node = self._make_client(advert.address, node_name=advert.node_id, discovered=True)
-        await node.refresh(measure_link=True)
-        if not node.state.reachable:
-            logger.warning("discovered node %s at %s is unreachable: %s", advert.node_id, advert.address, node.state.error)
-            await node.close()
-            raise ConnectionError(node.state.error)
-        self.nodes.append(node)
-        self._by_advert[advert.name] = advert.address
-        logger.info("discovered node %s at %s: models %s, link %s", advert.node_id, advert.address,
-                    sorted(node.state.models), node.link)
+        problems = []
+        for address in advert.addresses:
+            problem = await self._check(advert, address)
+            if problem:
+                problems.append(problem)
+                continue
+            node = self._make_client(address, node_name=advert.node_id, discovered=True)
+            await node.refresh(measure_link=True)
+            if not node.state.reachable:
+                problems.append(f"{address} unreachable: {node.state.error}")
+                await node.close()
+                continue
+            twin = next((n for n in self.nodes if n.state.reachable and n.state.node_id == node.state.node_id), None)
+            if twin is not None:  # the same node under another address (say a --cloud hostname)
+                await node.close()
+                self._by_advert[advert.name] = twin.address
+                logger.info("advert %s is node %s, already in the table at %s", advert.name, node.state.node_id,
+                            twin.address)
+                return
+            self.nodes.append(node)
+            self._by_advert[advert.name] = address
+            logger.info("discovered node %s at %s: models %s, link %s", advert.node_id, address,
+                        sorted(node.state.models), node.link)
+            return
+        logger.warning("ignoring advert %s (%s): %s", advert.name, advert.node_id, "; ".join(problems))
+        raise PermissionError("; ".join(problems))
 
     async def removed(self, advert: Advert) -> None:
         address = self._by_advert.pop(advert.name, advert.address)

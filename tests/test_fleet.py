@@ -196,3 +196,21 @@ def test_a_node_stopping_mid_burst_loses_no_request(model_dir: Path) -> None:
         for result in results:
             np.testing.assert_allclose(result.outputs["logits"], expected, rtol=1e-5, atol=1e-5)
         assert {r.node for r in results} <= {c.address, d.address, ""}
+
+
+def test_a_node_known_statically_and_by_advert_is_one_entry(model_dir: Path) -> None:
+    with launch.cloud_node(model_dir, *LOOPBACK_ADVERT, "--node-id", "node-e") as e:
+        static = "localhost:" + e.address.rpartition(":")[2]  # another name for the same node
+        with launch.edge_agent(model_dir, [static], *LOOPBACK_BROWSE) as agent, sdk.EdgeClient(agent.address) as client:
+            wait_for(lambda: "already in the table" in agent.log(), "the advert matched to the static entry")
+            assert offload_nodes(client) == {static}
+
+
+def test_an_advert_lists_every_address_in_order() -> None:
+    from edge_agent.discovery import parse_advert
+
+    advert = parse_advert("n._tandem._tcp.local.", ["10.9.9.9", "127.0.0.1"], 50052,
+                          {b"v": b"1", b"id": b"n", b"models": b"a,b,...", b"fp": b""})
+    assert advert.addresses == ("10.9.9.9:50052", "127.0.0.1:50052") and advert.address == "10.9.9.9:50052"
+    assert advert.models == ("a", "b")
+    assert parse_advert("old", ["127.0.0.1"], 1, {b"v": b"0"}) == "protocol version '0', this agent speaks 1"
