@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from emulation.teardown import Teardown
+
 logger = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -63,7 +65,7 @@ def available() -> str | None:
     return None
 
 
-class CpuQuota:
+class CpuQuota(Teardown):
     """A cgroup with a CPU quota; a context manager that removes it on exit.
 
     `cpus` is in CPUs (0.5 = half a core); None means unlimited.
@@ -78,18 +80,10 @@ class CpuQuota:
         self.cpus = cpus
         self._created = False
 
-    def __enter__(self) -> CpuQuota:
+    def _create(self) -> None:
         self.path.mkdir()
         self._created = True
-        try:
-            self.set(self.cpus)
-        except BaseException:
-            self.close(raise_errors=False)
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(raise_errors=exc_type is None)
+        self.set(self.cpus)
 
     def set(self, cpus: float | None) -> None:
         """Change the quota live; None removes the limit."""

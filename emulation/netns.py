@@ -34,6 +34,8 @@ import subprocess
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from emulation.teardown import Teardown
+
 if TYPE_CHECKING:
     from emulation.cpu import CpuQuota
 
@@ -96,7 +98,7 @@ def available() -> str | None:
     return None
 
 
-class Testbed:
+class Testbed(Teardown):
     """Edge and cloud namespaces joined by a shaped veth pair; removed on exit.
 
     `uplink_mbps` / `downlink_mbps` of None leave that direction unshaped.
@@ -124,19 +126,6 @@ class Testbed:
         self._procs: list[subprocess.Popen] = []
 
     # -- lifecycle ---------------------------------------------------------
-
-    def __enter__(self) -> Testbed:
-        try:
-            self._create()
-        except BaseException:
-            self.close(raise_errors=False)
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # Teardown errors surface only when the body itself succeeded:
-        # they must never mask the body's own exception.
-        self.close(raise_errors=exc_type is None)
 
     def _create(self) -> None:
         for ns in (self.edge_ns, self.cloud_ns):

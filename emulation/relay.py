@@ -329,23 +329,22 @@ class Relay:
             self._flowing.set()
         self._call(_resume)
 
-    def reset_all(self) -> int:
-        """RST every open connection on both sides; returns how many."""
-        async def _reset_all() -> int:
+    def _each_connection(self, end) -> int:
+        """End every open connection with ``end(conn)``; returns how many."""
+        async def _end_all() -> int:
             conns = list(self._conns)
             for conn in conns:
-                conn.reset()
+                end(conn)
             return len(conns)
-        return self._call(_reset_all)
+        return self._call(_end_all)
+
+    def reset_all(self) -> int:
+        """RST every open connection on both sides; returns how many."""
+        return self._each_connection(lambda conn: conn.reset())
 
     def drop_all(self) -> int:
         """Close every open connection on both sides without RST; returns how many."""
-        async def _drop_all() -> int:
-            conns = list(self._conns)
-            for conn in conns:
-                conn.drop()
-            return len(conns)
-        return self._call(_drop_all)
+        return self._each_connection(lambda conn: conn.drop())
 
     def refuse(self, on: bool = True) -> None:
         """While on, new connections are reset as soon as they are accepted."""
