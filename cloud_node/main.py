@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -23,9 +22,8 @@ from runtimes import config as config_loader
 from runtimes.daemon import (
     bind,
     check_log_settings,
-    hold_sighup_until_ready,
     reload_settings,
-    setup_logging,
+    run_daemon,
     wait_for_shutdown,
     write_ready_file,
 )
@@ -104,6 +102,9 @@ class DenyList:
     """Devices refused by id or certificate serial, changeable while serving."""
 
     def __init__(self, entries: tuple[str, ...]) -> None:
+        self.set(entries)
+
+    def set(self, entries: tuple[str, ...]) -> None:
         self.entries = frozenset(e.lower() for e in entries)
 
     def refusal(self, context: grpc.aio.ServicerContext) -> str | None:
@@ -158,7 +159,7 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     current = [config]
     if load is not None:
         def apply(fresh: NodeConfig) -> str:
-            deny.entries = frozenset(e.lower() for e in fresh.deny)
+            deny.set(fresh.deny)
             return f"deny list {len(deny.entries)} entries"
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, current, load, RELOADABLE, apply)
@@ -177,27 +178,8 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cloud-node", description=__doc__)
-    config_loader.add_arguments(parser, NodeConfig)
-    args = parser.parse_args(argv)
-    hold_sighup_until_ready()
-    def load() -> NodeConfig:
-        return config_loader.load(NodeConfig, args, env_prefix="TANDEM_NODE")
-
-    try:
-        config = load()
-    except config_loader.ConfigError as exc:
-        parser.error(str(exc))
-    setup_logging(config.log_level, config.log_format)
-    try:
-        asyncio.run(serve(config, load))
-    except ValueError as exc:  # unreadable TLS files and the like: the operator's to fix
-        logger.error("%s", exc)
-        return 2
-    except (FileNotFoundError, OSError) as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_daemon(argv, prog="cloud-node", description=__doc__, config_cls=NodeConfig, env_prefix="TANDEM_NODE",
+                      serve=serve)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class NodeTable:
         """Take the first of the advert's addresses that checks out and answers
         (a node on several networks advertises an address on each, not all
         reachable from here), unless the node is in the table already."""
-        if any(self._find(address) for address in advert.addresses):
-            self._by_advert.setdefault(advert.name, next(a for a in advert.addresses if self._find(a)))
+        known = next((address for address in advert.addresses if self._find(address)), None)
+        if known is not None:
+            self._by_advert.setdefault(advert.name, known)
             return  # a static entry or already known: the advert adds nothing
         problems = []
         for address in advert.addresses:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -33,9 +32,8 @@ from runtimes import config as config_loader
 from runtimes.daemon import (
     bind,
     check_log_settings,
-    hold_sighup_until_ready,
     reload_settings,
-    setup_logging,
+    run_daemon,
     wait_for_shutdown,
     write_ready_file,
 )
@@ -159,10 +157,13 @@ class AgentConfig:
             return PolicySet(default=self.base_policy(), llm=base_llm)
         try:
             text = self.policy.read_text()
+            policies = parse(text, self.base_policy(), base_llm)
+            warnings = check_models(policies, text, segments)
         except OSError as exc:
-            raise PolicyError(f"cannot read {self.policy}: {exc.strerror}") from None
-        policies = parse(text, self.base_policy(), base_llm)
-        for warning in check_models(policies, text, segments):
+            raise PolicyError(f"policy {self.policy}: cannot read it: {exc.strerror}") from None
+        except PolicyError as exc:
+            raise PolicyError(f"policy {self.policy}: {exc}") from None
+        for warning in warnings:
             logger.warning("policy %s: %s", self.policy, warning)
         return policies
 
@@ -205,7 +206,7 @@ def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAg
     try:
         policies = config.policies(segments)
     except PolicyError as exc:
-        logger.error("policy %s rejected, keeping the previous one: %s", config.policy, exc)
+        logger.error("%s; rejected, keeping the previous one", exc)
         return "policy kept (rejected)"
     service.use_policies(policies)
     return f"policy {config.policy or '(flags only)'} reloaded"
@@ -302,30 +303,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
-    config_loader.add_arguments(parser, AgentConfig)
-    args = parser.parse_args(argv)
-    hold_sighup_until_ready()
-    def load() -> AgentConfig:
-        return config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT")
-
-    try:
-        config = load()
-    except (config_loader.ConfigError, ValueError) as exc:
-        parser.error(str(exc))
-    setup_logging(config.log_level, config.log_format)
-    try:
-        asyncio.run(serve(config, load))
-    except PolicyError as exc:
-        logger.error("policy %s: %s", config.policy, exc)
-        return 2
-    except ValueError as exc:  # unreadable TLS files and the like: the operator's to fix
-        logger.error("%s", exc)
-        return 2
-    except OSError as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_daemon(argv, prog="edge-agent", description=__doc__, config_cls=AgentConfig, env_prefix="TANDEM_AGENT",
+                      serve=serve)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ partitioner, so the tool and the agent cannot disagree.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -94,8 +95,14 @@ def profile_board(model: OnnxModel, device: DeviceProfile,
     return Board(model, device, measured, profile, segment_works(model))
 
 
+@functools.cache
+def _host_codec_speed() -> dict[int, CodecSpeed]:
+    """Measured once per run: write-policy plans several models with it."""
+    return measure_codec_speed()
+
+
 def device_codec_speed(device: DeviceProfile, encoding: int) -> CodecSpeed:
-    speed = measure_codec_speed()[encoding]
+    speed = _host_codec_speed()[encoding]
     if device.name == "host":
         return speed
     ratio = device.mem_bandwidth_gbs / measure_host().mem_bandwidth_gbs

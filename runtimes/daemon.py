@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     """Root handler for a daemon's entry point: ``fmt`` "text" for people, "json" for machines."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    logging.basicConfig(level=LOG_LEVELS[level], handlers=[handler])  # the configs checked the level
 
 
 def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None) -> str:
@@ -118,3 +119,36 @@ def reload_settings(current: list, load: Callable[[], Any], reloadable: tuple[st
     logging.getLogger().setLevel(LOG_LEVELS[fresh.log_level])
     logger.info("config reloaded: %s, log level %s%s", done, fresh.log_level,
                 f"; changed but needing a restart: {', '.join(needs_restart)}" if needs_restart else "")
+
+
+def run_daemon(argv: list[str] | None, *, prog: str, description: str | None, config_cls: type,
+               env_prefix: str, serve: Callable[[Any, Callable[[], Any]], Awaitable[None]]) -> int:
+    """A daemon's entry point: config from file, environment and flags (a bad
+    one is a usage error, exit 2), logging, then ``serve(config, load)`` where
+    ``load`` reads the config again for SIGHUP. Exit 2 for what the operator
+    must fix (a ValueError: unreadable TLS files, a policy that does not
+    check out), 1 for other OS errors."""
+    from runtimes import config as config_loader
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    config_loader.add_arguments(parser, config_cls)
+    args = parser.parse_args(argv)
+    hold_sighup_until_ready()
+
+    def load() -> Any:
+        return config_loader.load(config_cls, args, env_prefix=env_prefix)
+
+    try:
+        config = load()
+    except (config_loader.ConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    setup_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config, load))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    except OSError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
