@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         _, is_list = _base_type(typing.get_type_hints(cls)[f.name])
         flag = "--" + f.name.replace("_", "-")
         extra = f.metadata.get("flags", ())
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.default is not dataclasses.MISSING:
             help_text += f" (default: {f.default})"
         if is_list:

@@ -38,3 +38,12 @@ def test_systemd_units_start_the_console_scripts_with_the_example_configs(unit: 
     assert "ExecReload=/bin/kill -HUP $MAINPID" in text and "KillSignal=SIGTERM" in text
     for section in ("[Unit]", "[Service]", "[Install]"):
         assert section in text
+
+
+@pytest.mark.parametrize("module", ["cloud_node.main", "edge_agent.main"])
+def test_help_lists_every_setting(module: str, capsys) -> None:
+    main = __import__(module, fromlist=["main"]).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--log-format" in capsys.readouterr().out
