@@ -108,20 +108,40 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "digest", "inputs", "outputs", "num_cuts", "kind")
+    __slots__ = ("name", "digest", "inputs", "outputs", "num_cuts", "kind", "plans_unavailable", "profiled")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_CUTS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    PLANS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    PROFILED_FIELD_NUMBER: _ClassVar[int]
     name: str
     digest: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     num_cuts: int
     kind: str
-    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_cuts: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+    plans_unavailable: str
+    profiled: _containers.RepeatedCompositeFieldContainer[ProfiledShape]
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_cuts: _Optional[int] = ..., kind: _Optional[str] = ..., plans_unavailable: _Optional[str] = ..., profiled: _Optional[_Iterable[_Union[ProfiledShape, _Mapping]]] = ...) -> None: ...
+
+class ProfiledShape(_message.Message):
+    __slots__ = ("inputs", "source")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    source: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class SkippedFile(_message.Message):
+    __slots__ = ("file", "reason")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    reason: str
+    def __init__(self, file: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PartitionRequest(_message.Message):
     __slots__ = ("model", "model_digest", "cut", "tensors", "reply_encoding")
@@ -198,16 +218,18 @@ class LlmLoad(_message.Message):
     def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ..., next_stream_tok_s: _Optional[float] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "models", "load", "llm")
+    __slots__ = ("node_id", "models", "load", "llm", "skipped")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     load: NodeLoad
     llm: _containers.RepeatedCompositeFieldContainer[LlmLoad]
-    def __init__(self, node_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., llm: _Optional[_Iterable[_Union[LlmLoad, _Mapping]]] = ...) -> None: ...
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedFile]
+    def __init__(self, node_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., llm: _Optional[_Iterable[_Union[LlmLoad, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedFile, _Mapping]]] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("model",)
@@ -336,20 +358,32 @@ class GenerateChunk(_message.Message):
     def __init__(self, token: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("kind", "cut_index", "cut", "node", "encoding", "label")
+    __slots__ = ("kind", "cut_index", "cut", "node", "encoding", "label", "tensor_encodings", "output_error")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CUT_INDEX_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ERROR_FIELD_NUMBER: _ClassVar[int]
     kind: PlanKind
     cut_index: int
     cut: _containers.RepeatedScalarFieldContainer[str]
     node: str
     encoding: Encoding
     label: str
-    def __init__(self, kind: _Optional[_Union[PlanKind, str]] = ..., cut_index: _Optional[int] = ..., cut: _Optional[_Iterable[str]] = ..., node: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., label: _Optional[str] = ...) -> None: ...
+    tensor_encodings: _containers.RepeatedCompositeFieldContainer[TensorEncoding]
+    output_error: float
+    def __init__(self, kind: _Optional[_Union[PlanKind, str]] = ..., cut_index: _Optional[int] = ..., cut: _Optional[_Iterable[str]] = ..., node: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., label: _Optional[str] = ..., tensor_encodings: _Optional[_Iterable[_Union[TensorEncoding, _Mapping]]] = ..., output_error: _Optional[float] = ...) -> None: ...
+
+class TensorEncoding(_message.Message):
+    __slots__ = ("tensor", "encoding")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    encoding: Encoding
+    def __init__(self, tensor: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class StageTimes(_message.Message):
     __slots__ = ("edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms")
@@ -418,20 +452,22 @@ class LinkOverride(_message.Message):
     def __init__(self, uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "objective", "link", "encoding", "prompt_tokens", "max_tokens")
+    __slots__ = ("model", "objective", "link", "encoding", "prompt_tokens", "max_tokens", "input_shapes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPES_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     link: LinkOverride
     encoding: Encoding
     prompt_tokens: int
     max_tokens: int
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    input_shapes: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., input_shapes: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("plan", "predicted", "energy_j", "score", "feasible", "violations", "memory_bytes", "uplink_bytes", "ttft_ms")
@@ -456,7 +492,7 @@ class Candidate(_message.Message):
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration", "power")
+    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration", "power", "plans_unavailable", "profile")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     WINNER_FIELD_NUMBER: _ClassVar[int]
@@ -470,6 +506,8 @@ class Explanation(_message.Message):
     WOULD_SWITCH_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     POWER_FIELD_NUMBER: _ClassVar[int]
+    PLANS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     winner: Plan
@@ -483,7 +521,9 @@ class Explanation(_message.Message):
     would_switch: bool
     calibration: Calibration
     power: PowerFigures
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., power: _Optional[_Union[PowerFigures, _Mapping]] = ...) -> None: ...
+    plans_unavailable: str
+    profile: ProfiledShape
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., power: _Optional[_Union[PowerFigures, _Mapping]] = ..., plans_unavailable: _Optional[str] = ..., profile: _Optional[_Union[ProfiledShape, _Mapping]] = ...) -> None: ...
 
 class PowerFigures(_message.Message):
     __slots__ = ("idle_w", "active_w", "source")
@@ -510,7 +550,9 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelList(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "skipped")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedFile]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedFile, _Mapping]]] = ...) -> None: ...
