@@ -123,7 +123,7 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
         return pb.NodeStatus(node_id=self.node_id, models=[*self.store.model_infos(), *self.llms.model_infos()],
-                             load=self.load(), llm=self.llms.loads())
+                             load=self.load(), llm=self.llms.loads(), skipped=self.store.skipped_infos())
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         async for chunk in relay(context, self._generate(request)):

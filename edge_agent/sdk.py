@@ -69,6 +69,10 @@ def _agent_errors() -> Iterator[None]:
         raise _typed(exc) from None
 
 
+def _skipped(reply: pb.ModelList) -> dict[str, str]:
+    return {entry.file: entry.reason for entry in reply.skipped}
+
+
 def _stages(message: pb.StageTimes) -> dict[str, float]:
     return {name: getattr(message, name) for name in STAGES}
 
@@ -266,6 +270,11 @@ class EdgeClient:
         with _agent_errors():
             return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
+    def skipped_models(self) -> dict[str, str]:
+        """Files in the agent's models directory it does not serve: file name -> why."""
+        with _agent_errors():
+            return _skipped(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout))
+
     def generate(self, prompt: str | None = None, *, model: str | None = None, messages: list[dict[str, str]] | None = None,
                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop: list[str] | tuple[str, ...] = (), objective: str | None = None, plan: str | None = None,
@@ -318,6 +327,10 @@ class AsyncEdgeClient:
     async def models(self) -> list[pb.ModelInfo]:
         with _agent_errors():
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
+
+    async def skipped_models(self) -> dict[str, str]:
+        with _agent_errors():
+            return _skipped(await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout))
 
     async def generate(self, prompt: str | None = None, *, model: str | None = None,
                        messages: list[dict[str, str]] | None = None, max_tokens: int = 64, temperature: float = 0.0,

@@ -484,7 +484,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ModelList:
-        return pb.ModelList(models=[*self.store.model_infos(), *self.generator.llms.model_infos()])
+        return pb.ModelList(models=[*self.store.model_infos(), *self.generator.llms.model_infos()],
+                            skipped=self.store.skipped_infos())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
