@@ -419,14 +419,19 @@ def roofline_ms(work: Work, machine: Machine) -> float:
 def predict_segment_ms(
     measured_ms: Sequence[float], works: Sequence[Work], host: Machine, target: Machine,
 ) -> tuple[float, ...]:
-    """Each segment's host time scaled by roofline(target) / roofline(host).
+    """Each segment's host time scaled by roofline(target) / roofline(host), never below
+    roofline(target).
+
+    The floor holds the prediction to what the target's limits allow: a host that ran a
+    kernel faster than its own roofline says (its speed figure read low, or the kernel's
+    FLOPs are over-counted) would otherwise promise a board more than its peak.
 
     A segment with no known work (zero roofline time, e.g. every node's shape unknown)
     scales by the whole model's ratio: the sum of the other segments' target rooflines
     over the sum of their host rooflines; with no known work anywhere, by the compute
     ratio host.gflops / target.gflops (kernels on small boards are mostly compute-bound).
     A segment with some unknown nodes scales by the ratio of the nodes it does know
-    (`Work.unknown` says how many were left out).
+    (`Work.unknown` says how many were left out), and is floored by their roofline.
     """
     if len(measured_ms) != len(works):
         raise ValueError(f"{len(measured_ms)} measured segment times for {len(works)} segment works")
@@ -435,7 +440,7 @@ def predict_segment_ms(
     host_total = sum(on_host)
     whole = sum(on_target) / host_total if host_total > 0 else host.gflops / target.gflops
     return tuple(
-        ms * (t / h if h > 0 else whole) for ms, h, t in zip(measured_ms, on_host, on_target)
+        max(ms * (t / h if h > 0 else whole), t) for ms, h, t in zip(measured_ms, on_host, on_target)
     )
 
 
@@ -444,8 +449,11 @@ def predict_profile(
 ) -> ModelProfile:
     """The profile `profile` would have on `target`, from its measurement on `host`.
 
-    Per-segment times scale by their roofline ratio; the run overhead (session and
-    framework code, not kernels) by the compute ratio host.gflops / target.gflops.
+    Per-segment times scale by their roofline ratio, each floored at its roofline on
+    `target` (predict_segment_ms); the run overhead (session and framework code, not
+    kernels) by the compute ratio host.gflops / target.gflops. The whole run then never
+    beats the whole model's roofline on `target` either: a sum of per-segment rooflines
+    is at least the roofline of the summed work.
     """
     if len(works) != profile.num_segments:
         raise ValueError(f"profile of {profile.model} has {profile.num_segments} segments, got {len(works)} works")

@@ -250,30 +250,68 @@ def test_roofline_picks_the_binding_limit() -> None:
 
 
 def test_segments_scale_by_the_ratio_that_binds() -> None:
-    predicted = predict_segment_ms((3.0, 2.0, 1.0), (COMPUTE_BOUND, MEMORY_BOUND, UNKNOWN), HOST, TARGET)
+    # Host times at or above the host's rooflines (10 ms, 50 ms), as a real run is.
+    predicted = predict_segment_ms((30.0, 100.0, 1.0), (COMPUTE_BOUND, MEMORY_BOUND, UNKNOWN), HOST, TARGET)
     # compute-bound x (100/10) GFLOPS, memory-bound x (20/5) GB/s,
     # unknown x whole model's rooflines (100 + 200) / (10 + 50) = 5.
-    assert predicted == pytest.approx((30.0, 8.0, 5.0))
+    assert predicted == pytest.approx((300.0, 400.0, 5.0))
 
 
 def test_no_known_work_anywhere_scales_by_compute() -> None:
     assert predict_segment_ms((2.0,), (UNKNOWN,), HOST, TARGET) == pytest.approx((20.0,))
 
 
-def test_predict_profile() -> None:
+def test_a_segment_faster_than_the_host_roofline_is_held_at_the_target_roofline() -> None:
+    # 3 ms on the host for 10 ms of host roofline: the host figure read low (a busy
+    # machine) or the FLOPs are over-counted; scaling alone would promise 30 ms on a
+    # target whose peak needs 100 ms for this work.
+    compute, memory = predict_segment_ms((3.0, 2.0), (COMPUTE_BOUND, MEMORY_BOUND), HOST, TARGET)
+    assert compute == pytest.approx(roofline_ms(COMPUTE_BOUND, TARGET)) == pytest.approx(100.0)
+    assert memory == pytest.approx(roofline_ms(MEMORY_BOUND, TARGET)) == pytest.approx(200.0)
+
+
+def _profile(segment_ms: tuple[float, ...], run_overhead_ms: float = 0.5) -> ModelProfile:
     meta = TensorMeta("x", "float32", (1, 4))
-    profile = ModelProfile(
-        model="m", digest="d", host="laptop", segment_ms=(3.0, 2.0, 1.0), run_overhead_ms=0.5, whole_ms=6.5,
-        crossings=((meta,), (meta,), (meta,)), outputs=(meta,), segment_param_bytes=(1, 2, 3), runs=10,
+    return ModelProfile(
+        model="m", digest="d", host="laptop", segment_ms=segment_ms, run_overhead_ms=run_overhead_ms,
+        whole_ms=sum(segment_ms) + run_overhead_ms, crossings=((meta,),) * len(segment_ms), outputs=(meta,),
+        segment_param_bytes=tuple(range(1, len(segment_ms) + 1)), runs=10,
     )
+
+
+def test_predict_profile() -> None:
+    profile = _profile((30.0, 100.0, 1.0))
     predicted = predict_profile(profile, (COMPUTE_BOUND, MEMORY_BOUND, UNKNOWN), HOST, TARGET)
-    assert predicted.segment_ms == pytest.approx((30.0, 8.0, 5.0))
+    assert predicted.segment_ms == pytest.approx((300.0, 400.0, 5.0))
     assert predicted.run_overhead_ms == pytest.approx(5.0)   # compute ratio 10
-    assert predicted.whole_ms == pytest.approx(48.0)
+    assert predicted.whole_ms == pytest.approx(710.0)
     assert "pi4-like" in predicted.host and "laptop" in predicted.host
     assert (predicted.crossings, predicted.digest, predicted.runs) == (profile.crossings, "d", 10)
     with pytest.raises(ValueError, match="3 segments"):
         predict_profile(profile, (COMPUTE_BOUND,), HOST, TARGET)
+
+
+def test_no_prediction_beats_the_target_roofline() -> None:
+    """Segments and whole runs, over seeded random works, host times and machines:
+    including hosts that ran faster than their own figure says and targets faster
+    than the host, every predicted time is at least its roofline on the target."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        segments = int(rng.integers(1, 6))
+        works = tuple(
+            UNKNOWN if rng.random() < 0.15 else Work(float(rng.uniform(0, 2e9)), float(rng.uniform(0, 5e8)))
+            for _ in range(segments)
+        )
+        host = Machine(float(rng.uniform(5, 500)), float(rng.uniform(1, 50)), name="host")
+        target = Machine(float(rng.uniform(5, 500)), float(rng.uniform(1, 50)), name="target")
+        # From 0.1x to 10x the host's own roofline time: a host figure that read far too low or high.
+        measured = tuple(max(roofline_ms(w, host), 0.5) * float(rng.uniform(0.1, 10)) for w in works)
+        predicted = predict_profile(_profile(measured, float(rng.uniform(0, 2))), works, host, target)
+        for ms, work in zip(predicted.segment_ms, works):
+            assert ms >= roofline_ms(work, target) * (1 - 1e-12)
+        whole_roofline = roofline_ms(sum(works, Work(0.0, 0.0)), target)
+        assert predicted.whole_ms >= whole_roofline * (1 - 1e-12)
+        assert predicted.whole_ms == pytest.approx(sum(predicted.segment_ms) + predicted.run_overhead_ms)
 
 
 def test_machine_rejects_non_positive_figures() -> None:
