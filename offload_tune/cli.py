@@ -8,8 +8,13 @@
 
 MODEL is an .onnx file (planned LOCAL / SPLIT / REMOTE) or, for sweep and
 explain, a .gguf file (LOCAL vs REMOTE by prompt and generation length).
-Bad input (a missing or unreadable file, a model that cannot be cut, a value
-out of range) prints the reason and exits with code 2, writing nothing.
+
+Exit codes: 0 done; 2 bad input, with a one-line reason naming the file or
+flag and nothing written. Bad input is a wrong flag or value out of range, a
+missing, empty or unreadable model file, a directory, pipe, socket, device or
+dangling symlink given as one, a file that is not ONNX or that onnxruntime
+cannot load or run (an operator or opset it lacks), a model that cannot be
+cut (without --whole), an unreachable --cloud node.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from offload_tune.scenario import (
 from partitioner.costmodel import Candidate, Decision
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse, policy_from_values, render
 from partitioner.profile import ModelProfile
+from runtimes.model_store import load_failure_reason
 
 DEFAULT_BANDWIDTHS = [0.25, 1.0, 5.85, 18.88, 50.0, 100.0]
 err = Console(stderr=True)
@@ -56,11 +62,15 @@ out = Console() if sys.stdout.isatty() else Console(width=160)  # pipes and logs
 
 
 def board_for(args: argparse.Namespace) -> Board:
-    model = load_model(Path(args.model), whole_ok=getattr(args, "whole", False))
+    path = Path(args.model)
+    model = load_model(path, whole_ok=getattr(args, "whole", False))
     device = device_named(args.device)
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task(f"profiling {model.name}", total=1)
-        return profile_board(model, device, lambda done, total: progress.update(task, completed=done, total=total))
+    try:
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task(f"profiling {model.name}", total=1)
+            return profile_board(model, device, lambda done, total: progress.update(task, completed=done, total=total))
+    except Exception as exc:  # noqa: BLE001 -- a model onnxruntime loads may still fail to run: bad input, exit 2
+        raise ToolError(f"{path}: cannot be profiled: {load_failure_reason(exc, path)}") from None
 
 
 def policy_for(args: argparse.Namespace) -> Policy:
@@ -408,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ToolError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line, whatever the width
         return 2
 
 

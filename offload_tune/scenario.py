@@ -23,12 +23,12 @@ from devices.detect import detect_board
 from devices.profiles import RADIOS, DeviceProfile, get_device, measure_host
 from edge_agent.offload import CloudNodeClient
 from partitioner.costmodel import CloudOption, Decision, Link, ModelCosts, Power, choose
-from partitioner.graph import GraphError
 from partitioner.planning import CodecSpeed, cloud_option, model_costs, power_of
 from partitioner.policy import Policy
 from partitioner.profile import ModelProfile
 from partitioner.work import Work, concrete_shapes, node_work, segment_work
 from protos import tandem_pb2 as pb
+from runtimes.model_store import load_failure_reason, unreadable_reason
 from runtimes.onnx_exec import OnnxModel
 from runtimes.profiler import load_or_measure, measure_codec_speed, predicted_for
 from runtimes.tls import TlsFiles, channel_credentials
@@ -43,16 +43,17 @@ class ToolError(Exception):
 
 
 def load_model(path: Path, *, whole_ok: bool = False) -> OnnxModel:
-    """The model at ``path``; ToolError for a missing or unreadable file, and
-    for one that cannot be cut unless the caller plans it whole."""
-    if not path.is_file():
-        raise ToolError(f"{path}: no such file")
-    try:
-        model = OnnxModel(path.stem, path)
-    except GraphError as exc:
-        raise ToolError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 -- onnxruntime refuses a model in many ways
-        raise ToolError(f"{path}: onnxruntime cannot load it: {exc}") from None
+    """The model at ``path``; ToolError naming the file for anything that is
+    not a usable model (checked without opening pipes or devices), and for
+    one that cannot be cut unless the caller plans it whole."""
+    reason = unreadable_reason(path)
+    if reason is None:
+        try:
+            model = OnnxModel(path.stem, path)
+        except Exception as exc:  # noqa: BLE001 -- onnx, onnxruntime and the OS refuse a file in many ways
+            reason = load_failure_reason(exc, path)
+    if reason is not None:
+        raise ToolError(f"{path}: {reason}")
     if model.cut_error and not whole_ok:
         raise ToolError(f"{model.name} cannot be split: {model.cut_error}. It can still run LOCAL or REMOTE: "
                         "pass --whole to plan it as one segment.")
