@@ -13,8 +13,8 @@ Models (``MODELS``, name -> builder; ``build_all`` writes ``<name>.onnx``):
   (Resize x2 by Shape-computed ``sizes`` and by ``scales``, Concat and Add with the
   laterals), a class and a box branch per level, Shape-driven Reshape/Transpose/Concat
   into ``scores`` [N, anchors, 80] and ``boxes`` [N, anchors, 4]. H and W must be
-  multiples of 32; at other sizes the upsampled level no longer matches its lateral
-  and onnxruntime fails, as real detectors do.
+  multiples of 32: at most other sizes (80, 336, ...) an upsampled level no longer
+  matches its lateral and onnxruntime fails in the neck, as real detectors do.
 - ``branchy``: a CRNN-style text recogniser, input ``images`` [N, 3, 32, W] with N, W
   dynamic; Inception blocks (1x1, 3x3, two 3x3, pool branches concatenated) and a
   per-column head: ``logits`` [N, ceil(W / 4), 37].
