@@ -7,6 +7,7 @@ follow that, not the core count.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -48,3 +49,15 @@ def cpu_cgroup() -> str:
     except OSError:
         pass
     return "/"
+
+
+def usable_cpus() -> float:
+    """CPUs this process can keep busy at once: its affinity mask (``taskset``),
+    capped by its cgroup quota. Whole-CPU speed is per-core speed times this,
+    since a pinned or throttled process gets no more of the machine."""
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this platform
+        cpus = float(os.cpu_count() or 1)
+    quota = cpu_quota()
+    return min(cpus, quota) if quota else cpus

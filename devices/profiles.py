@@ -8,7 +8,8 @@ memory bandwidth).
 Tandem runs onnxruntime on the CPU. It is double-precision dense-matmul
 throughput of the whole CPU: HPL on the Raspberry Pis (measured), derived
 for the Jetsons (no published HPL run; see the derivation below) and a numpy
-float64 matmul on the host (measured at start-up). fp32 peak is twice fp64
+float64 matmul on the host (one core timed in CPU time, so other load cannot
+move it, times the CPUs the process may use; cached per host). fp32 peak is twice fp64
 on both NEON and AVX2, so ratios between profiles hold for fp32 inference
 too; mixing an fp32 host figure with fp64 board figures would overstate the
 host by about 2x. GPU figures are separate fields and nothing plans on them.
@@ -16,14 +17,26 @@ host by about 2x. GPU figures are separate fields and nothing plans on them.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import functools
+import hashlib
+import json
 import logging
+import math
 import os
+import platform
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psutil
+import threadpoolctl
+
+from devices.limits import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -139,62 +152,248 @@ DEVICES: dict[str, DeviceProfile] = {
 }
 
 
+CORE_SPEED_FORMAT = 1  # bump when the measurement changes meaning: older cache files are then re-measured
+MATMUL_N = 512  # ~0.27 GFLOP per product: a few ms on one x86 core, long enough to time, short enough for slow boards
+COPY_BYTES = 64 * 2**20  # far beyond any last-level cache on the machines we target
+MIN_SAMPLES = 5  # per figure, whatever the budget: a best of fewer says little
+WALL_CAP_FACTOR = 20.0  # give up sampling after this many times the CPU budget in wall time (a starved process)
+
+
 @dataclass(frozen=True)
-class HostMeasurement:
-    gflops_fp64: float         # best numpy float64 matmul, all BLAS threads, GFLOPS
-    gflops_fp32: float         # best numpy float32 matmul, all BLAS threads, GFLOPS
-    mem_bandwidth_gbs: float   # best numpy copy of a large array, bytes copied per second, GB/s
-    seconds: float             # wall time the measurement took, s
+class Sampled:
+    """Rates from repeated samples of one kernel: the best is the figure, the median shows the noise."""
+
+    best: float     # highest rate of any sample, in the figure's unit
+    median: float   # median rate of the samples, same unit
+    samples: int    # how many samples were taken
+
+    def __post_init__(self) -> None:
+        if not (self.samples >= 1 and math.isfinite(self.best) and 0 < self.median <= self.best):
+            raise ValueError(f"not a valid sample summary: best={self.best}, median={self.median}, samples={self.samples}")
+
+    @property
+    def spread(self) -> float:
+        """How much slower the median sample ran than the best, as a fraction of the best."""
+        return 1.0 - self.median / self.best
 
 
-def _best_rate(work: float, run, deadline: float, *, min_runs: int = 3) -> float:
-    """Best work-per-second over repeated runs until ``deadline`` (first run is a warm-up)."""
+@dataclass(frozen=True)
+class CoreSpeed:
+    """One core of this host, timed in its own CPU time.
+
+    CPU time only advances while the measuring thread runs, so other processes
+    competing for the cores stretch the wall time of a sample, not its CPU time:
+    load cannot move the figure (within cache and memory-bus interference, which
+    the best of many short samples leaves out)."""
+
+    gflops_fp64: Sampled  # numpy float64 matmul on one BLAS thread, GFLOP per CPU-second
+    gflops_fp32: Sampled  # numpy float32 matmul on one BLAS thread, GFLOP per CPU-second
+    copy_gbs: Sampled     # numpy copy of a large array, GB copied once per CPU-second (tinymembench counts so)
+    seconds: float        # wall time the measurement took, s
+    clock: str            # "thread" (one BLAS thread, its CPU time) or "process" (BLAS threads not controllable)
+
+
+def _sample_rate(work: float, run: Callable[[], object], *, clock: Callable[[], float], cpu_budget_s: float) -> Sampled:
+    """Rates of repeated runs until ``cpu_budget_s`` of CPU time is spent (first run is a warm-up)."""
     run()
-    best = 0.0
-    runs = 0
-    while runs < min_runs or time.perf_counter() < deadline:
-        start = time.perf_counter()
+    rates: list[float] = []
+    spent = 0.0
+    wall_deadline = time.perf_counter() + WALL_CAP_FACTOR * cpu_budget_s
+    while len(rates) < MIN_SAMPLES or (spent < cpu_budget_s and time.perf_counter() < wall_deadline):
+        start = clock()
         run()
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
+        spent += elapsed
         if elapsed > 0:
-            best = max(best, work / elapsed)
-        runs += 1
-    return best
+            rates.append(work / elapsed)
+    return Sampled(best=max(rates), median=statistics.median(rates), samples=len(rates))
 
 
-@functools.lru_cache(maxsize=None)
-def measure_host(*, seconds: float = 0.5) -> HostMeasurement:
-    """Measure this machine's matmul throughput and copy bandwidth, once per process.
+def _blas_pools() -> list[dict]:
+    return [pool for pool in threadpoolctl.threadpool_info() if pool.get("user_api") == "blas"]
 
-    Best-of-several rather than mean: the question is what the machine can do,
-    and other processes only ever make a run slower. A copy counts the bytes
-    copied once (as memcpy benchmarks such as tinymembench do), not read+write.
+
+def blas_name() -> str:
+    """The BLAS numpy calls, with version and kernel set: part of what a core's speed depends on."""
+    pools = _blas_pools()
+    if not pools:
+        return "unknown BLAS"
+    return ", ".join(f"{p.get('internal_api')} {p.get('version')} {p.get('architecture') or ''}".strip() for p in pools)
+
+
+def measure_core_speed(*, seconds: float = 0.5) -> CoreSpeed:
+    """Measure one core of this machine, uncached: ``seconds`` of CPU time over three figures.
+
+    BLAS is held to one thread (threadpoolctl) so the calling thread's CPU time
+    covers the whole product; where no BLAS can be controlled, the process's CPU
+    time is used instead (spinning helper threads then make the figure low, never
+    high). Best-of rather than mean: the question is what a core can do, and
+    interference only ever makes a sample slower.
     """
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     begin = time.perf_counter()
     share = seconds / 3
     rng = np.random.default_rng(0)
-    n = 512  # ~0.27 GFLOP per product: long enough to time, short enough for slow boards
-    a64 = rng.standard_normal((n, n))
-    b64 = rng.standard_normal((n, n))
+    a64 = rng.standard_normal((MATMUL_N, MATMUL_N))
+    b64 = rng.standard_normal((MATMUL_N, MATMUL_N))
     a32, b32 = a64.astype(np.float32), b64.astype(np.float32)
-    flops = 2.0 * n**3
-    gflops_fp64 = _best_rate(flops, lambda: a64 @ b64, time.perf_counter() + share) / 1e9
-    gflops_fp32 = _best_rate(flops, lambda: a32 @ b32, time.perf_counter() + share) / 1e9
-    # 64 MiB: far beyond any last-level cache on the machines we target.
-    src = np.ones(64 * 2**20 // 8)
-    dst = np.empty_like(src)
-    bandwidth = _best_rate(float(src.nbytes), lambda: np.copyto(dst, src), time.perf_counter() + share) / 1e9
+    flops = 2.0 * MATMUL_N**3
+    src = np.ones(COPY_BYTES // 8)
+    dst = np.zeros_like(src)  # zeros, not empty: its pages are touched before the warm-up
+    controllable = bool(_blas_pools())
+    if not controllable:
+        logger.warning("no BLAS threadpoolctl can limit (%s): timing the matmul in process CPU time", blas_name())
+    clock = time.thread_time if controllable else time.process_time
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        fp64 = _sample_rate(flops / 1e9, lambda: a64 @ b64, clock=clock, cpu_budget_s=share)
+        fp32 = _sample_rate(flops / 1e9, lambda: a32 @ b32, clock=clock, cpu_budget_s=share)
+    copy = _sample_rate(src.nbytes / 1e9, lambda: np.copyto(dst, src), clock=time.thread_time, cpu_budget_s=share)
     took = time.perf_counter() - begin
-    result = HostMeasurement(gflops_fp64=gflops_fp64, gflops_fp32=gflops_fp32, mem_bandwidth_gbs=bandwidth, seconds=took)
-    logger.info("host measured in %.2f s: %.1f GFLOPS fp64, %.1f GFLOPS fp32, %.1f GB/s copy",
-                took, gflops_fp64, gflops_fp32, bandwidth)
+    speed = CoreSpeed(fp64, fp32, copy, seconds=took, clock="thread" if controllable else "process")
+    logger.info(
+        "one core measured in %.2f s: %.1f GFLOPS fp64 (median %.1f, %d samples), %.1f GFLOPS fp32, %.1f GB/s copy",
+        took, fp64.best, fp64.median, fp64.samples, fp32.best, copy.best,
+    )
+    return speed
+
+
+def host_fingerprint() -> dict[str, str]:
+    """What a core's measured speed depends on; a cached figure is reused only on an exact match.
+
+    The CPU quota and affinity are not in it: CPU-time rates per core are the
+    same inside and outside a quota, and the whole-CPU figure applies the
+    process's own usable CPUs at read time (``measure_host``)."""
+    return {
+        "node": platform.node(),
+        "cpu": _cpu_model(),
+        "logical_cpus": str(os.cpu_count() or 1),
+        "machine": platform.machine(),
+        "numpy": np.__version__,
+        "blas": blas_name(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            # x86 says "model name"; Raspberry Pi kernels say "Model" (the board), others "Hardware".
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cache_root() -> Path:
+    """Tandem's cache directory: ``TANDEM_CACHE_DIR``, default ~/.cache/tandem."""
+    return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem"))
+
+
+def core_speed_file(cache_dir: Path | None = None) -> Path:
+    """Where this host's core speed is cached: one file per fingerprint."""
+    digest = hashlib.sha256(json.dumps(host_fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+    return (cache_dir or cache_root()) / f"core-speed-{digest}.json"
+
+
+def _core_speed_to_json(speed: CoreSpeed, fingerprint: dict[str, str]) -> str:
+    return json.dumps({"format": CORE_SPEED_FORMAT, "fingerprint": fingerprint, **dataclasses.asdict(speed)}, indent=2)
+
+
+def _core_speed_from_json(text: str, fingerprint: dict[str, str]) -> CoreSpeed | str:
+    """The cached speed, or why it cannot be used (stale); raises ValueError/KeyError/TypeError if corrupt."""
+    data = json.loads(text)
+    if data.get("format") != CORE_SPEED_FORMAT:
+        return f"format {data.get('format')!r}, this version writes {CORE_SPEED_FORMAT}"
+    if data.get("fingerprint") != fingerprint:
+        changed = sorted(k for k in fingerprint if data["fingerprint"].get(k) != fingerprint[k])
+        return f"measured on a different host or software ({', '.join(changed) or 'fields'} changed)"
+    speed = CoreSpeed(
+        gflops_fp64=Sampled(**data["gflops_fp64"]), gflops_fp32=Sampled(**data["gflops_fp32"]),
+        copy_gbs=Sampled(**data["copy_gbs"]), seconds=float(data["seconds"]), clock=str(data["clock"]),
+    )
+    return speed
+
+
+def cached_core_speed(*, seconds: float = 0.5, cache_dir: Path | None = None, refresh: bool = False) -> tuple[CoreSpeed, bool]:
+    """This host's core speed from its cache file, measured and written if absent,
+    stale or corrupt (or ``refresh``); True when it came from the file.
+
+    One file per host fingerprint, so every process on the host plans with the
+    same figure. Processes starting together take a lock: the first measures,
+    the others wait and read what it wrote."""
+    fingerprint = host_fingerprint()
+    path = core_speed_file(cache_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 -- held for the whole function
+    except OSError as exc:
+        logger.warning("cannot use the host speed cache in %s (%s): measuring without it", path.parent, exc)
+        return measure_core_speed(seconds=seconds), False
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists() and not refresh:
+            try:
+                cached = _core_speed_from_json(path.read_text(), fingerprint)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                logger.warning("host speed cache %s is corrupt (%s): re-measuring", path, exc)
+            else:
+                if isinstance(cached, CoreSpeed):
+                    return cached, True
+                logger.info("host speed cache %s is stale (%s): re-measuring", path, cached)
+        speed = measure_core_speed(seconds=seconds)
+        # Write then rename: a crash mid-write must not leave a corrupt cache.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(_core_speed_to_json(speed, fingerprint))
+            tmp.replace(path)
+        except OSError as exc:
+            logger.warning("cannot write the host speed cache %s: %s", path, exc)
+        return speed, False
+
+
+@dataclass(frozen=True)
+class HostMeasurement:
+    gflops_fp64: float         # whole CPU: per-core float64 matmul x usable CPUs, GFLOPS
+    gflops_fp32: float         # whole CPU: per-core float32 matmul x usable CPUs, GFLOPS
+    mem_bandwidth_gbs: float   # one thread's copy bandwidth x min(1, usable CPUs), GB/s
+    seconds: float             # wall time the core measurement took (when it was taken, if cached), s
+    per_core_gflops_fp64: float = 0.0  # one core, float64 matmul, GFLOP per CPU-second
+    cpus: float = 1.0          # usable CPUs (affinity, cgroup quota) the whole-CPU figures assume
+    core: CoreSpeed | None = None  # the per-core samples behind the figures, with their spread
+    cached: bool = False       # True when the core speed was read from the cache file, not measured here
+
+
+@functools.lru_cache(maxsize=None)
+def measure_host(*, seconds: float = 0.5, cache_dir: Path | None = None, refresh: bool = False) -> HostMeasurement:
+    """This machine's compute and copy bandwidth as this process can use them, once per process.
+
+    Per-core speed comes from ``cached_core_speed`` (CPU time, best of
+    samples, cached per host fingerprint), so load on the machine moves
+    neither this process's figure nor another's. Whole-CPU figures are that
+    times the process's usable CPUs (``devices.limits.usable_cpus``): a
+    process pinned to one core or held to a quota gets no more. One thread's
+    copy already saturates what a single core can move, so bandwidth scales
+    only below one CPU.
+    """
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    core, cached = cached_core_speed(seconds=seconds, cache_dir=cache_dir, refresh=refresh)
+    cpus = usable_cpus()
+    result = HostMeasurement(
+        gflops_fp64=core.gflops_fp64.best * cpus, gflops_fp32=core.gflops_fp32.best * cpus,
+        mem_bandwidth_gbs=core.copy_gbs.best * min(1.0, cpus), seconds=core.seconds,
+        per_core_gflops_fp64=core.gflops_fp64.best, cpus=cpus, core=core, cached=cached,
+    )
+    logger.info("host: %.1f GFLOPS fp64 (%.1f per core x %.2f CPUs, %s), %.1f GB/s copy",
+                result.gflops_fp64, core.gflops_fp64.best, cpus, "cached" if cached else "measured",
+                result.mem_bandwidth_gbs)
     return result
 
 
 def host_profile(*, seconds: float = 0.5) -> DeviceProfile:
-    """This machine, measured at start-up (cached per process).
+    """This machine, from its cached per-core measurement (``measure_host``).
 
     No power sensor is readable on the VMs we run on (DESIGN.md, measured
     facts), so power is modelled with the Raspberry Pi 5's figures until a
@@ -206,7 +405,8 @@ def host_profile(*, seconds: float = 0.5) -> DeviceProfile:
         cpu_gflops=measured.gflops_fp64, mem_bandwidth_gbs=measured.mem_bandwidth_gbs,
         memory_bytes=psutil.virtual_memory().total, cores=os.cpu_count() or 1,
         idle_w=pi5.idle_w, active_w=pi5.active_w, radio=RADIOS["wifi"],
-        source="numpy float64 matmul and array copy at start-up, memory from psutil, cores from os.cpu_count; "
+        source="numpy float64 matmul and array copy on one core in CPU time (best of samples, cached per host) "
+               "x usable CPUs, memory from psutil, cores from os.cpu_count; "
                f"power modelled as Raspberry Pi 5 ({pi5.source})",
     )
 

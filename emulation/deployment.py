@@ -24,11 +24,14 @@ from runtimes import launch
 
 
 def cpus_like(board: str) -> float:
-    """CPUs of this host that compute like ``board``: the board's HPL GFLOPS
-    (sbc-reviews, DESIGN.md) over this host's measured float64 GFLOPS, times
-    its cores (at least 0.05)."""
+    """CPUs of this host that compute like ``board``: the board's whole-CPU HPL
+    GFLOPS (sbc-reviews, DESIGN.md) over one host core's GFLOPS (at least 0.05).
+
+    The per-core figure is timed in CPU time and cached per host
+    (``devices.profiles.cached_core_speed``), so the quota for a board is the
+    same in every run, however busy the machine was when it was taken."""
     host = measure_host()
-    return max((os.cpu_count() or 1) * DEVICES[board].cpu_gflops / host.gflops_fp64, 0.05)
+    return max(DEVICES[board].cpu_gflops / host.per_core_gflops_fp64, 0.05)
 
 
 EDGE_CPU = 0   # the device, its agent and (in benchmarks) the app
