@@ -4,10 +4,17 @@ Pure graph analysis over any valid ONNX model: no file I/O, no onnxruntime, no
 randomness. The planner needs, for every candidate split, the exact set of tensors
 that must travel edge -> cloud (a cut inside a residual block carries the skip too),
 and the runtimes need a prefix and a suffix model that compose to the original.
+
+Two kinds of cut. Chain cuts (index 1..n-1) are the useful positions in one fixed
+topological order, found by analyze(). General cuts (index 0) are any downward-closed
+set of input-dependent nodes on the edge (ModelGraph.cut_of), which is what a DAG
+min-cut returns on branchy graphs; a general cut that equals a chain cut is that chain
+cut. Either kind is identified by what crosses: its tensors and its edge outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import math
@@ -54,12 +61,31 @@ class GraphError(ValueError):
     """The model cannot be cut, or a cut is invalid; the message says why."""
 
 
+class _Refused(Exception):
+    """Why a set of tensors or nodes is not a cut; callers prefix what was asked."""
+
+
 @dataclass(frozen=True)
 class Cut:
-    index: int                      # 1..n-1: number of segments that run on the edge
+    index: int                      # 1..n-1: number of segments that run on the edge; 0: a general cut
     tensors: tuple[str, ...]        # every tensor that must cross edge -> cloud (deterministic order)
     passthrough: tuple[str, ...]    # the subset of `tensors` that are graph inputs crossing unchanged
     edge_outputs: tuple[str, ...]   # graph outputs already produced on the edge side (they stay there)
+    # General cuts only: the input-dependent nodes the edge runs, in topological order
+    # (empty for chain cuts, whose edge side is their first `index` segments).
+    nodes: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Unique per cut of a model, stable across processes: for session caches and plan labels.
+
+        A chain cut's key is its index; a general cut's is a digest of its tensors and edge
+        outputs, which determine it (ModelGraph.find_cut rebuilds it from them).
+        """
+        if self.index:
+            return str(self.index)
+        text = "\0".join((*self.tensors, "", *self.edge_outputs))  # names are never empty: unambiguous
+        return "g" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,10 @@ class _Analysis:
     types: dict[str, TypeProto]                # best known type of every value
     dynamic: tuple[int, ...]                   # input-dependent node indices, in topological order
     cut_positions: tuple[int, ...]             # cuts[i] splits `dynamic` before this position
+    node_index: dict[str, int]                 # node name -> index
+    consumers: dict[str, tuple[int, ...]]      # tensor -> indices of the nodes reading it
+    live: frozenset[int]                       # nodes some graph output depends on
+    initializer_bytes: dict[str, int]          # initializer name -> stored bytes
 
 
 @dataclass(frozen=True)
@@ -92,21 +122,186 @@ class ModelGraph:
             raise GraphError(f"cut {index} is out of range for {self.name}: valid cuts are 1..{len(self.cuts)}")
         return self.cuts[index - 1]
 
-    def find_cut(self, tensors: Iterable[str]) -> Cut:
-        """The cut that ships exactly this set of tensors (order does not matter)."""
+    def find_cut(self, tensors: Iterable[str], *, edge_outputs: Iterable[str] | None = None) -> Cut:
+        """The cut that ships exactly this set of tensors (order does not matter).
+
+        This is how the cloud side rebuilds the edge's cut from a PartitionRequest. A chain
+        cut shipping these tensors wins; otherwise the general cut they imply: the cloud runs
+        what the graph outputs need back to these tensors, the edge runs the rest. Without
+        ``edge_outputs``, the edge's outputs are those the shipped tensors cannot produce
+        (and shipped outputs); pass them when the edge keeps an output the cloud could also
+        compute, since the tensors alone cannot say so.
+        """
         wanted = frozenset(tensors)
-        for cut in self.cuts:
-            if frozenset(cut.tensors) == wanted:
-                return cut
+        kept = None if edge_outputs is None else frozenset(edge_outputs)
+        chain = self._chain_cut(wanted, kept)
+        if chain is not None:
+            return chain
         known = set(self.inputs) | {o for node in self.model.graph.node for o in node.output if o}
         unknown = sorted(wanted - known)
         if unknown:
             why = f"no tensor named {', '.join(map(repr, unknown))} exists in the model"
-        else:
+            raise GraphError(f"{sorted(wanted)} is not a valid cut of {self.name}: {why}")
+        try:
+            return self._boundary_cut(wanted, kept)
+        except _Refused as exc:
             sample = "; ".join(f"{c.index}: {list(c.tensors)}" for c in self.cuts[:5])
             more = f" (and {len(self.cuts) - 5} more)" if len(self.cuts) > 5 else ""
-            why = f"no cut ships exactly these tensors; valid cuts are {sample}{more}"
-        raise GraphError(f"{sorted(wanted)} is not a valid cut of {self.name}: {why}")
+            raise GraphError(
+                f"{sorted(wanted)} is not a valid cut of {self.name}: {exc}; chain cuts are {sample}{more}"
+            ) from None
+
+    def cut_of(self, edge_nodes: Iterable[str]) -> Cut:
+        """The cut that runs exactly these nodes on the edge (a DAG min-cut's device side).
+
+        The set must be downward-closed: every producer of an input of an edge node is on
+        the edge too, or is a constant. Constant nodes may be listed or not: both sides
+        compute the constants they need. A set equal to a chain cut's gives that chain cut.
+        """
+        a = self._facts()
+        names = list(dict.fromkeys(edge_nodes))
+        shown = names[:4] + (["..."] if len(names) > 4 else [])
+        prefix = f"edge nodes {shown} are not a valid cut of {self.name}"
+        unknown = [n for n in names if n not in a.node_index]
+        if unknown:
+            raise GraphError(f"{prefix}: no node named {', '.join(map(repr, unknown[:5]))} exists in the model")
+        edge = {a.node_index[n] for n in names} - a.constant_nodes
+        nodes = self.model.graph.node
+        for i in sorted(edge):
+            for tensor in a.node_inputs[i]:
+                j = a.producer.get(tensor)
+                if j is not None and j not in edge and j not in a.constant_nodes:
+                    raise GraphError(
+                        f"{prefix}: node {nodes[i].name!r} is on the edge but reads {tensor!r} from "
+                        f"{nodes[j].name!r}, which is not; the edge side must be downward-closed "
+                        f"(add {nodes[j].name!r} or leave {nodes[i].name!r} out)"
+                    )
+        graph_inputs = set(self.inputs)
+        cloud = [i for i in a.dynamic if i not in edge and i in a.live]
+        crossing = frozenset(
+            t for i in cloud for t in a.node_inputs[i] if t in graph_inputs or a.producer.get(t) in edge
+        )
+        kept = frozenset(o for o in self.outputs if o in graph_inputs or a.producer.get(o) in edge)
+        chain = self._chain_cut(crossing, kept)
+        if chain is not None:
+            return chain
+        try:
+            return self._boundary_cut(crossing, kept)
+        except _Refused as exc:
+            raise GraphError(f"{prefix}: {exc}") from None
+
+    def edge_nodes(self, cut: Cut) -> tuple[str, ...]:
+        """The input-dependent nodes the edge runs for `cut`, in topological order."""
+        edge, _ = _sides(self, cut)
+        return tuple(self.model.graph.node[i].name for i in sorted(edge))
+
+    def edge_param_bytes(self, cut: Cut) -> int:
+        """Initializer bytes the edge's prefix model holds (each shared one once), for memory limits."""
+        a = self._facts()
+        _, used_inits, _ = _prefix_parts(self, cut)
+        return sum(a.initializer_bytes[n] for n in used_inits)
+
+    def _chain_cut(self, wanted: frozenset[str], kept: frozenset[str] | None) -> Cut | None:
+        for cut in self.cuts:
+            if frozenset(cut.tensors) == wanted and (kept is None or frozenset(cut.edge_outputs) == kept):
+                return cut
+        return None
+
+    def _boundary_cut(self, wanted: frozenset[str], kept: frozenset[str] | None) -> Cut:
+        """The general cut shipping `wanted` with edge outputs `kept` (None: inferred); _Refused says why not."""
+        a = self._facts()
+        nodes = self.model.graph.node
+        graph_inputs = set(self.inputs)
+        if not wanted:
+            raise _Refused("nothing crosses")
+        for t in sorted(wanted):
+            if t in a.initializers or a.producer.get(t) in a.constant_nodes:
+                raise _Refused(f"{t!r} is a constant: both sides compute it, so it never crosses")
+
+        def cloud_cone(output: str) -> tuple[set[int], str | None]:
+            """Nodes the cloud runs for `output` from the shipped tensors, or the input it lacks."""
+            needed: set[int] = set()
+            stack, seen = [output], set()
+            while stack:
+                name = stack.pop()
+                if name in seen or name in wanted or name in a.initializers:
+                    continue
+                seen.add(name)
+                if name in graph_inputs:
+                    return needed, name
+                i = a.producer[name]
+                if i not in a.constant_nodes:
+                    needed.add(i)
+                    stack.extend(a.node_inputs[i])
+            return needed, None
+
+        cloud: set[int] = set()
+        edge_outputs: set[str] = set()
+        for output in self.outputs:
+            on_edge_anyway = output in wanted or output in graph_inputs
+            if kept is not None and output not in kept:
+                if on_edge_anyway:
+                    raise _Refused(f"graph output {output!r} is on the edge already (shipped or an input), "
+                                   "so it must be one of the edge outputs")
+                needed, missing = cloud_cone(output)
+                if missing is not None:
+                    raise _Refused(f"the cloud cannot compute graph output {output!r}: it needs {missing!r}, "
+                                   "which is not shipped")
+                cloud |= needed
+                continue
+            if kept is None and not on_edge_anyway:
+                needed, missing = cloud_cone(output)
+                if missing is None:
+                    cloud |= needed
+                    continue
+            edge_outputs.add(output)
+        if kept is not None and kept - set(self.outputs):
+            raise _Refused(f"{sorted(kept - set(self.outputs))} are not graph outputs")
+
+        # The edge runs what the shipped tensors and its outputs need, back to the graph inputs.
+        edge: set[int] = set()
+        stack = [(t, "") for t in sorted((wanted | edge_outputs) - graph_inputs)]
+        seen: set[str] = set()
+        while stack:
+            name, reader = stack.pop()
+            if name in seen or name in graph_inputs or name in a.initializers:
+                continue
+            seen.add(name)
+            i = a.producer[name]
+            if i in a.constant_nodes:
+                continue
+            if i in cloud:
+                why = f"node {reader!r} must run on the edge but reads" if reader else "the edge must produce"
+                raise _Refused(
+                    f"{why} {name!r}, which {nodes[i].name!r} computes on the cloud side "
+                    "(from the shipped tensors): the edge side would not be downward-closed"
+                )
+            edge.add(i)
+            stack.extend((n, nodes[i].name) for n in a.node_inputs[i])
+
+        read_by_cloud = {t for i in cloud for t in a.node_inputs[i]}
+        unread = sorted(wanted - read_by_cloud)
+        if unread:
+            raise _Refused(f"nothing on the cloud side reads {', '.join(map(repr, unread))}")
+        if not edge:
+            raise _Refused("the edge side computes nothing (that is REMOTE, not a cut)")
+        if len(edge_outputs) == len(self.outputs):
+            raise _Refused("every graph output is computed on the edge (that is LOCAL, not a cut)")
+        crossing = tuple(sorted(wanted, key=lambda t: _rank(self, t)))
+        odd = [(n, a.types[n].WhichOneof("value").removesuffix("_type").replace("_", " ")) for n in crossing
+               if n in a.types and a.types[n].WhichOneof("value") not in (None, "tensor_type")]
+        if odd:
+            raise _Refused(f"a non-tensor value would cross ({', '.join(f'{n!r} is a {kind}' for n, kind in odd)})")
+        untyped = [n for n in crossing if not _known(a.types.get(n))]
+        if untyped:
+            raise _Refused(f"shape inference cannot type crossing tensor {untyped[0]!r}, so no sub-model can declare it")
+        return Cut(
+            index=0,
+            tensors=crossing,
+            passthrough=tuple(t for t in crossing if t in graph_inputs),
+            edge_outputs=tuple(o for o in self.outputs if o in edge_outputs),
+            nodes=tuple(nodes[i].name for i in sorted(edge)),
+        )
 
     def _facts(self) -> _Analysis:
         if self._analysis is None:
@@ -384,8 +579,24 @@ def analyze(model: onnx.ModelProto, name: str = "") -> ModelGraph:
             types=types,
             dynamic=dynamic,
             cut_positions=tuple(p for p, _ in kept),
+            node_index={node.name: i for i, node in enumerate(nodes)},
+            consumers={t: tuple(users) for t, users in consumers.items()},
+            live=_ancestors(outputs, producer, node_inputs),
+            initializer_bytes=init_bytes,
         ),
     )
+
+
+def _ancestors(names: Iterable[str], producer: dict[str, int], node_inputs: Sequence[Sequence[str]]) -> frozenset[int]:
+    """Nodes that the given tensors depend on (their producers, transitively)."""
+    found: set[int] = set()
+    stack = [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i not in found:
+            found.add(i)
+            stack.extend(producer[n] for n in node_inputs[i] if n in producer)
+    return frozenset(found)
 
 
 def _scan_positions(
@@ -501,6 +712,41 @@ def _position(graph: ModelGraph, cut: Cut) -> int:
     return graph._facts().cut_positions[cut.index - 1]
 
 
+def _rank(graph: ModelGraph, tensor: str) -> tuple[int, int]:
+    """Shipping order: graph inputs first, then by producer (topological) and output slot."""
+    if tensor in graph.inputs:
+        return -1, graph.inputs.index(tensor)
+    i = graph._facts().producer[tensor]
+    return i, list(graph.model.graph.node[i].output).index(tensor)
+
+
+def _sides(graph: ModelGraph, cut: Cut) -> tuple[set[int], set[int]]:
+    """Input-dependent node indices on the edge and on the cloud side of `cut`."""
+    a = graph._facts()
+    if cut.index:
+        p = _position(graph, cut)
+        return set(a.dynamic[:p]), set(a.dynamic[p:])
+    try:
+        same = graph._boundary_cut(frozenset(cut.tensors), frozenset(cut.edge_outputs)) == cut
+    except _Refused:
+        same = False
+    if not same:
+        raise GraphError(f"general cut {cut.key} with tensors {list(cut.tensors)} does not belong to {graph.name}")
+    edge = {a.node_index[n] for n in cut.nodes}
+    return edge, set(a.dynamic) - edge
+
+
+def _prefix_parts(graph: ModelGraph, cut: Cut) -> tuple[list[int], set[str], list[str]]:
+    """The prefix's nodes, initializers and graph inputs (see _collect)."""
+    edge, _ = _sides(graph, cut)
+    return _collect(graph, allowed=edge | graph._facts().constant_nodes, boundary=graph.inputs,
+                    outputs=_prefix_outputs(cut))
+
+
+def _prefix_outputs(cut: Cut) -> list[str]:
+    return list(dict.fromkeys([*(t for t in cut.tensors if t not in cut.passthrough), *cut.edge_outputs]))
+
+
 def _value_info(graph: ModelGraph, name: str, declared: Sequence[ValueInfoProto] = ()) -> ValueInfoProto:
     """ValueInfo for a sub-model boundary: the declared one, else the inferred type (shape if known)."""
     for vi in declared:
@@ -584,29 +830,23 @@ def _build(
 
 def prefix_model(graph: ModelGraph, cut: Cut) -> onnx.ModelProto:
     """The edge side: from the graph inputs it needs to the shipped tensors and the edge outputs."""
-    a = graph._facts()
-    p = _position(graph, cut)
-    outputs = list(dict.fromkeys([*(t for t in cut.tensors if t not in cut.passthrough), *cut.edge_outputs]))
-    nodes, used_inits, read = _collect(
-        graph, allowed=set(a.dynamic[:p]) | a.constant_nodes, boundary=graph.inputs, outputs=outputs,
-    )
+    nodes, used_inits, read = _prefix_parts(graph, cut)
     return _build(
-        graph, nodes=nodes, used_inits=used_inits, inputs=read, outputs=outputs,
-        graph_name=f"{graph.model.graph.name}_prefix{cut.index}",
+        graph, nodes=nodes, used_inits=used_inits, inputs=read, outputs=_prefix_outputs(cut),
+        graph_name=f"{graph.model.graph.name}_prefix{cut.key}",
     )
 
 
 def suffix_model(graph: ModelGraph, cut: Cut) -> onnx.ModelProto:
     """The cloud side: from exactly `cut.tensors` to the graph outputs the edge did not produce."""
-    a = graph._facts()
-    p = _position(graph, cut)
+    _, cloud = _sides(graph, cut)
     outputs = [o for o in graph.outputs if o not in cut.edge_outputs]
     nodes, used_inits, _ = _collect(
-        graph, allowed=set(a.dynamic[p:]) | a.constant_nodes, boundary=cut.tensors, outputs=outputs,
+        graph, allowed=cloud | graph._facts().constant_nodes, boundary=cut.tensors, outputs=outputs,
     )
     return _build(
         graph, nodes=nodes, used_inits=used_inits, inputs=cut.tensors, outputs=outputs,
-        graph_name=f"{graph.model.graph.name}_suffix{cut.index}",
+        graph_name=f"{graph.model.graph.name}_suffix{cut.key}",
     )
 
 

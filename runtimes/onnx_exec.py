@@ -123,9 +123,10 @@ class OnnxModel:
             except codec.CodecError:
                 raise GraphError(f"{name}: tensor {spec.name!r} is {spec.dtype}, which Tandem's wire format cannot carry") from None
         # Sub-model sessions each hold their own copy of the weights they use,
-        # so only the most recently used few are kept.
-        self._prefix: OrderedDict[int, ort.InferenceSession] = OrderedDict()
-        self._suffix: OrderedDict[int, ort.InferenceSession] = OrderedDict()
+        # so only the most recently used few are kept. Keyed by Cut.key: unique for
+        # chain and general (DAG) cuts alike.
+        self._prefix: OrderedDict[str, ort.InferenceSession] = OrderedDict()
+        self._suffix: OrderedDict[str, ort.InferenceSession] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -139,8 +140,11 @@ class OnnxModel:
     def cut(self, index: int) -> Cut:
         return self._graph_or_raise().cut(index)
 
-    def find_cut(self, tensors: list[str]) -> Cut:
-        return self._graph_or_raise().find_cut(tensors)
+    def find_cut(self, tensors: list[str], *, edge_outputs: list[str] | None = None) -> Cut:
+        return self._graph_or_raise().find_cut(tensors, edge_outputs=edge_outputs)
+
+    def cut_of(self, edge_nodes: list[str]) -> Cut:
+        return self._graph_or_raise().cut_of(edge_nodes)
 
     def _graph_or_raise(self) -> ModelGraph:
         if self.graph is None:
@@ -189,28 +193,29 @@ class OnnxModel:
     def prefix_ready(self, cut: Cut) -> bool:
         """Whether the prefix session of ``cut`` is built: its first run also builds it."""
         with self._lock:
-            return cut.index in self._prefix
+            return cut.key in self._prefix
 
     def run_suffix(self, cut: Cut, tensors: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
         """Cloud side of a SPLIT (or the edge's fallback after one)."""
         session = self._cached(self._suffix, cut, suffix_model)
         expected = {value.name for value in session.get_inputs()}
         if set(tensors) != expected:
-            raise InputError(f"cut {cut.index} of {self.name} takes {sorted(expected)}, got {sorted(tensors)}")
+            raise InputError(f"cut {cut.key} of {self.name} takes {sorted(expected)}, got {sorted(tensors)}")
         names = [value.name for value in session.get_outputs()]
         return dict(zip(names, session.run(names, tensors, options)))
 
-    def _cached(self, cache: OrderedDict[int, ort.InferenceSession], cut: Cut, build) -> ort.InferenceSession:
+    def _cached(self, cache: OrderedDict[str, ort.InferenceSession], cut: Cut, build) -> ort.InferenceSession:
+        key = cut.key
         with self._lock:
-            session = cache.get(cut.index)
+            session = cache.get(key)
             if session is not None:
-                cache.move_to_end(cut.index)
+                cache.move_to_end(key)
                 return session
         # Built outside the lock: creating a session can take a while and
         # two threads building the same one only costs a little work.
         session = self._session(build(self._graph_or_raise(), cut).SerializeToString())
         with self._lock:
-            session = cache.setdefault(cut.index, session)
+            session = cache.setdefault(key, session)
             while len(cache) > MAX_CACHED_SESSIONS:
                 cache.popitem(last=False)
         return session
