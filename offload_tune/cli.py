@@ -69,6 +69,8 @@ def board_for(args: argparse.Namespace) -> Board:
         with Progress(console=err, transient=True) as progress:
             task = progress.add_task(f"profiling {model.name}", total=1)
             return profile_board(model, device, lambda done, total: progress.update(task, completed=done, total=total))
+    except ToolError:
+        raise
     except Exception as exc:  # noqa: BLE001 -- a model onnxruntime loads may still fail to run: bad input, exit 2
         raise ToolError(f"{path}: cannot be profiled: {load_failure_reason(exc, path)}") from None
 

@@ -127,6 +127,7 @@ class ModelStore:
                     models[path.stem] = OnnxModel(path.stem, path, threads=threads, spinning=spinning)
                 except Exception as exc:  # noqa: BLE001 -- onnx, onnxruntime and the OS fail in many ways; all mean "skip it"
                     reason = load_failure_reason(exc, path)
+                    logger.debug("loading %s failed", path, exc_info=True)  # the whole story, for a bug report
             if reason is not None:
                 skipped[path.name] = reason
                 logger.error("skipping model file %s: %s", path, reason)
