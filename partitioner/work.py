@@ -64,9 +64,10 @@ _ZERO = Work(0.0, 0.0)
 
 @dataclass(frozen=True)
 class Machine:
-    gflops: float               # sustained compute, GFLOP/s
+    gflops: float               # sustained compute, GFLOP/s (machines are compared by its ratio)
     mem_bandwidth_gbs: float    # sustained memory bandwidth, GB/s (1e9 bytes/s)
     name: str = ""              # what the figures describe, in predicted profiles' `host`
+    peak_gflops: float | None = None  # compute ceiling at the work's precision, GFLOP/s; None: gflops
 
     def __post_init__(self) -> None:
         if not (self.gflops > 0 and self.mem_bandwidth_gbs > 0):
@@ -74,6 +75,13 @@ class Machine:
                 f"machine {self.name or '?'}: gflops and mem_bandwidth_gbs must be positive, "
                 f"got {self.gflops} and {self.mem_bandwidth_gbs}"
             )
+        if self.peak_gflops is not None and not self.peak_gflops >= self.gflops:
+            raise ValueError(f"machine {self.name or '?'}: peak_gflops {self.peak_gflops} is below gflops {self.gflops}")
+
+    @property
+    def ceiling_gflops(self) -> float:
+        """The compute no run on this machine can beat: `peak_gflops`, else `gflops`."""
+        return self.peak_gflops if self.peak_gflops is not None else self.gflops
 
 
 # --------------------------------------------------------------------------- shapes
@@ -416,22 +424,27 @@ def roofline_ms(work: Work, machine: Machine) -> float:
     return max(work.flops / (machine.gflops * 1e9), work.bytes / (machine.mem_bandwidth_gbs * 1e9)) * 1e3
 
 
-def predict_segment_ms(
+def floor_ms(work: Work, machine: Machine) -> float:
+    """The least time `work` can take on the machine: its roofline at the compute ceiling.
+
+    `Machine.peak_gflops` separates the two uses of a compute figure: ratios between
+    machines hold whatever the precision (fp32 and fp64 peaks differ by the same 2x on
+    NEON and AVX2), but an absolute bound on fp32 work needs the fp32 ceiling.
+    """
+    return max(work.flops / (machine.ceiling_gflops * 1e9), work.bytes / (machine.mem_bandwidth_gbs * 1e9)) * 1e3
+
+
+def scaled_segment_ms(
     measured_ms: Sequence[float], works: Sequence[Work], host: Machine, target: Machine,
 ) -> tuple[float, ...]:
-    """Each segment's host time scaled by roofline(target) / roofline(host), never below
-    roofline(target).
-
-    The floor holds the prediction to what the target's limits allow: a host that ran a
-    kernel faster than its own roofline says (its speed figure read low, or the kernel's
-    FLOPs are over-counted) would otherwise promise a board more than its peak.
+    """Each segment's host time scaled by roofline(target) / roofline(host), unbounded.
 
     A segment with no known work (zero roofline time, e.g. every node's shape unknown)
     scales by the whole model's ratio: the sum of the other segments' target rooflines
     over the sum of their host rooflines; with no known work anywhere, by the compute
     ratio host.gflops / target.gflops (kernels on small boards are mostly compute-bound).
     A segment with some unknown nodes scales by the ratio of the nodes it does know
-    (`Work.unknown` says how many were left out), and is floored by their roofline.
+    (`Work.unknown` says how many were left out).
     """
     if len(measured_ms) != len(works):
         raise ValueError(f"{len(measured_ms)} measured segment times for {len(works)} segment works")
@@ -439,9 +452,21 @@ def predict_segment_ms(
     on_target = [roofline_ms(w, target) for w in works]
     host_total = sum(on_host)
     whole = sum(on_target) / host_total if host_total > 0 else host.gflops / target.gflops
-    return tuple(
-        max(ms * (t / h if h > 0 else whole), t) for ms, h, t in zip(measured_ms, on_host, on_target)
-    )
+    return tuple(ms * (t / h if h > 0 else whole) for ms, h, t in zip(measured_ms, on_host, on_target))
+
+
+def predict_segment_ms(
+    measured_ms: Sequence[float], works: Sequence[Work], host: Machine, target: Machine,
+) -> tuple[float, ...]:
+    """Each segment's scaled host time (scaled_segment_ms), never below its floor on the
+    target (floor_ms: FLOPs over the compute ceiling, bytes over the bandwidth).
+
+    Without the floor, a host that ran a kernel faster than its own speed figure says
+    (a figure that read low on a busy machine, or FLOPs over-counted) promises a board
+    more than its peak. A segment with unknown nodes is floored by the nodes it knows.
+    """
+    scaled = scaled_segment_ms(measured_ms, works, host, target)
+    return tuple(max(ms, floor_ms(w, target)) for ms, w in zip(scaled, works))
 
 
 def predict_profile(
@@ -449,11 +474,11 @@ def predict_profile(
 ) -> ModelProfile:
     """The profile `profile` would have on `target`, from its measurement on `host`.
 
-    Per-segment times scale by their roofline ratio, each floored at its roofline on
-    `target` (predict_segment_ms); the run overhead (session and framework code, not
-    kernels) by the compute ratio host.gflops / target.gflops. The whole run then never
-    beats the whole model's roofline on `target` either: a sum of per-segment rooflines
-    is at least the roofline of the summed work.
+    Per-segment times scale by their roofline ratio, each floored on `target`
+    (predict_segment_ms); the run overhead (session and framework code, not kernels) by
+    the compute ratio host.gflops / target.gflops. The whole run then never beats the
+    whole model's floor on `target` either: a sum of per-segment floors is at least the
+    floor of the summed work.
     """
     if len(works) != profile.num_segments:
         raise ValueError(f"profile of {profile.model} has {profile.num_segments} segments, got {len(works)} works")

@@ -14,10 +14,12 @@ from partitioner.work import (
     Machine,
     Work,
     concrete_shapes,
+    floor_ms,
     node_work,
     predict_profile,
     predict_segment_ms,
     roofline_ms,
+    scaled_segment_ms,
     segment_work,
     unmodelled_ops,
 )
@@ -270,6 +272,20 @@ def test_a_segment_faster_than_the_host_roofline_is_held_at_the_target_roofline(
     assert memory == pytest.approx(roofline_ms(MEMORY_BOUND, TARGET)) == pytest.approx(200.0)
 
 
+def test_the_floor_is_the_roofline_at_the_compute_ceiling() -> None:
+    # Ratios use gflops (fp64-equivalent figures); the floor of fp32 work uses the fp32 ceiling, 2x here.
+    fp32_target = Machine(gflops=10.0, mem_bandwidth_gbs=5.0, name="pi4-like", peak_gflops=20.0)
+    assert floor_ms(COMPUTE_BOUND, TARGET) == roofline_ms(COMPUTE_BOUND, TARGET) == pytest.approx(100.0)
+    assert floor_ms(COMPUTE_BOUND, fp32_target) == pytest.approx(50.0)
+    assert floor_ms(MEMORY_BOUND, fp32_target) == pytest.approx(200.0)  # bandwidth binds either way
+    scaled = scaled_segment_ms((3.0,), (COMPUTE_BOUND,), HOST, fp32_target)
+    assert scaled == pytest.approx((30.0,))
+    assert predict_segment_ms((3.0,), (COMPUTE_BOUND,), HOST, fp32_target) == pytest.approx((50.0,))
+    assert predict_segment_ms((6.0,), (COMPUTE_BOUND,), HOST, fp32_target) == pytest.approx((60.0,))  # above it
+    with pytest.raises(ValueError, match="below gflops"):
+        Machine(gflops=10.0, mem_bandwidth_gbs=5.0, peak_gflops=5.0)
+
+
 def _profile(segment_ms: tuple[float, ...], run_overhead_ms: float = 0.5) -> ModelProfile:
     meta = TensorMeta("x", "float32", (1, 4))
     return ModelProfile(
@@ -293,8 +309,9 @@ def test_predict_profile() -> None:
 
 def test_no_prediction_beats_the_target_roofline() -> None:
     """Segments and whole runs, over seeded random works, host times and machines:
-    including hosts that ran faster than their own figure says and targets faster
-    than the host, every predicted time is at least its roofline on the target."""
+    including hosts that ran faster than their own figure says, targets faster than
+    the host and targets with a separate compute ceiling, every predicted time is at
+    least its floor (roofline at the ceiling) on the target."""
     rng = np.random.default_rng(0)
     for _ in range(300):
         segments = int(rng.integers(1, 6))
@@ -303,14 +320,15 @@ def test_no_prediction_beats_the_target_roofline() -> None:
             for _ in range(segments)
         )
         host = Machine(float(rng.uniform(5, 500)), float(rng.uniform(1, 50)), name="host")
-        target = Machine(float(rng.uniform(5, 500)), float(rng.uniform(1, 50)), name="target")
+        gflops = float(rng.uniform(5, 500))
+        peak = gflops * float(rng.uniform(1, 3)) if rng.random() < 0.5 else None
+        target = Machine(gflops, float(rng.uniform(1, 50)), name="target", peak_gflops=peak)
         # From 0.1x to 10x the host's own roofline time: a host figure that read far too low or high.
         measured = tuple(max(roofline_ms(w, host), 0.5) * float(rng.uniform(0.1, 10)) for w in works)
         predicted = predict_profile(_profile(measured, float(rng.uniform(0, 2))), works, host, target)
         for ms, work in zip(predicted.segment_ms, works):
-            assert ms >= roofline_ms(work, target) * (1 - 1e-12)
-        whole_roofline = roofline_ms(sum(works, Work(0.0, 0.0)), target)
-        assert predicted.whole_ms >= whole_roofline * (1 - 1e-12)
+            assert ms >= floor_ms(work, target) * (1 - 1e-12)
+        assert predicted.whole_ms >= floor_ms(sum(works, Work(0.0, 0.0)), target) * (1 - 1e-12)
         assert predicted.whole_ms == pytest.approx(sum(predicted.segment_ms) + predicted.run_overhead_ms)
 
 
