@@ -142,7 +142,9 @@ class ModelStore:
         try:
             return self.models[name]
         except KeyError:
-            raise UnknownModel(f"unknown model {name!r}; this daemon serves {sorted(self.models)}") from None
+            file = f"{name}.onnx"
+            why = f": {file} is in the models directory but not served ({self.skipped[file]})" if file in self.skipped else ""
+            raise UnknownModel(f"unknown model {name!r}{why}; this daemon serves {sorted(self.models)}") from None
 
     def model_infos(self) -> list[pb.ModelInfo]:
         return [

@@ -198,8 +198,10 @@ def test_daemons_with_only_bad_files_start_and_serve_nothing(only_bad_dir) -> No
         with sdk.EdgeClient(agent.address) as client:
             assert client.models() == []
             assert_reasons(client.skipped_models(), expected, directory)
-            with pytest.raises(sdk.NotFound, match="unknown model 'noop'"):
+            with pytest.raises(sdk.NotFound, match=r"unknown model 'noop': noop.onnx is in the models directory but not "
+                                                   r"served \(onnxruntime .* has no operator NoSuchOp"):
                 client.infer("noop", {"x": np.zeros((1, 4), np.float32)})
+        assert "serves no tensor model" in agent.log() and "serves no tensor model" in node.log()
 
 
 # --- offload-tune ---------------------------------------------------------------------
