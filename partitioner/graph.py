@@ -137,7 +137,7 @@ class ModelGraph:
         chain = self._chain_cut(wanted, kept)
         if chain is not None:
             return chain
-        known = set(self.inputs) | {o for node in self.model.graph.node for o in node.output if o}
+        known = set(self.inputs) | set(self._facts().producer) | self._facts().initializers
         unknown = sorted(wanted - known)
         if unknown:
             why = f"no tensor named {', '.join(map(repr, unknown))} exists in the model"
@@ -213,7 +213,7 @@ class ModelGraph:
         nodes = self.model.graph.node
         graph_inputs = set(self.inputs)
         if not wanted:
-            raise _Refused("nothing crosses")
+            raise _Refused("nothing crosses (everything on one side is LOCAL, not a cut)")
         for t in sorted(wanted):
             if t in a.initializers or a.producer.get(t) in a.constant_nodes:
                 raise _Refused(f"{t!r} is a constant: both sides compute it, so it never crosses")
@@ -237,6 +237,7 @@ class ModelGraph:
 
         cloud: set[int] = set()
         edge_outputs: set[str] = set()
+        lacking: dict[str, str] = {}  # edge output -> the unshipped input that keeps it off the cloud
         for output in self.outputs:
             on_edge_anyway = output in wanted or output in graph_inputs
             if kept is not None and output not in kept:
@@ -254,6 +255,7 @@ class ModelGraph:
                 if missing is None:
                     cloud |= needed
                     continue
+                lacking[output] = missing
             edge_outputs.add(output)
         if kept is not None and kept - set(self.outputs):
             raise _Refused(f"{sorted(kept - set(self.outputs))} are not graph outputs")
@@ -282,7 +284,9 @@ class ModelGraph:
         read_by_cloud = {t for i in cloud for t in a.node_inputs[i]}
         unread = sorted(wanted - read_by_cloud)
         if unread:
-            raise _Refused(f"nothing on the cloud side reads {', '.join(map(repr, unread))}")
+            why = "".join(f"; the edge computes {o!r} itself, as it needs {m!r}, which is not shipped"
+                          for o, m in lacking.items())
+            raise _Refused(f"nothing on the cloud side reads {', '.join(map(repr, unread))}{why}")
         if not edge:
             raise _Refused("the edge side computes nothing (that is REMOTE, not a cut)")
         if len(edge_outputs) == len(self.outputs):

@@ -300,3 +300,155 @@ def test_a_crossing_tensor_of_unknown_type_is_not_offered_as_a_cut() -> None:
     prefix_model(graph, graph.find_cut(["a"]))
     with pytest.raises(GraphError, match="not a valid cut"):
         graph.find_cut(["b"])
+
+
+# ----------------------------------------------------------------------------- general (DAG) cuts
+
+
+def _conv(name: str, x: str, out: str, channels_in: int, channels_out: int, rng: np.random.Generator):
+    weight = numpy_helper.from_array(
+        rng.standard_normal((channels_out, channels_in, 3, 3)).astype(np.float32) * 0.3, f"{name}_w")
+    return helper.make_node("Conv", [x, weight.name], [out], name=name, pads=[1, 1, 1, 1]), weight
+
+
+def _branchy_model() -> onnx.ModelProto:
+    """Two conv/relu branches that rejoin (Add, then Concat with one branch), a skip from the
+    input to the end, and an early second output: many downward-closed sets no prefix gives."""
+    rng = np.random.default_rng(7)
+    convs = [
+        _conv("a1", "x", "a1", 4, 4, rng), _conv("a2", "a1r", "a2", 4, 4, rng),
+        _conv("b1", "x", "b1", 4, 4, rng), _conv("d", "c", "d", 8, 4, rng),
+    ]
+    a1, a2, b1, d = (n for n, _ in convs)
+    nodes = [
+        a1, helper.make_node("Relu", ["a1"], ["a1r"], name="a1_relu"),
+        a2, helper.make_node("Relu", ["a2"], ["a2r"], name="a2_relu"),
+        b1, helper.make_node("Relu", ["b1"], ["b1r"], name="b1_relu"),
+        helper.make_node("Sigmoid", ["b1r"], ["z"], name="early_head"),
+        helper.make_node("Add", ["a2r", "b1r"], ["s"], name="join"),
+        helper.make_node("Concat", ["s", "b1r"], ["c"], name="concat", axis=1),
+        d, helper.make_node("Add", ["d", "x"], ["y"], name="skip"),
+    ]
+    shape = (1, 4, 8, 8)
+    return _model(nodes, [_vi("x", shape)], [_vi("y", shape), _vi("z", shape)], [w for _, w in convs])
+
+
+def _downward_closed_sets(graph: ModelGraph) -> list[list[str]]:
+    """Every non-empty, proper, downward-closed set of input-dependent nodes, by enumeration."""
+    nodes = graph.model.graph.node
+    producer = {o: n.name for n in nodes for o in n.output}
+    names = [n.name for n in nodes]
+    needs = {n.name: {producer[i] for i in n.input if i in producer} for n in nodes}
+    found = []
+    for mask in range(1, 2 ** len(names) - 1):
+        chosen = {name for k, name in enumerate(names) if mask >> k & 1}
+        if all(needs[name] <= chosen for name in chosen):
+            found.append([name for name in names if name in chosen])
+    return found
+
+
+@pytest.fixture(scope="module")
+def branchy() -> ModelGraph:
+    return analyze(_branchy_model(), name="branchy")
+
+
+def test_every_downward_closed_set_is_a_cut_that_reproduces_the_model(branchy: ModelGraph) -> None:
+    feeds = [{"x": np.random.default_rng(11).standard_normal((1, 4, 8, 8)).astype(np.float32)}]
+    expected = _run(branchy.model, feeds[0])
+    chain_sets = {frozenset(branchy.edge_nodes(c)): c for c in branchy.cuts}
+    cuts: list[Cut] = []
+    ambiguous = 0
+    for edge in _downward_closed_sets(branchy):
+        cut = branchy.cut_of(edge)
+        cuts.append(cut)
+        if frozenset(edge) in chain_sets:
+            assert cut is chain_sets[frozenset(edge)]  # a general cut equal to a chain cut is that chain cut
+        else:
+            assert cut.index == 0 and set(cut.nodes) <= set(edge) and cut.key.startswith("g")
+        assert set(branchy.edge_nodes(cut)) <= set(edge)
+        assert branchy.find_cut(reversed(cut.tensors), edge_outputs=cut.edge_outputs) == cut
+        # The tensors alone rebuild it, unless the early head (z) could run on either side of
+        # them: then a chain cut with those tensors wins, else the cloud computes z.
+        rebuilt = branchy.find_cut(cut.tensors)
+        assert rebuilt.tensors == cut.tensors
+        if rebuilt != cut:
+            ambiguous += 1
+            assert "b1r" in cut.tensors and set(rebuilt.edge_outputs) ^ set(cut.edge_outputs) == {"z"}
+        (got,) = _run_split(branchy, cut, feeds)
+        assert set(got) == {"y", "z"}
+        for name in ("y", "z"):
+            np.testing.assert_allclose(got[name], expected[name], **TOL, err_msg=f"edge {edge}")
+    assert len(cuts) > 2 * len(branchy.cuts)  # the chain order misses most of them
+    assert 0 < ambiguous < len(cuts) // 2
+    assert len({c.key for c in cuts}) == len(set(cuts))  # one key per distinct cut
+    # Cuts no prefix of the chain order gives: one branch on the edge, the other in the cloud.
+    parallel = branchy.cut_of(["a1", "a1_relu", "b1", "b1_relu"])
+    assert parallel.index == 0 and parallel.tensors == ("x", "a1r", "b1r") and parallel.passthrough == ("x",)
+    assert branchy.cut_of(["b1", "b1_relu", "early_head"]).edge_outputs == ("z",)
+
+
+def test_sets_that_are_not_cuts_are_refused_with_the_reason(branchy: ModelGraph) -> None:
+    with pytest.raises(GraphError, match=r"'a2' is on the edge but reads 'a1r' from 'a1_relu'.*downward-closed"):
+        branchy.cut_of(["a1", "a2"])
+    with pytest.raises(GraphError, match="no node named 'nope'"):
+        branchy.cut_of(["a1", "nope"])
+    every = [n.name for n in branchy.model.graph.node]
+    with pytest.raises(GraphError, match=r"nothing crosses \(everything on one side is LOCAL"):
+        branchy.cut_of(every)
+    with pytest.raises(GraphError, match="nothing crosses"):
+        branchy.find_cut([])
+    with pytest.raises(GraphError, match="nothing on the cloud side reads 'a2r'.*computes 'y' itself, as it needs 'x'"):
+        branchy.find_cut(["a2r", "b1r"])  # the skip (x) does not cross
+    with pytest.raises(GraphError, match="node 'join' must run on the edge but reads 'b1r', which 'b1_relu' computes"):
+        branchy.find_cut(["x", "a1r", "s"])
+    with pytest.raises(GraphError, match="nothing on the cloud side reads 'a1'"):
+        branchy.find_cut(["a1", "a1r", "x"])
+    with pytest.raises(GraphError, match="'a1_w' is a constant"):
+        branchy.find_cut(["x", "a1_w"])
+    with pytest.raises(GraphError, match="the cloud cannot compute graph output 'y': it needs 'x'"):
+        branchy.find_cut(["s", "b1r"], edge_outputs=[])
+    with pytest.raises(GraphError, match=r"\['q'\] are not graph outputs"):
+        branchy.find_cut(["x", "a1r"], edge_outputs=["z", "q"])
+    with pytest.raises(GraphError, match="does not belong"):
+        prefix_model(branchy, Cut(0, ("x", "a1r"), ("x",), (), ("a1", "a1_relu", "b1")))
+
+
+def test_general_cut_of_the_resnet_dag_ships_the_skip_and_the_downsample(dag: ModelGraph) -> None:
+    # The downsample conv of block 2.1 on the edge, its main branch in the cloud.
+    chain = dag.find_cut(["layer1_2_relu2"])
+    down = [n.name for n in dag.model.graph.node if n.name.startswith("layer2_1_down")]
+    cut = dag.cut_of([*dag.edge_nodes(chain), *down])
+    assert cut.index == 0 and set(cut.tensors) == {"layer1_2_relu2", dag.model.graph.node[
+        dag._facts().node_index[down[-1]]].output[0]}
+    assert dag.find_cut(cut.tensors) == cut
+    assert dag.edge_param_bytes(cut) > dag.edge_param_bytes(chain)
+    _assert_split_matches(dag, cut, [{"input": _image(2, seed=5)}])
+
+
+def _assert_split_matches(graph: ModelGraph, cut: Cut, feeds: list[dict[str, np.ndarray]]) -> None:
+    for feed, got in zip(feeds, _run_split(graph, cut, feeds)):
+        want = _run(graph.model, feed)
+        for name in graph.outputs:
+            np.testing.assert_allclose(got[name], want[name], **TOL)
+
+
+def test_onnx_model_caches_sessions_per_cut_key(tmp_path, branchy: ModelGraph) -> None:
+    from runtimes.onnx_exec import OnnxModel
+
+    path = tmp_path / "branchy.onnx"
+    onnx.save(_branchy_model(), str(path))
+    model = OnnxModel("branchy", path, threads=1)
+    x = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    whole = model.run({"x": x})
+    left, right = model.cut_of(["a1", "a1_relu", "b1", "b1_relu"]), model.cut_of(["b1", "b1_relu"])
+    chain = model.cut(1)
+    for cut in (left, right, chain):
+        assert not model.prefix_ready(cut)
+        edge = model.run_prefix(cut, {"x": x})
+        assert model.prefix_ready(cut)
+        rebuilt = model.find_cut(list(cut.tensors), edge_outputs=list(cut.edge_outputs))
+        out = model.run_suffix(rebuilt, {t: edge[t] for t in cut.tensors})
+        out.update({o: edge[o] for o in cut.edge_outputs})
+        for name, want in whole.items():
+            np.testing.assert_allclose(out[name], want, **TOL)
+    assert len({left.key, right.key, chain.key}) == 3
