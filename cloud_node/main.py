@@ -15,6 +15,8 @@ import grpc
 
 from cloud_node.advert import Advertiser, txt_records
 from cloud_node.server import CloudNodeService
+from devices.profiles import host_profile
+from partitioner.work import Machine
 from pki.certs import fingerprint, identity
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -30,7 +32,7 @@ from runtimes.daemon import (
 from runtimes.llm_serving import LlmStore
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
-from runtimes.profiler import profile_store
+from runtimes.profile_book import ProfileBook, memory_budget
 from runtimes.rpc import add_health, add_reflection, add_service, channel_options, set_serving
 from runtimes.tls import TlsFiles, peer_identity, server_credentials, tls_from_config, warn_plaintext
 
@@ -49,6 +51,8 @@ class NodeConfig:
                                                                 "(off when a CPU quota is visible; say off under a quota /sys cannot show)"})
     max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
     profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
+    profile_memory_mb: float = field(default=0.0, metadata={"help": "largest estimated memory one profiling run may use, MiB "
+                                                                    "(0: half of what is free)"})
     llm: tuple[str, ...] = field(default=(), metadata={"help": "LLM to serve: 'smollm2' (packaged), a .gguf path, or NAME=PATH"})
     llm_slots: int = field(default=4, metadata={"help": "generations decoded together per LLM (continuous batching)"})
     llm_max_queue: int = field(default=16, metadata={"help": "generations waiting for a slot before RESOURCE_EXHAUSTED"})
@@ -125,7 +129,10 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     ca_pem, cert_pem, key_pem = tls.load() if tls else (b"", b"", b"")
     address = bind(server, config.listen, server_credentials(cert_pem, key_pem, ca_pem) if tls else None)
     # Profile before serving: measuring while serving would skew both.
-    profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
+    host = host_profile()
+    book = ProfileBook(store.models, machine=Machine(host.cpu_gflops, host.mem_bandwidth_gbs, name="this node"),
+                       cache_dir=profile_dir, budget_bytes=memory_budget(config.profile_memory_mb, None))
+    await asyncio.to_thread(book.profile_all)
     llms = await asyncio.to_thread(
         LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
         threads=config.llm_threads or None, max_queue=config.llm_max_queue, unified_kv=config.llm_unified_kv,
@@ -133,7 +140,7 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     metrics = Metrics("cloud-node")
     # Under TLS the node is its certificate's name: agents verify that name.
     node_id = config.node_id or (identity(cert_pem)[0] if tls else f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}")
-    service = CloudNodeService(store, profiles, llms, node_id=node_id, max_concurrency=config.max_concurrency,
+    service = CloudNodeService(store, book, llms, node_id=node_id, max_concurrency=config.max_concurrency,
                                max_queue=config.max_queue, metrics=metrics)
     service_name = pb.DESCRIPTOR.services_by_name["CloudNode"].full_name
     deny = DenyList(config.deny)

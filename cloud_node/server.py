@@ -14,7 +14,6 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -24,7 +23,8 @@ from runtimes.llm_serving import LlmStore, checked, prompt_tokens, relay, sampli
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
-from runtimes.rpc import ModelMismatch, abort_for
+from runtimes.profile_book import ProfileBook
+from runtimes.rpc import ModelMismatch, NotProfiled, abort_for
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run, opti
 
 
 class CloudNodeService(pb_grpc.CloudNodeServicer):
-    def __init__(self, store: ModelStore, profiles: dict[str, ModelProfile], llms: LlmStore, *, node_id: str,
+    def __init__(self, store: ModelStore, book: ProfileBook, llms: LlmStore, *, node_id: str,
                  max_concurrency: int, max_queue: int, metrics: Metrics) -> None:
         self.store = store
         self.llms = llms
-        self.profiles = profiles
+        self.book = book
         self.node_id = node_id
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="cloud-compute")
@@ -122,7 +122,8 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                                    request.reply_encoding, run)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
-        return pb.NodeStatus(node_id=self.node_id, models=[*self.store.model_infos(), *self.llms.model_infos()],
+        tensor_models = [self.book.model_info(self.store.get(info.name), info) for info in self.store.model_infos()]
+        return pb.NodeStatus(node_id=self.node_id, models=[*tensor_models, *self.llms.model_infos()],
                              load=self.load(), llm=self.llms.loads(), skipped=self.store.skipped_infos())
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
@@ -148,7 +149,9 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
     async def GetProfile(self, request: pb.ProfileRequest, context: grpc.aio.ServicerContext) -> pb.ModelProfileMsg:
         try:
             self.store.get(request.model)
-            profile = self.profiles[request.model]
+            profile = self.book.default(request.model)
+            if profile is None:
+                raise NotProfiled(f"{request.model} has no profile on this node: {self.book.unavailable(request.model)}")
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
         return pb.ModelProfileMsg(

@@ -25,6 +25,7 @@ from edge_agent.server import EdgeAgentService
 from partitioner.costmodel import Constraints, Link, Objective
 from partitioner.planning import power_of
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse
+from partitioner.work import Machine
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -40,7 +41,8 @@ from runtimes.daemon import (
 from runtimes.llm_serving import LlmStore
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
-from runtimes.profiler import measure_codec_speed, predicted_for, profile_store
+from runtimes.profile_book import ProfileBook, memory_budget
+from runtimes.profiler import measure_codec_speed, predicted_for
 from runtimes.rpc import add_health, add_reflection, add_service, channel_options, set_serving
 from runtimes.tls import TlsFiles, channel_credentials, tls_from_config, warn_plaintext
 
@@ -93,6 +95,9 @@ class AgentConfig:
                                                                 "(off when a CPU quota is visible; say off under a quota /sys cannot show)"})
     max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
     profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
+    profile_memory_mb: float = field(default=0.0, metadata={"help": "largest estimated memory one profiling run may use, MiB; "
+                                                                    "a shape needing more is refused by name (0: half the device's RAM or "
+                                                                    "of what is free, whichever is less)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
@@ -217,16 +222,18 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     segments = {name: model.num_segments for name, model in store.models.items()}
     policies = config.policies(segments)  # an invalid file stops the start, naming the line
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
-    profiles = await asyncio.to_thread(profile_store, store, cache_dir=profile_dir)
     device = get_device(config.device)
     board = detect_board()
-    if device.name not in ("host", board):
-        # Planning for another board than the one we run on: predict its times.
-        for name, model in store.models.items():
-            measured_ms = profiles[name].whole_ms
-            profiles[name] = predicted_for(device, model, profiles[name])
-            logger.info("%s: planning for %s (detected %s): predicted %.1f ms per run from %.1f ms measured here",
-                        name, device.name, board, profiles[name].whole_ms, measured_ms)
+    # Planning for another board than the one we run on: predict its times.
+    other_board = device.name not in ("host", board)
+    book = ProfileBook(
+        store.models, machine=Machine(device.cpu_gflops, device.mem_bandwidth_gbs, name=device.name),
+        predict=(lambda model, profile: predicted_for(device, model, profile)) if other_board else None,
+        cache_dir=profile_dir, budget_bytes=memory_budget(config.profile_memory_mb, device.memory_bytes),
+        configured={name: policies.for_model(name).profile_shapes for name in store.models
+                    if policies.for_model(name).profile_shapes},
+    )
+    await asyncio.to_thread(book.profile_all)
     trust = None
     if (tls := config.tls()) is not None:
         ca_pem, cert_pem, key_pem = tls.load()
@@ -260,7 +267,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     )
     metrics = Metrics("edge-agent")
     service = EdgeAgentService(
-        store=store, profiles=profiles, nodes=nodes, power=power_of(device), metrics=metrics,
+        store=store, book=book, nodes=nodes, power=power_of(device), metrics=metrics,
         power_figures=PowerFit().figures(device.idle_w, device.active_w, device.name), device_name=device.name,
         codec_speed=measure_codec_speed(), policies=policies,
         max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,

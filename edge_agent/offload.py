@@ -135,7 +135,9 @@ class CloudNodeClient:
             if measure_link or idle:
                 await self._probe_bandwidth()
             for info in status.models:
-                if info.kind == "onnx" and info.digest not in self._profiles:
+                # A model the node serves without a profile (it could not be
+                # measured there yet) is planned without this node until it has one.
+                if info.kind == "onnx" and info.digest not in self._profiles and not info.plans_unavailable:
                     reply = await self.stub.GetProfile(pb.ProfileRequest(model=info.name), timeout=timeout_s)
                     self._profiles[info.digest] = ModelProfile.from_json(reply.json)
         except grpc.RpcError as exc:

@@ -30,16 +30,17 @@ from partitioner.costmodel import (
 )
 from partitioner.hysteresis import hold_or_switch, share_load
 from partitioner.planning import (
+    AtShape,
     CodecSpeed,
     cloud_budget_s,
     cloud_option,
-    input_scale,
     local_finish_ms,
     model_costs,
+    profiled_shapes,
     queue_wait_ms,
 )
 from partitioner.policy import Policy, PolicySet
-from partitioner.profile import ModelProfile
+from partitioner.shapes import ShapeError, check_shapes, describe
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -48,6 +49,7 @@ from runtimes.llm_serving import relay
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import InputError, OnnxModel
+from runtimes.profile_book import ProfileBook, Unplanned
 from runtimes.rpc import NoFeasiblePlan, abort_for
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,14 @@ def fallback_kind(reason: str) -> str:
     return "other"
 
 
+class NotPlanned(Exception):
+    """No profile can plan this request yet (see ProfileBook.view): it runs LOCAL."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class CloudFailed(RuntimeError):
     """A cloud call failed; the request continues locally."""
 
@@ -142,12 +152,12 @@ def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]
 
 
 class EdgeAgentService(pb_grpc.EdgeAgentServicer):
-    def __init__(self, *, store: ModelStore, profiles: dict[str, ModelProfile], nodes: list[CloudNodeClient],
+    def __init__(self, *, store: ModelStore, book: ProfileBook, nodes: list[CloudNodeClient],
                  power: Power, metrics: Metrics, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policies: PolicySet,
                  max_concurrency: int, max_queue: int, generator: Generator) -> None:
         self.store = store
         self.generator = generator
-        self.profiles = profiles
+        self.book = book
         self.nodes = nodes
         self.power = power
         self.metrics = metrics
@@ -160,19 +170,19 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         for name, engine in generator.llms.engines.items():
             metrics.set_queue(name, lambda engine=engine: engine.queued)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
-        self._costs: dict[tuple[str, int, float], ModelCosts] = {}  # profiles are immutable: build once
+        self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
         self._current: dict[tuple[str, Objective, int], str] = {}  # plan label per model/objective/codec
         self.calibration = Calibration()  # what completed requests taught about the profile
 
     # ------------------------------------------------------------ planning --
 
-    def _model_costs(self, model: OnnxModel, encoding: int, scale: float) -> ModelCosts:
-        key = (model.name, encoding, scale)
+    def _model_costs(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]]) -> ModelCosts:
+        key = (model.name, encoding, describe(shapes), describe(profiled_shapes(view.profile)) + view.method)
         if key not in self._costs:
             if len(self._costs) > 256:  # request sizes vary: keep the cache bounded
                 self._costs.clear()
-            self._costs[key] = model_costs(self.profiles[model.name], encoding=encoding, speed=self.codec_speed[encoding],
-                                           output_encoding=pb.ENCODING_RAW, scale=scale)
+            self._costs[key] = model_costs(view.profile, encoding=encoding, speed=self.codec_speed[encoding],
+                                           output_encoding=pb.ENCODING_RAW, scale=view.bytes_scale)
         return self._costs[key]
 
     def _planned_nodes(self, policy: Policy) -> list[CloudNodeClient]:
@@ -180,22 +190,36 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         preferred = [n for n in self.nodes if n.address in policy.preferred_nodes and n.state.reachable]
         return preferred or self.nodes
 
-    def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, scale: float = 1.0,
-               link: Link | None = None) -> tuple[Decision, ModelCosts]:
-        profile = self.profiles[model.name]
+    def default_shapes(self, model: OnnxModel) -> dict[str, tuple[int, ...]]:
+        """What explain plans for when the caller names no shape: the first profiled one."""
+        profiled = self.book.profiled(model.name)
+        if not profiled:
+            raise NotPlanned(self.book.unavailable(model.name) or f"{model.name} is being profiled")
+        return profiled[0].choice.as_dict()
+
+    def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, shapes: dict[str, tuple[int, ...]],
+               link: Link | None = None, learn: bool = True, nearest_ok: bool = False) -> tuple[Decision, ModelCosts]:
+        """The decision for a request of these input shapes; NotPlanned when no
+        profile can plan it yet (the request then runs LOCAL). ``nearest_ok``:
+        plan from the nearest measured shape rather than not at all."""
+        view = self.book.view(model, shapes, learn=learn, nearest_ok=nearest_ok)
+        if isinstance(view, Unplanned):
+            raise NotPlanned(view.reason)
+        profile = view.profile
         policy = self.policies.for_model(model.name)
-        costs = self.calibration.apply(self._model_costs(model, encoding, scale))
+        costs = self.calibration.apply(self._model_costs(model, encoding, view, shapes))
         clouds = []
         # Least busy (then least recently used) first: among nodes predicted
         # equal the first wins, so equal nodes take turns.
         for node in sorted(self._planned_nodes(policy), key=lambda n: (n.inflight, n.last_sent)):
-            cloud_profile = node.profile(model.name, model.digest) if node.state.reachable else None
-            if cloud_profile is None or cloud_profile.num_segments != profile.num_segments:
+            published = node.profile(model.name, model.digest) if node.state.reachable else None
+            if published is None or published.num_segments != profile.num_segments:
                 continue
+            cloud_profile = self.book.rescale(model, published, shapes).profile
             load = node.state.load
             queue_ms = queue_wait_ms(reported_ms=load.queue_delay_ms, in_flight=node.inflight,
-                                     capacity=load.max_concurrency, service_ms=cloud_profile.whole_ms * scale)
-            clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link, queue_ms=queue_ms, scale=scale))
+                                     capacity=load.max_concurrency, service_ms=cloud_profile.whole_ms)
+            clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link, queue_ms=queue_ms))
         decision = choose(costs, clouds, self.power, objective=objective, weight_latency=policy.weight_latency,
                           constraints=policy.constraints)
         return decision, costs
@@ -376,9 +400,13 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def _infer(self, context: grpc.aio.ServicerContext, model: OnnxModel, feeds: dict[str, np.ndarray],
                      objective: Objective, encoding: int, pinned: str, arrived: float) -> pb.InferReply:
-        scale = input_scale(self.profiles[model.name], {name: array.shape for name, array in feeds.items()})
+        shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         calibration = self.calibration  # what this request's predictions are made with
-        decision, costs = self.decide(model, objective, encoding, scale=scale)
+        try:
+            # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
+            decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned))
+        except NotPlanned as unplanned:
+            return await self._infer_unplanned(model, feeds, pinned, unplanned.reason, arrived)
         candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding))
         if "@" not in pinned:
             candidate = share_load(decision, candidate, {n.address: (n.inflight, n.last_sent) for n in self.nodes})
@@ -410,6 +438,23 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             constraints_met=candidate.feasible, reason=why,
         )
 
+    async def _infer_unplanned(self, model: OnnxModel, feeds: dict[str, np.ndarray], pinned: str, reason: str,
+                               arrived: float) -> pb.InferReply:
+        """LOCAL with nothing predicted: the model (or this shape) has no profile to plan with yet."""
+        if pinned:
+            parse_pinned(pinned)  # a malformed pin is still the caller's error
+        start = time.perf_counter()
+        outputs = await run_cancellable(self._pool, model.run, feeds)
+        stages = Stages(edge_ms=(time.perf_counter() - start) * 1e3)
+        local = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=model.num_segments, label="local")
+        pinned_cloud = bool(pinned) and not pinned.startswith("local")
+        return pb.InferReply(
+            outputs=encode_all(outputs, pb.ENCODING_RAW), plan=local, planned=local,
+            measured=stage_times(stages, (time.perf_counter() - arrived) * 1e3),
+            fell_back=pinned_cloud, fallback_reason=f"plan {pinned} needs a profile: {reason}" if pinned_cloud else "",
+            constraints_met=True, reason=reason,
+        )
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         async def chunks() -> AsyncIterator[pb.GenerateChunk]:
             objective, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
@@ -439,7 +484,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if self.generator.serves(request.model):
                 return self._explain_generation(request, objective, link)
             model = self.store.get(request.model)
-            decision, _ = self.decide(model, objective, encoding, link=link)
+            try:
+                shapes = self.explain_shapes(model, request.input_shapes)
+                decision, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False, nearest_ok=True)
+            except NotPlanned as unplanned:
+                return pb.Explanation(model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=True,
+                                      why=f"LOCAL: {unplanned.reason}", plans_unavailable=unplanned.reason,
+                                      winner=pb.Plan(kind=pb.PLAN_LOCAL, cut_index=model.num_segments, label="local"),
+                                      device=self.device_name)
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
         current = self._current.get((model.name, objective, encoding))
@@ -464,6 +516,33 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             ],
             link=pb.LinkOverride(uplink_mbps=used.uplink_mbps, downlink_mbps=used.downlink_mbps, rtt_ms=used.rtt_ms) if used else None,
             device=self.device_name,
+            profile=self._profile_basis(model, shapes),
+        )
+
+    def explain_shapes(self, model: OnnxModel, specs) -> dict[str, tuple[int, ...]]:
+        """The caller's shapes for explain, checked like a request's, or the first profiled ones."""
+        if not specs:
+            return self.default_shapes(model)
+        declared = {spec.name: tuple("" if d is None else d for d in spec.shape) if spec.shape is not None else None
+                    for spec in model.inputs}
+        try:
+            shapes = check_shapes(declared, {spec.name: list(spec.shape) for spec in specs}, f"explain {model.name}")
+        except ShapeError as exc:
+            raise InputError(str(exc)) from None
+        missing = sorted(set(declared) - set(shapes))
+        if missing:
+            raise InputError(f"explain {model.name}: input_shapes must give every input; missing {missing}")
+        return shapes
+
+    def _profile_basis(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]]) -> pb.ProfiledShape:
+        """Which measured shape the predictions came from, and how they were rescaled."""
+        view = self.book.view(model, shapes, learn=False, nearest_ok=True)
+        if isinstance(view, Unplanned):
+            return pb.ProfiledShape()
+        dtypes = {spec.name: spec.dtype for spec in model.inputs}
+        return pb.ProfiledShape(
+            inputs=[pb.TensorSpec(name=n, dtype=codec.dtype_to_pb(dtypes[n]), shape=list(s)) for n, s in shapes.items()],
+            source="measured at this shape" if view.method == "measured" else f"{view.method} from {view.basis}",
         )
 
     def _explain_generation(self, request: pb.ExplainRequest, objective: Objective, link: Link | None) -> pb.Explanation:
@@ -484,9 +563,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ModelList:
-        return pb.ModelList(models=[*self.store.model_infos(), *self.generator.llms.model_infos()],
+        tensor_models = [self.book.model_info(self.store.get(info.name), info) for info in self.store.model_infos()]
+        return pb.ModelList(models=[*tensor_models, *self.generator.llms.model_infos()],
                             skipped=self.store.skipped_infos())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.book.close()
         self.generator.llms.close()

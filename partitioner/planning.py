@@ -3,21 +3,24 @@
 Pure: the agent gathers profiles, codec speeds, link estimates and node load;
 this module turns them into ``ModelCosts`` and ``CloudOption`` values.
 
-Profiles are measured at one input size (dynamic dimensions taken as 1). A
-request with a larger input (say batch 8) is planned with times and tensor
-sizes scaled by ``input_scale``: linear scaling is exact for bytes along a
-batch dimension and a first-order model for compute, and far better than
-planning a batch of 8 as if it were 1.
+Profiles are measured at a few concrete input shapes (``partitioner.shapes``).
+A request of another shape is planned from the nearest profile rescaled by
+``at_shape``: each segment's time by the ratio of its roofline time at the
+request's shapes to that at the profiled ones (per-node FLOPs and bytes from
+``partitioner.work``), tensor sizes from shape inference at the request's
+shapes. Only where shape inference cannot reach does it fall back to the
+ratio of input element counts, and says so.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from partitioner.costmodel import CloudOption, Link, ModelCosts, Power, Transfer
 from partitioner.profile import ModelProfile, TensorMeta
+from partitioner.work import Machine, Work, roofline_ms
 from protos.codec import wire_bytes
 
 # Headroom kept for a local fallback after a cloud attempt: the fallback's
@@ -37,11 +40,70 @@ class CodecSpeed:
     decode_mb_s: float
 
 
-def input_scale(profile: ModelProfile, shapes: Mapping[str, Sequence[int]]) -> float:
-    """How many times larger this request's inputs are than the profiled ones."""
+def element_ratio(profile: ModelProfile, shapes: Mapping[str, Sequence[int]]) -> float:
+    """How many times more input elements this request has than the profiled run."""
     profiled = sum(math.prod(meta.shape) for meta in profile.crossings[0])
     requested = sum(math.prod(shape) for shape in shapes.values())
     return requested / profiled if profiled else 1.0
+
+
+def profiled_shapes(profile: ModelProfile) -> dict[str, tuple[int, ...]]:
+    """The input shapes a profile was measured at."""
+    return {meta.name: tuple(meta.shape) for meta in profile.crossings[0]}
+
+
+@dataclass(frozen=True)
+class AtShape:
+    """A profile as it would read at a request's shapes."""
+
+    profile: ModelProfile   # segment times and tensor sizes at the request's shapes
+    bytes_scale: float      # multiplies the tensor sizes above: 1.0 unless they could not be inferred
+    method: str             # "measured", "work model" or "element count": how times were scaled
+    basis: str = ""         # the measured shapes it was scaled from, as partitioner.shapes.describe writes them
+
+
+def at_shape(
+    profile: ModelProfile, shapes: Mapping[str, Sequence[int]], *, machine: Machine,
+    works_profiled: Sequence[Work] | None, works_requested: Sequence[Work] | None,
+    tensors: tuple[tuple[tuple[TensorMeta, ...], ...], tuple[TensorMeta, ...]] | None,
+) -> AtShape:
+    """``profile`` rescaled to ``shapes`` (see the module docstring).
+
+    ``works_*`` are the segment works at the profiled and requested shapes
+    (None: unknown); ``tensors`` the crossings and outputs at the requested
+    shapes (None: shape inference could not reach them). ``machine`` is where
+    the times are for: the ratio of roofline times depends on whether a layer
+    is compute- or bandwidth-bound there.
+    """
+    wanted = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+    basis = ", ".join(f"{n}[{','.join(map(str, s))}]" for n, s in profiled_shapes(profile).items())
+    if wanted == profiled_shapes(profile):
+        return AtShape(profile, 1.0, "measured", basis)
+    elements = element_ratio(profile, wanted)
+    segment_ms, method = _scaled_segments(profile, machine, works_profiled, works_requested, elements)
+    crossings, outputs, bytes_scale = (*tensors, 1.0) if tensors is not None else (
+        profile.crossings, profile.outputs, elements)
+    scaled = replace(profile, segment_ms=segment_ms, whole_ms=sum(segment_ms) + profile.run_overhead_ms,
+                     crossings=crossings, outputs=outputs)
+    return AtShape(scaled, bytes_scale, method, basis)
+
+
+def _scaled_segments(profile: ModelProfile, machine: Machine, before: Sequence[Work] | None,
+                     after: Sequence[Work] | None, elements: float) -> tuple[tuple[float, ...], str]:
+    """Per-segment roofline ratios; where a segment's work is unknown, the
+    whole model's known ratio; with none known, the element ratio."""
+    n = profile.num_segments
+    if before is None or after is None or len(before) != n or len(after) != n:
+        return tuple(t * elements for t in profile.segment_ms), "element count"
+    old = [roofline_ms(w, machine) for w in before]
+    new = [roofline_ms(w, machine) for w in after]
+    known = [(o, m) for o, m, wb, wa in zip(old, new, before, after) if o > 0 and wb.known and wa.known]
+    if not known:
+        return tuple(t * elements for t in profile.segment_ms), "element count"
+    whole = sum(m for _, m in known) / sum(o for o, _ in known)
+    ratios = [m / o if o > 0 and wb.known and wa.known else whole
+              for o, m, wb, wa in zip(old, new, before, after)]
+    return tuple(t * r for t, r in zip(profile.segment_ms, ratios)), "work model"
 
 
 def transfer(tensors: tuple[TensorMeta, ...], encoding: int, speed: CodecSpeed, scale: float = 1.0) -> Transfer:
@@ -72,9 +134,10 @@ def edge_memory_bytes(profile: ModelProfile, scale: float = 1.0) -> tuple[int, .
 
 
 def model_costs(edge: ModelProfile, *, encoding: int, speed: CodecSpeed, output_encoding: int, scale: float = 1.0) -> ModelCosts:
-    """``encoding`` for tensors sent to the node, ``output_encoding`` for results coming back."""
+    """``encoding`` for tensors sent to the node, ``output_encoding`` for
+    results coming back; ``scale`` multiplies tensor sizes (``AtShape.bytes_scale``)."""
     return ModelCosts(
-        edge_segment_ms=tuple(t * scale for t in edge.segment_ms),
+        edge_segment_ms=edge.segment_ms,
         edge_overhead_ms=edge.run_overhead_ms,
         crossings=tuple(transfer(c, encoding, speed, scale) for c in edge.crossings),
         output=transfer(edge.outputs, output_encoding, speed, scale),
@@ -82,8 +145,8 @@ def model_costs(edge: ModelProfile, *, encoding: int, speed: CodecSpeed, output_
     )
 
 
-def cloud_option(node: str, cloud: ModelProfile, *, link: Link, queue_ms: float, scale: float = 1.0) -> CloudOption:
-    return CloudOption(node=node, link=link, queue_ms=queue_ms, segment_ms=tuple(t * scale for t in cloud.segment_ms),
+def cloud_option(node: str, cloud: ModelProfile, *, link: Link, queue_ms: float) -> CloudOption:
+    return CloudOption(node=node, link=link, queue_ms=queue_ms, segment_ms=cloud.segment_ms,
                        overhead_ms=cloud.run_overhead_ms)
 
 

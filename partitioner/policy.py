@@ -48,6 +48,7 @@ class Policy:
     cloud_timeout_s: float = 10.0            # longest wait for one cloud call
     hysteresis_margin: float = 0.1           # switch plan only for a predicted gain above this (relative)
     preferred_nodes: tuple[str, ...] = ()    # plan on these nodes while one is reachable; () = any
+    profile_shapes: Mapping[str, tuple[int, ...]] | None = None  # input name -> shape to profile at; None = the model's own
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,18 @@ def _cuts(value: Any) -> frozenset[int]:
     return frozenset(_count(k) for k in value)
 
 
+def _shapes(value: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"must be a table of input name = [dims], got {value!r}")
+    shapes = {}
+    for name, dims in value.items():
+        if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                                             for d in dims):
+            raise ValueError(f"{name} must be a list of dims >= 1, got {dims!r}")
+        shapes[name] = tuple(dims)
+    return shapes
+
+
 def _nodes(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"must be a list of HOST:PORT strings, got {value!r}")
@@ -159,6 +172,9 @@ KEYS: tuple[Key, ...] = (
         lambda p: p.hysteresis_margin, "change plan only for a predicted gain above this (0.1 = 10 %)"),
     Key("preferred_nodes", _nodes, lambda p, v: replace(p, preferred_nodes=v),
         lambda p: list(p.preferred_nodes) or None, "plan on these nodes while one is reachable (omit: any)"),
+    Key("profile_shapes", _shapes, lambda p, v: replace(p, profile_shapes=v),
+        lambda p: None if p.profile_shapes is None else {k: list(v) for k, v in p.profile_shapes.items()},
+        "input shapes to profile at, e.g. { input = [1, 3, 320, 320] } (omit: the model's own, then requests')"),
 )
 KEY_BY_NAME = {key.name: key for key in KEYS}
 

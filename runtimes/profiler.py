@@ -14,7 +14,10 @@ runs: the shape of the profile comes from the profiler, its size from reality.
 Per-segment times are means over runs, not medians: under a CPU quota a run
 stalls wherever the quota runs out, and only the mean charges those stalls to
 segments in proportion to their work.
-Profiles are cached per model digest and host, since measuring takes seconds.
+Profiles are measured at concrete input shapes (``partitioner.shapes`` says
+which), refused before any allocation when their estimated memory exceeds the
+budget, and cached per model digest, host and shape, since measuring takes
+seconds.
 """
 
 from __future__ import annotations
@@ -30,19 +33,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from devices.limits import cpu_cgroup, cpu_quota
+from partitioner import shapes as shape_rules
 from partitioner.graph import expose_tensors
 from partitioner.planning import CodecSpeed
 from partitioner.profile import ModelProfile, TensorMeta
+from partitioner.work import concrete_shapes
 from protos import codec
 from protos import tandem_pb2 as pb
 from runtimes.onnx_exec import OnnxModel, TensorSpec, session_options
 
 logger = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 3
+PROFILE_FORMAT = 4
 # Below this share of kernel time traced to our nodes, the optimised profile
 # is not trusted and an unoptimised one is taken instead.
 MIN_TRACED_SHARE = 0.9
@@ -62,12 +68,16 @@ def host_key(threads: int | None, spinning: bool | None = None) -> str:
     return f"{platform.node()}-{os.cpu_count()}cpu{limit}-t{threads or 0}{spin}-ort{ort.__version__}"
 
 
-def sample_feeds(inputs: tuple[TensorSpec, ...], *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs for profiling; dynamic dimensions are taken as 1."""
+class ProfilingError(RuntimeError):
+    """The model could not be measured at any shape tried; the message names each shape and why."""
+
+
+def sample_feeds(inputs: tuple[TensorSpec, ...], shapes: shape_rules.Shapes, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs of these shapes (every input must have one)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
-        shape = tuple(1 if d is None else d for d in (spec.shape or ()))
+        shape = tuple(shapes[spec.name])
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
@@ -162,10 +172,13 @@ def _segment_means(per_run: list[dict[str, float]], placed: dict[str, int], n: i
     return [t / max(len(per_run), 1) for t in totals]
 
 
-def measure(model: OnnxModel, *, runs: int = 10, warmup: int = 2, on_progress=None) -> ModelProfile:
-    """Profile ``model`` on this host (blocking, takes roughly 2 x (runs + warmup) model runs)."""
+def measure(model: OnnxModel, shapes: shape_rules.Shapes | None = None, *, runs: int = 10, warmup: int = 2,
+            on_progress=None) -> ModelProfile:
+    """Profile ``model`` on this host at these input shapes (default: the first
+    candidate ``partitioner.shapes`` gives); blocking, roughly 2 x (runs + warmup) model runs."""
     graph = model.graph
-    feeds = sample_feeds(model.inputs)
+    shapes = shapes or default_shapes(model)
+    feeds = sample_feeds(model.inputs, shapes)
     if graph is None:
         return _measure_whole(model, feeds, runs=runs, warmup=warmup)
     serialized = graph.model.SerializeToString()
@@ -238,9 +251,14 @@ def _measure_whole(model: OnnxModel, feeds: dict[str, np.ndarray], *, runs: int,
 
 
 def _tensor_metas(model: OnnxModel, feeds: dict[str, np.ndarray]) -> tuple[tuple[tuple[TensorMeta, ...], ...], tuple[TensorMeta, ...]]:
-    """Real dtypes and shapes of every cut's tensors, from one run that exposes them."""
+    """Dtypes and shapes of every cut's tensors: from shape inference when it
+    reaches them all, else from one run that exposes them (which holds every
+    cut tensor in memory at once, so it is the fallback, not the rule)."""
     graph = model.graph
     assert graph is not None  # measure() checked
+    inferred = tensor_metas_at(model, {name: array.shape for name, array in feeds.items()})
+    if inferred is not None:
+        return inferred
     inner = sorted({name for cut in graph.cuts for name in cut.tensors} - set(feeds))
     exposed = ort.InferenceSession(
         expose_tensors(graph, inner).SerializeToString(),
@@ -258,10 +276,78 @@ def _tensor_metas(model: OnnxModel, feeds: dict[str, np.ndarray]) -> tuple[tuple
     return crossings, metas(spec.name for spec in model.outputs)
 
 
-def load_or_measure(model: OnnxModel, *, cache_dir: Path | None = None, runs: int = 10, on_progress=None) -> ModelProfile:
-    """The cached profile of this exact model file on this host, measured if absent."""
+def tensor_metas_at(model: OnnxModel, shapes: shape_rules.Shapes) -> tuple[tuple[tuple[TensorMeta, ...], ...], tuple[TensorMeta, ...]] | None:
+    """Every cut's tensors and the outputs at these input shapes, from shape
+    inference alone; None when it cannot reach one of them. Element types come
+    from the graph analysis (they do not change with shape)."""
+    graph = model.graph
+    if graph is None:
+        return None
+    known = concrete_shapes(graph.model, shapes)
+    types = graph._facts().types
+    dtypes = {spec.name: spec.dtype for spec in (*model.inputs, *model.outputs)}
+
+    def meta(name: str) -> TensorMeta | None:
+        if name not in known:
+            return None
+        dtype = dtypes.get(name)
+        if dtype is None:
+            t = types.get(name)
+            if t is None or t.WhichOneof("value") != "tensor_type":
+                return None
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type))
+            except (KeyError, TypeError, ValueError):
+                return None
+        return TensorMeta(name, str(np.dtype(dtype)), tuple(int(d) for d in known[name]))
+
+    crossings = [tuple(meta(spec.name) for spec in model.inputs)]
+    crossings += [tuple(meta(name) for name in cut.tensors) for cut in graph.cuts]
+    outputs = tuple(meta(spec.name) for spec in model.outputs)
+    if any(m is None for group in (*crossings, outputs) for m in group):
+        return None
+    return tuple(crossings), outputs
+
+
+def model_proto(model: OnnxModel) -> onnx.ModelProto:
+    """The model's graph: the analysed copy when it can be cut, else the file again."""
+    return model.graph.model if model.graph is not None else onnx.load(str(model.path))
+
+
+def default_shapes(model: OnnxModel) -> dict[str, tuple[int, ...]]:
+    return shape_rules.profile_candidates(model_proto(model))[0].as_dict()
+
+
+def check_memory(model: OnnxModel, shapes: shape_rules.Shapes, budget_bytes: int | None) -> None:
+    """Refuse, before allocating anything, a shape whose run would not fit the budget."""
+    if budget_bytes is None:
+        return
+    itemsizes = {spec.name: spec.dtype.itemsize for spec in model.inputs}
+    need = shape_rules.footprint(model_proto(model), shapes, itemsizes, stop_above=budget_bytes)
+    if need.total > budget_bytes:
+        detail = f"inputs {need.inputs / 2**20:.0f} MiB, weights {need.weights / 2**20:.0f} MiB"
+        if need.largest_node:
+            detail += f", largest layer {need.largest_node / 2**20:.0f} MiB"
+        raise ProfilingError(
+            f"needs at least {need.total / 2**20:.0f} MiB ({detail}), more than the "
+            f"{budget_bytes / 2**20:.0f} MiB profiling budget"
+        )
+
+
+def profile_path(model: OnnxModel, shapes: shape_rules.Shapes, cache_dir: Path) -> Path:
+    shape_key = hashlib.sha256(shape_rules.describe(shapes).encode()).hexdigest()[:10]
+    return cache_dir / (f"{model.name}-{model.digest[:16]}-{host_key(model.threads, model.spinning)}"
+                        f"-s{shape_key}-v{PROFILE_FORMAT}.json")
+
+
+def load_or_measure(model: OnnxModel, shapes: shape_rules.Shapes | None = None, *, cache_dir: Path | None = None,
+                    runs: int = 10, budget_bytes: int | None = None, on_progress=None) -> ModelProfile:
+    """The cached profile of this exact model file on this host at these input
+    shapes (default: the model's first candidate), measured if absent; a shape
+    over ``budget_bytes`` is refused before anything is allocated."""
     cache_dir = cache_dir or default_cache_dir()
-    path = cache_dir / f"{model.name}-{model.digest[:16]}-{host_key(model.threads, model.spinning)}-v{PROFILE_FORMAT}.json"
+    shapes = dict(shapes or default_shapes(model))
+    path = profile_path(model, shapes, cache_dir)
     if path.exists():
         try:
             profile = ModelProfile.from_json(path.read_text())
@@ -269,8 +355,9 @@ def load_or_measure(model: OnnxModel, *, cache_dir: Path | None = None, runs: in
                 return profile
         except (ValueError, KeyError) as exc:
             logger.warning("ignoring unreadable profile cache %s: %s", path, exc)
-    logger.info("profiling %s (%d segments) on this host", model.name, model.num_segments)
-    profile = measure(model, runs=runs, on_progress=on_progress)
+    check_memory(model, shapes, budget_bytes)
+    logger.info("profiling %s (%d segments) on this host at %s", model.name, model.num_segments, shape_rules.describe(shapes))
+    profile = measure(model, shapes, runs=runs, on_progress=on_progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write then rename: a crash mid-write must not leave a corrupt cache.
     tmp = path.with_suffix(".tmp")
@@ -279,19 +366,21 @@ def load_or_measure(model: OnnxModel, *, cache_dir: Path | None = None, runs: in
     return profile
 
 
-def profile_store(store, *, cache_dir: Path | None = None) -> dict[str, ModelProfile]:
-    """Profiles of every model in ``store``. A model that cannot run on
-    sample inputs (say a dynamic dimension our guess of 1 does not fit) is
-    removed from the store with the reason logged: one bad model must not take
-    the daemon down, and a model we cannot measure we cannot plan for."""
-    profiles = {}
-    for name, model in list(store.models.items()):
+def profile_first_fitting(model: OnnxModel, candidates: list[shape_rules.ShapeChoice], *,
+                          cache_dir: Path | None = None, budget_bytes: int | None = None,
+                          runs: int = 10) -> tuple[ModelProfile, shape_rules.ShapeChoice]:
+    """The profile at the first candidate shape the model runs at and that fits
+    the budget. ProfilingError names every shape tried and why it failed."""
+    failures = []
+    for candidate in candidates:
         try:
-            profiles[name] = load_or_measure(model, cache_dir=cache_dir)
-        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises many types; all mean "cannot measure"
-            logger.error("not serving %s: profiling it on sample inputs failed: %s", name, exc)
-            del store.models[name]
-    return profiles
+            return load_or_measure(model, candidate.as_dict(), cache_dir=cache_dir, budget_bytes=budget_bytes,
+                                   runs=runs), candidate
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises many types; each means "not at this shape"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            failures.append(f"at {candidate.describe()}: {reason}")
+            logger.info("%s: cannot profile %s", model.name, failures[-1])
+    raise ProfilingError(f"{model.name} could not be profiled " + "; ".join(failures or ["(no shape to try)"]))
 
 
 CODEC_PROBE_SHAPE = (1, 32, 112, 112)  # a typical early activation of an image model

@@ -27,6 +27,10 @@ class NoFeasiblePlan(RuntimeError):
     """Every plan breaks a hard constraint (privacy, memory, allowed cuts)."""
 
 
+class NotProfiled(RuntimeError):
+    """The model is served, but has no profile to plan with (yet)."""
+
+
 class ModelMismatch(RuntimeError):
     """The peer's copy of a model differs from ours (digest)."""
 
@@ -46,7 +50,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, f"onnxruntime refused the tensors: {exc}"
     if isinstance(exc, UnknownModel):
         return grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc)
-    if isinstance(exc, (ModelMismatch, NoFeasiblePlan)):
+    if isinstance(exc, (ModelMismatch, NoFeasiblePlan, NotProfiled)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)

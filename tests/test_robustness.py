@@ -12,13 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent import sdk
-from partitioner.planning import CodecSpeed, cloud_budget_s, input_scale, model_costs
+from partitioner.planning import CodecSpeed, at_shape, cloud_budget_s, model_costs
+from partitioner.work import Machine, concrete_shapes, node_work, roofline_ms, segment_work
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
 from runtimes.onnx_exec import OnnxModel
-from runtimes.profiler import measure
+from runtimes.profiler import measure, tensor_metas_at
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
@@ -29,7 +30,7 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def even_batch_model() -> onnx.ModelProto:
-    """Runs only when the dynamic batch is even: our profiling guess of 1 fails."""
+    """Runs only when the dynamic batch is even: profiling at batch 1 fails."""
     shape = numpy_helper.from_array(np.array([-1, 2, 8], np.int64), "shape")
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["h"], name="relu"), helper.make_node("Reshape", ["h", "shape"], ["y"], name="reshape")],
@@ -70,12 +71,18 @@ def test_daemons_skip_models_they_cannot_serve_and_serve_the_rest(tmp_path: Path
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with launch.cloud_node(tmp_path) as node, launch.edge_agent(tmp_path, [node.address]) as agent:
         with sdk.EdgeClient(agent.address) as client:
-            assert [m.name for m in client.models()] == ["mobilenet"]
-            with pytest.raises(sdk.NotFound):
-                client.infer("even", {"x": np.zeros((2, 8), np.float32)})
+            models = {m.name: m for m in client.models()}
+            assert sorted(models) == ["even", "mobilenet"]
+            # served LOCAL although no shape it was tried at runs, and the reason names the shape
+            assert "x[1,8]" in models["even"].plans_unavailable and not models["mobilenet"].plans_unavailable
+            x = np.arange(16, dtype=np.float32).reshape(2, 8) - 8
+            reply = client.infer("even", {"x": x})
+            assert reply.plan == "local" and "profiling" in reply.reason
+            np.testing.assert_array_equal(reply.outputs["y"], np.maximum(x, 0).reshape(1, 2, 8))
             assert client.infer("mobilenet", {"input": np.zeros((1, 3, 224, 224), np.float32)}, plan="split:3").plan == "split:3"
+            assert set(client.skipped_models()) == {"junk.onnx", "u32.onnx"}
         log = agent.log()
-    assert "even" in log and "profiling it on sample inputs failed" in log
+    assert "even" in log and "x[1,8]" in log
     assert "uint32" in log and "cannot carry" in log
     assert "junk.onnx" in log
 
@@ -115,12 +122,28 @@ def test_pinned_plans_cannot_break_the_privacy_floor(model_dir: Path, cloud: lau
 
 def test_planning_scales_with_the_request_and_reserves_time_to_fall_back(tmp_path: Path, model_dir: Path) -> None:
     model = OnnxModel("resnet", model_dir / "resnet.onnx")
-    profile = measure(model, runs=2)
-    assert input_scale(profile, {"input": (8, 3, 224, 224)}) == 8.0
+    profile = measure(model, {"input": (1, 3, 224, 224)}, runs=2)
+    machine = Machine(11.8, 2.7, name="pi4")
+
+    def works(batch: int):
+        return segment_work(model.graph, node_work(model.graph.model, concrete_shapes(model.graph.model, {"input": (batch, 3, 224, 224)})))
+
+    tensors = tensor_metas_at(model, {"input": (8, 3, 224, 224)})
+    view = at_shape(profile, {"input": (8, 3, 224, 224)}, machine=machine, works_profiled=works(1),
+                    works_requested=works(8), tensors=tensors)
+    assert view.method == "work model" and view.bytes_scale == 1.0
     one = model_costs(profile, encoding=pb.ENCODING_RAW, speed=CodecSpeed(1000, 1000), output_encoding=pb.ENCODING_RAW)
-    eight = model_costs(profile, encoding=pb.ENCODING_RAW, speed=CodecSpeed(1000, 1000), output_encoding=pb.ENCODING_RAW, scale=8.0)
-    assert [c.wire_bytes * 8 for c in one.crossings] == [c.wire_bytes for c in eight.crossings]
-    assert sum(eight.edge_segment_ms) == pytest.approx(8 * sum(one.edge_segment_ms))
+    eight = model_costs(view.profile, encoding=pb.ENCODING_RAW, speed=CodecSpeed(1000, 1000), output_encoding=pb.ENCODING_RAW)
+    # tensors crossing are their size at batch 8 (8x for activations; the flatten's
+    # int64 shape tensor stays 4 values); each segment's time follows its roofline
+    # time (weights are read once per run, so a batch of 8 costs less than 8 runs of 1)
+    assert [c.wire_bytes for c in eight.crossings] == [sum(m.raw_bytes for m in group) for group in tensors[0]]
+    float_only = [k for k, group in enumerate(tensors[0]) if all(m.dtype == "float32" for m in group)]
+    assert len(float_only) > 50
+    assert all(eight.crossings[k].wire_bytes == 8 * one.crossings[k].wire_bytes for k in float_only)
+    for before, after, w1, w8 in zip(profile.segment_ms, view.profile.segment_ms, works(1), works(8)):
+        assert after == pytest.approx(before * roofline_ms(w8, machine) / roofline_ms(w1, machine))
+    assert sum(one.edge_segment_ms) < sum(eight.edge_segment_ms) <= 8 * sum(one.edge_segment_ms) * (1 + 1e-9)
     # 1 s left, 100 ms to finish locally (x 1.2 margin): the cloud gets 0.88 s
     assert cloud_budget_s(timeout_s=10.0, remaining_s=1.0, local_finish_ms=100.0) == pytest.approx(0.88)
     assert cloud_budget_s(timeout_s=10.0, remaining_s=None, local_finish_ms=100.0) == 10.0

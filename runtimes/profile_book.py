@@ -1,0 +1,263 @@
+"""Each model's profiles at the shapes it is really used at, and the rescaled view a request plans with.
+
+A daemon profiles every model once at start-up, at its configured or declared
+shapes (``partitioner.shapes``), and then learns from requests: the first
+request of a shape bucket nobody has profiled is answered LOCAL while that
+bucket is measured on a background thread, and later requests of the bucket
+plan from it. A model that cannot be profiled at any shape is still served
+(LOCAL only), and the book says why its plans are unavailable.
+
+Both daemons use it: the node publishes its start-up profile; the agent also
+rescales the node's profile to each request's shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from partitioner import shapes as shape_rules
+from partitioner.planning import AtShape, at_shape, profiled_shapes
+from partitioner.profile import ModelProfile
+from partitioner.work import Machine, Work, concrete_shapes, node_work, segment_work
+from protos import codec
+from protos import tandem_pb2 as pb
+from runtimes.onnx_exec import OnnxModel
+from runtimes.profiler import ProfilingError, load_or_measure, model_proto, profile_first_fitting, tensor_metas_at
+
+logger = logging.getLogger(__name__)
+
+MAX_BUCKETS_PER_MODEL = 8   # shape buckets profiled per model; beyond, requests plan from the nearest
+MAX_CACHED_SHAPES = 64      # per model: exact request shapes whose rescaled work is kept
+
+# Share of the device's memory (or of what is free here) one profiling run may use.
+PROFILE_MEMORY_SHARE = 0.5
+
+Predict = Callable[[OnnxModel, ModelProfile], ModelProfile]
+
+
+def memory_budget(configured_mb: float, device_bytes: int | None) -> int:
+    """Bytes one profiling run may use: the configured figure, else half of the
+    device's RAM or of what is free here, whichever is less (profiling runs on
+    this host, and a board's RAM bounds what it could ever run)."""
+    if configured_mb > 0:
+        return int(configured_mb * 2**20)
+    free = psutil.virtual_memory().available
+    return int(PROFILE_MEMORY_SHARE * min(free, device_bytes or free))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One profile of a model: where it was measured, and the view the planner uses."""
+
+    choice: shape_rules.ShapeChoice
+    planned: ModelProfile       # as planned with: predicted for the board when planning for another one
+    measured_ms: float          # whole-model time measured on this host
+
+
+@dataclass
+class _Model:
+    entries: dict[tuple, Measured] = field(default_factory=dict)     # by shape bucket
+    failed: dict[tuple, str] = field(default_factory=dict)           # bucket -> why it could not be profiled
+    pending: set[tuple] = field(default_factory=set)                 # buckets being profiled now
+    unavailable: str = ""                                            # why no plan exists yet (no entry at all)
+    works: OrderedDict = field(default_factory=OrderedDict)          # exact shapes -> segment works (None: unknown)
+    tensors: OrderedDict = field(default_factory=OrderedDict)        # exact shapes -> (crossings, outputs) or None
+
+
+@dataclass(frozen=True)
+class Unplanned:
+    """No profile can plan this request yet: it runs LOCAL, and this says why."""
+
+    reason: str
+
+
+class ProfileBook:
+    def __init__(self, models: Mapping[str, OnnxModel], *, machine: Machine, predict: Predict | None = None,
+                 cache_dir: Path | None = None, budget_bytes: int | None = None,
+                 configured: Mapping[str, Mapping[str, object]] | None = None) -> None:
+        self.models = models
+        self.machine = machine                   # where the planned times are for (roofline ratios)
+        self.predict = predict or (lambda model, profile: profile)
+        self.cache_dir = cache_dir
+        self.budget_bytes = budget_bytes
+        self.configured = dict(configured or {})  # model -> profile_shapes from the policy
+        self._state: dict[str, _Model] = {name: _Model() for name in models}
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiler")
+
+    # ------------------------------------------------------------ start-up --
+
+    def profile_all(self) -> None:
+        """Profile every model at its first workable shape (blocking: run it in a thread)."""
+        for name, model in self.models.items():
+            self._profile_start(name, model)
+
+    def _profile_start(self, name: str, model: OnnxModel) -> None:
+        state = self._state[name]
+        try:
+            candidates = shape_rules.profile_candidates(model_proto(model), configured=self.configured.get(name))
+            profile, chosen = profile_first_fitting(model, candidates, cache_dir=self.cache_dir,
+                                                    budget_bytes=self.budget_bytes)
+        except (ProfilingError, shape_rules.ShapeError) as exc:
+            state.unavailable = f"plans unavailable, LOCAL only: {exc}"
+            logger.error("%s: %s", name, state.unavailable)
+            return
+        except Exception as exc:  # noqa: BLE001 -- any failure to measure must leave the model served LOCAL
+            state.unavailable = f"plans unavailable, LOCAL only: profiling failed: {exc}"
+            logger.exception("%s: profiling failed", name)
+            return
+        self._add(name, model, chosen, profile)
+
+    def _add(self, name: str, model: OnnxModel, chosen: shape_rules.ShapeChoice, profile: ModelProfile) -> Measured:
+        planned = self.predict(model, profile)
+        entry = Measured(chosen, planned, profile.whole_ms)
+        with self._lock:
+            state = self._state[name]
+            state.entries[self._bucket(model, chosen.as_dict())] = entry
+            state.unavailable = ""
+        logger.info("%s: profiled at %s (%s): %.1f ms per run here%s", name, chosen.describe(), chosen.source,
+                    profile.whole_ms, "" if planned is profile else f", {planned.whole_ms:.1f} ms predicted")
+        return entry
+
+    # ------------------------------------------------------------- queries --
+
+    def default(self, name: str) -> ModelProfile | None:
+        """The profile published to agents: the first one measured."""
+        with self._lock:
+            entries = list(self._state[name].entries.values())
+        return entries[0].planned if entries else None
+
+    def unavailable(self, name: str) -> str:
+        with self._lock:
+            state = self._state[name]
+            return "" if state.entries else state.unavailable
+
+    def profiled(self, name: str) -> list[Measured]:
+        with self._lock:
+            return list(self._state[name].entries.values())
+
+    def view(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]], *, learn: bool = True,
+             nearest_ok: bool = False) -> AtShape | Unplanned:
+        """The profile to plan a request of these shapes with, or why there is none.
+
+        A request in a bucket nobody has profiled starts its profiling (when
+        ``learn``) and is answered LOCAL meanwhile: planning it from a far-off
+        shape is how 10-500x mispredictions happened. With ``nearest_ok`` (a
+        pinned plan, an explain) the nearest measured shape, rescaled, stands in.
+        """
+        bucket = self._bucket(model, shapes)
+        with self._lock:
+            state = self._state[model.name]
+            entry = state.entries.get(bucket)
+            if entry is None:
+                room = len(state.entries) + len(state.pending) < MAX_BUCKETS_PER_MODEL
+                unplanned = None
+                if bucket in state.pending:
+                    unplanned = Unplanned(f"{shape_rules.describe(shapes)} is being profiled; LOCAL until it is")
+                elif learn and room and bucket not in state.failed:
+                    state.pending.add(bucket)
+                    self._worker.submit(self._learn, model, dict(shapes), bucket)
+                    unplanned = Unplanned(f"first request at {shape_rules.describe(shapes)}: profiling that shape "
+                                          "off the request path; LOCAL until it is measured")
+                if unplanned is not None and not (nearest_ok and state.entries):
+                    return unplanned
+                if not state.entries:
+                    return Unplanned(state.unavailable or f"{model.name} is being profiled")
+                # this bucket cannot be profiled (or no more are): the nearest measured shape, rescaled
+                entry = self._nearest(state, shapes)
+        return self.rescale(model, entry.planned, shapes)
+
+    def rescale(self, model: OnnxModel, profile: ModelProfile, shapes: Mapping[str, tuple[int, ...]]) -> AtShape:
+        """``profile`` (ours or a node's) at the request's shapes."""
+        profiled = profiled_shapes(profile)
+        if profiled == {name: tuple(shape) for name, shape in shapes.items()}:
+            return AtShape(profile, 1.0, "measured", shape_rules.describe(profiled))
+        return at_shape(profile, shapes, machine=self.machine, works_profiled=self._works(model, profiled),
+                        works_requested=self._works(model, shapes), tensors=self._tensors(model, shapes))
+
+    def model_info(self, model: OnnxModel, info: pb.ModelInfo) -> pb.ModelInfo:
+        """``info`` with what the book knows: profiled shapes, or why plans are unavailable."""
+        info.plans_unavailable = self.unavailable(model.name)
+        dtypes = {spec.name: spec.dtype for spec in model.inputs}
+        for entry in self.profiled(model.name):
+            info.profiled.add(
+                inputs=[pb.TensorSpec(name=n, dtype=codec.dtype_to_pb(dtypes[n]), shape=list(s)) for n, s in entry.choice.shapes],
+                source=entry.choice.source,
+            )
+        return info
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ learning --
+
+    def _learn(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]], bucket: tuple) -> None:
+        chosen = shape_rules.choice(shapes, "request", [spec.name for spec in model.inputs])
+        try:
+            profile = load_or_measure(model, chosen.as_dict(), cache_dir=self.cache_dir, budget_bytes=self.budget_bytes)
+            self._add(model.name, model, chosen, profile)
+        except Exception as exc:  # noqa: BLE001 -- a shape that cannot be profiled is planned from the nearest one
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.warning("%s: cannot profile at %s: %s", model.name, chosen.describe(), reason)
+            with self._lock:
+                self._state[model.name].failed[bucket] = reason
+        finally:
+            with self._lock:
+                self._state[model.name].pending.discard(bucket)
+
+    # ------------------------------------------------------------- helpers --
+
+    @staticmethod
+    def _bucket(model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple:
+        declared = {spec.name: spec.shape for spec in model.inputs}
+        return shape_rules.bucket(shapes, declared)
+
+    @staticmethod
+    def _nearest(state: _Model, shapes: Mapping[str, tuple[int, ...]]) -> Measured:
+        return min(state.entries.values(), key=lambda e: shape_rules.distance(shapes, e.choice.as_dict()))
+
+    def _cached(self, cache: OrderedDict, key, compute):
+        with self._lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        value = compute()  # outside the lock: shape inference can take a while
+        with self._lock:
+            cache[key] = value
+            while len(cache) > MAX_CACHED_SHAPES:
+                cache.popitem(last=False)
+        return value
+
+    def _works(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Work, ...] | None:
+        if model.graph is None:
+            return None
+        key = shape_rules.describe(shapes)
+
+        def compute() -> tuple[Work, ...] | None:
+            try:
+                per_node = node_work(model.graph.model, concrete_shapes(model.graph.model, shapes))
+            except ValueError as exc:
+                logger.info("%s: no work model at %s: %s", model.name, key, exc)
+                return None
+            return segment_work(model.graph, per_node)
+
+        return self._cached(self._state[model.name].works, key, compute)
+
+    def _tensors(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]):
+        key = shape_rules.describe(shapes)
+
+        def compute():
+            try:
+                return tensor_metas_at(model, shapes)
+            except ValueError:
+                return None
+
+        return self._cached(self._state[model.name].tensors, key, compute)
