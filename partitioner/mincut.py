@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,14 +78,14 @@ class CutProblem:
             missing = [n for n in self.nodes if n not in costs]
             if missing:
                 raise MinCutError(f"no {side} cost for nodes {missing[:5]}")
-            for n in self.nodes:
-                _check_cost(f"{side} cost of node {n!r}", costs[n], finite=finite)
+            _check_costs(f"{side} cost of node", self.nodes, [costs[n] for n in self.nodes], finite=finite)
         for t in self.tensors:
             unknown = [n for n in (t.producer, *t.consumers) if n is not None and n not in names]
             if unknown:
                 raise MinCutError(f"tensor {t.name!r} refers to unknown nodes {unknown[:5]}")
-            _check_cost(f"send cost of tensor {t.name!r}", t.send_cost, finite=False)
-            _check_cost(f"download cost of tensor {t.name!r}", t.download_cost, finite=False)
+        tensor_names = [t.name for t in self.tensors]
+        _check_costs("send cost of tensor", tensor_names, [t.send_cost for t in self.tensors], finite=False)
+        _check_costs("download cost of tensor", tensor_names, [t.download_cost for t in self.tensors], finite=False)
         if self.pinned - names:
             raise MinCutError(f"pinned nodes {sorted(self.pinned - names)[:5]} are not nodes of the problem")
 
@@ -104,11 +104,17 @@ class CutSolution:
         return bool(self.device) and bool(self.cloud)
 
 
-def _check_cost(what: str, value: float, *, finite: bool) -> None:
-    if math.isnan(value) or value < 0:
-        raise MinCutError(f"{what} is {value}: costs must be >= 0")
-    if finite and math.isinf(value):
-        raise MinCutError(f"{what} is infinite: device costs must be finite (running everything there is the fallback)")
+def _check_costs(what: str, names: Sequence[str], values: Sequence[float], *, finite: bool) -> None:
+    """Refuse negative or NaN costs (and infinite ones where `finite`), naming the first."""
+    array = np.asarray(values, dtype=np.float64)
+    bad = np.isnan(array) | (array < 0)
+    if finite:
+        bad |= np.isinf(array)
+    if bad.any():
+        k = int(np.argmax(bad))
+        rule = ("device costs must be finite (running everything there is the fallback)" if math.isinf(values[k])
+                else "costs must be >= 0")
+        raise MinCutError(f"{what} {names[k]!r} is {values[k]}: {rule}")
 
 
 def split_cost(problem: CutProblem, device: Iterable[str]) -> CutSolution:

@@ -192,9 +192,9 @@ def test_malformed_problems_are_refused_with_the_reason() -> None:
     edges = {"x": ("a",)}
     with pytest.raises(MinCutError, match="no cloud cost for nodes"):
         _problem(edges, device={"a": 1}, cloud={}, send={})
-    with pytest.raises(MinCutError, match="device cost of node 'a' is -1"):
+    with pytest.raises(MinCutError, match="device cost of node 'a' is -1: costs must be >= 0"):
         _problem(edges, device={"a": -1}, cloud={"a": 1}, send={})
-    with pytest.raises(MinCutError, match="device cost of node 'a' is infinite"):
+    with pytest.raises(MinCutError, match="device cost of node 'a' is inf: device costs must be finite"):
         _problem(edges, device={"a": math.inf}, cloud={"a": 1}, send={})
     with pytest.raises(MinCutError, match="unknown nodes"):
         CutProblem(("a",), {"a": 1}, {"a": 1}, (Tensor("t", "a", ("b",)),))
