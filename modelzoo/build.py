@@ -41,6 +41,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from partitioner.shapes import METADATA_KEY, check_shapes, declared_inputs, metadata_shapes
+
 logger = logging.getLogger(__name__)
 
 OPSET = 17
@@ -48,7 +50,7 @@ OPSET = 17
 IR_VERSION = 8
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
-PROFILE_SHAPES_KEY = "tandem.profile_shapes"
+PROFILE_SHAPES_KEY = METADATA_KEY
 
 # MobileNet v1 (Howard et al. 2017, Table 1) with two of the five 14x14 512-channel
 # blocks dropped: (pointwise output channels, depthwise stride) before the width
@@ -233,28 +235,11 @@ class _Builder:
 def read_profile_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """The input shapes a model declares under PROFILE_SHAPES_KEY ({} when it declares none).
 
-    ValueError when the entry is there but is not a JSON object of input name -> list
-    of non-negative ints naming real graph inputs: a profiler must not guess around it.
+    partitioner.shapes owns the key and its parser (the profiler reads it there);
+    ShapeError (a ValueError) when the entry is malformed or names no real input.
     """
-    entries = [p.value for p in model.metadata_props if p.key == PROFILE_SHAPES_KEY]
-    if not entries:
-        return {}
-    try:
-        raw = json.loads(entries[-1])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{PROFILE_SHAPES_KEY} of {model.graph.name!r} is not JSON: {exc}") from None
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = {v.name for v in model.graph.input if v.name not in initializers}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{PROFILE_SHAPES_KEY} of {model.graph.name!r} must be a JSON object, got {entries[-1]!r}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, dims in raw.items():
-        if name not in inputs:
-            raise ValueError(f"{PROFILE_SHAPES_KEY} of {model.graph.name!r} names {name!r}, not one of its inputs {sorted(inputs)}")
-        if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-            raise ValueError(f"{PROFILE_SHAPES_KEY} of {model.graph.name!r}: shape of {name!r} must be a list of non-negative ints, got {dims!r}")
-        shapes[name] = tuple(dims)
-    return shapes
+    declared = metadata_shapes(model)
+    return {} if declared is None else check_shapes(declared_inputs(model), declared, f"{PROFILE_SHAPES_KEY} of {model.graph.name!r}")
 
 
 def build_chain(seed: int = 0) -> onnx.ModelProto:
