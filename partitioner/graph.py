@@ -201,6 +201,10 @@ class ModelGraph:
         _, used_inits, _ = _prefix_parts(self, cut)
         return sum(a.initializer_bytes[n] for n in used_inits)
 
+    def crossable(self, tensor: str) -> bool:
+        """Whether `tensor` can be a sub-model boundary (a typed plain tensor), so it may cross a cut."""
+        return _uncrossable((tensor,), self._facts().types) is None
+
     def _chain_cut(self, wanted: frozenset[str], kept: frozenset[str] | None) -> Cut | None:
         for cut in self.cuts:
             if frozenset(cut.tensors) == wanted and (kept is None or frozenset(cut.edge_outputs) == kept):
@@ -292,13 +296,10 @@ class ModelGraph:
         if len(edge_outputs) == len(self.outputs):
             raise _Refused("every graph output is computed on the edge (that is LOCAL, not a cut)")
         crossing = tuple(sorted(wanted, key=lambda t: _rank(self, t)))
-        odd = [(n, a.types[n].WhichOneof("value").removesuffix("_type").replace("_", " ")) for n in crossing
-               if n in a.types and a.types[n].WhichOneof("value") not in (None, "tensor_type")]
-        if odd:
-            raise _Refused(f"a non-tensor value would cross ({', '.join(f'{n!r} is a {kind}' for n, kind in odd)})")
-        untyped = [n for n in crossing if not _known(a.types.get(n))]
-        if untyped:
-            raise _Refused(f"shape inference cannot type crossing tensor {untyped[0]!r}, so no sub-model can declare it")
+        blocked = _uncrossable(crossing, a.types)
+        if blocked:
+            reason, detail = blocked
+            raise _Refused(f"{_NO_CUT_LABELS[reason]} ({detail})")
         return Cut(
             index=0,
             tensors=crossing,
@@ -640,14 +641,10 @@ def _scan_positions(
         if not crossing:
             reasons["empty"].append(where)
             continue
-        odd = [(n, types[n].WhichOneof("value").removesuffix("_type").replace("_", " ")) for n in crossing
-               if n in types and types[n].WhichOneof("value") not in (None, "tensor_type")]
-        if odd:
-            reasons["non-tensor"].append(f"{where} ({', '.join(f'{n!r} is a {kind}' for n, kind in odd)})")
-            continue
-        untyped = [n for n in crossing if not _known(types.get(n))]
-        if untyped:
-            reasons["untyped"].append(f"{where} ({untyped[0]!r})")
+        blocked = _uncrossable(crossing, types)
+        if blocked:
+            reason, detail = blocked
+            reasons[reason].append(f"{where} ({detail})")
             continue
         if _is_follower(after, crossing, p=p, last_use=last_use, constant_values=constant_values,
                         types=types, output_set=output_set):
@@ -689,18 +686,32 @@ def _is_follower(
     return not _grows(types.get(tensor), types.get(node.output[0]))
 
 
+def _uncrossable(crossing: Sequence[str], types: dict[str, TypeProto]) -> tuple[str, str] | None:
+    """("non-tensor" | "untyped", detail) if some tensor cannot be a sub-model boundary, else None."""
+    odd = [(n, types[n].WhichOneof("value").removesuffix("_type").replace("_", " ")) for n in crossing
+           if n in types and types[n].WhichOneof("value") not in (None, "tensor_type")]
+    if odd:
+        return "non-tensor", ", ".join(f"{n!r} is a {kind}" for n, kind in odd)
+    untyped = [n for n in crossing if not _known(types.get(n))]
+    if untyped:
+        return "untyped", repr(untyped[0])
+    return None
+
+
+_NO_CUT_LABELS = {
+    "empty": "nothing crosses (disconnected parts)",
+    "non-tensor": "a non-tensor value (sequence/map/optional/sparse) would cross",
+    "untyped": "shape inference cannot type a crossing tensor (e.g. a custom-domain op's output), "
+               "so no sub-model can declare it",
+    "follower": "the next node is an element-wise follower of the single crossing tensor "
+                "(cutting after it is never worse)",
+    "idle": "the edge side would produce nothing the cloud side or the caller uses",
+}
+
+
 def _why_no_cut(reasons: dict[str, list[str]]) -> str:
     parts = []
-    labels = {
-        "empty": "nothing crosses (disconnected parts)",
-        "non-tensor": "a non-tensor value (sequence/map/optional/sparse) would cross",
-        "untyped": "shape inference cannot type a crossing tensor (e.g. a custom-domain op's output), "
-                   "so no sub-model can declare it",
-        "follower": "the next node is an element-wise follower of the single crossing tensor "
-                    "(cutting after it is never worse)",
-        "idle": "the edge side would produce nothing the cloud side or the caller uses",
-    }
-    for key, label in labels.items():
+    for key, label in _NO_CUT_LABELS.items():
         if reasons[key]:
             shown = ", ".join(reasons[key][:3]) + (" ..." if len(reasons[key]) > 3 else "")
             parts.append(f"{len(reasons[key])} position(s) where {label}: {shown}")

@@ -230,10 +230,7 @@ def graph_problem(
     outputs = set(graph.outputs)
 
     def crossing_cost(tensor: str) -> float:
-        t = a.types.get(tensor)
-        if t is None or t.WhichOneof("value") != "tensor_type" or t.tensor_type.elem_type == 0:
-            return math.inf  # prefix/suffix models could not declare it
-        return send_cost(tensor)
+        return send_cost(tensor) if graph.crossable(tensor) else math.inf
 
     tensors: list[Tensor] = []
     for name in graph.inputs:

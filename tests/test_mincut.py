@@ -7,6 +7,7 @@ import math
 import random
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -278,3 +279,28 @@ def test_graph_problem_local_and_remote_give_no_cut() -> None:
     with pytest.raises(MinCutError, match="pinned nodes .*'nope'"):
         graph_problem(graph, device_cost={n: 0.0 for n in names}, cloud_cost={n: 0.0 for n in names},
                       send_cost=lambda t: 0.0, download_cost=lambda t: 0.0, pinned=["nope"])
+
+
+def test_tensors_no_sub_model_can_declare_never_cross() -> None:
+    # b comes out of a custom-domain op, so shape inference cannot type it: the split must not ship it,
+    # however cheap that would be.
+    def vi(name: str) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [2, 3])
+
+    nodes = [
+        onnx.helper.make_node("Sin", ["x"], ["a"], name="sin"),
+        onnx.helper.make_node("Foo", ["a"], ["b"], name="foo", domain="custom"),
+        onnx.helper.make_node("Bar", ["b"], ["y"], name="bar", domain="custom"),
+    ]
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "custom_ops", [vi("x")], [vi("y")]),
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("custom", 1)],
+    )
+    graph = analyze(model)
+    assert graph.crossable("a") and not graph.crossable("b")
+    problem = graph_problem(graph, device_cost={"sin": 1.0, "foo": 1.0, "bar": 50.0},
+                            cloud_cost={"sin": 0.0, "foo": 0.0, "bar": 0.0},
+                            send_cost=lambda t: {"x": 100.0, "a": 10.0, "b": 0.0}[t], download_cost=lambda t: 0.0)
+    solution = solve(problem)
+    assert solution.device == {"sin"} and solution.sent == ("a",) and solution.cost == 11.0
+    assert cut_for(graph, solution) == graph.find_cut(["a"])
