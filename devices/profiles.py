@@ -69,6 +69,12 @@ class PowerMode:
     budget_w: float  # module power budget of the mode, W
 
 
+# fp32 over fp64 dense throughput on the CPUs we plan for: a SIMD register holds twice
+# as many fp32 lanes (NEON 4 vs 2 in 128 bits; AVX2 8 vs 4) at the same FMA rate. Measured
+# on the 2-vCPU AMD EPYC test VM, one core: 95.5 vs 45.7 GFLOPS (measure_core_speed), 2.09.
+FP32_PER_FP64 = 2.0
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str                        # what ``--device`` and ``get_device`` accept
@@ -84,6 +90,12 @@ class DeviceProfile:
     gpu_fp16_gflops: float | None = None     # GPU fp16 peak, GFLOPS (not used: Tandem runs on the CPU)
     gpu_int8_tops: float | None = None       # GPU+DLA int8 peak, TOPS (not used: Tandem runs on the CPU)
     source: str = ""                 # where the figures come from, in one line
+
+    @property
+    def cpu_gflops_fp32(self) -> float:
+        """The fp32 equivalent of ``cpu_gflops``: the compute ceiling of fp32 inference,
+        which a roofline floor needs (ratios between profiles can use either)."""
+        return self.cpu_gflops * FP32_PER_FP64
 
 
 # Jetson CPU GFLOPS, derived (no HPL result is published for these boards):
@@ -359,10 +371,10 @@ class HostMeasurement:
     gflops_fp32: float         # whole CPU: per-core float32 matmul x usable CPUs, GFLOPS
     mem_bandwidth_gbs: float   # one thread's copy bandwidth x min(1, usable CPUs), GB/s
     seconds: float             # wall time the core measurement took (when it was taken, if cached), s
-    per_core_gflops_fp64: float = 0.0  # one core, float64 matmul, GFLOP per CPU-second
-    cpus: float = 1.0          # usable CPUs (affinity, cgroup quota) the whole-CPU figures assume
-    core: CoreSpeed | None = None  # the per-core samples behind the figures, with their spread
-    cached: bool = False       # True when the core speed was read from the cache file, not measured here
+    per_core_gflops_fp64: float  # one core, float64 matmul, GFLOP per CPU-second
+    cpus: float                # usable CPUs (affinity, cgroup quota) the whole-CPU figures assume
+    core: CoreSpeed            # the per-core samples behind the figures, with their spread
+    cached: bool               # True when the core speed was read from the cache file, not measured here
 
 
 @functools.lru_cache(maxsize=None)
