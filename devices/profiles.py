@@ -310,7 +310,10 @@ def core_speed_file(cache_dir: Path | None = None) -> Path:
 
 
 def _core_speed_to_json(speed: CoreSpeed, fingerprint: dict[str, str]) -> str:
-    return json.dumps({"format": CORE_SPEED_FORMAT, "fingerprint": fingerprint, **dataclasses.asdict(speed)}, indent=2)
+    # "spread" is for whoever reads the file; it is derived from best and median, not read back.
+    spread = {name: getattr(speed, name).spread for name in ("gflops_fp64", "gflops_fp32", "copy_gbs")}
+    return json.dumps({"format": CORE_SPEED_FORMAT, "fingerprint": fingerprint, **dataclasses.asdict(speed),
+                       "spread": spread}, indent=2)
 
 
 def _core_speed_from_json(text: str, fingerprint: dict[str, str]) -> CoreSpeed | str:
@@ -321,11 +324,10 @@ def _core_speed_from_json(text: str, fingerprint: dict[str, str]) -> CoreSpeed |
     if data.get("fingerprint") != fingerprint:
         changed = sorted(k for k in fingerprint if data["fingerprint"].get(k) != fingerprint[k])
         return f"measured on a different host or software ({', '.join(changed) or 'fields'} changed)"
-    speed = CoreSpeed(
+    return CoreSpeed(
         gflops_fp64=Sampled(**data["gflops_fp64"]), gflops_fp32=Sampled(**data["gflops_fp32"]),
         copy_gbs=Sampled(**data["copy_gbs"]), seconds=float(data["seconds"]), clock=str(data["clock"]),
     )
-    return speed
 
 
 def cached_core_speed(*, seconds: float = 0.5, cache_dir: Path | None = None, refresh: bool = False) -> tuple[CoreSpeed, bool]:
