@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import csr_array
@@ -95,8 +95,8 @@ class CutSolution:
     device: frozenset[str]          # nodes on the device: downward-closed, pinned ones included
     cloud: frozenset[str]           # the other nodes
     cost: float                     # the split's cost, summed exactly from the problem's figures
-    sent: tuple[str, ...] = field(default=())        # tensors shipped device -> cloud
-    downloaded: tuple[str, ...] = field(default=())  # graph outputs shipped back cloud -> device
+    sent: tuple[str, ...] = ()          # tensors shipped device -> cloud
+    downloaded: tuple[str, ...] = ()    # graph outputs shipped back cloud -> device
 
     @property
     def is_split(self) -> bool:
@@ -146,11 +146,13 @@ def split_cost(problem: CutProblem, device: Iterable[str]) -> CutSolution:
 def solve(problem: CutProblem) -> CutSolution:
     """The minimum-cost downward-closed device set (largest one on a tie) and its cost.
 
-    Costs are scaled to integers for the max-flow, so splits whose costs differ by less
-    than about 1e-9 of the problem's total cost count as tied; the cost reported is the
-    exact sum for the split returned.
+    Costs are scaled to integers for the max-flow (a unit is about 2**-29 of the problem's
+    total cost), so splits whose costs differ by less than a unit per edge of the cut may
+    count as tied; the cost reported is the exact sum for the split returned.
     """
     n = len(problem.nodes)
+    if not n:
+        return split_cost(problem, ())
     index = {name: i for i, name in enumerate(problem.nodes)}
     source, sink = n, n + 1
     edges: list[tuple[int, int, float]] = []  # (from, to, capacity); math.inf marks an infinite edge
@@ -202,7 +204,10 @@ def _integer_capacities(caps: np.ndarray) -> np.ndarray:
     """Finite capacities scaled by a power of two and rounded; inf -> _INFINITE."""
     finite = np.isfinite(caps)
     total = float(caps[finite].sum())
-    scale = 1.0 if total <= 0 else 2.0 ** math.floor(math.log2(_FINITE_LIMIT / total))
+    if not math.isfinite(total):
+        raise MinCutError("the costs add up to more than a float holds; use a larger unit")
+    # Clamped so that the power of two itself stays a finite float.
+    scale = 1.0 if total <= 0 else 2.0 ** min(1000, math.floor(math.log2(_FINITE_LIMIT / total)))
     out = np.full(caps.shape, _INFINITE, dtype=np.int64)
     out[finite] = np.rint(caps[finite] * scale).astype(np.int64)
     return out
