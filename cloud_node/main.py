@@ -52,7 +52,7 @@ class NodeConfig:
     max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
     profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
     profile_memory_mb: float = field(default=0.0, metadata={"help": "largest estimated memory one profiling run may use, MiB "
-                                                                    "(0: half of what is free)"})
+                                                                    "(0: a quarter of what is free, at most 1024)"})
     llm: tuple[str, ...] = field(default=(), metadata={"help": "LLM to serve: 'smollm2' (packaged), a .gguf path, or NAME=PATH"})
     llm_slots: int = field(default=4, metadata={"help": "generations decoded together per LLM (continuous batching)"})
     llm_max_queue: int = field(default=16, metadata={"help": "generations waiting for a slot before RESOURCE_EXHAUSTED"})

@@ -96,8 +96,8 @@ class AgentConfig:
     max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message accepted or sent, MiB"})
     profile_dir: Path | None = field(default=None, metadata={"help": "profile cache directory (default: $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
     profile_memory_mb: float = field(default=0.0, metadata={"help": "largest estimated memory one profiling run may use, MiB; "
-                                                                    "a shape needing more is refused by name (0: half the device's RAM or "
-                                                                    "of what is free, whichever is less)"})
+                                                                    "a shape needing more is refused by name (0: a quarter of the device's RAM or "
+                                                                    "of what is free, whichever is less, at most 1024)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})

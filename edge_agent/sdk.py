@@ -131,6 +131,9 @@ class Explanation:
     would_switch: bool = False
     calibration: dict[str, float] = field(default_factory=dict)  # edge_factor, offload_ms, samples
     power: dict[str, float | str] = field(default_factory=dict)  # idle_w, active_w, source
+    plans_unavailable: str = ""  # why only LOCAL can run (the model could not be profiled yet)
+    profile_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input shapes planned for
+    profile_source: str = ""     # "measured at this shape", or how the figures were rescaled and from what
 
     @classmethod
     def from_message(cls, m: pb.Explanation) -> "Explanation":
@@ -146,6 +149,8 @@ class Explanation:
             calibration={"edge_factor": m.calibration.edge_factor, "offload_ms": m.calibration.offload_ms,
                          "samples": m.calibration.samples},
             power={"idle_w": m.power.idle_w, "active_w": m.power.active_w, "source": m.power.source},
+            plans_unavailable=m.plans_unavailable,
+            profile_shapes={spec.name: tuple(spec.shape) for spec in m.profile.inputs}, profile_source=m.profile.source,
         )
 
     def candidate(self, plan: str) -> CandidateView:
@@ -163,9 +168,11 @@ def _infer_request(model: str, inputs: dict[str, Any], objective: str | None, pl
 
 
 def _explain_request(model: str, objective: str | None, link: dict[str, float] | None, encoding: str | None,
-                     prompt_tokens: int, max_tokens: int) -> pb.ExplainRequest:
+                     prompt_tokens: int, max_tokens: int,
+                     input_shapes: dict[str, tuple[int, ...]] | None = None) -> pb.ExplainRequest:
     request = pb.ExplainRequest(model=model, objective=OBJECTIVES[objective], encoding=ENCODINGS[encoding],
-                                prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+                                prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                                input_shapes=[pb.TensorSpec(name=n, shape=list(s)) for n, s in (input_shapes or {}).items()])
     if link is not None:
         request.link.CopyFrom(pb.LinkOverride(**link))
     return request
@@ -258,11 +265,13 @@ class EdgeClient:
             return InferResult.from_reply(self._stub.Infer(request, timeout=deadline or self.timeout))
 
     def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
-                encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0) -> Explanation:
+                encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> Explanation:
         """Candidates with predicted latency and energy; ``link`` plans for
-        {"uplink_mbps", "downlink_mbps", "rtt_ms"} instead of the measured link.
+        {"uplink_mbps", "downlink_mbps", "rtt_ms"} instead of the measured link;
+        ``input_shapes`` for inputs of these shapes (default: the first profiled).
         For an LLM, ``prompt_tokens`` and ``max_tokens`` describe the generation."""
-        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens)
+        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes)
         with _agent_errors():
             return Explanation.from_message(self._stub.Explain(request, timeout=self.timeout))
 
@@ -319,8 +328,9 @@ class AsyncEdgeClient:
             return InferResult.from_reply(await self._stub.Infer(request, timeout=deadline or self.timeout))
 
     async def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
-                      encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0) -> Explanation:
-        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens)
+                      encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+                      input_shapes: dict[str, tuple[int, ...]] | None = None) -> Explanation:
+        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes)
         with _agent_errors():
             return Explanation.from_message(await self._stub.Explain(request, timeout=self.timeout))
 

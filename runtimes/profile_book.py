@@ -37,20 +37,24 @@ logger = logging.getLogger(__name__)
 MAX_BUCKETS_PER_MODEL = 8   # shape buckets profiled per model; beyond, requests plan from the nearest
 MAX_CACHED_SHAPES = 64      # per model: exact request shapes whose rescaled work is kept
 
-# Share of the device's memory (or of what is free here) one profiling run may use.
-PROFILE_MEMORY_SHARE = 0.5
+# Default bound on one profiling run: a quarter of the device's RAM or of what is
+# free here, and at most 1 GiB. Boards have 2-8 GB; one inference needing more than
+# 1 GiB is not an edge workload, and a hostile file declaring a 16384x16384 input
+# must not take gigabytes at start-up. --profile-memory-mb raises it.
+PROFILE_MEMORY_SHARE = 0.25
+PROFILE_MEMORY_CAP = 2**30
 
 Predict = Callable[[OnnxModel, ModelProfile], ModelProfile]
 
 
 def memory_budget(configured_mb: float, device_bytes: int | None) -> int:
-    """Bytes one profiling run may use: the configured figure, else half of the
-    device's RAM or of what is free here, whichever is less (profiling runs on
-    this host, and a board's RAM bounds what it could ever run)."""
+    """Bytes one profiling run may use: the configured figure, else the default
+    above (profiling runs on this host, and a board's RAM bounds what it could
+    ever run)."""
     if configured_mb > 0:
         return int(configured_mb * 2**20)
     free = psutil.virtual_memory().available
-    return int(PROFILE_MEMORY_SHARE * min(free, device_bytes or free))
+    return int(min(PROFILE_MEMORY_SHARE * min(free, device_bytes or free), PROFILE_MEMORY_CAP))
 
 
 @dataclass(frozen=True)
