@@ -169,6 +169,18 @@ def test_core_speed_is_cached_on_disk_and_reused_by_other_processes(tmp_path: Pa
     assert not cached and cached_core_speed(seconds=0.2, cache_dir=tmp_path) == (remeasured, True)
 
 
+def test_processes_starting_together_measure_once_and_share_the_figure(tmp_path: Path) -> None:
+    script = ("import json; from devices.profiles import measure_host; h = measure_host(seconds=0.3); "
+              "print(json.dumps([h.per_core_gflops_fp64, h.cached]))")
+    env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path)}
+    children = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+                for _ in range(2)]
+    results = [json.loads(child.communicate(timeout=120)[0]) for child in children]
+    assert all(child.returncode == 0 for child in children)
+    assert results[0][0] == results[1][0]
+    assert sorted(cached for _, cached in results) == [False, True]  # one measured, the other waited and read
+
+
 def test_a_pinned_process_counts_one_cpu(tmp_path: Path) -> None:
     if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
         pytest.skip("needs taskset and two CPUs")
