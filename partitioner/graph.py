@@ -103,6 +103,7 @@ class _Analysis:
     consumers: dict[str, tuple[int, ...]]      # tensor -> indices of the nodes reading it
     live: frozenset[int]                       # nodes some graph output depends on
     initializer_bytes: dict[str, int]          # initializer name -> stored bytes
+    crossable: frozenset[str]                  # inputs and node outputs a sub-model can declare at its boundary
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class ModelGraph:
 
     def crossable(self, tensor: str) -> bool:
         """Whether `tensor` can be a sub-model boundary (a typed plain tensor), so it may cross a cut."""
-        return _uncrossable((tensor,), self._facts().types) is None
+        return tensor in self._facts().crossable
 
     def _chain_cut(self, wanted: frozenset[str], kept: frozenset[str] | None) -> Cut | None:
         for cut in self.cuts:
@@ -588,6 +589,7 @@ def analyze(model: onnx.ModelProto, name: str = "") -> ModelGraph:
             consumers={t: tuple(users) for t, users in consumers.items()},
             live=_ancestors(outputs, producer, node_inputs),
             initializer_bytes=init_bytes,
+            crossable=frozenset(t for t in (*inputs, *producer) if _uncrossable((t,), types) is None),
         ),
     )
 

@@ -228,29 +228,29 @@ def graph_problem(
     For a privacy floor of m segments, pin ``graph.segments[:m]``'s nodes.
     """
     a = graph._facts()
-    model_nodes = graph.model.graph.node
+    node_names = list(a.node_index)  # in node index order
     order = [i for i in a.dynamic if i in a.live]
     kept = set(order)
-    names = tuple(model_nodes[i].name for i in order)
+    names = tuple(node_names[i] for i in order)
     outputs = set(graph.outputs)
+
+    def readers(tensor: str) -> tuple[str, ...]:
+        return tuple(node_names[j] for j in a.consumers.get(tensor, ()) if j in kept)
 
     def crossing_cost(tensor: str) -> float:
         return send_cost(tensor) if graph.crossable(tensor) else math.inf
 
     tensors: list[Tensor] = []
     for name in graph.inputs:
-        readers = tuple(model_nodes[i].name for i in a.consumers.get(name, ()) if i in kept)
-        if readers:
-            tensors.append(Tensor(name, None, readers, crossing_cost(name)))
-    for i in order:
-        for name in model_nodes[i].output:
-            if not name:
-                continue
-            readers = tuple(model_nodes[j].name for j in a.consumers.get(name, ()) if j in kept)
-            download = download_cost(name) if name in outputs else 0.0
-            if readers or download:
-                tensors.append(Tensor(name, model_nodes[i].name, readers,
-                                      crossing_cost(name) if readers else 0.0, download))
+        if readers(name):
+            tensors.append(Tensor(name, None, readers(name), crossing_cost(name)))
+    for name, i in a.producer.items():  # by producer, then output slot
+        if i not in kept:
+            continue
+        users = readers(name)
+        download = download_cost(name) if name in outputs else 0.0
+        if users or download:
+            tensors.append(Tensor(name, node_names[i], users, crossing_cost(name) if users else 0.0, download))
     for side, costs in (("device", device_cost), ("cloud", cloud_cost)):
         missing = [n for n in names if n not in costs]
         if missing:
