@@ -68,10 +68,11 @@ while time.monotonic() < deadline:
 
 
 @contextlib.contextmanager
-def all_cores_busy(busy: bool = True) -> Iterator[None]:
-    """One busy-looping process per CPU for the body, each spinning before it starts."""
+def all_cores_busy(busy: bool = True) -> Iterator[list[subprocess.Popen]]:
+    """One busy-looping process per CPU for the body, each spinning before it starts
+    (none when not ``busy``); yields them, so a caller can check they still run."""
     if not busy:
-        yield
+        yield []
         return
     spinners = [subprocess.Popen([sys.executable, "-c", SPINNER], stdout=subprocess.PIPE, text=True)
                 for _ in range(os.cpu_count() or 1)]
@@ -79,7 +80,7 @@ def all_cores_busy(busy: bool = True) -> Iterator[None]:
         for spinner in spinners:
             if spinner.stdout is None or spinner.stdout.readline().strip() != "spinning":
                 raise RuntimeError("a spinner did not start")
-        yield
+        yield spinners
     finally:
         for spinner in spinners:
             spinner.kill()
