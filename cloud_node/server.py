@@ -108,7 +108,8 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
 
     async def RunPartition(self, request: pb.PartitionRequest, context: grpc.aio.ServicerContext) -> pb.RunReply:
         def run(model: OnnxModel, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
-            return model.run_suffix(model.find_cut(list(request.cut)), feeds, options)
+            edge_outputs = list(request.edge_outputs) if request.has_edge_outputs else None
+            return model.run_suffix(model.find_cut(list(request.cut), edge_outputs=edge_outputs), feeds, options)
 
         return await self._compute(context, "RunPartition", request.model, request.model_digest, request.tensors,
                                    request.reply_encoding, run)

@@ -222,7 +222,13 @@ def _sample_rate(work: float, run: Callable[[], object], *, clock: Callable[[], 
 
 
 def _blas_pools() -> list[dict]:
-    return [pool for pool in threadpoolctl.threadpool_info() if pool.get("user_api") == "blas"]
+    """numpy's own BLAS: other libraries a process happens to have loaded (scipy
+    ships a second OpenBLAS) must not change the host's fingerprint."""
+    pools = [pool for pool in threadpoolctl.threadpool_info() if pool.get("user_api") == "blas"]
+    numpy_dir = Path(np.__file__).parent.name  # "numpy": its wheels bundle BLAS under numpy.libs
+    own = [pool for pool in pools if f"{numpy_dir}.libs" in pool.get("filepath", "") or
+           f"/{numpy_dir}/" in pool.get("filepath", "")]
+    return own or pools
 
 
 def blas_name() -> str:

@@ -233,7 +233,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         configured={name: policies.for_model(name).profile_shapes for name in store.models
                     if policies.for_model(name).profile_shapes},
     )
-    await asyncio.to_thread(book.profile_all)
+    await asyncio.to_thread(book.profile_all, codec_errors=[
+        name for name in store.models if policies.for_model(name).max_output_error is not None])
     trust = None
     if (tls := config.tls()) is not None:
         ca_pem, cert_pem, key_pem = tls.load()

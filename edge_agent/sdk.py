@@ -73,6 +73,10 @@ def _skipped(reply: pb.ModelList) -> dict[str, str]:
     return {entry.file: entry.reason for entry in reply.skipped}
 
 
+def _encoding_name(encoding: int) -> str:
+    return pb.Encoding.Name(encoding).removeprefix("ENCODING_").lower().replace("unspecified", "raw")
+
+
 def _stages(message: pb.StageTimes) -> dict[str, float]:
     return {name: getattr(message, name) for name in STAGES}
 
@@ -90,6 +94,9 @@ class InferResult:
     node: str
     constraints_met: bool
     reason: str
+    encodings: dict[str, str] = field(default_factory=dict)  # tensor sent to the node -> codec applied ("raw", "fp16", "int8")
+    output_error: float = 0.0      # measured output error of the plan's codec at its cut (relative to each output's range)
+    cut: tuple[str, ...] = ()      # SPLIT: the tensors that crossed
 
     @classmethod
     def from_reply(cls, reply: pb.InferReply) -> "InferResult":
@@ -100,6 +107,8 @@ class InferResult:
             predicted_energy_j=reply.predicted_energy_j, fell_back=reply.fell_back,
             fallback_reason=reply.fallback_reason, node=reply.node,
             constraints_met=reply.constraints_met, reason=reply.reason,
+            encodings={e.tensor: _encoding_name(e.encoding) for e in reply.plan.tensor_encodings},
+            output_error=reply.plan.output_error, cut=tuple(reply.plan.cut),
         )
 
 
@@ -114,6 +123,7 @@ class CandidateView:
     violations: tuple[str, ...]
     uplink_bytes: float
     ttft_ms: float          # LLMs: predicted time to first token
+    output_error: float = 0.0  # measured output error its codec adds (0: lossless)
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,7 @@ class Explanation:
             model=m.model, winner=m.winner.label, winner_node=m.winner.node, feasible=m.feasible, why=m.why,
             candidates=tuple(
                 CandidateView(c.plan.label, c.plan.node, _stages(c.predicted), c.energy_j, c.score, c.feasible,
-                              tuple(c.violations), c.uplink_bytes, c.ttft_ms)
+                              tuple(c.violations), c.uplink_bytes, c.ttft_ms, c.plan.output_error)
                 for c in m.candidates
             ),
             link={"uplink_mbps": m.link.uplink_mbps, "downlink_mbps": m.link.downlink_mbps, "rtt_ms": m.link.rtt_ms},

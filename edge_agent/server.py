@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -20,6 +21,8 @@ from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
 from partitioner.costmodel import (
     Candidate,
+    CodecOption,
+    DagCut,
     Decision,
     Link,
     ModelCosts,
@@ -28,13 +31,15 @@ from partitioner.costmodel import (
     StagePrediction,
     choose,
 )
+from partitioner.dag_plan import best_cut, node_times, price, terms
+from partitioner.graph import Cut
 from partitioner.hysteresis import hold_or_switch, share_load
 from partitioner.planning import (
     AtShape,
     CodecSpeed,
     cloud_budget_s,
     cloud_option,
-    local_finish_ms,
+    codec_limits,
     model_costs,
     profiled_shapes,
     queue_wait_ms,
@@ -62,6 +67,8 @@ OBJECTIVES = {
 OBJECTIVE_TO_PB = {v: k for k, v in OBJECTIVES.items()}
 KINDS = {"local": pb.PLAN_LOCAL, "split": pb.PLAN_SPLIT, "remote": pb.PLAN_REMOTE}
 ENCODINGS = (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8)
+LOSSY_ENCODINGS = (pb.ENCODING_FP16, pb.ENCODING_INT8)
+ENCODING_NAMES = {pb.ENCODING_RAW: "raw", pb.ENCODING_FP16: "fp16", pb.ENCODING_INT8: "int8"}
 
 # Below this much time left before the caller's deadline, a cloud attempt is
 # not worth starting: there would be no time left to fall back.
@@ -85,6 +92,7 @@ class Stages:
     cloud_ms: float = 0.0
     decode_ms: float = 0.0
     cold: bool = False        # a session was built on the way: a one-off, not the device's speed
+    sent: tuple[tuple[str, int], ...] = ()  # (tensor, encoding applied) of what went to the node
 
 
 def stage_times(stages: Stages | StagePrediction, total_ms: float) -> pb.StageTimes:
@@ -104,6 +112,16 @@ def fallback_kind(reason: str) -> str:
     return "other"
 
 
+# DAG cuts are recomputed when a figure they depend on moves by more than this
+# factor (10 %): below it the same cut wins, and solving per request would cost
+# more than the inference on large graphs.
+DAG_RECOMPUTE_STEP = 1.1
+
+
+def _bucket(value: float) -> int:
+    return round(math.log(max(value, 1e-12)) / math.log(DAG_RECOMPUTE_STEP))
+
+
 class NotPlanned(Exception):
     """No profile can plan this request yet (see ProfileBook.view): it runs LOCAL."""
 
@@ -116,35 +134,46 @@ class CloudFailed(RuntimeError):
     """A cloud call failed; the request continues locally."""
 
 
-def plan_message(candidate: Candidate, model: OnnxModel, encoding: int) -> pb.Plan:
-    cut = model.cut(candidate.k).tensors if candidate.kind == "split" else ()
-    return pb.Plan(kind=KINDS[candidate.kind], cut_index=candidate.k, cut=cut, node=candidate.node or "",
-                   encoding=encoding if candidate.node else pb.ENCODING_UNSPECIFIED, label=candidate.label)
+def plan_message(candidate: Candidate, cut: Cut | None, encoding: int) -> pb.Plan:
+    """``encoding``: the decision's codec, unless the candidate chose its own."""
+    return pb.Plan(kind=KINDS[candidate.kind], cut_index=candidate.k, cut=cut.tensors if cut else (),
+                   node=candidate.node or "", label=candidate.label, output_error=candidate.output_error,
+                   encoding=(candidate.encoding or encoding) if candidate.node else pb.ENCODING_UNSPECIFIED)
 
 
-def parse_pinned(label: str) -> tuple[str, int | None, str]:
-    """("local" | "remote" | "split", k, node) from "local", "remote", "split:<k>", each optionally "@HOST:PORT"."""
+def parse_pinned(label: str) -> tuple[str, int | str | None, str]:
+    """("local" | "remote" | "split", k or a DAG cut's key, node) from "local", "remote",
+    "split:<k>" or "split:<key>" (a DAG cut explain showed), each optionally "@HOST:PORT"."""
     wanted, _, node = label.strip().partition("@")
     kind, _, index = wanted.partition(":")
-    if kind not in KINDS or (kind == "split") != index.isdigit() or (kind != "split" and index):
-        raise PlanError(f"plan {label!r} is not one of 'local', 'remote', 'split:<k>' (optionally '@HOST:PORT')")
-    return kind, int(index) if index else None, node
+    dag_key = index.startswith("g") and len(index) > 1 and all(ch in "0123456789abcdef" for ch in index[1:])
+    if kind not in KINDS or (kind == "split") != (index.isdigit() or dag_key) or (kind != "split" and index):
+        raise PlanError(f"plan {label!r} is not one of 'local', 'remote', 'split:<k>', 'split:<DAG cut key>' "
+                        "(optionally '@HOST:PORT')")
+    return kind, (int(index) if index.isdigit() else index) if index else None, node
 
 
-def find_pinned(decision: Decision, kind: str, k: int | None, node: str) -> Candidate | None:
+def find_pinned(decision: Decision, kind: str, k: int | str | None, node: str) -> Candidate | None:
     """The pinned plan on its best node (any node unless ``node`` names one)."""
-    matches = [c for c in decision.candidates
-               if c.kind == kind and (k is None or c.k == k) and (not node or c.node == node)]
+    def fits(c: Candidate) -> bool:
+        if isinstance(k, str):
+            return c.cut_key == k
+        return k is None or (c.k == k and not c.cut_key)
+
+    matches = [c for c in decision.candidates if c.kind == kind and fits(c) and (not node or c.node == node)]
     return min(matches, key=lambda c: (c.hard_violation, c.score), default=None)
 
 
-def request_options(objective: int, encoding: int, policy: Policy) -> tuple[Objective, int]:
-    """The request's objective and codec, the policy's where unspecified."""
+def request_options(objective: int, encoding: int, policy: Policy) -> tuple[Objective, int, bool]:
+    """The request's objective and codec, the policy's where unspecified, and
+    whether the codec is chosen per plan (the policy sets an error budget and
+    the request names no codec: the base codec is then raw)."""
     if objective and objective not in OBJECTIVES:
         raise InputError(f"unknown objective {objective}; use latency, energy or weighted")
     if encoding and encoding not in ENCODINGS:
         raise InputError(f"unknown encoding {encoding}; use raw, fp16 or int8")
-    return OBJECTIVES.get(objective, policy.objective), encoding or policy.encoding
+    adaptive = not encoding and policy.max_output_error is not None
+    return OBJECTIVES.get(objective, policy.objective), pb.ENCODING_RAW if adaptive else encoding or policy.encoding, adaptive
 
 
 def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]:
@@ -172,6 +201,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
         self._current: dict[tuple[str, Objective, int], str] = {}  # plan label per model/objective/codec
+        self._dag_cache: dict[tuple, Cut | None] = {}  # the min-cut per model, shape, node and rounded figures
+        self._general_cuts: dict[tuple[str, str], Cut] = {}  # (model, cut key) -> a DAG cut planned before
         self.calibration = Calibration()  # what completed requests taught about the profile
 
     # ------------------------------------------------------------ planning --
@@ -184,6 +215,17 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             self._costs[key] = model_costs(view.profile, encoding=encoding, speed=self.codec_speed[encoding],
                                            output_encoding=pb.ENCODING_RAW, scale=view.bytes_scale)
         return self._costs[key]
+
+    def _cut(self, model: OnnxModel, candidate: Candidate) -> Cut | None:
+        """The cut a SPLIT candidate runs: a chain cut by index, a DAG cut by the key it was planned under."""
+        if candidate.kind != "split":
+            return None
+        if candidate.cut_key:
+            return self._general_cuts[(model.name, candidate.cut_key)]
+        return model.cut(candidate.k)
+
+    def _plan(self, candidate: Candidate, model: OnnxModel, encoding: int) -> pb.Plan:
+        return plan_message(candidate, self._cut(model, candidate), encoding)
 
     def _planned_nodes(self, policy: Policy) -> list[CloudNodeClient]:
         """The policy's preferred nodes while one is reachable, else every node."""
@@ -198,10 +240,13 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         return profiled[0].choice.as_dict()
 
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, shapes: dict[str, tuple[int, ...]],
-               link: Link | None = None, learn: bool = True, nearest_ok: bool = False) -> tuple[Decision, ModelCosts]:
+               link: Link | None = None, learn: bool = True, nearest_ok: bool = False,
+               adaptive: bool = False, pinned: str = "") -> tuple[Decision, ModelCosts]:
         """The decision for a request of these input shapes; NotPlanned when no
         profile can plan it yet (the request then runs LOCAL). ``nearest_ok``:
-        plan from the nearest measured shape rather than not at all."""
+        plan from the nearest measured shape rather than not at all.
+        ``adaptive``: the codec is chosen per plan within the policy's
+        max_output_error (``encoding`` is then raw, the lossless base)."""
         view = self.book.view(model, shapes, learn=learn, nearest_ok=nearest_ok)
         if isinstance(view, Unplanned):
             raise NotPlanned(view.reason)
@@ -220,13 +265,76 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             queue_ms = queue_wait_ms(reported_ms=load.queue_delay_ms, in_flight=node.inflight,
                                      capacity=load.max_concurrency, service_ms=cloud_profile.whole_ms)
             clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link, queue_ms=queue_ms))
+        codecs = self._codec_options(model, view, shapes, costs.n, policy) if adaptive and clouds else ()
+        dags = self._dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, pinned) if policy.dag_cuts else ()
         decision = choose(costs, clouds, self.power, objective=objective, weight_latency=policy.weight_latency,
-                          constraints=policy.constraints)
+                          constraints=policy.constraints, codecs=codecs, dag_cuts=dags, dag_min_gain=policy.dag_min_gain)
         return decision, costs
+
+    def _codec_options(self, model: OnnxModel, view: AtShape, shapes: dict[str, tuple[int, ...]], n: int,
+                       policy: Policy) -> list[CodecOption]:
+        """fp16 and int8 where their measured output error fits the budget; none until measured."""
+        errors, _ = self.book.codec_errors(model.name)
+        options = []
+        for encoding in LOSSY_ENCODINGS:
+            limits = codec_limits(errors, encoding, policy.max_output_error, n)
+            if limits is None or len(errors.by_encoding[encoding]) != n:
+                continue
+            cuts, remote_ok = limits
+            crossings = self._model_costs(model, encoding, view, shapes).crossings
+            options.append(CodecOption(name=ENCODING_NAMES[encoding], encoding=encoding, crossings=crossings,
+                                       output_error=errors.by_encoding[encoding],
+                                       usable=frozenset(cuts) | ({0} if remote_ok else set())))
+        return options
+
+    def _dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, clouds: list,
+                  objective: Objective, policy: Policy, encoding: int, pinned: str = "") -> list[DagCut]:
+        """The minimum s-t cut on each node's link, when it is not a chain cut
+        (solved again only when a figure it depends on moves by DAG_RECOMPUTE_STEP),
+        and a DAG cut the caller pinned."""
+        graph = model.graph
+        if graph is None or not clouds or policy.constraints.allowed_cuts is not None:
+            return []
+        works = self.book.node_works(model, shapes)
+        tensors = self.book.tensor_metas(model, shapes)
+        if works is None or not tensors:
+            return []
+        device_ms = node_times(graph, costs.edge_segment_ms, works, self.book.machine)
+        cloud_ms = {c.node: node_times(graph, c.segment_ms, works, self.book.machine) for c in clouds}
+        local_ms = sum(costs.edge_segment_ms) + costs.edge_overhead_ms
+        speed = self.codec_speed[encoding]
+        found: dict[str, Cut] = {}
+        for cloud in clouds:
+            key = (model.name, describe(shapes), cloud.node, objective, policy.weight_latency, encoding,
+                   policy.constraints.privacy_min_local, _bucket(cloud.link.uplink_mbps), _bucket(self.calibration.edge_factor),
+                   _bucket(sum(cloud.segment_ms) or 1.0))
+            if key not in self._dag_cache:
+                if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
+                    self._dag_cache.clear()
+                    self._general_cuts = {k: v for k, v in self._general_cuts.items() if k[0] == model.name}
+                weights = terms(objective, policy.weight_latency, self.power, cloud.link,
+                                local_total_ms=max(local_ms, 1e-9), local_energy_j=max(self.power.active_w * local_ms / 1e3, 1e-12))
+                self._dag_cache[key] = best_cut(graph, device_ms=device_ms, cloud_ms=cloud_ms[cloud.node], tensors=tensors,
+                                                weights=weights, link=cloud.link, encoding=encoding, speed=speed,
+                                                privacy_min_local=policy.constraints.privacy_min_local)
+            cut = self._dag_cache[key]
+            if cut is not None:
+                found[cut.key] = cut
+                self._general_cuts[(model.name, cut.key)] = cut
+        wanted = pinned.partition("@")[0].partition(":")[2]
+        if (model.name, wanted) in self._general_cuts:
+            found[wanted] = self._general_cuts[(model.name, wanted)]
+        inputs = sum(tensors[spec.name].raw_bytes for spec in model.inputs if spec.name in tensors)
+        priced = [price(graph, cut, device_ms=device_ms, cloud_ms_by_node=cloud_ms, tensors=tensors, encoding=encoding,
+                        speed=speed, input_bytes=inputs) for cut in found.values()]
+        return [replace(dag, pinned=dag.key == wanted) for dag in priced if dag is not None]
 
     def use_policies(self, policies: PolicySet) -> None:
         """Plan by ``policies`` from the next request on (a SIGHUP reload)."""
         self.policies = policies
+        for name in self.store.models:
+            if policies.for_model(name).max_output_error is not None:
+                self.book.want_codec_errors(name)  # a budget set by this reload needs the figures
         self.generator.use_limits(policies.llm, weight_latency=policies.default.weight_latency)
 
     def use_power(self, figures: PowerFigures) -> None:
@@ -284,7 +392,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         finish locally. Returns the outputs, the fallback reason (None if a
         node answered) and the node that answered."""
         split = candidate.kind == "split"
-        cut = model.cut(candidate.k) if split else None
+        cut = self._cut(model, candidate)
+        encoding = candidate.encoding or encoding
         local_outputs: dict[str, np.ndarray] = {}
         to_send = feeds
         if split:
@@ -299,17 +408,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         try:
             tensors = await self._in_pool(encode_all, to_send, encoding)
             stages.encode_ms += (time.perf_counter() - attempt) * 1e3
+            stages.sent = tuple((t.name, t.encoding) for t in tensors)
             if split:
                 method, request = "RunPartition", pb.PartitionRequest(
                     model=model.name, model_digest=model.digest, cut=list(cut.tensors), tensors=tensors,
-                    reply_encoding=pb.ENCODING_RAW)
+                    reply_encoding=pb.ENCODING_RAW, edge_outputs=list(cut.edge_outputs), has_edge_outputs=True)
             else:
                 method, request = "RunModel", pb.ModelRequest(model=model.name, model_digest=model.digest, inputs=tensors,
                                                               reply_encoding=pb.ENCODING_RAW)
             for node in self._attempts(candidate, decision):
                 budget_s = cloud_budget_s(timeout_s=self.policies.for_model(model.name).cloud_timeout_s,
                                           remaining_s=context.time_remaining(),
-                                          local_finish_ms=local_finish_ms(costs, candidate.k))
+                                          local_finish_ms=candidate.rest_ms)
                 if budget_s < MIN_CLOUD_BUDGET_S:
                     failures.append(f"the deadline leaves {budget_s * 1e3:.1f} ms for the cloud: not enough to try")
                     break
@@ -355,11 +465,13 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         try:
             with self.metrics.in_flight():
                 model = self.store.get(request.model)
-                objective, encoding = request_options(request.objective, request.encoding, self.policies.for_model(model.name))
+                objective, encoding, adaptive = request_options(request.objective, request.encoding,
+                                                                self.policies.for_model(model.name))
                 feeds = decode_all(request.inputs)
                 model.check_inputs(feeds)
                 async with self.admission.slot():
-                    reply = await self._infer(context, model, feeds, objective, encoding, request.plan, arrived)
+                    reply = await self._infer(context, model, feeds, objective, encoding, request.plan, arrived,
+                                              adaptive=adaptive)
             self._observe(reply)
             return reply
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
@@ -387,8 +499,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                 return decision.best_effort, f"best effort, constraints not met: {decision.why}", ""
             raise NoFeasiblePlan(f"no feasible plan for {model.name}: {decision.why}")
         kind, k, node = parse_pinned(pinned)
-        if kind == "split":
+        if kind == "split" and isinstance(k, int):
             model.cut(k)  # GraphError names the valid range (or why the model cannot be split)
+        elif kind == "split" and (model.name, k) not in self._general_cuts:
+            raise PlanError(f"plan {pinned}: no DAG cut {k} of {model.name} has been planned (explain lists them)")
         candidate = find_pinned(decision, kind, k, node)
         if candidate is None:
             local = find_pinned(decision, "local", None, "")
@@ -399,18 +513,20 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         return candidate, f"pinned by the caller: {pinned}", ""
 
     async def _infer(self, context: grpc.aio.ServicerContext, model: OnnxModel, feeds: dict[str, np.ndarray],
-                     objective: Objective, encoding: int, pinned: str, arrived: float) -> pb.InferReply:
+                     objective: Objective, encoding: int, pinned: str, arrived: float, *,
+                     adaptive: bool = False) -> pb.InferReply:
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         calibration = self.calibration  # what this request's predictions are made with
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
-            decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned))
+            decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned),
+                                          adaptive=adaptive, pinned=pinned)
         except NotPlanned as unplanned:
             return await self._infer_unplanned(model, feeds, pinned, unplanned.reason, arrived)
         candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding))
         if "@" not in pinned:
             candidate = share_load(decision, candidate, {n.address: (n.inflight, n.last_sent) for n in self.nodes})
-        planned = plan_message(candidate, model, encoding)
+        planned = self._plan(candidate, model, encoding)
 
         stages = Stages()
         ran, answered = planned, ""
@@ -422,6 +538,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             # a plan pinned to one node runs there or locally, never elsewhere
             retry_on = decision if "@" not in pinned else None
             outputs, reason, answered = await self._offload(context, model, candidate, retry_on, costs, feeds, encoding, stages)
+            planned.tensor_encodings.extend(pb.TensorEncoding(tensor=name, encoding=e) for name, e in stages.sent)
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
@@ -457,7 +574,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         async def chunks() -> AsyncIterator[pb.GenerateChunk]:
-            objective, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
+            objective, _, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
             async with contextlib.aclosing(await self.generator.generate(request, objective)) as generated:
                 async for chunk in generated:
                     if chunk.HasField("done"):
@@ -473,7 +590,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.Explanation:
         policy = self.policies.for_model(request.model)
         try:
-            objective, encoding = request_options(request.objective, request.encoding, policy)
+            objective, encoding, adaptive = request_options(request.objective, request.encoding, policy)
             link = None
             if request.HasField("link"):
                 o = request.link
@@ -486,7 +603,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             model = self.store.get(request.model)
             try:
                 shapes = self.explain_shapes(model, request.input_shapes)
-                decision, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False, nearest_ok=True)
+                decision, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False,
+                                          nearest_ok=True, adaptive=adaptive)
             except NotPlanned as unplanned:
                 return pb.Explanation(model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=True,
                                       why=f"LOCAL: {unplanned.reason}", plans_unavailable=unplanned.reason,
@@ -499,17 +617,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         shown = held.candidate or decision.best_effort
         current_candidate = min((c for c in decision.candidates if c.label == current), key=lambda c: c.score, default=None)
         used = link or next((n.link for n in self.nodes if n.state.reachable and n.link), None)
+        why = held.why + (" " + self._codec_note(model, policy) if adaptive else "")
         return pb.Explanation(
-            model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=held.why,
-            winner=plan_message(shown, model, encoding) if shown else pb.Plan(),
-            current=plan_message(current_candidate, model, encoding) if current_candidate else pb.Plan(),
+            model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=why,
+            winner=self._plan(shown, model, encoding) if shown else pb.Plan(),
+            current=self._plan(current_candidate, model, encoding) if current_candidate else pb.Plan(),
             hysteresis_margin=policy.hysteresis_margin, would_switch=held.switched,
             calibration=pb.Calibration(edge_factor=self.calibration.edge_factor, offload_ms=self.calibration.offload_ms,
                                        samples=self.calibration.samples),
             power=pb.PowerFigures(idle_w=self.power_figures.idle_w, active_w=self.power_figures.active_w,
                                   source=self.power_figures.source),
             candidates=[
-                pb.Candidate(plan=plan_message(c, model, encoding), predicted=stage_times(c.stages, c.stages.total_ms),
+                pb.Candidate(plan=self._plan(c, model, encoding), predicted=stage_times(c.stages, c.stages.total_ms),
                              energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations,
                              memory_bytes=c.memory_bytes, uplink_bytes=c.uplink_bytes)
                 for c in decision.candidates
@@ -518,6 +637,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             device=self.device_name,
             profile=self._profile_basis(model, shapes),
         )
+
+    def _codec_note(self, model: OnnxModel, policy: Policy) -> str:
+        """What explain says of the per-request codec: the budget and where errors were measured, or why none is offered."""
+        errors, note = self.book.codec_errors(model.name)
+        if errors is None:
+            return f"Codec: raw only ({note})."
+        worst = ", ".join(f"{ENCODING_NAMES[e]} up to {max(v):.2g}" for e, v in errors.by_encoding.items())
+        return (f"Codec chosen per plan within an output error of {policy.max_output_error:g} of each output's range "
+                f"(measured at {errors.shapes}: {worst}).")
 
     def explain_shapes(self, model: OnnxModel, specs) -> dict[str, tuple[int, ...]]:
         """The caller's shapes for explain, checked like a request's, or the first profiled ones."""

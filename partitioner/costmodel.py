@@ -43,12 +43,18 @@ allowed) and soft ones (SLO, energy budget) all make a candidate infeasible;
 be met still has the best plan it may legally run.
 """
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from partitioner import choice
 from partitioner.choice import TIE_REL_TOL as TIE_REL_TOL  # re-exported: this module's public name
 from partitioner.choice import Objective, count, non_negative, positive, set_field
+
+# A DAG cut is offered only when it beats the best chain split on its node by
+# more than this share: a new cut costs a session build on both sides, and a
+# gain smaller than the link estimate's wobble is not one.
+DAG_MIN_GAIN = 0.05
 
 LOCAL = "local"
 SPLIT = "split"
@@ -181,6 +187,42 @@ class CloudOption:
 
 
 @dataclass(frozen=True)
+class CodecOption:
+    """A lossy codec the planner may choose per request, where its measured error fits the budget."""
+
+    name: str                          # "fp16", "int8": appended to plan labels ("split:5+int8")
+    encoding: int                      # its wire value (protos Encoding)
+    crossings: tuple[Transfer, ...]    # n, as ModelCosts.crossings, under this codec
+    output_error: tuple[float, ...]    # n: measured output error at each k (k = 0: the inputs, REMOTE)
+    usable: frozenset[int]             # k where the error fits the budget (0 = REMOTE, 1..n-1 = SPLIT)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("CodecOption.name must not be empty")
+        if len(self.crossings) != len(self.output_error):
+            raise ValueError(f"CodecOption({self.name}): {len(self.crossings)} crossings, {len(self.output_error)} errors")
+
+
+@dataclass(frozen=True)
+class DagCut:
+    """A SPLIT whose device side is not a prefix of the chain: a minimum s-t cut of the node DAG."""
+
+    key: str                           # its identity (partitioner.graph.Cut.key); labels read "split:<key>"
+    edge_ms: float                     # device compute of the device side, without the run overhead, ms
+    rest_ms: float                     # device compute of the cloud side: what a local fallback still runs, ms
+    crossing: Transfer                 # what crosses, under the decision's codec
+    memory_bytes: int                  # device memory for the device side, bytes
+    whole_segments: int                # leading chain segments wholly on the device (the privacy floor counts these)
+    cloud_ms: Mapping[str, float]      # node -> compute of the cloud side on it, ms; nodes absent are not offered
+    pinned: bool = False               # the caller asked for this cut: offered whatever its gain over the chain
+
+    def __post_init__(self) -> None:
+        set_field(self, "edge_ms", non_negative(f"DagCut({self.key}).edge_ms", self.edge_ms, "ms"))
+        set_field(self, "rest_ms", non_negative(f"DagCut({self.key}).rest_ms", self.rest_ms, "ms"))
+        set_field(self, "memory_bytes", count(f"DagCut({self.key}).memory_bytes", self.memory_bytes, "bytes"))
+
+
+@dataclass(frozen=True)
 class Constraints:
     """What a plan must satisfy. Hard ones are never relaxed; soft ones are by best_effort."""
 
@@ -243,10 +285,16 @@ class Candidate:
     hard_violation: bool  # True if any violation is of a hard constraint
     memory_bytes: int  # device memory for the local part
     uplink_bytes: int  # bytes sent from the device
+    rest_ms: float = 0.0  # device time to finish locally if the cloud fails (0 for local)
+    codec: str = ""  # a codec chosen per request ("fp16", "int8"); "" = the decision's own
+    encoding: int = 0  # that codec's wire value (0: the decision's own)
+    output_error: float = 0.0  # measured output error the codec adds here (relative to each output's range)
+    cut_key: str = ""  # a DAG cut's key; "" for chain cuts (k says which)
 
     @property
     def label(self) -> str:
-        return f"{SPLIT}:{self.k}" if self.kind == SPLIT else self.kind
+        base = f"{SPLIT}:{self.cut_key or self.k}" if self.kind == SPLIT else self.kind
+        return f"{base}+{self.codec}" if self.codec else base
 
     @property
     def feasible(self) -> bool:
@@ -272,7 +320,8 @@ class Decision:
 
 
 def _check_against_model(
-    costs: ModelCosts, clouds: Sequence[CloudOption], constraints: Constraints, weight_latency: object
+    costs: ModelCosts, clouds: Sequence[CloudOption], constraints: Constraints, weight_latency: object,
+    codecs: Sequence[CodecOption] = (), dag_cuts: Sequence[DagCut] = (),
 ) -> float:
     """Cross-checks that need n; returns the validated weight."""
     weight = choice.weight(weight_latency)
@@ -287,6 +336,12 @@ def _check_against_model(
         if cloud.node in seen:
             raise ValueError(f"cloud node {cloud.node!r} is listed twice")
         seen.add(cloud.node)
+    for codec in codecs:
+        if len(codec.crossings) != n:
+            raise ValueError(f"CodecOption({codec.name}) has {len(codec.crossings)} crossings, the model has n = {n}")
+    for dag in dag_cuts:
+        if not 0 <= dag.whole_segments < n:
+            raise ValueError(f"DagCut({dag.key}).whole_segments = {dag.whole_segments} is not within 0..{n - 1}")
     if constraints.privacy_min_local > n:
         raise ValueError(
             f"Constraints.privacy_min_local = {constraints.privacy_min_local} exceeds the model's "
@@ -308,14 +363,18 @@ def _local(costs: ModelCosts, power: Power) -> tuple[StagePrediction, float]:
     return stages, power.active_w * edge / 1e3
 
 
-def _offloaded(costs: ModelCosts, power: Power, k: int, cloud: CloudOption) -> tuple[StagePrediction, float]:
-    """T(k) and J(k) for k < n on one node, term by term as in the module docstring."""
-    cut, out, link = costs.crossings[k], costs.output, cloud.link
-    edge = sum(costs.edge_segment_ms[:k]) + (costs.edge_overhead_ms if k > 0 else 0.0)
+def _offloaded(costs: ModelCosts, power: Power, cloud: CloudOption, *, edge_compute_ms: float | None, cut: Transfer,
+               cloud_compute_ms: float) -> tuple[StagePrediction, float]:
+    """T and J of a plan that runs ``edge_compute_ms`` on the device (None:
+    REMOTE), ships ``cut`` and runs ``cloud_compute_ms`` on one node, term by
+    term as in the module docstring (there edge_compute_ms = sum(t_E[:k]) and
+    cloud_compute_ms = sum(t_C[k:]))."""
+    out, link = costs.output, cloud.link
+    edge = 0.0 if edge_compute_ms is None else edge_compute_ms + costs.edge_overhead_ms
     uplink = cut.wire_bytes * 8 / (link.uplink_mbps * 1e6) * 1e3
     downlink = out.wire_bytes * 8 / (link.downlink_mbps * 1e6) * 1e3
     network = link.rtt_ms + uplink + downlink
-    remote = cloud.queue_ms + sum(cloud.segment_ms[k:]) + cloud.overhead_ms + cut.decode_ms + out.encode_ms
+    remote = cloud.queue_ms + cloud_compute_ms + cloud.overhead_ms + cut.decode_ms + out.encode_ms
     total = edge + cut.encode_ms + network + remote + out.decode_ms
     radio_w = power.radio_alpha_w_per_mbps * link.uplink_mbps + power.radio_beta_w
     energy = (
@@ -335,7 +394,7 @@ def _offloaded(costs: ModelCosts, power: Power, k: int, cloud: CloudOption) -> t
 
 
 def _violations(
-    constraints: Constraints, kind: str, k: int, total_ms: float, energy_j: float, memory_bytes: int
+    constraints: Constraints, kind: str, k: int, total_ms: float, energy_j: float, memory_bytes: int, *, chain: bool = True
 ) -> list[choice.Violation]:
     """Each constraint the plan breaks, hard ones first."""
     found: list[choice.Violation] = []
@@ -348,8 +407,9 @@ def _violations(
     if kind != LOCAL and not constraints.allow_remote:
         found.append(("remote not allowed", "remote execution not allowed", True))
     cuts = constraints.allowed_cuts
-    if kind == SPLIT and cuts is not None and k not in cuts:
-        found.append(("allowed cuts", f"cut {k} not in allowed cuts {sorted(cuts)}", True))
+    if kind == SPLIT and cuts is not None and (not chain or k not in cuts):
+        what = f"cut {k}" if chain else "a DAG cut"
+        found.append(("allowed cuts", f"{what} not in allowed cuts {sorted(cuts)}", True))
     found += choice.SLO.breach(total_ms, constraints.slo_ms)
     found += choice.ENERGY_BUDGET.breach(energy_j, constraints.energy_budget_j)
     return found
@@ -362,10 +422,13 @@ def _evaluate(
     objective: object,
     weight_latency: object,
     constraints: Constraints,
+    codecs: Sequence[CodecOption] = (),
+    dag_cuts: Sequence[DagCut] = (),
+    dag_min_gain: float = DAG_MIN_GAIN,
 ) -> tuple[Objective, list[tuple[Candidate, choice.Broken]]]:
     """Every candidate with the (name, hard) of each constraint it breaks."""
     objective = choice.objective(objective)
-    weight = _check_against_model(costs, clouds, constraints, weight_latency)
+    weight = _check_against_model(costs, clouds, constraints, weight_latency, codecs, dag_cuts)
     n = costs.n
     local_stages, local_j = _local(costs, power)
     if objective is Objective.WEIGHTED and (local_stages.total_ms <= 0 or local_j <= 0):
@@ -374,30 +437,63 @@ def _evaluate(
             f"which are {local_stages.total_ms!r} ms and {local_j!r} J here: both must be > 0"
         )
 
-    plans: list[tuple[str, int, CloudOption | None]] = [(LOCAL, n, None)]
-    for cloud in clouds:
-        plans.append((REMOTE, 0, cloud))
-        plans.extend((SPLIT, k, cloud) for k in range(1, n))
-
     evaluated = []
-    for kind, k, cloud in plans:
-        stages, energy = (local_stages, local_j) if cloud is None else _offloaded(costs, power, k, cloud)
-        memory = costs.edge_memory_bytes[k]
-        broken = _violations(constraints, kind, k, stages.total_ms, energy, memory)
+
+    def add(kind: str, k: int, cloud: CloudOption | None, stages: StagePrediction, energy: float, *,
+            memory: int, uplink: int, rest_ms: float, codec: CodecOption | None = None, cut_key: str = "") -> None:
+        broken = _violations(constraints, kind, k, stages.total_ms, energy, memory, chain=not cut_key)
         candidate = Candidate(
-            kind=kind,
-            k=k,
-            node=None if cloud is None else cloud.node,
-            stages=stages,
-            energy_j=energy,
+            kind=kind, k=k, node=None if cloud is None else cloud.node, stages=stages, energy_j=energy,
             score=choice.score(objective, weight, stages.total_ms, energy, local_stages.total_ms, local_j),
-            violations=tuple(message for _, message, _ in broken),
-            hard_violation=any(hard for _, _, hard in broken),
-            memory_bytes=memory,
-            uplink_bytes=0 if cloud is None else costs.crossings[k].wire_bytes,
+            violations=tuple(message for _, message, _ in broken), hard_violation=any(hard for _, _, hard in broken),
+            memory_bytes=memory, uplink_bytes=uplink, rest_ms=rest_ms,
+            codec=codec.name if codec else "", encoding=codec.encoding if codec else 0,
+            output_error=codec.output_error[k] if codec and not cut_key else 0.0, cut_key=cut_key,
         )
         evaluated.append((candidate, tuple((name, hard) for name, _, hard in broken)))
+
+    add(LOCAL, n, None, local_stages, local_j, memory=costs.edge_memory_bytes[n], uplink=0, rest_ms=0.0)
+    edge_prefix = _prefix_sums(costs.edge_segment_ms)
+    for cloud in clouds:
+        cloud_suffix = _suffix_sums(cloud.segment_ms)
+        for codec in (None, *codecs):
+            crossings = costs.crossings if codec is None else codec.crossings
+            for k in range(n):
+                if codec is not None and k not in codec.usable:
+                    continue
+                stages, energy = _offloaded(costs, power, cloud, edge_compute_ms=edge_prefix[k] if k else None,
+                                            cut=crossings[k], cloud_compute_ms=cloud_suffix[k])
+                add(SPLIT if k else REMOTE, k, cloud, stages, energy, memory=costs.edge_memory_bytes[k],
+                    uplink=crossings[k].wire_bytes, rest_ms=edge_prefix[n] - edge_prefix[k] + costs.edge_overhead_ms,
+                    codec=codec)
+        chain_best = min((c.score for c, _ in evaluated if c.node == cloud.node and c.kind == SPLIT), default=math.inf)
+        for dag in dag_cuts:
+            if cloud.node not in dag.cloud_ms:
+                continue
+            stages, energy = _offloaded(costs, power, cloud, edge_compute_ms=dag.edge_ms, cut=dag.crossing,
+                                        cloud_compute_ms=dag.cloud_ms[cloud.node])
+            score = choice.score(objective, weight, stages.total_ms, energy, local_stages.total_ms, local_j)
+            if not dag.pinned and score >= chain_best * (1 - dag_min_gain):
+                continue  # within noise of a chain cut: not worth a new cut's cold sessions on both sides
+            add(SPLIT, dag.whole_segments, cloud, stages, energy, memory=dag.memory_bytes,
+                uplink=dag.crossing.wire_bytes, rest_ms=dag.rest_ms + costs.edge_overhead_ms, cut_key=dag.key)
     return objective, evaluated
+
+
+def _prefix_sums(values: Sequence[float]) -> list[float]:
+    """[0, v0, v0+v1, ...]: sum(values[:k]) for k = 0..n in one pass."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return sums
+
+
+def _suffix_sums(values: Sequence[float]) -> list[float]:
+    """sum(values[k:]) for k = 0..n."""
+    sums = [0.0]
+    for v in reversed(values):
+        sums.append(sums[-1] + v)
+    return sums[::-1]
 
 
 def evaluate(
@@ -408,9 +504,13 @@ def evaluate(
     objective: Objective = Objective.LATENCY,
     weight_latency: float = 0.5,
     constraints: Constraints = Constraints(),
+    codecs: Sequence[CodecOption] = (),
+    dag_cuts: Sequence[DagCut] = (),
+    dag_min_gain: float = DAG_MIN_GAIN,
 ) -> tuple[Candidate, ...]:
-    """Every candidate plan, predicted and checked: local, then per node remote, split:1..n-1."""
-    _, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints)
+    """Every candidate plan, predicted and checked: local, then per node remote,
+    split:1..n-1, the same under each extra codec where usable, then the DAG cuts."""
+    _, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints, codecs, dag_cuts, dag_min_gain)
     return tuple(candidate for candidate, _ in evaluated)
 
 
@@ -460,9 +560,19 @@ def choose(
     objective: Objective = Objective.LATENCY,
     weight_latency: float = 0.5,
     constraints: Constraints = Constraints(),
+    codecs: Sequence[CodecOption] = (),
+    dag_cuts: Sequence[DagCut] = (),
+    dag_min_gain: float = DAG_MIN_GAIN,
 ) -> Decision:
-    """The feasible plan with the lowest score, every candidate, and why."""
-    objective, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints)
+    """The feasible plan with the lowest score, every candidate, and why.
+
+    ``codecs``: lossy codecs the plan may use instead of the one ``costs`` was
+    built for, each only where its measured error fits (CodecOption.usable);
+    ``dag_cuts``: splits off the chain (minimum s-t cuts), priced alongside and
+    offered where they beat the node's best chain split by more than ``dag_min_gain``.
+    """
+    objective, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints, codecs, dag_cuts,
+                                     dag_min_gain)
     verdict = _CHOOSER.decide(
         objective, evaluated, lambda candidates, broken, effort: _why_infeasible(candidates, broken, constraints, effort)
     )

@@ -21,7 +21,9 @@ from dataclasses import dataclass, replace
 from partitioner.costmodel import CloudOption, Link, ModelCosts, Power, Transfer
 from partitioner.profile import ModelProfile, TensorMeta
 from partitioner.work import Machine, Work, roofline_ms
-from protos.codec import wire_bytes
+from protos.codec import ENCODING_BY_NAME, wire_bytes
+
+RAW_ENCODING = ENCODING_BY_NAME["raw"]
 
 # Headroom kept for a local fallback after a cloud attempt: the fallback's
 # predicted time is multiplied by this before it is reserved.
@@ -104,6 +106,36 @@ def _scaled_segments(profile: ModelProfile, machine: Machine, before: Sequence[W
     ratios = [m / o if o > 0 and wb.known and wa.known else whole
               for o, m, wb, wa in zip(old, new, before, after)]
     return tuple(t * r for t, r in zip(profile.segment_ms, ratios)), "work model"
+
+
+@dataclass(frozen=True)
+class CodecErrors:
+    """Output error each lossy encoding adds at each point, measured once per model.
+
+    ``by_encoding[e][k]`` is the largest |output - unsplit output| over the
+    outputs, each divided by its own range (max - min), when the float tensors
+    crossing at k (k = 0: the model's inputs, REMOTE) travel under encoding e
+    and the rest of the model runs on what they decode to. Integer tensors
+    always travel raw. Measured on seeded inputs at ``shapes``: an estimate
+    for real data, not a bound.
+    """
+
+    by_encoding: Mapping[int, tuple[float, ...]]
+    shapes: str = ""   # where it was measured, as partitioner.shapes.describe writes it
+
+    def error(self, encoding: int, k: int) -> float:
+        if encoding not in self.by_encoding:
+            return 0.0  # raw: lossless
+        return self.by_encoding[encoding][k]
+
+
+def codec_limits(errors: CodecErrors | None, encoding: int, budget: float, n: int) -> tuple[frozenset[int], bool] | None:
+    """(cuts where ``encoding`` keeps within ``budget``, whether REMOTE does), or
+    None when nothing is measured for a lossy ``encoding`` (it must not be chosen)."""
+    if encoding not in (errors.by_encoding if errors else {}):
+        return None if encoding != RAW_ENCODING else (frozenset(range(1, n)), True)
+    per_k = errors.by_encoding[encoding]
+    return frozenset(k for k in range(1, n) if per_k[k] <= budget), per_k[0] <= budget
 
 
 def transfer(tensors: tuple[TensorMeta, ...], encoding: int, speed: CodecSpeed, scale: float = 1.0) -> Transfer:

@@ -30,7 +30,7 @@ from typing import Any
 import tomlkit
 
 from partitioner.choice import Objective
-from partitioner.costmodel import Constraints
+from partitioner.costmodel import DAG_MIN_GAIN, Constraints
 from protos.codec import ENCODING_BY_NAME
 
 VERSION = 1
@@ -49,6 +49,9 @@ class Policy:
     hysteresis_margin: float = 0.1           # switch plan only for a predicted gain above this (relative)
     preferred_nodes: tuple[str, ...] = ()    # plan on these nodes while one is reachable; () = any
     profile_shapes: Mapping[str, tuple[int, ...]] | None = None  # input name -> shape to profile at; None = the model's own
+    max_output_error: float | None = None    # codec per request within this output error (relative); None = `encoding` always
+    dag_cuts: bool = True                    # also plan splits off the chain (minimum s-t cuts of the node graph)
+    dag_min_gain: float = DAG_MIN_GAIN       # ...where they beat the best chain split by more than this share
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,14 @@ KEYS: tuple[Key, ...] = (
         lambda p: p.hysteresis_margin, "change plan only for a predicted gain above this (0.1 = 10 %)"),
     Key("preferred_nodes", _nodes, lambda p, v: replace(p, preferred_nodes=v),
         lambda p: list(p.preferred_nodes) or None, "plan on these nodes while one is reachable (omit: any)"),
+    Key("max_output_error", lambda v: _number(v, low=0), lambda p, v: replace(p, max_output_error=v),
+        lambda p: p.max_output_error,
+        "choose raw, fp16 or int8 per request where the measured output error stays within this share of each "
+        "output's range (e.g. 0.01); omit: always `encoding`"),
+    Key("dag_cuts", _bool, lambda p, v: replace(p, dag_cuts=v), lambda p: p.dag_cuts,
+        "also plan splits that are not a prefix of the layer order (a minimum s-t cut of the node graph)"),
+    Key("dag_min_gain", lambda v: _number(v, low=0, high=1), lambda p, v: replace(p, dag_min_gain=v),
+        lambda p: p.dag_min_gain, "offer a DAG cut only where it beats the best chain split by more than this (0.05 = 5 %)"),
     Key("profile_shapes", _shapes, lambda p, v: replace(p, profile_shapes=v),
         lambda p: None if p.profile_shapes is None else {k: list(v) for k, v in p.profile_shapes.items()},
         "input shapes to profile at, e.g. { input = [1, 3, 320, 320] } (omit: the model's own, then requests')"),

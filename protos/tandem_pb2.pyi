@@ -144,18 +144,22 @@ class SkippedFile(_message.Message):
     def __init__(self, file: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PartitionRequest(_message.Message):
-    __slots__ = ("model", "model_digest", "cut", "tensors", "reply_encoding")
+    __slots__ = ("model", "model_digest", "cut", "tensors", "reply_encoding", "edge_outputs", "has_edge_outputs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     REPLY_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    EDGE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_EDGE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_digest: str
     cut: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     reply_encoding: Encoding
-    def __init__(self, model: _Optional[str] = ..., model_digest: _Optional[str] = ..., cut: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., reply_encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+    edge_outputs: _containers.RepeatedScalarFieldContainer[str]
+    has_edge_outputs: bool
+    def __init__(self, model: _Optional[str] = ..., model_digest: _Optional[str] = ..., cut: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., reply_encoding: _Optional[_Union[Encoding, str]] = ..., edge_outputs: _Optional[_Iterable[str]] = ..., has_edge_outputs: _Optional[bool] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("model", "model_digest", "inputs", "reply_encoding")

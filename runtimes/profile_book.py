@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +24,21 @@ from pathlib import Path
 import psutil
 
 from partitioner import shapes as shape_rules
-from partitioner.planning import AtShape, at_shape, profiled_shapes
-from partitioner.profile import ModelProfile
+from partitioner.planning import AtShape, CodecErrors, at_shape, profiled_shapes
+from partitioner.profile import ModelProfile, TensorMeta
 from partitioner.work import Machine, Work, concrete_shapes, node_work, segment_work
 from protos import codec
 from protos import tandem_pb2 as pb
 from runtimes.onnx_exec import OnnxModel
-from runtimes.profiler import ProfilingError, load_or_measure, model_proto, profile_first_fitting, tensor_metas_at
+from runtimes.profiler import (
+    ProfilingError,
+    all_tensor_metas,
+    load_or_measure,
+    load_or_measure_codec_errors,
+    model_proto,
+    profile_first_fitting,
+    tensor_metas_at,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ class Measured:
 
     choice: shape_rules.ShapeChoice
     planned: ModelProfile       # as planned with: predicted for the board when planning for another one
-    measured_ms: float          # whole-model time measured on this host
+    measured: ModelProfile      # as measured on this host
 
 
 @dataclass
@@ -72,8 +80,12 @@ class _Model:
     failed: dict[tuple, str] = field(default_factory=dict)           # bucket -> why it could not be profiled
     pending: set[tuple] = field(default_factory=set)                 # buckets being profiled now
     unavailable: str = ""                                            # why no plan exists yet (no entry at all)
+    codec: CodecErrors | None = None                                 # output error per lossy encoding and cut
+    codec_note: str = "codec errors not measured yet"                # why `codec` is None
+    codec_pending: bool = False                                      # a measurement is queued or running
     works: OrderedDict = field(default_factory=OrderedDict)          # exact shapes -> segment works (None: unknown)
     tensors: OrderedDict = field(default_factory=OrderedDict)        # exact shapes -> (crossings, outputs) or None
+    all_tensors: OrderedDict = field(default_factory=OrderedDict)    # exact shapes -> every tensor's meta
 
 
 @dataclass(frozen=True)
@@ -99,10 +111,59 @@ class ProfileBook:
 
     # ------------------------------------------------------------ start-up --
 
-    def profile_all(self) -> None:
-        """Profile every model at its first workable shape (blocking: run it in a thread)."""
+    def profile_all(self, *, codec_errors: Iterable[str] = ()) -> None:
+        """Profile every model at its first workable shape (blocking: run it in a
+        thread); then, off the caller's path, measure the codec errors of the
+        models named in ``codec_errors`` (see want_codec_errors)."""
         for name, model in self.models.items():
             self._profile_start(name, model)
+        for name in codec_errors:
+            self.want_codec_errors(name)
+
+    def want_codec_errors(self, name: str) -> None:
+        """Measure each lossy codec's output error at every cut of ``name``, off
+        the caller's path (about one session per cut: seconds per model), unless
+        done or under way. Only models whose policy chooses the codec need it."""
+        with self._lock:
+            state = self._state[name]
+            if state.codec is not None or state.codec_pending:
+                return
+            state.codec_pending = True
+        self._worker.submit(self._measure_codec, name, self.models[name])
+
+    def _measure_codec(self, name: str, model: OnnxModel) -> None:
+        try:
+            self._measure_codec_now(name, model)
+        finally:
+            with self._lock:
+                self._state[name].codec_pending = False
+
+    def _measure_codec_now(self, name: str, model: OnnxModel) -> None:
+        with self._lock:
+            entries = list(self._state[name].entries.values())
+        if not entries:
+            with self._lock:
+                self._state[name].codec_note = "codec errors need a profile first"
+            return
+        try:
+            errors = load_or_measure_codec_errors(model, entries[0].measured, cache_dir=self.cache_dir,
+                                                  budget_bytes=self.budget_bytes)
+        except Exception as exc:  # noqa: BLE001 -- without the figures, lossy codecs are simply not chosen
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.warning("%s: codec errors not measured (%s); lossy codecs are not chosen for it", name, reason)
+            with self._lock:
+                self._state[name].codec_note = f"codec errors could not be measured: {reason}"
+            return
+        with self._lock:
+            self._state[name].codec = errors
+        logger.info("%s: codec output error at %s: %s", name, errors.shapes, ", ".join(
+            f"{pb.Encoding.Name(e).removeprefix('ENCODING_').lower()} up to {max(v):.2g}" for e, v in errors.by_encoding.items()))
+
+    def codec_errors(self, name: str) -> tuple[CodecErrors | None, str]:
+        """The model's measured codec errors, or None and why not."""
+        with self._lock:
+            state = self._state[name]
+            return state.codec, state.codec_note
 
     def _profile_start(self, name: str, model: OnnxModel) -> None:
         state = self._state[name]
@@ -121,8 +182,12 @@ class ProfileBook:
         self._add(name, model, chosen, profile)
 
     def _add(self, name: str, model: OnnxModel, chosen: shape_rules.ShapeChoice, profile: ModelProfile) -> Measured:
+        # What planning at this shape needs, computed here (start-up or the profiling
+        # thread) rather than on the first request or explain that asks for it.
+        self.node_works(model, chosen.as_dict())
+        self.tensor_metas(model, chosen.as_dict())
         planned = self.predict(model, profile)
-        entry = Measured(chosen, planned, profile.whole_ms)
+        entry = Measured(chosen, planned, profile)
         with self._lock:
             state = self._state[name]
             state.entries[self._bucket(model, chosen.as_dict())] = entry
@@ -240,20 +305,34 @@ class ProfileBook:
                 cache.popitem(last=False)
         return value
 
-    def _works(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Work, ...] | None:
+    def node_works(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Work] | None:
+        """Every node's work at these input shapes (None: shape inference cannot reach them)."""
         if model.graph is None:
             return None
         key = shape_rules.describe(shapes)
 
-        def compute() -> tuple[Work, ...] | None:
+        def compute() -> dict[str, Work] | None:
             try:
-                per_node = node_work(model.graph.model, concrete_shapes(model.graph.model, shapes))
+                return node_work(model.graph.model, concrete_shapes(model.graph.model, shapes))
             except ValueError as exc:
                 logger.info("%s: no work model at %s: %s", model.name, key, exc)
                 return None
-            return segment_work(model.graph, per_node)
 
         return self._cached(self._state[model.name].works, key, compute)
+
+    def _works(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Work, ...] | None:
+        per_node = self.node_works(model, shapes)
+        return None if per_node is None else segment_work(model.graph, per_node)
+
+    def tensor_metas(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorMeta]:
+        """Every tensor whose size shape inference reaches at these input shapes (for DAG cuts)."""
+        def compute() -> dict[str, TensorMeta]:
+            try:
+                return all_tensor_metas(model, shapes)
+            except ValueError:
+                return {}
+
+        return self._cached(self._state[model.name].all_tensors, shape_rules.describe(shapes), compute)
 
     def _tensors(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]):
         key = shape_rules.describe(shapes)

@@ -38,8 +38,8 @@ import onnxruntime as ort
 
 from devices.limits import cpu_cgroup, cpu_quota
 from partitioner import shapes as shape_rules
-from partitioner.graph import expose_tensors
-from partitioner.planning import CodecSpeed
+from partitioner.graph import expose_tensors, suffix_model
+from partitioner.planning import CodecErrors, CodecSpeed
 from partitioner.profile import ModelProfile, TensorMeta
 from partitioner.work import concrete_shapes
 from protos import codec
@@ -85,13 +85,21 @@ def sample_feeds(inputs: tuple[TensorSpec, ...], shapes: shape_rules.Shapes, *, 
     return feeds
 
 
-def _median_run_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int) -> float:
+def _typical_run_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int) -> float:
+    """The run time to plan with: under a CPU quota the median (its stalls are
+    the device's real speed), otherwise the fastest run, since other programs
+    only ever slow a run down and a profile taken on a busy machine is cached
+    and planned with long after the load has gone."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return _typical(times)
+
+
+def _typical(times_ms: list[float]) -> float:
+    return statistics.median(times_ms) if cpu_quota() else min(times_ms)
 
 
 def _node_times_per_run(profile_file: str) -> list[dict[str, float]]:
@@ -203,8 +211,8 @@ def measure(model: OnnxModel, shapes: shape_rules.Shapes | None = None, *, runs:
     plain_overhead = max(statistics.mean(profiled_ms) - sum(plain_segments), 0.0)
 
     optimised = ort.InferenceSession(serialized, session_options(threads=model.threads, spinning=model.spinning), providers=["CPUExecutionProvider"])
-    _median_run_ms(optimised, feeds, warmup)
-    whole_ms = _median_run_ms(optimised, feeds, runs)
+    _typical_run_ms(optimised, feeds, warmup)
+    whole_ms = _typical_run_ms(optimised, feeds, runs)
     if on_progress:
         on_progress(2 * runs, 2 * runs)
 
@@ -238,7 +246,7 @@ def _measure_whole(model: OnnxModel, feeds: dict[str, np.ndarray], *, runs: int,
         start = time.perf_counter()
         outputs = model.run(feeds)
         times.append((time.perf_counter() - start) * 1e3)
-    whole_ms = statistics.median(times)
+    whole_ms = _typical(times)
 
     def metas(values: dict[str, np.ndarray]) -> tuple[TensorMeta, ...]:
         return tuple(TensorMeta(n, str(v.dtype), tuple(int(d) for d in v.shape)) for n, v in values.items())
@@ -274,6 +282,25 @@ def _tensor_metas(model: OnnxModel, feeds: dict[str, np.ndarray]) -> tuple[tuple
 
     crossings = (metas(spec.name for spec in model.inputs),) + tuple(metas(cut.tensors) for cut in graph.cuts)
     return crossings, metas(spec.name for spec in model.outputs)
+
+
+def all_tensor_metas(model: OnnxModel, shapes: shape_rules.Shapes) -> dict[str, TensorMeta]:
+    """Every tensor of the graph whose shape inference reaches at these input
+    shapes and whose element type numpy knows (a DAG cut may cross any of them)."""
+    graph = model.graph
+    if graph is None:
+        return {}
+    known = concrete_shapes(graph.model, shapes)
+    metas = {}
+    for name, t in graph._facts().types.items():
+        if name not in known or t.WhichOneof("value") != "tensor_type":
+            continue
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            continue
+        metas[name] = TensorMeta(name, str(dtype), tuple(int(d) for d in known[name]))
+    return metas
 
 
 def tensor_metas_at(model: OnnxModel, shapes: shape_rules.Shapes) -> tuple[tuple[tuple[TensorMeta, ...], ...], tuple[TensorMeta, ...]] | None:
@@ -383,6 +410,88 @@ def profile_first_fitting(model: OnnxModel, candidates: list[shape_rules.ShapeCh
     raise ProfilingError(f"{model.name} could not be profiled " + "; ".join(failures or ["(no shape to try)"]))
 
 
+LOSSY_ENCODINGS = (pb.ENCODING_FP16, pb.ENCODING_INT8)
+
+
+def measure_codec_errors(model: OnnxModel, profile: ModelProfile, *, budget_bytes: int | None = None,
+                         seed: int = 1) -> CodecErrors:
+    """The output error each lossy encoding adds at each cut (and at the inputs:
+    REMOTE), at the profile's shapes: the cut's tensors from one run that exposes
+    them all, encoded, decoded, and the rest of the model run on them. Blocking,
+    about one suffix session per cut: run it off the request path."""
+    shapes = {meta.name: tuple(meta.shape) for meta in profile.crossings[0]}
+    feeds = sample_feeds(model.inputs, shapes, seed=seed)
+    reference = model.run(feeds)
+    errors: dict[int, list[float]] = {e: [] for e in LOSSY_ENCODINGS}
+
+    def worst(outputs: dict[str, np.ndarray]) -> float:
+        return max((_relative_error(outputs[name], reference[name]) for name in outputs), default=0.0)
+
+    whole = ort.InferenceSession(model_proto(model).SerializeToString(), session_options(threads=model.threads,
+                                 spinning=model.spinning), providers=["CPUExecutionProvider"])
+    names = [o.name for o in whole.get_outputs()]
+    for encoding in LOSSY_ENCODINGS:
+        decoded = {name: _through(array, name, encoding) for name, array in feeds.items()}
+        errors[encoding].append(worst(dict(zip(names, whole.run(names, decoded)))))
+    graph = model.graph
+    if graph is not None:
+        crossing = sum(meta.raw_bytes for group in profile.crossings[1:] for meta in group)
+        if budget_bytes is not None and crossing > budget_bytes:
+            raise ProfilingError(f"holding every cut's tensors at once needs {crossing / 2**20:.0f} MiB, "
+                                 f"more than the {budget_bytes / 2**20:.0f} MiB profiling budget")
+        inner = sorted({name for cut in graph.cuts for name in cut.tensors} - set(feeds))
+        exposed = ort.InferenceSession(
+            expose_tensors(graph, inner).SerializeToString(),
+            session_options(threads=model.threads, spinning=model.spinning, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+            providers=["CPUExecutionProvider"],
+        )
+        values = dict(zip([o.name for o in exposed.get_outputs()], exposed.run(None, feeds))) | feeds
+        del exposed
+        for cut in graph.cuts:
+            suffix = ort.InferenceSession(suffix_model(graph, cut).SerializeToString(),
+                                          session_options(threads=model.threads, spinning=model.spinning),
+                                          providers=["CPUExecutionProvider"])
+            out_names = [o.name for o in suffix.get_outputs()]
+            for encoding in LOSSY_ENCODINGS:
+                decoded = {name: _through(values[name], name, encoding) for name in cut.tensors}
+                errors[encoding].append(worst(dict(zip(out_names, suffix.run(out_names, decoded)))))
+    return CodecErrors({e: tuple(v) for e, v in errors.items()}, shape_rules.describe(shapes))
+
+
+def load_or_measure_codec_errors(model: OnnxModel, profile: ModelProfile, *, cache_dir: Path | None = None,
+                                 budget_bytes: int | None = None) -> CodecErrors:
+    """``measure_codec_errors``, cached beside the profile it was measured at."""
+    shapes = {meta.name: tuple(meta.shape) for meta in profile.crossings[0]}
+    path = profile_path(model, shapes, cache_dir or default_cache_dir()).with_suffix(".codec.json")
+    if path.exists():
+        try:
+            raw = json.loads(path.read_text())
+            errors = CodecErrors({int(e): tuple(float(x) for x in v) for e, v in raw["by_encoding"].items()}, raw["shapes"])
+            if all(len(v) == model.num_segments for v in errors.by_encoding.values()):
+                return errors
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring unreadable codec-error cache %s: %s", path, exc)
+    errors = measure_codec_errors(model, profile, budget_bytes=budget_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"by_encoding": {str(e): list(v) for e, v in errors.by_encoding.items()},
+                               "shapes": errors.shapes}))
+    tmp.replace(path)
+    return errors
+
+
+def _through(array: np.ndarray, name: str, encoding: int) -> np.ndarray:
+    return codec.decode(codec.encode(array, name, encoding))
+
+
+def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
+    """max |value - reference| over the reference's range (1 for a constant or empty one)."""
+    if reference.size == 0 or reference.dtype.kind not in "fc":
+        return 0.0 if np.array_equal(value, reference) else 1.0
+    span = float(np.ptp(reference)) or 1.0
+    return float(np.max(np.abs(value.astype(np.float64) - reference))) / span
+
+
 CODEC_PROBE_SHAPE = (1, 32, 112, 112)  # a typical early activation of an image model
 
 
@@ -428,10 +537,13 @@ def predicted_for(device, model: OnnxModel, profile: ModelProfile) -> ModelProfi
 
     measured = measure_host()
     host = Machine(measured.gflops_fp64, measured.mem_bandwidth_gbs, name="this host")
-    target = Machine(device.cpu_gflops, device.mem_bandwidth_gbs, name=device.name)
+    # The floor under a prediction is the board's fp32 peak: inference runs in
+    # fp32, and the fp64 HPL figure the ratios use would put it 2x too high.
+    target = Machine(device.cpu_gflops, device.mem_bandwidth_gbs, name=device.name, peak_gflops=device.cpu_gflops_fp32)
     if model.graph is None:
         works: tuple[Work, ...] = (Work(0.0, 0.0, unknown=1),)
     else:
-        per_node = node_work(model.graph.model, concrete_shapes(model.graph.model))
+        shapes = {meta.name: tuple(meta.shape) for meta in profile.crossings[0]}  # where it was measured
+        per_node = node_work(model.graph.model, concrete_shapes(model.graph.model, shapes))
         works = segment_work(model.graph, per_node)
     return predict_profile(profile, works, host, target)

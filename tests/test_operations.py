@@ -84,9 +84,13 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(model_dir: Path, 
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(one, i) for i in range(12)]
         # stop while several are accepted (one computing, the others waiting for the single slot)
-        accepted = wait_for(lambda: metric(url, "tandem_inflight_requests") >= 2 and metric(url, "tandem_inflight_requests"),
-                            "accepted requests", tries=1500, pause_s=0.01)
-        finished = sum(f.done() for f in futures)
+        def snapshot() -> tuple[int, float] | None:
+            # finished first: a request that ends between the two reads is then counted in neither
+            done = sum(f.done() for f in futures)
+            inflight = metric(url, "tandem_inflight_requests")
+            return (done, inflight) if inflight >= 2 else None
+
+        finished, accepted = wait_for(snapshot, "accepted requests", tries=1500, pause_s=0.01)
         agent.process.send_signal(signal.SIGTERM)
         outcomes = [f.result() for f in futures]
     assert agent.process.wait(60) == 0

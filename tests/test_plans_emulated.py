@@ -35,12 +35,12 @@ def run_proto(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
     return dict(zip(names, session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})))
 
 
-def expected_with_codec(model_dir: Path, x: np.ndarray, plan: str, encoding: int) -> np.ndarray:
+def expected_with_codec(model_dir: Path, x: np.ndarray, plan: str, crossed: tuple[str, ...], encoding: int) -> np.ndarray:
     """The unsplit model with exactly the codec's rounding applied where the plan crosses the wire."""
     graph = analyze(onnx.load(str(model_dir / "mobilenet.onnx")))
     if plan == "remote":
         return direct(model_dir, codec.decode(codec.encode(x, "input", encoding)))
-    cut = graph.cut(int(plan.split(":")[1]))
+    cut = graph.find_cut(crossed)  # a chain cut or a DAG cut alike
     crossing = run_proto(prefix_model(graph, cut), {"input": x})
     sent = {name: codec.decode(codec.encode(crossing[name], name, encoding)) for name in cut.tensors}
     return run_proto(suffix_model(graph, cut), sent)["logits"]
@@ -78,7 +78,7 @@ def test_slow_link_keeps_work_local_and_fast_link_with_a_pi4_like_device_offload
             explanation = deployment.client.explain("mobilenet")
             shown = [(c.plan, round(c.predicted["total_ms"], 1)) for c in explanation.candidates[:3]]
             assert result.plan != "local" and not result.fell_back, (explanation.why, explanation.link, shown)
-            reference = expected_with_codec(model_dir, image, result.plan, pb.ENCODING_INT8)
+            reference = expected_with_codec(model_dir, image, result.plan, result.cut, pb.ENCODING_INT8)
             np.testing.assert_allclose(result.outputs["logits"], reference, rtol=1e-4, atol=1e-4)
         finally:
             deployment.close()
