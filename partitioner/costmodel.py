@@ -37,6 +37,16 @@ share and LOCAL always scores 1: a score below 1 reads "better than staying
 on the device". LOCAL is the reference even when a constraint rules it out,
 because it is only a unit there, never a candidate.
 
+Two kinds of candidate extend the chain:
+
+- a codec chosen per request (``CodecOption``): the same plans under fp16 or
+  int8, only at the k where that codec's measured output error fits the
+  budget, labelled "split:5+int8";
+- a DAG cut (``DagCut``, see ``partitioner.dag_plan``): a device side that is
+  no prefix of the chain, priced by the same T(k) and J(k) with its own edge,
+  cloud and crossing figures, labelled "split:<key>", and offered only where
+  it beats the node's best chain split by ``dag_min_gain``.
+
 Constraints: hard ones (memory limit, privacy floor, allowed cuts, remote
 allowed) and soft ones (SLO, energy budget) all make a candidate infeasible;
 ``Decision.best_effort`` ignores the soft ones, so a caller whose SLO cannot
