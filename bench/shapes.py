@@ -20,7 +20,6 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +40,6 @@ CASES = (
 # Sizes inside a bucket profiled above (rounded up to a power of two), planned by rescaling.
 RESCALED = (("detector", "images", (1, 3, 384, 416)), ("branchy", "images", (1, 3, 32, 600)))
 WAIT_S = 300.0
-
-
-def wait_profiled(client: sdk.EdgeClient, model: str, shape: tuple[int, ...]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        info = next(m for m in client.models() if m.name == model)
-        if any(tuple(p.inputs[0].shape) == shape for p in info.profiled):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{model} not profiled at {shape} within {WAIT_S:.0f} s")
 
 
 def measure(client: sdk.EdgeClient, model: str, name: str, shape: tuple[int, ...], runs: int) -> dict:
@@ -82,7 +71,7 @@ def main() -> int:
                 for shape in shapes:
                     with console.status(f"{model} {shape}"):
                         client.infer(model, {name: np.zeros(shape, np.float32)})  # teaches the agent this shape
-                        wait_profiled(client, model, shape)
+                        launch.wait_profiled(client, model, shape, timeout_s=WAIT_S)
                         rows.append(measure(client, model, name, shape, args.runs))
             for model, name, shape in RESCALED:
                 rescaled.append(measure(client, model, name, shape, args.runs))

@@ -203,7 +203,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._current: dict[tuple[str, Objective, int], str] = {}  # plan label per model/objective/codec
         self._dag_cache: dict[tuple, Cut | None] = {}  # the min-cut per model, shape, node and rounded figures
         self._general_cuts: dict[tuple[str, str], Cut] = {}  # (model, cut key) -> a DAG cut planned before
-        self.calibration = Calibration()  # what completed requests taught about the profile
+        # What completed requests taught about each profile: per model and shape bucket,
+        # since profiles err differently (a global factor learned on one model, or at one
+        # shape, mispredicted the others).
+        self._calibration: dict[tuple, Calibration] = {}
 
     # ------------------------------------------------------------ planning --
 
@@ -215,6 +218,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             self._costs[key] = model_costs(view.profile, encoding=encoding, speed=self.codec_speed[encoding],
                                            output_encoding=pb.ENCODING_RAW, scale=view.bytes_scale)
         return self._costs[key]
+
+    def calibration(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]]) -> Calibration:
+        return self._calibration.get(self._calibration_key(model, shapes)) or Calibration()
+
+    def _calibration_key(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]]) -> tuple:
+        return model.name, self.book.bucket_of(model, shapes)
 
     def _cut(self, model: OnnxModel, candidate: Candidate) -> Cut | None:
         """The cut a SPLIT candidate runs: a chain cut by index, a DAG cut by the key it was planned under."""
@@ -252,7 +261,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             raise NotPlanned(view.reason)
         profile = view.profile
         policy = self.policies.for_model(model.name)
-        costs = self.calibration.apply(self._model_costs(model, encoding, view, shapes))
+        costs = self.calibration(model, shapes).apply(self._model_costs(model, encoding, view, shapes))
         clouds = []
         # Least busy (then least recently used) first: among nodes predicted
         # equal the first wins, so equal nodes take turns.
@@ -281,7 +290,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if limits is None or len(errors.by_encoding[encoding]) != n:
                 continue
             cuts, remote_ok = limits
-            crossings = self._model_costs(model, encoding, view, shapes).crossings
+            crossings = self.calibration(model, shapes).apply(self._model_costs(model, encoding, view, shapes)).crossings
             options.append(CodecOption(name=ENCODING_NAMES[encoding], encoding=encoding, crossings=crossings,
                                        output_error=errors.by_encoding[encoding],
                                        usable=frozenset(cuts) | ({0} if remote_ok else set())))
@@ -306,7 +315,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         found: dict[str, Cut] = {}
         for cloud in clouds:
             key = (model.name, describe(shapes), cloud.node, objective, policy.weight_latency, encoding,
-                   policy.constraints.privacy_min_local, _bucket(cloud.link.uplink_mbps), _bucket(self.calibration.edge_factor),
+                   policy.constraints.privacy_min_local, _bucket(cloud.link.uplink_mbps), _bucket(self.calibration(model, shapes).edge_factor),
                    _bucket(sum(cloud.segment_ms) or 1.0))
             if key not in self._dag_cache:
                 if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
@@ -327,7 +336,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         inputs = sum(tensors[spec.name].raw_bytes for spec in model.inputs if spec.name in tensors)
         priced = [price(graph, cut, device_ms=device_ms, cloud_ms_by_node=cloud_ms, tensors=tensors, encoding=encoding,
                         speed=speed, input_bytes=inputs) for cut in found.values()]
-        return [replace(dag, pinned=dag.key == wanted) for dag in priced if dag is not None]
+        offload_ms = self.calibration(model, shapes).offload_ms  # the device's own cost of a cloud call, as chain cuts carry it
+        return [replace(dag, pinned=dag.key == wanted,
+                        crossing=replace(dag.crossing, encode_ms=dag.crossing.encode_ms + offload_ms))
+                for dag in priced if dag is not None]
 
     def use_policies(self, policies: PolicySet) -> None:
         """Plan by ``policies`` from the next request on (a SIGHUP reload)."""
@@ -516,7 +528,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                      objective: Objective, encoding: int, pinned: str, arrived: float, *,
                      adaptive: bool = False) -> pb.InferReply:
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
-        calibration = self.calibration  # what this request's predictions are made with
+        calibration = self.calibration(model, shapes)  # what this request's predictions are made with
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
             decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned),
@@ -543,8 +555,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
         if not fallback_reason and not stages.cold:
-            self.calibration = self.calibration.observed(candidate.stages, stages, offloaded=candidate.kind != "local",
-                                                         used=calibration)
+            self._calibration[self._calibration_key(model, shapes)] = self.calibration(model, shapes).observed(
+                candidate.stages, stages, offloaded=candidate.kind != "local", used=calibration)
         encoded = encode_all(outputs, pb.ENCODING_RAW)
         total_ms = (time.perf_counter() - arrived) * 1e3
         return pb.InferReply(
@@ -623,8 +635,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             winner=self._plan(shown, model, encoding) if shown else pb.Plan(),
             current=self._plan(current_candidate, model, encoding) if current_candidate else pb.Plan(),
             hysteresis_margin=policy.hysteresis_margin, would_switch=held.switched,
-            calibration=pb.Calibration(edge_factor=self.calibration.edge_factor, offload_ms=self.calibration.offload_ms,
-                                       samples=self.calibration.samples),
+            calibration=pb.Calibration(edge_factor=self.calibration(model, shapes).edge_factor,
+                                       offload_ms=self.calibration(model, shapes).offload_ms,
+                                       samples=self.calibration(model, shapes).samples),
             power=pb.PowerFigures(idle_w=self.power_figures.idle_w, active_w=self.power_figures.active_w,
                                   source=self.power_figures.source),
             candidates=[

@@ -113,3 +113,17 @@ def edge_agent(models: Path, clouds: list[str], *extra: str, env: dict[str, str]
     cloud_args = [arg for address in clouds for arg in ("--cloud", address)]
     return Daemon("edge_agent.main", ["--listen", "127.0.0.1:0", "--models", str(models), *cloud_args,
                                       *lab_defaults(extra, announce="--discovery"), *extra], env=env)
+
+
+def wait_profiled(client, model: str, shape: tuple[int, ...] | list[int], *, timeout_s: float = 300.0) -> None:
+    """Wait until the agent behind ``client`` (an ``edge_agent.sdk.EdgeClient``) lists
+    ``model`` as profiled at ``shape`` (its first input): readiness, not a sleep.
+    Shapes a request taught it are profiled off the request path, after the reply."""
+    wanted = list(shape)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = next(m for m in client.models() if m.name == model)
+        if any(list(p.inputs[0].shape) == wanted for p in info.profiled):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{model} was not profiled at {wanted} within {timeout_s:.0f} s")

@@ -190,7 +190,7 @@ class ProfileBook:
         entry = Measured(chosen, planned, profile)
         with self._lock:
             state = self._state[name]
-            state.entries[self._bucket(model, chosen.as_dict())] = entry
+            state.entries[self.bucket_of(model, chosen.as_dict())] = entry
             state.unavailable = ""
         logger.info("%s: profiled at %s (%s): %.1f ms per run here%s", name, chosen.describe(), chosen.source,
                     profile.whole_ms, "" if planned is profile else f", {planned.whole_ms:.1f} ms predicted")
@@ -222,7 +222,7 @@ class ProfileBook:
         shape is how 10-500x mispredictions happened. With ``nearest_ok`` (a
         pinned plan, an explain) the nearest measured shape, rescaled, stands in.
         """
-        bucket = self._bucket(model, shapes)
+        bucket = self.bucket_of(model, shapes)
         with self._lock:
             state = self._state[model.name]
             entry = state.entries.get(bucket)
@@ -285,7 +285,8 @@ class ProfileBook:
     # ------------------------------------------------------------- helpers --
 
     @staticmethod
-    def _bucket(model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple:
+    def bucket_of(model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple:
+        """The shape bucket a request falls in (one profile serves a bucket)."""
         declared = {spec.name: spec.shape for spec in model.inputs}
         return shape_rules.bucket(shapes, declared)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -141,16 +140,6 @@ def reference(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
-def wait_profiled(client: sdk.EdgeClient, model: str, shape: list[int]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        info = next(m for m in client.models() if m.name == model)
-        if any(list(p.inputs[0].shape) == shape for p in info.profiled):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{model} was not profiled at {shape} within {WAIT_S:.0f} s")
-
-
 def test_the_detector_is_served_and_learns_the_shapes_apps_send(detector_dir: Path) -> None:
     path = detector_dir / "detector.onnx"
     x = np.random.default_rng(3).standard_normal((1, 3, 256, 384)).astype(np.float32)
@@ -167,7 +156,7 @@ def test_the_detector_is_served_and_learns_the_shapes_apps_send(detector_dir: Pa
         assert first.plan == "local" and "profiling that shape" in first.reason
         for name, value in expected.items():
             np.testing.assert_allclose(first.outputs[name], value, rtol=RTOL, atol=ATOL)
-        wait_profiled(client, "detector", [1, 3, 256, 384])
+        launch.wait_profiled(client, "detector", [1, 3, 256, 384], timeout_s=WAIT_S)
         planned = client.infer("detector", {"images": x})
         assert "profiling" not in planned.reason and planned.predicted["total_ms"] > 0
         shown = client.explain("detector", input_shapes={"images": (1, 3, 256, 384)})
@@ -194,7 +183,7 @@ def test_a_model_no_shape_profiles_is_served_local_and_says_why(detector_dir: Pa
         assert reply.plan == "local" and not reply.fell_back
         np.testing.assert_allclose(reply.outputs["y"], reference(detector_dir / "fixed.onnx", {"x": x})["y"], rtol=RTOL)
         # the request's own shape does run: it becomes the model's first profile
-        wait_profiled(client, "fixed", [1, 3, 100, 100])
+        launch.wait_profiled(client, "fixed", [1, 3, 100, 100], timeout_s=WAIT_S)
         assert not next(m for m in client.models() if m.name == "fixed").plans_unavailable
 
 
