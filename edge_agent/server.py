@@ -201,7 +201,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
         self._current: dict[tuple[str, Objective, int], str] = {}  # plan label per model/objective/codec
-        self._dag_cache: dict[tuple, Cut | None] = {}  # the min-cut per model, shape, node and rounded figures
+        self._dag_cache: dict[tuple, list[DagCut]] = {}  # priced min-cuts per model, shape, nodes and rounded figures
         self._general_cuts: dict[tuple[str, str], Cut] = {}  # (model, cut key) -> a DAG cut planned before
         # What completed requests taught about each profile: per model and shape bucket,
         # since profiles err differently (a global factor learned on one model, or at one
@@ -298,12 +298,29 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     def _dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, clouds: list,
                   objective: Objective, policy: Policy, encoding: int, pinned: str = "") -> list[DagCut]:
-        """The minimum s-t cut on each node's link, when it is not a chain cut
-        (solved again only when a figure it depends on moves by DAG_RECOMPUTE_STEP),
-        and a DAG cut the caller pinned."""
+        """The minimum s-t cut on each node's link, when it is not a chain cut, and
+        a DAG cut the caller pinned, priced. Solved and priced again only when a
+        figure they depend on moves by DAG_RECOMPUTE_STEP: per request this is a
+        dictionary lookup."""
         graph = model.graph
         if graph is None or not clouds or policy.constraints.allowed_cuts is not None:
             return []
+        calibration = self.calibration(model, shapes)
+        wanted = pinned.partition("@")[0].partition(":")[2]
+        key = (model.name, describe(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
+               wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
+               tuple((c.node, _bucket(c.link.uplink_mbps), _bucket(c.link.downlink_mbps), _bucket(sum(c.segment_ms) or 1.0))
+                     for c in clouds))
+        if key not in self._dag_cache:
+            if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
+                self._dag_cache.clear()
+                self._general_cuts = {k: v for k, v in self._general_cuts.items() if k[0] == model.name}
+            self._dag_cache[key] = self._solve_dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, wanted)
+        return self._dag_cache[key]
+
+    def _solve_dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, clouds: list,
+                        objective: Objective, policy: Policy, encoding: int, wanted: str) -> list[DagCut]:
+        graph = model.graph
         works = self.book.node_works(model, shapes)
         tensors = self.book.tensor_metas(model, shapes)
         if works is None or not tensors:
@@ -314,23 +331,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         speed = self.codec_speed[encoding]
         found: dict[str, Cut] = {}
         for cloud in clouds:
-            key = (model.name, describe(shapes), cloud.node, objective, policy.weight_latency, encoding,
-                   policy.constraints.privacy_min_local, _bucket(cloud.link.uplink_mbps), _bucket(self.calibration(model, shapes).edge_factor),
-                   _bucket(sum(cloud.segment_ms) or 1.0))
-            if key not in self._dag_cache:
-                if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
-                    self._dag_cache.clear()
-                    self._general_cuts = {k: v for k, v in self._general_cuts.items() if k[0] == model.name}
-                weights = terms(objective, policy.weight_latency, self.power, cloud.link,
-                                local_total_ms=max(local_ms, 1e-9), local_energy_j=max(self.power.active_w * local_ms / 1e3, 1e-12))
-                self._dag_cache[key] = best_cut(graph, device_ms=device_ms, cloud_ms=cloud_ms[cloud.node], tensors=tensors,
-                                                weights=weights, link=cloud.link, encoding=encoding, speed=speed,
-                                                privacy_min_local=policy.constraints.privacy_min_local)
-            cut = self._dag_cache[key]
+            weights = terms(objective, policy.weight_latency, self.power, cloud.link,
+                            local_total_ms=max(local_ms, 1e-9), local_energy_j=max(self.power.active_w * local_ms / 1e3, 1e-12))
+            cut = best_cut(graph, device_ms=device_ms, cloud_ms=cloud_ms[cloud.node], tensors=tensors, weights=weights,
+                           link=cloud.link, encoding=encoding, speed=speed,
+                           privacy_min_local=policy.constraints.privacy_min_local)
             if cut is not None:
                 found[cut.key] = cut
                 self._general_cuts[(model.name, cut.key)] = cut
-        wanted = pinned.partition("@")[0].partition(":")[2]
         if (model.name, wanted) in self._general_cuts:
             found[wanted] = self._general_cuts[(model.name, wanted)]
         inputs = sum(tensors[spec.name].raw_bytes for spec in model.inputs if spec.name in tensors)

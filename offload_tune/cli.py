@@ -68,11 +68,26 @@ def board_for(args: argparse.Namespace) -> Board:
     try:
         with Progress(console=err, transient=True) as progress:
             task = progress.add_task(f"profiling {model.name}", total=1)
-            return profile_board(model, device, lambda done, total: progress.update(task, completed=done, total=total))
+            return profile_board(model, device, lambda done, total: progress.update(task, completed=done, total=total),
+                                 shapes=profile_shapes(getattr(args, "profile_shape", None) or []))
     except ToolError:
         raise
     except Exception as exc:  # noqa: BLE001 -- a model onnxruntime loads may still fail to run: bad input, exit 2
         raise ToolError(f"{path}: cannot be profiled: {load_failure_reason(exc, path)}") from None
+
+
+def profile_shapes(values: list[str]) -> dict[str, tuple[int, ...]] | None:
+    """--profile-shape NAME=1,3,320,320 (repeatable) as the shapes to profile at."""
+    shapes = {}
+    for value in values:
+        name, _, dims = value.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.replace("x", ",").split(","))
+        except ValueError:
+            raise ToolError(f"--profile-shape {value!r}: expected NAME=D1,D2,... (e.g. images=1,3,320,320)") from None
+        if not name or not shapes[name]:
+            raise ToolError(f"--profile-shape {value!r}: expected NAME=D1,D2,... (e.g. images=1,3,320,320)")
+    return shapes or None
 
 
 def policy_for(args: argparse.Namespace) -> Policy:
@@ -157,7 +172,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def profile_command(args: argparse.Namespace) -> int:
-    board = board_for(argparse.Namespace(model=args.model, device=args.device, whole=True))
+    board = board_for(argparse.Namespace(model=args.model, device=args.device, whole=True, profile_shape=args.profile_shape))
     measured, profile = board.measured, board.profile
     cumulative = profile.run_overhead_ms
     rows = []
@@ -168,14 +183,16 @@ def profile_command(args: argparse.Namespace) -> int:
                      "flops": work.flops, "bytes_moved": work.bytes, "unmodelled_nodes": work.unknown,
                      "output_tensors": [m.name for m in crossing], "output_bytes": sum(m.raw_bytes for m in crossing)})
     report = {"model": board.model.name, "device": board.device.name, "predicted": board.predicted,
+              "input_shapes": {m.name: list(m.shape) for m in measured.crossings[0]},
               "profiled_as": measured.method, "whole_ms_here": measured.whole_ms, "whole_ms_on_device": profile.whole_ms,
               "run_overhead_ms_on_device": profile.run_overhead_ms, "cut_error": board.model.cut_error, "segments": rows}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     where = f"predicted for {board.device.name}" if board.predicted else "on this host"
-    table = Table(title=f"{board.model.name}: {profile.num_segments} segments; whole run {measured.whole_ms:.2f} ms here, "
-                        f"{profile.whole_ms:.2f} ms {where}")
+    shapes = ", ".join(f"{m.name}[{','.join(map(str, m.shape))}]" for m in measured.crossings[0])
+    table = Table(title=f"{board.model.name} at {shapes}: {profile.num_segments} segments; whole run "
+                        f"{measured.whole_ms:.2f} ms here, {profile.whole_ms:.2f} ms {where}")
     for column in ("k", "ms here", f"ms {board.device.name}", "cumulative", "MFLOPs", "output tensors", "output bytes"):
         table.add_column(column, justify="right")
     for r in rows:
@@ -357,7 +374,14 @@ def planning_options(parser: argparse.ArgumentParser, *, device_required: bool =
     parser.add_argument("--radio", choices=["wifi", "lte"], help="uplink radio power model (default: the device's)")
     parser.add_argument("--cloud", help="HOST:PORT of a running cloud node: use its measured profile and RTT")
     parser.add_argument("--whole", action="store_true", help="plan a model that cannot be cut as one segment")
+    profile_shape_option(parser)
     tls_options(parser)
+
+
+def profile_shape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile-shape", action="append", default=[], metavar="INPUT=D1,D2,...",
+                        help="profile at this input shape, e.g. images=1,3,320,320 (repeat per input; default: "
+                             "the model's declared shape, else 224, 320, ... tried in turn)")
 
 
 def tls_options(parser: argparse.ArgumentParser) -> None:
@@ -375,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="per-segment time, FLOPs and tensor bytes, here and on a board")
     profile.add_argument("model", help="an .onnx file")
     profile.add_argument("--device", default="host", help="board to predict for (default: this host)")
+    profile_shape_option(profile)
     profile.add_argument("--json", action="store_true")
 
     link = commands.add_parser("link", help="RTT and bandwidth to a running cloud node")

@@ -23,14 +23,16 @@ from devices.detect import detect_board
 from devices.profiles import RADIOS, DeviceProfile, get_device, measure_host
 from edge_agent.offload import CloudNodeClient
 from partitioner.costmodel import CloudOption, Decision, Link, ModelCosts, Power, choose
-from partitioner.planning import CodecSpeed, cloud_option, model_costs, power_of
+from partitioner.planning import CodecSpeed, cloud_option, model_costs, power_of, profiled_shapes
 from partitioner.policy import Policy
 from partitioner.profile import ModelProfile
+from partitioner.shapes import ShapeError, profile_candidates
 from partitioner.work import Work, concrete_shapes, node_work, segment_work
 from protos import tandem_pb2 as pb
 from runtimes.model_store import load_failure_reason, unreadable_reason
 from runtimes.onnx_exec import OnnxModel
-from runtimes.profiler import load_or_measure, measure_codec_speed, predicted_for
+from runtimes.profile_book import memory_budget
+from runtimes.profiler import ProfilingError, measure_codec_speed, model_proto, predicted_for, profile_first_fitting
 from runtimes.tls import TlsFiles, channel_credentials
 
 # Round trip assumed when none is given or measured: an assumption for the
@@ -67,10 +69,11 @@ def device_named(name: str) -> DeviceProfile:
         raise ToolError(str(exc)) from None
 
 
-def segment_works(model: OnnxModel) -> tuple[Work, ...]:
+def segment_works(model: OnnxModel, shapes: dict[str, tuple[int, ...]]) -> tuple[Work, ...]:
+    """Each segment's work at the input shapes it was profiled at."""
     if model.graph is None:
         return (Work(0.0, 0.0, unknown=1),)
-    return segment_work(model.graph, node_work(model.graph.model, concrete_shapes(model.graph.model)))
+    return segment_work(model.graph, node_work(model.graph.model, concrete_shapes(model.graph.model, shapes)))
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,22 @@ class Board:
         return self.profile is not self.measured
 
 
-def profile_board(model: OnnxModel, device: DeviceProfile,
-                  on_progress: Callable[[int, int], None] | None = None) -> Board:
-    measured = load_or_measure(model, on_progress=on_progress)
+def profile_board(model: OnnxModel, device: DeviceProfile, on_progress: Callable[[int, int], None] | None = None, *,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> Board:
+    """The model profiled at ``shapes`` (default: its declared shapes, else the
+    conventional ones tried in turn, as the daemons do) and predicted for ``device``."""
+    try:
+        candidates = profile_candidates(model_proto(model), configured=shapes)
+    except ShapeError as exc:
+        raise ToolError(f"{model.path}: {exc}") from None
+    try:
+        measured, _ = profile_first_fitting(model, candidates, budget_bytes=memory_budget(0, device.memory_bytes),
+                                            on_progress=on_progress)
+    except ProfilingError as exc:
+        raise ToolError(f"{model.path}: {exc}") from None
     here = device.name == "host" or device.name == detect_board()
     profile = measured if here else predicted_for(device, model, measured)
-    return Board(model, device, measured, profile, segment_works(model))
+    return Board(model, device, measured, profile, segment_works(model, profiled_shapes(measured)))
 
 
 @functools.cache

@@ -468,11 +468,19 @@ def _evaluate(
         cloud_suffix = _suffix_sums(cloud.segment_ms)
         for codec in (None, *codecs):
             crossings = costs.crossings if codec is None else codec.crossings
+            priced = []
             for k in range(n):
                 if codec is not None and k not in codec.usable:
                     continue
                 stages, energy = _offloaded(costs, power, cloud, edge_compute_ms=edge_prefix[k] if k else None,
                                             cut=crossings[k], cloud_compute_ms=cloud_suffix[k])
+                priced.append((k, stages, energy))
+            if codec is not None:
+                # Of a codec's plans only its best on this node is a candidate: the others
+                # could never win (the raw plans at the same cuts stay listed), and listing
+                # every cut under every codec tripled the planner's cost per request.
+                priced = _best_priced(priced, costs, constraints, objective, weight, local_stages.total_ms, local_j)
+            for k, stages, energy in priced:
                 add(SPLIT if k else REMOTE, k, cloud, stages, energy, memory=costs.edge_memory_bytes[k],
                     uplink=crossings[k].wire_bytes, rest_ms=edge_prefix[n] - edge_prefix[k] + costs.edge_overhead_ms,
                     codec=codec)
@@ -488,6 +496,24 @@ def _evaluate(
             add(SPLIT, dag.whole_segments, cloud, stages, energy, memory=dag.memory_bytes,
                 uplink=dag.crossing.wire_bytes, rest_ms=dag.rest_ms + costs.edge_overhead_ms, cut_key=dag.key)
     return objective, evaluated
+
+
+def _best_priced(priced: list[tuple[int, StagePrediction, float]], costs: ModelCosts, constraints: Constraints,
+                 objective: Objective, weight: float, local_ms: float, local_j: float) -> list[tuple[int, StagePrediction, float]]:
+    """The one (k, stages, energy) the chooser would take among these: the lowest
+    score (more segments on the device on a tie) that meets every constraint,
+    else the lowest that meets the hard ones, else the lowest. Scores first and
+    constraints only in that order, since the best one usually meets them."""
+    ordered = sorted(priced, key=lambda item: (
+        choice.score(objective, weight, item[1].total_ms, item[2], local_ms, local_j), -item[0]))
+    fallback = None
+    for k, stages, energy in ordered:
+        broken = _violations(constraints, SPLIT if k else REMOTE, k, stages.total_ms, energy, costs.edge_memory_bytes[k])
+        if not broken:
+            return [(k, stages, energy)]
+        if fallback is None and not any(hard for _, _, hard in broken):
+            fallback = (k, stages, energy)
+    return [fallback or ordered[0]] if ordered else []
 
 
 def _prefix_sums(values: Sequence[float]) -> list[float]:

@@ -49,9 +49,8 @@ def test_the_codec_is_chosen_per_plan_within_the_error_budget(tmp_path: Path, zo
         lossy = [c for c in shown.candidates if "+" in c.plan]
         assert lossy, "no lossy candidate is offered at all"
         assert all(0 < c.output_error <= BUDGET for c in lossy)
-        # where int8 would exceed the budget it is not offered, while fp16 is offered everywhere
-        offered = {codec: {c.plan.split("+")[0] for c in lossy if c.plan.endswith(codec)} for codec in ("+fp16", "+int8")}
-        assert offered["+int8"] < offered["+fp16"]
+        # one candidate per lossy codec on the node: its best plan within the budget
+        assert sorted(c.plan.rsplit("+", 1)[1] for c in lossy) in (["fp16"], ["int8"], ["fp16", "int8"])
 
         x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
         want = reference(zoo / "resnet.onnx", x)

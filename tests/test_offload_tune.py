@@ -47,6 +47,22 @@ def test_profile_reports_the_board_prediction_the_agent_would_plan_with(capsys, 
     assert report["segments"][0]["output_bytes"] == 1 * 32 * 112 * 112 * 4  # the stem's output, float32
 
 
+def test_a_dynamic_detector_is_profiled_at_its_declared_or_given_shape(capsys, tmp_path: Path) -> None:
+    from modelzoo.build import build_all
+
+    path = build_all(tmp_path, names=["detector"])["detector"]
+    declared = run_json(capsys, "profile", str(path), "--device", "pi4")
+    assert declared["input_shapes"] == {"images": [1, 3, 320, 320]}
+    given = run_json(capsys, "profile", str(path), "--profile-shape", "images=1,3,256,384")
+    assert given["input_shapes"] == {"images": [1, 3, 256, 384]}
+    # the stem halves H and W: its output is 16 x 128 x 192 float32 at that shape
+    assert given["segments"][0]["output_bytes"] == 16 * 128 * 192 * 4
+    assert main(["explain", str(path), "--device", "pi4", "--bandwidth", "18.88"]) == 0
+    capsys.readouterr()
+    assert main(["profile", str(path), "--profile-shape", "images=1,3,64,47"]) == 2
+    assert "could not be profiled at images[1,3,64,47]" in capsys.readouterr().err
+
+
 def test_sweep_chooses_what_the_cost_model_scores_best_and_draws_it(capsys, model_dir: Path, tmp_path: Path) -> None:
     png = tmp_path / "sweep.png"
     bandwidths = ["0.5", "5", "50", "500"]
