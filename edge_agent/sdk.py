@@ -139,7 +139,7 @@ class Explanation:
     current: str = ""            # the plan requests run now
     hysteresis_margin: float = 0.0
     would_switch: bool = False
-    calibration: dict[str, float] = field(default_factory=dict)  # edge_factor, offload_ms, samples
+    calibration: dict[str, float] = field(default_factory=dict)  # edge_factor, offload_ms, samples, request_ms
     power: dict[str, float | str] = field(default_factory=dict)  # idle_w, active_w, source
     plans_unavailable: str = ""  # why only LOCAL can run (the model could not be profiled yet)
     profile_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input shapes planned for
@@ -157,7 +157,7 @@ class Explanation:
             link={"uplink_mbps": m.link.uplink_mbps, "downlink_mbps": m.link.downlink_mbps, "rtt_ms": m.link.rtt_ms},
             device=m.device, current=m.current.label, hysteresis_margin=m.hysteresis_margin, would_switch=m.would_switch,
             calibration={"edge_factor": m.calibration.edge_factor, "offload_ms": m.calibration.offload_ms,
-                         "samples": m.calibration.samples},
+                         "samples": m.calibration.samples, "request_ms": m.calibration.request_ms},
             power={"idle_w": m.power.idle_w, "active_w": m.power.active_w, "source": m.power.source},
             plans_unavailable=m.plans_unavailable,
             profile_shapes={spec.name: tuple(spec.shape) for spec in m.profile.inputs}, profile_source=m.profile.source,

@@ -489,9 +489,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                                                 self.policies.for_model(model.name))
                 feeds = decode_all(request.inputs)
                 model.check_inputs(feeds)
+                waiting = time.perf_counter()
                 async with self.admission.slot():
+                    queued_ms = (time.perf_counter() - waiting) * 1e3
                     reply = await self._infer(context, model, feeds, objective, encoding, request.plan, arrived,
-                                              adaptive=adaptive)
+                                              adaptive=adaptive, queued_ms=queued_ms)
             self._observe(reply)
             return reply
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
@@ -534,7 +536,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def _infer(self, context: grpc.aio.ServicerContext, model: OnnxModel, feeds: dict[str, np.ndarray],
                      objective: Objective, encoding: int, pinned: str, arrived: float, *,
-                     adaptive: bool = False) -> pb.InferReply:
+                     adaptive: bool = False, queued_ms: float = 0.0) -> pb.InferReply:
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         calibration = self.calibration(model, shapes)  # what this request's predictions are made with
         try:
@@ -562,11 +564,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
-        if not fallback_reason and not stages.cold:
-            self._calibration[self._calibration_key(model, shapes)] = self.calibration(model, shapes).observed(
-                candidate.stages, stages, offloaded=candidate.kind != "local", used=calibration)
         encoded = encode_all(outputs, pb.ENCODING_RAW)
         total_ms = (time.perf_counter() - arrived) * 1e3
+        if not fallback_reason and not stages.cold:
+            # what no stage accounts for: decoding the request and encoding the reply (not the wait for a slot)
+            outside_ms = total_ms - queued_ms - (stages.edge_ms + stages.encode_ms + stages.network_ms + stages.cloud_ms
+                                                 + stages.decode_ms)
+            self._calibration[self._calibration_key(model, shapes)] = self.calibration(model, shapes).observed(
+                candidate.stages, stages, offloaded=candidate.kind != "local", used=calibration, outside_ms=outside_ms)
         return pb.InferReply(
             outputs=encoded, plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
             measured=stage_times(stages, total_ms), predicted_energy_j=candidate.energy_j,
@@ -645,7 +650,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             hysteresis_margin=policy.hysteresis_margin, would_switch=held.switched,
             calibration=pb.Calibration(edge_factor=self.calibration(model, shapes).edge_factor,
                                        offload_ms=self.calibration(model, shapes).offload_ms,
-                                       samples=self.calibration(model, shapes).samples),
+                                       samples=self.calibration(model, shapes).samples,
+                                       request_ms=self.calibration(model, shapes).request_ms),
             power=pb.PowerFigures(idle_w=self.power_figures.idle_w, active_w=self.power_figures.active_w,
                                   source=self.power_figures.source),
             candidates=[

@@ -45,15 +45,17 @@ class Calibration:
     edge_factor: float = 1.0     # measured / profiled device compute
     offload_ms: float = 0.0      # device time per cloud call beyond codec and wire
     samples: int = 0             # requests learned from
+    request_ms: float = 0.0      # device time per request outside every stage (request decode, reply encode), ms
 
     def observed(self, predicted: StagePrediction, measured: MeasuredStages, *, offloaded: bool,
-                 used: Calibration | None = None) -> Calibration:
+                 used: Calibration | None = None, outside_ms: float | None = None) -> Calibration:
         """The calibration after a request that ran as planned (not one that
         fell back: its stages are not the plan's). ``predicted`` was made with
         ``used`` (default: this calibration); requests run concurrently, so
         that may be an older one. Each figure moves toward what this request
         showed of the uncalibrated profile, so late or simultaneous requests
-        cannot push it past the truth."""
+        cannot push it past the truth. ``outside_ms``: the request's time in the
+        agent outside every stage, measured directly (None: not known)."""
         used = used or self
         edge_factor, offload_ms = self.edge_factor, self.offload_ms
         if predicted.edge_ms >= MIN_EDGE_SAMPLE_MS and measured.edge_ms > 0:
@@ -64,15 +66,19 @@ class Calibration:
             codec_ms = predicted.encode_ms + predicted.decode_ms - used.offload_ms
             excess = measured.encode_ms + measured.decode_ms - codec_ms
             offload_ms = min(max(offload_ms + SMOOTHING * (excess - offload_ms), 0.0), MAX_OFFLOAD_MS)
-        return Calibration(edge_factor=edge_factor, offload_ms=offload_ms, samples=self.samples + 1)
+        request_ms = self.request_ms
+        if outside_ms is not None:
+            request_ms = min(max(request_ms + SMOOTHING * (outside_ms - request_ms), 0.0), MAX_OFFLOAD_MS)
+        return Calibration(edge_factor=edge_factor, offload_ms=offload_ms, samples=self.samples + 1, request_ms=request_ms)
 
     def apply(self, costs: ModelCosts) -> ModelCosts:
         """``costs`` as this device runs them now: compute scaled, each cloud
         call's device-side cost added to the encoding of what it sends."""
-        if self.edge_factor == 1.0 and self.offload_ms == 0.0:
+        if self.edge_factor == 1.0 and self.offload_ms == 0.0 and self.request_ms == 0.0:
             return costs
         return replace(
             costs,
+            request_ms=self.request_ms,
             edge_segment_ms=tuple(t * self.edge_factor for t in costs.edge_segment_ms),
             edge_overhead_ms=costs.edge_overhead_ms * self.edge_factor,
             crossings=tuple(Transfer(c.wire_bytes, c.encode_ms + self.offload_ms, c.decode_ms) for c in costs.crossings),

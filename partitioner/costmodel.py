@@ -26,6 +26,10 @@ results coming back) and the node's link L::
 
 LOCAL: T(n) = edge(n) and J(n) = P_active * edge(n) / 1e3.
 
+Every plan also pays ``request_ms``, the device's time per request outside
+these stages (decoding the request, encoding the reply), learned from
+completed requests: it moves no decision, but makes T what the app sees.
+
 The device is charged idle power while it receives the results: they are
 small next to what goes up, and Huang et al.'s downlink term would need a
 second radio model for a few kilobytes.
@@ -147,6 +151,7 @@ class ModelCosts:
     crossings: tuple[Transfer, ...]  # n: [0] = model inputs (REMOTE), [k] = the cut after k segments
     output: Transfer  # results coming back from the cloud
     edge_memory_bytes: tuple[int, ...]  # n + 1: device memory to run k segments locally, k = 0..n
+    request_ms: float = 0.0  # device time per request outside every stage (request decode, reply encode): every plan pays it
 
     def __post_init__(self) -> None:
         segments = _times("ModelCosts.edge_segment_ms", self.edge_segment_ms)
@@ -169,6 +174,7 @@ class ModelCosts:
             )
         set_field(self, "edge_segment_ms", segments)
         set_field(self, "edge_overhead_ms", non_negative("ModelCosts.edge_overhead_ms", self.edge_overhead_ms, "ms"))
+        set_field(self, "request_ms", non_negative("ModelCosts.request_ms", self.request_ms, "ms"))
         set_field(self, "crossings", crossings)
         set_field(self, "edge_memory_bytes", memory)
 
@@ -369,8 +375,9 @@ def _check_against_model(
 
 def _local(costs: ModelCosts, power: Power) -> tuple[StagePrediction, float]:
     edge = sum(costs.edge_segment_ms) + costs.edge_overhead_ms
-    stages = StagePrediction(edge_ms=edge, encode_ms=0.0, network_ms=0.0, cloud_ms=0.0, decode_ms=0.0, total_ms=edge)
-    return stages, power.active_w * edge / 1e3
+    total = edge + costs.request_ms
+    stages = StagePrediction(edge_ms=edge, encode_ms=0.0, network_ms=0.0, cloud_ms=0.0, decode_ms=0.0, total_ms=total)
+    return stages, power.active_w * total / 1e3
 
 
 def _offloaded(costs: ModelCosts, power: Power, cloud: CloudOption, *, edge_compute_ms: float | None, cut: Transfer,
@@ -385,10 +392,10 @@ def _offloaded(costs: ModelCosts, power: Power, cloud: CloudOption, *, edge_comp
     downlink = out.wire_bytes * 8 / (link.downlink_mbps * 1e6) * 1e3
     network = link.rtt_ms + uplink + downlink
     remote = cloud.queue_ms + cloud_compute_ms + cloud.overhead_ms + cut.decode_ms + out.encode_ms
-    total = edge + cut.encode_ms + network + remote + out.decode_ms
+    total = edge + cut.encode_ms + network + remote + out.decode_ms + costs.request_ms
     radio_w = power.radio_alpha_w_per_mbps * link.uplink_mbps + power.radio_beta_w
     energy = (
-        power.active_w * (edge + cut.encode_ms + out.decode_ms)
+        power.active_w * (edge + cut.encode_ms + out.decode_ms + costs.request_ms)
         + radio_w * uplink
         + power.idle_w * (link.rtt_ms + downlink + remote)
     ) / 1e3

@@ -540,14 +540,16 @@ class PowerFigures(_message.Message):
     def __init__(self, idle_w: _Optional[float] = ..., active_w: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Calibration(_message.Message):
-    __slots__ = ("edge_factor", "offload_ms", "samples")
+    __slots__ = ("edge_factor", "offload_ms", "samples", "request_ms")
     EDGE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_MS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_MS_FIELD_NUMBER: _ClassVar[int]
     edge_factor: float
     offload_ms: float
     samples: int
-    def __init__(self, edge_factor: _Optional[float] = ..., offload_ms: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    request_ms: float
+    def __init__(self, edge_factor: _Optional[float] = ..., offload_ms: _Optional[float] = ..., samples: _Optional[int] = ..., request_ms: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

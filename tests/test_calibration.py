@@ -89,3 +89,15 @@ def test_concurrent_requests_predicted_with_an_older_calibration_do_not_overshoo
     for _ in range(16):
         calibration = calibration.observed(predicted(edge_ms=50.0), Measured(edge_ms=100.0), offloaded=False, used=start)
     assert 1.9 < calibration.edge_factor <= 2.0  # moves toward the truth, never past it
+
+
+def test_time_outside_every_stage_is_charged_to_every_plan_alike() -> None:
+    # 20 ms outside the stages, smoothed: 0.2 * 20 = 4 ms per request, on every plan
+    after = Calibration().observed(predicted(edge_ms=50.0), Measured(edge_ms=50.0), offloaded=False, outside_ms=20.0)
+    assert after.request_ms == pytest.approx(4.0)
+    before = choose(three_segments(), [node()], power())
+    now = choose(after.apply(three_segments()), [node()], power())
+    for old, new in zip(before.candidates, now.candidates):
+        assert new.stages.total_ms == pytest.approx(old.stages.total_ms + 4.0)
+        assert new.energy_j == pytest.approx(old.energy_j + power().active_w * 4.0 / 1e3)
+    assert now.winner.label == before.winner.label  # the same for every plan: it moves no decision
