@@ -6,9 +6,9 @@ Starts a cloud node and an edge agent on loopback (this host as the device),
 then for each model and a few input shapes (the one its metadata declares and
 others an app might send) sends one request to teach the agent the shape,
 waits until the agent has profiled it, and sends ``--runs`` requests pinned
-LOCAL. Reported per shape: the agent's predicted LOCAL time against its
-measured one (median), their ratio (target: within 1.5x), and what the
-prediction was based on. A second table shows requests at a size inside an
+LOCAL. Reported per shape: the agent's predicted LOCAL total against its
+measured total (median), their ratio (target: within 1.5x), the same for
+onnxruntime's part alone, and what the prediction was based on. A second table shows requests at a size inside an
 already-profiled bucket, planned by rescaling with the work model. Writes
 JSON; no root needed.
 """
@@ -45,14 +45,15 @@ WAIT_S = 300.0
 def measure(client: sdk.EdgeClient, model: str, name: str, shape: tuple[int, ...], runs: int) -> dict:
     x = {name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     client.infer(model, x, plan="local")  # warm
-    predicted, measured = [], []
-    for _ in range(runs):
-        reply = client.infer(model, x, plan="local")
-        predicted.append(reply.predicted["total_ms"])
-        measured.append(reply.measured["edge_ms"])
+    replies = [client.infer(model, x, plan="local") for _ in range(runs)]
+
+    def median(stage: str, of: str) -> float:
+        return statistics.median(getattr(r, of)[stage] for r in replies)
+
     basis = client.explain(model, input_shapes={name: shape})
-    p, m = statistics.median(predicted), statistics.median(measured)
+    p, m = median("total_ms", "predicted"), median("total_ms", "measured")
     return {"model": model, "shape": list(shape), "predicted_ms": p, "measured_ms": m, "ratio": p / m,
+            "predicted_edge_ms": median("edge_ms", "predicted"), "measured_edge_ms": median("edge_ms", "measured"),
             "basis": basis.profile_source}
 
 
@@ -77,11 +78,12 @@ def main() -> int:
                 rescaled.append(measure(client, model, name, shape, args.runs))
     for title, data in (("LOCAL at profiled shapes", rows), ("LOCAL at sizes rescaled by the work model", rescaled)):
         table = Table(title=f"{title} ({platform.node()}, median of {args.runs}, agent's own timings)")
-        for column in ("model", "shape", "predicted ms", "measured ms", "predicted / measured", "basis"):
+        for column in ("model", "shape", "predicted ms", "measured ms", "predicted / measured",
+                       "onnxruntime predicted", "measured", "basis"):
             table.add_column(column, justify="right")
         for r in data:
             table.add_row(r["model"], "x".join(map(str, r["shape"])), f"{r['predicted_ms']:.2f}", f"{r['measured_ms']:.2f}",
-                          f"{r['ratio']:.2f}", r["basis"])
+                          f"{r['ratio']:.2f}", f"{r['predicted_edge_ms']:.2f}", f"{r['measured_edge_ms']:.2f}", r["basis"])
         console.print(table)
     ratios = [r["ratio"] for r in rows + rescaled]
     within = sum(1 / 1.5 <= r <= 1.5 for r in ratios)

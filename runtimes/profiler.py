@@ -402,14 +402,14 @@ def load_or_measure(model: OnnxModel, shapes: shape_rules.Shapes | None = None, 
 
 def profile_first_fitting(model: OnnxModel, candidates: list[shape_rules.ShapeChoice], *,
                           cache_dir: Path | None = None, budget_bytes: int | None = None,
-                          runs: int = 10) -> tuple[ModelProfile, shape_rules.ShapeChoice]:
+                          runs: int = 10, on_progress=None) -> tuple[ModelProfile, shape_rules.ShapeChoice]:
     """The profile at the first candidate shape the model runs at and that fits
     the budget. ProfilingError names every shape tried and why it failed."""
     failures = []
     for candidate in candidates:
         try:
             return load_or_measure(model, candidate.as_dict(), cache_dir=cache_dir, budget_bytes=budget_bytes,
-                                   runs=runs), candidate
+                                   runs=runs, on_progress=on_progress), candidate
         except Exception as exc:  # noqa: BLE001 -- onnxruntime raises many types; each means "not at this shape"
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             failures.append(f"at {candidate.describe()}: {reason}")
