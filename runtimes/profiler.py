@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import psutil
 
 from devices.limits import cpu_cgroup, cpu_quota
 from partitioner import shapes as shape_rules
@@ -391,13 +392,45 @@ def load_or_measure(model: OnnxModel, shapes: shape_rules.Shapes | None = None, 
             logger.warning("ignoring unreadable profile cache %s: %s", path, exc)
     check_memory(model, shapes, budget_bytes)
     logger.info("profiling %s (%d segments) on this host at %s", model.name, model.num_segments, shape_rules.describe(shapes))
-    profile = measure(model, shapes, runs=runs, on_progress=on_progress)
+    with OthersLoad() as load:
+        profile = measure(model, shapes, runs=runs, on_progress=on_progress)
+    if load.share > MAX_OTHERS_SHARE and not throttled(model):
+        # Used now, but not kept: a profile cached under load is planned with long after the load has gone.
+        logger.warning("%s: profiled while other programs kept %.0f%% of the CPUs busy; using it for now, "
+                       "not caching it (the next start measures again)", model.name, 100 * load.share)
+        return profile
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write then rename: a crash mid-write must not leave a corrupt cache.
     tmp = path.with_suffix(".tmp")
     tmp.write_text(profile.to_json())
     tmp.replace(path)
     return profile
+
+
+# Above this share of the machine's CPU time taken by other programs while a
+# profile is measured, the profile is not cached: the fastest of its runs still
+# ran 3x slow with both cores busy (bench/host_stability).
+MAX_OTHERS_SHARE = 0.5
+
+
+class OthersLoad:
+    """The share of all CPUs' time other programs used while the block ran (psutil)."""
+
+    def __enter__(self) -> "OthersLoad":
+        self._system = psutil.cpu_times()
+        self._own = psutil.Process().cpu_times()
+        self._start = time.perf_counter()
+        self.share = 0.0
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        system, own = psutil.cpu_times(), psutil.Process().cpu_times()
+        wall = time.perf_counter() - self._start
+        busy = (sum(system) - system.idle - getattr(system, "iowait", 0.0)) - (
+            sum(self._system) - self._system.idle - getattr(self._system, "iowait", 0.0))
+        mine = (own.user + own.system) - (self._own.user + self._own.system)
+        capacity = wall * (psutil.cpu_count() or 1)
+        self.share = max(busy - mine, 0.0) / capacity if capacity > 0 else 0.0
 
 
 def profile_first_fitting(model: OnnxModel, candidates: list[shape_rules.ShapeChoice], *,
