@@ -353,8 +353,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         """Plan by ``policies`` from the next request on (a SIGHUP reload)."""
         self.policies = policies
         for name in self.store.models:
-            if policies.for_model(name).max_output_error is not None:
+            policy = policies.for_model(name)
+            if policy.max_output_error is not None:
                 self.book.want_codec_errors(name)  # a budget set by this reload needs the figures
+            if policy.profile_shapes:
+                try:
+                    logger.info("%s", self.book.want_shapes(name, policy.profile_shapes))
+                except ShapeError as exc:
+                    logger.error("policy: %s; plans keep the shapes profiled so far", exc)
         self.generator.use_limits(policies.llm, weight_latency=policies.default.weight_latency)
 
     def use_power(self, figures: PowerFigures) -> None:

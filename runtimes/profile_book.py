@@ -268,8 +268,28 @@ class ProfileBook:
 
     # ------------------------------------------------------------ learning --
 
-    def _learn(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]], bucket: tuple) -> None:
-        chosen = shape_rules.choice(shapes, "request", [spec.name for spec in model.inputs])
+    def want_shapes(self, name: str, configured: Mapping[str, object]) -> str:
+        """Profile ``name`` at newly configured shapes (a policy reload), off the
+        caller's path; returns what happens, in words (ShapeError: they do not fit)."""
+        model = self.models[name]
+        declared = shape_rules.declared_inputs(model_proto(model))
+        shapes = shape_rules.check_shapes(declared, configured, f"profile_shapes of {name}")
+        missing = sorted(set(declared) - set(shapes))
+        if missing:
+            raise shape_rules.ShapeError(f"profile_shapes of {name}: give every input; missing {missing}")
+        bucket = self.bucket_of(model, shapes)
+        with self._lock:
+            state = self._state[name]
+            self.configured[name] = dict(configured)
+            if bucket in state.entries or bucket in state.pending:
+                return f"{name}: {shape_rules.describe(shapes)} is profiled already"
+            state.pending.add(bucket)
+            state.failed.pop(bucket, None)
+        self._worker.submit(self._learn, model, shapes, bucket, "config")
+        return f"{name}: profiling {shape_rules.describe(shapes)}"
+
+    def _learn(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]], bucket: tuple, source: str = "request") -> None:
+        chosen = shape_rules.choice(shapes, source, [spec.name for spec in model.inputs])
         try:
             profile = load_or_measure(model, chosen.as_dict(), cache_dir=self.cache_dir, budget_bytes=self.budget_bytes)
             self._add(model.name, model, chosen, profile)

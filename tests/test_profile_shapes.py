@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,9 @@ def test_profile_shapes_from_the_policy_file(tmp_path: Path, detector_dir: Path)
     with launch.edge_agent(detector_dir, [], "--policy", str(policy)) as agent, sdk.EdgeClient(agent.address) as client:
         info = next(m for m in client.models() if m.name == "detector")
         assert [(list(p.inputs[0].shape), p.source) for p in info.profiled] == [([1, 3, 192, 256], "config")]
+        # a reload that names another shape has it profiled too, off the request path
+        policy.write_text("version = 1\n[models.detector]\nprofile_shapes = { images = [1, 3, 416, 416] }\n")
+        agent.process.send_signal(signal.SIGHUP)
+        launch.wait_profiled(client, "detector", [1, 3, 416, 416], timeout_s=WAIT_S)
+        info = next(m for m in client.models() if m.name == "detector")
+        assert ([1, 3, 416, 416], "config") in [(list(p.inputs[0].shape), p.source) for p in info.profiled]
