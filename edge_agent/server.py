@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -41,7 +42,6 @@ from partitioner.planning import (
     cloud_option,
     codec_limits,
     model_costs,
-    profiled_shapes,
     queue_wait_ms,
 )
 from partitioner.policy import Policy, PolicySet
@@ -69,6 +69,7 @@ KINDS = {"local": pb.PLAN_LOCAL, "split": pb.PLAN_SPLIT, "remote": pb.PLAN_REMOT
 ENCODINGS = (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8)
 LOSSY_ENCODINGS = (pb.ENCODING_FP16, pb.ENCODING_INT8)
 ENCODING_NAMES = {pb.ENCODING_RAW: "raw", pb.ENCODING_FP16: "fp16", pb.ENCODING_INT8: "int8"}
+ENCODING_BY_LABEL = {name: value for value, name in ENCODING_NAMES.items()}
 
 # Below this much time left before the caller's deadline, a cloud attempt is
 # not worth starting: there would be no time left to fall back.
@@ -116,6 +117,8 @@ def fallback_kind(reason: str) -> str:
 # factor (10 %): below it the same cut wins, and solving per request would cost
 # more than the inference on large graphs.
 DAG_RECOMPUTE_STEP = 1.1
+# DAG cuts remembered for running and pinning (the cached decisions name them).
+MAX_GENERAL_CUTS = 512
 
 
 def _bucket(value: float) -> int:
@@ -151,6 +154,23 @@ def parse_pinned(label: str) -> tuple[str, int | str | None, str]:
         raise PlanError(f"plan {label!r} is not one of 'local', 'remote', 'split:<k>', 'split:<DAG cut key>' "
                         "(optionally '@HOST:PORT')")
     return kind, (int(index) if index.isdigit() else index) if index else None, node
+
+
+def split_codec(plan: str, encoding: int) -> tuple[str, int]:
+    """A pinned label as explain shows it ("split:5+int8") as the plan and the
+    codec it pins; a codec named both ways must agree."""
+    base, plus, name = plan.partition("+")
+    if not plus:
+        return plan, encoding
+    node = ""
+    if "@" in name:
+        name, _, node = name.partition("@")
+    codec_value = ENCODING_BY_LABEL.get(name)
+    if codec_value is None:
+        raise PlanError(f"plan {plan!r}: {name!r} is not a codec; use raw, fp16 or int8")
+    if encoding and encoding != codec_value:
+        raise PlanError(f"plan {plan!r} pins {name}, the request asks for encoding {encoding}")
+    return base + (f"@{node}" if node else ""), codec_value
 
 
 def find_pinned(decision: Decision, kind: str, k: int | str | None, node: str) -> Candidate | None:
@@ -200,9 +220,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             metrics.set_queue(name, lambda engine=engine: engine.queued)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
-        self._current: dict[tuple[str, Objective, int], str] = {}  # plan label per model/objective/codec
+        self._current: dict[tuple[str, Objective, int, bool], str] = {}  # plan label per model/objective/codec/adaptive
         self._dag_cache: dict[tuple, list[DagCut]] = {}  # priced min-cuts per model, shape, nodes and rounded figures
-        self._general_cuts: dict[tuple[str, str], Cut] = {}  # (model, cut key) -> a DAG cut planned before
+        # (model, cut key) -> a DAG cut planned before, least recently used first
+        self._general_cuts: OrderedDict[tuple[str, str], Cut] = OrderedDict()
         # What completed requests taught about each profile: per model and shape bucket,
         # since profiles err differently (a global factor learned on one model, or at one
         # shape, mispredicted the others).
@@ -211,7 +232,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     # ------------------------------------------------------------ planning --
 
     def _model_costs(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]]) -> ModelCosts:
-        key = (model.name, encoding, describe(shapes), describe(profiled_shapes(view.profile)) + view.method)
+        # the measured profile it came from (a rescaled view's crossings hold the request's shapes)
+        key = (model.name, encoding, describe(shapes), view.basis, view.method)
         if key not in self._costs:
             if len(self._costs) > 256:  # request sizes vary: keep the cache bounded
                 self._costs.clear()
@@ -230,6 +252,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if candidate.kind != "split":
             return None
         if candidate.cut_key:
+            self._general_cuts.move_to_end((model.name, candidate.cut_key))
             return self._general_cuts[(model.name, candidate.cut_key)]
         return model.cut(candidate.k)
 
@@ -309,12 +332,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         wanted = pinned.partition("@")[0].partition(":")[2]
         key = (model.name, describe(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
                wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
+               _bucket(sum(costs.edge_segment_ms) or 1.0), _bucket(self.power.active_w), _bucket(self.power.idle_w or 1.0),
                tuple((c.node, _bucket(c.link.uplink_mbps), _bucket(c.link.downlink_mbps), _bucket(sum(c.segment_ms) or 1.0))
                      for c in clouds))
         if key not in self._dag_cache:
             if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
                 self._dag_cache.clear()
-                self._general_cuts = {k: v for k, v in self._general_cuts.items() if k[0] == model.name}
             self._dag_cache[key] = self._solve_dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, wanted)
         return self._dag_cache[key]
 
@@ -339,6 +362,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if cut is not None:
                 found[cut.key] = cut
                 self._general_cuts[(model.name, cut.key)] = cut
+                self._general_cuts.move_to_end((model.name, cut.key))
+                if len(self._general_cuts) > MAX_GENERAL_CUTS:
+                    self._general_cuts.popitem(last=False)
+                    self._dag_cache.clear()  # no cached decision may name a cut that is gone
         if (model.name, wanted) in self._general_cuts:
             found[wanted] = self._general_cuts[(model.name, wanted)]
         inputs = sum(tensors[spec.name].raw_bytes for spec in model.inputs if spec.name in tensors)
@@ -491,14 +518,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         try:
             with self.metrics.in_flight():
                 model = self.store.get(request.model)
-                objective, encoding, adaptive = request_options(request.objective, request.encoding,
+                pinned, pinned_encoding = split_codec(request.plan, request.encoding)
+                objective, encoding, adaptive = request_options(request.objective, pinned_encoding,
                                                                 self.policies.for_model(model.name))
                 feeds = decode_all(request.inputs)
                 model.check_inputs(feeds)
                 waiting = time.perf_counter()
                 async with self.admission.slot():
                     queued_ms = (time.perf_counter() - waiting) * 1e3
-                    reply = await self._infer(context, model, feeds, objective, encoding, request.plan, arrived,
+                    reply = await self._infer(context, model, feeds, objective, encoding, pinned, arrived,
                                               adaptive=adaptive, queued_ms=queued_ms)
             self._observe(reply)
             return reply
@@ -515,7 +543,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         else:
             self.metrics.observe_prediction(kind, reply.predicted.total_ms, reply.measured.total_ms)
 
-    def _pick(self, model: OnnxModel, decision: Decision, pinned: str, key: tuple[str, Objective, int]) -> tuple[Candidate, str, str]:
+    def _pick(self, model: OnnxModel, decision: Decision, pinned: str, key: tuple) -> tuple[Candidate, str, str]:
         """(candidate to run, why, fallback reason if a pinned cloud plan has no node)."""
         if not pinned:
             margin = self.policies.for_model(model.name).hysteresis_margin
@@ -544,6 +572,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                      objective: Objective, encoding: int, pinned: str, arrived: float, *,
                      adaptive: bool = False, queued_ms: float = 0.0) -> pb.InferReply:
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
+        if not self.book.prepared(model, shapes):  # a new exact shape: its shape inference off the event loop
+            await asyncio.to_thread(self.book.prepare, model, shapes)
         calibration = self.calibration(model, shapes)  # what this request's predictions are made with
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
@@ -551,7 +581,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                           adaptive=adaptive, pinned=pinned)
         except NotPlanned as unplanned:
             return await self._infer_unplanned(model, feeds, pinned, unplanned.reason, arrived)
-        candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding))
+        candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding, adaptive))
         if "@" not in pinned:
             candidate = share_load(decision, candidate, {n.address: (n.inflight, n.last_sent) for n in self.nodes})
         planned = self._plan(candidate, model, encoding)
@@ -643,7 +673,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                       device=self.device_name)
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
-        current = self._current.get((model.name, objective, encoding))
+        current = self._current.get((model.name, objective, encoding, adaptive))
         held = hold_or_switch(decision, current, margin=policy.hysteresis_margin)
         shown = held.candidate or decision.best_effort
         current_candidate = min((c for c in decision.candidates if c.label == current), key=lambda c: c.score, default=None)

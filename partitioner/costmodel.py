@@ -491,7 +491,10 @@ def _evaluate(
                 add(SPLIT if k else REMOTE, k, cloud, stages, energy, memory=costs.edge_memory_bytes[k],
                     uplink=crossings[k].wire_bytes, rest_ms=edge_prefix[n] - edge_prefix[k] + costs.edge_overhead_ms,
                     codec=codec)
-        chain_best = min((c.score for c, _ in evaluated if c.node == cloud.node and c.kind == SPLIT), default=math.inf)
+        # against the best chain split the policy allows: a DAG cut matters most where
+        # the cheap chain splits break a hard rule (a privacy floor, memory)
+        chain_best = min((c.score for c, _ in evaluated if c.node == cloud.node and c.kind == SPLIT
+                          and not c.hard_violation), default=math.inf)
         for dag in dag_cuts:
             if cloud.node not in dag.cloud_ms:
                 continue

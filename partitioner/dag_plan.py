@@ -31,6 +31,7 @@ from partitioner.mincut import MinCutError, graph_problem, solve
 from partitioner.planning import CodecSpeed, transfer
 from partitioner.profile import TensorMeta
 from partitioner.work import Machine, Work, roofline_ms
+from protos.codec import CodecError
 
 
 def node_times(graph: ModelGraph, segment_ms: Sequence[float], works: Mapping[str, Work], machine: Machine) -> dict[str, float]:
@@ -81,7 +82,10 @@ def best_cut(graph: ModelGraph, *, device_ms: Mapping[str, float], cloud_ms: Map
         meta = tensors.get(name)
         if meta is None:
             return math.inf
-        t = transfer((meta,), encoding, speed)
+        try:
+            t = transfer((meta,), encoding, speed)
+        except CodecError:
+            return math.inf  # a type the wire format cannot carry (uint16, complex) never crosses
         uplink_ms = t.wire_bytes * 8 / (link.uplink_mbps * 1e6) * 1e3
         return weights.uplink_ms * uplink_ms + weights.encode_ms * t.encode_ms + weights.decode_ms * t.decode_ms
 
@@ -110,6 +114,10 @@ def price(graph: ModelGraph, cut: Cut, *, device_ms: Mapping[str, float], cloud_
     metas = [tensors.get(name) for name in cut.tensors]
     if any(m is None for m in metas):
         return None
+    try:
+        crossing = transfer(tuple(metas), encoding, speed)
+    except CodecError:
+        return None
     edge = set(graph.edge_nodes(cut))
     dynamic = [n for n in device_ms]
     whole = 0
@@ -121,7 +129,7 @@ def price(graph: ModelGraph, cut: Cut, *, device_ms: Mapping[str, float], cloud_
         key=cut.key,
         edge_ms=sum(device_ms[n] for n in dynamic if n in edge),
         rest_ms=sum(device_ms[n] for n in dynamic if n not in edge),
-        crossing=transfer(tuple(metas), encoding, speed),
+        crossing=crossing,
         memory_bytes=graph.edge_param_bytes(cut) + max(input_bytes, sum(m.raw_bytes for m in metas)),
         whole_segments=min(whole, len(graph.segments) - 1),
         cloud_ms={node: sum(t for n, t in times.items() if n not in edge) for node, times in cloud_ms_by_node.items()},

@@ -53,6 +53,7 @@ PROFILE_MEMORY_SHARE = 0.25
 PROFILE_MEMORY_CAP = 2**30
 
 Predict = Callable[[OnnxModel, ModelProfile], ModelProfile]
+CODEC_NEEDS_PROFILE = "codec errors need a profile first"
 
 
 def memory_budget(configured_mb: float, device_bytes: int | None) -> int:
@@ -143,7 +144,7 @@ class ProfileBook:
             entries = list(self._state[name].entries.values())
         if not entries:
             with self._lock:
-                self._state[name].codec_note = "codec errors need a profile first"
+                self._state[name].codec_note = CODEC_NEEDS_PROFILE
             return
         try:
             errors = load_or_measure_codec_errors(model, entries[0].measured, cache_dir=self.cache_dir,
@@ -190,10 +191,14 @@ class ProfileBook:
         entry = Measured(chosen, planned, profile)
         with self._lock:
             state = self._state[name]
+            first = not state.entries
             state.entries[self.bucket_of(model, chosen.as_dict())] = entry
             state.unavailable = ""
+            codec_waiting = first and state.codec_note == CODEC_NEEDS_PROFILE
         logger.info("%s: profiled at %s (%s): %.1f ms per run here%s", name, chosen.describe(), chosen.source,
                     profile.whole_ms, "" if planned is profile else f", {planned.whole_ms:.1f} ms predicted")
+        if codec_waiting:  # asked for before any profile existed (start-up could not profile the model)
+            self.want_codec_errors(name)
         return entry
 
     # ------------------------------------------------------------- queries --
@@ -325,6 +330,20 @@ class ProfileBook:
             while len(cache) > MAX_CACHED_SHAPES:
                 cache.popitem(last=False)
         return value
+
+    def prepared(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether planning at these exact shapes has what it needs cached (see prepare)."""
+        key = shape_rules.describe(shapes)
+        with self._lock:
+            state = self._state[model.name]
+            return model.graph is None or (key in state.works and key in state.tensors and key in state.all_tensors)
+
+    def prepare(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Run the shape inference planning at these shapes needs (tens of ms on a
+        detector): called in a thread, so the event loop never waits on it."""
+        self.node_works(model, shapes)
+        self._tensors(model, shapes)
+        self.tensor_metas(model, shapes)
 
     def node_works(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Work] | None:
         """Every node's work at these input shapes (None: shape inference cannot reach them)."""
