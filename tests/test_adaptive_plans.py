@@ -64,6 +64,11 @@ def test_the_codec_is_chosen_per_plan_within_the_error_budget(tmp_path: Path, zo
         # a request that names its codec gets exactly that one
         fixed = client.infer("resnet", {"input": x}, plan="split:3", encoding="fp16")
         assert fixed.plan == "split:3" and set(fixed.encodings.values()) == {"fp16"}
+        # and a label as explain shows it pins its codec too
+        labelled = client.infer("resnet", {"input": x}, plan="split:3+int8")
+        assert labelled.plan == "split:3" and set(labelled.encodings.values()) == {"int8"}
+        with pytest.raises(sdk.InvalidArgument, match="not a codec"):
+            client.infer("resnet", {"input": x}, plan="split:3+zip")
 
 
 def test_a_dag_cut_explain_shows_runs_through_the_node_equal_to_the_unsplit_model(tmp_path: Path, zoo: Path) -> None:

@@ -130,6 +130,21 @@ def test_the_resnet_fork_gives_a_dag_cut_that_wins(resnet) -> None:
     assert decision.winner.stages.total_ms < (1 - DAG_MIN_GAIN) * best_chain
 
 
+def test_a_dag_cut_is_weighed_against_the_chain_splits_the_policy_allows() -> None:
+    """Under a privacy floor of 2 the cheap split:1 is illegal: a DAG cut that keeps both
+    floor segments and beats LOCAL must not be hidden by the illegal split's score."""
+    costs = ModelCosts(edge_segment_ms=(1.0, 19.0, 10.0, 10.0), edge_overhead_ms=0.0,
+                       crossings=tuple(Transfer(b, 0.0, 0.0) for b in (100_000, 1_000, 500_000, 500_000)),
+                       output=Transfer(100, 0.0, 0.0), edge_memory_bytes=(0,) * 5)
+    cloud = CloudOption(node="n", link=Link(10.0, 10.0, 2.0), queue_ms=0.0, segment_ms=(0.1,) * 4, overhead_ms=0.0)
+    dag = DagCut(key="gfloor", edge_ms=25.0, rest_ms=15.0, crossing=Transfer(2_000, 0.0, 0.0), memory_bytes=0,
+                 whole_segments=2, cloud_ms={"n": 1.0})
+    decision = choose(costs, [cloud], POWER, dag_cuts=[dag], constraints=Constraints(privacy_min_local=2))
+    split1 = next(c for c in decision.candidates if c.label == "split:1")
+    assert split1.hard_violation and split1.stages.total_ms < 20.0  # cheap, but breaks the floor
+    assert decision.winner.cut_key == "gfloor", decision.why
+
+
 def test_a_dag_cut_within_the_bar_of_a_chain_cut_is_not_offered(resnet) -> None:
     graph, tensors = resnet
     link = Link(uplink_mbps=400.0, downlink_mbps=400.0, rtt_ms=10.0)
