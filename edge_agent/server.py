@@ -273,7 +273,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, shapes: dict[str, tuple[int, ...]],
                link: Link | None = None, learn: bool = True, nearest_ok: bool = False,
-               adaptive: bool = False, pinned: str = "") -> tuple[Decision, ModelCosts]:
+               adaptive: bool = False, pinned: str = "", current: str | None = None) -> tuple[Decision, ModelCosts]:
         """The decision for a request of these input shapes; NotPlanned when no
         profile can plan it yet (the request then runs LOCAL). ``nearest_ok``:
         plan from the nearest measured shape rather than not at all.
@@ -298,9 +298,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                      capacity=load.max_concurrency, service_ms=cloud_profile.whole_ms)
             clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link, queue_ms=queue_ms))
         codecs = self._codec_options(model, view, shapes, costs.n, policy) if adaptive and clouds else ()
-        dags = self._dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, pinned) if policy.dag_cuts else ()
+        held = current.partition("+")[0] if current and current.startswith("split:g") else ""
+        dags = self._dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, pinned or held) \
+            if policy.dag_cuts else ()
         decision = choose(costs, clouds, self.power, objective=objective, weight_latency=policy.weight_latency,
-                          constraints=policy.constraints, codecs=codecs, dag_cuts=dags, dag_min_gain=policy.dag_min_gain)
+                          constraints=policy.constraints, codecs=codecs, dag_cuts=dags, dag_min_gain=policy.dag_min_gain,
+                          keep=frozenset({current}) if current else frozenset())
         return decision, costs
 
     def _codec_options(self, model: OnnxModel, view: AtShape, shapes: dict[str, tuple[int, ...]], n: int,
@@ -578,7 +581,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
             decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned),
-                                          adaptive=adaptive, pinned=pinned)
+                                          adaptive=adaptive, pinned=pinned,
+                                          current=self._current.get((model.name, objective, encoding, adaptive)))
         except NotPlanned as unplanned:
             return await self._infer_unplanned(model, feeds, pinned, unplanned.reason, arrived)
         candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding, adaptive))
@@ -665,7 +669,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             try:
                 shapes = self.explain_shapes(model, request.input_shapes)
                 decision, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False,
-                                          nearest_ok=True, adaptive=adaptive)
+                                          nearest_ok=True, adaptive=adaptive,
+                                          current=self._current.get((model.name, objective, encoding, adaptive)))
             except NotPlanned as unplanned:
                 return pb.Explanation(model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=True,
                                       why=f"LOCAL: {unplanned.reason}", plans_unavailable=unplanned.reason,

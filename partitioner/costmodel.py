@@ -442,6 +442,7 @@ def _evaluate(
     codecs: Sequence[CodecOption] = (),
     dag_cuts: Sequence[DagCut] = (),
     dag_min_gain: float = DAG_MIN_GAIN,
+    keep: frozenset[str] = frozenset(),
 ) -> tuple[Objective, list[tuple[Candidate, choice.Broken]]]:
     """Every candidate with the (name, hard) of each constraint it breaks."""
     objective = choice.objective(objective)
@@ -486,7 +487,10 @@ def _evaluate(
                 # Of a codec's plans only its best on this node is a candidate: the others
                 # could never win (the raw plans at the same cuts stay listed), and listing
                 # every cut under every codec tripled the planner's cost per request.
-                priced = _best_priced(priced, costs, constraints, objective, weight, local_stages.total_ms, local_j)
+                best = _best_priced(priced, costs, constraints, objective, weight, local_stages.total_ms, local_j)
+                # the plan requests run now stays priced, so hysteresis can weigh it against the best
+                held = [item for item in priced if item not in best and _codec_label(item[0], codec) in keep]
+                priced = best + held
             for k, stages, energy in priced:
                 add(SPLIT if k else REMOTE, k, cloud, stages, energy, memory=costs.edge_memory_bytes[k],
                     uplink=crossings[k].wire_bytes, rest_ms=edge_prefix[n] - edge_prefix[k] + costs.edge_overhead_ms,
@@ -501,11 +505,15 @@ def _evaluate(
             stages, energy = _offloaded(costs, power, cloud, edge_compute_ms=dag.edge_ms, cut=dag.crossing,
                                         cloud_compute_ms=dag.cloud_ms[cloud.node])
             score = choice.score(objective, weight, stages.total_ms, energy, local_stages.total_ms, local_j)
-            if not dag.pinned and score >= chain_best * (1 - dag_min_gain):
+            if not dag.pinned and f"{SPLIT}:{dag.key}" not in keep and score >= chain_best * (1 - dag_min_gain):
                 continue  # within noise of a chain cut: not worth a new cut's cold sessions on both sides
             add(SPLIT, dag.whole_segments, cloud, stages, energy, memory=dag.memory_bytes,
                 uplink=dag.crossing.wire_bytes, rest_ms=dag.rest_ms + costs.edge_overhead_ms, cut_key=dag.key)
     return objective, evaluated
+
+
+def _codec_label(k: int, codec: CodecOption) -> str:
+    return f"{SPLIT}:{k}+{codec.name}" if k else f"{REMOTE}+{codec.name}"
 
 
 def _best_priced(priced: list[tuple[int, StagePrediction, float]], costs: ModelCosts, constraints: Constraints,
@@ -553,10 +561,12 @@ def evaluate(
     codecs: Sequence[CodecOption] = (),
     dag_cuts: Sequence[DagCut] = (),
     dag_min_gain: float = DAG_MIN_GAIN,
+    keep: frozenset[str] = frozenset(),
 ) -> tuple[Candidate, ...]:
     """Every candidate plan, predicted and checked: local, then per node remote,
     split:1..n-1, the same under each extra codec where usable, then the DAG cuts."""
-    _, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints, codecs, dag_cuts, dag_min_gain)
+    _, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints, codecs, dag_cuts, dag_min_gain,
+                             keep)
     return tuple(candidate for candidate, _ in evaluated)
 
 
@@ -609,16 +619,19 @@ def choose(
     codecs: Sequence[CodecOption] = (),
     dag_cuts: Sequence[DagCut] = (),
     dag_min_gain: float = DAG_MIN_GAIN,
+    keep: frozenset[str] = frozenset(),
 ) -> Decision:
     """The feasible plan with the lowest score, every candidate, and why.
 
     ``codecs``: lossy codecs the plan may use instead of the one ``costs`` was
     built for, each only where its measured error fits (CodecOption.usable);
     ``dag_cuts``: splits off the chain (minimum s-t cuts), priced alongside and
-    offered where they beat the node's best chain split by more than ``dag_min_gain``.
+    offered where they beat the node's best chain split by more than ``dag_min_gain``;
+    ``keep``: labels listed whatever those rules say (the plan requests run now,
+    which hysteresis weighs against the winner).
     """
     objective, evaluated = _evaluate(costs, clouds, power, objective, weight_latency, constraints, codecs, dag_cuts,
-                                     dag_min_gain)
+                                     dag_min_gain, keep)
     verdict = _CHOOSER.decide(
         objective, evaluated, lambda candidates, broken, effort: _why_infeasible(candidates, broken, constraints, effort)
     )

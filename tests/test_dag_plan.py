@@ -207,3 +207,17 @@ def test_equal_predictions_keep_the_lossless_codec() -> None:
     fast = CloudOption(node="n", link=Link(1000.0, 1000.0, 1.0), queue_ms=0.0, segment_ms=(0.1, 0.1, 0.1), overhead_ms=0.0)
     decision = choose(chain3(), [fast], POWER, codecs=[same])
     assert decision.winner.codec == "" and decision.winner.output_error == 0.0
+
+
+def test_the_plan_requests_run_now_stays_priced_for_hysteresis() -> None:
+    """Only each codec's best plan is listed, but the current one (kept) is too, so
+    hysteresis can weigh it against the winner instead of switching without a margin."""
+    fp16 = CodecOption("fp16", 2, crossings=tuple(Transfer(50_000, 0.1, 0.1) for _ in range(3)),
+                       output_error=(0.001,) * 3, usable=frozenset({0, 1, 2}))
+    slow = CloudOption(node="n", link=Link(10.0, 50.0, 5.0), queue_ms=0.0, segment_ms=(0.5, 0.5, 0.5), overhead_ms=0.0)
+    plain = choose(chain3(), [slow], POWER, codecs=[fp16])
+    (best,) = [c.label for c in plain.candidates if c.codec]
+    other = next(label for label in ("split:2+fp16", "split:1+fp16") if label != best)
+    kept = choose(chain3(), [slow], POWER, codecs=[fp16], keep=frozenset({other}))
+    assert {c.label for c in kept.candidates if c.codec} == {best, other}
+    assert kept.winner.label == plain.winner.label
