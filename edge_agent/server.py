@@ -335,7 +335,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         wanted = pinned.partition("@")[0].partition(":")[2]
         key = (model.name, describe(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
                wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
-               _bucket(sum(costs.edge_segment_ms) or 1.0), _bucket(self.power.active_w), _bucket(self.power.idle_w or 1.0),
+               _bucket(sum(costs.edge_segment_ms) or 1.0),
+               # the watts only weigh energy: under LATENCY a power reading must not re-solve the cut
+               None if objective is Objective.LATENCY else (_bucket(self.power.active_w), _bucket(self.power.idle_w or 1.0)),
                tuple((c.node, _bucket(c.link.uplink_mbps), _bucket(c.link.downlink_mbps), _bucket(sum(c.segment_ms) or 1.0))
                      for c in clouds))
         if key not in self._dag_cache:
