@@ -71,6 +71,11 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(model_dir: Path, 
                               "--metrics-listen", "127.0.0.1:0").wait_ready()
     url = json.loads(agent.ready_file.read_text())["metrics"]
     batch = image(3, batch=48)  # ~0.1 s of compute per request here: they overlap
+    # The agent profiles a new shape bucket in the background after its first request:
+    # let that finish first, so the burst competes with nothing but itself.
+    with sdk.EdgeClient(agent.address, timeout=120) as client:
+        client.infer("resnet", {"input": batch}, plan="local")
+        launch.wait_profiled(client, "resnet", [48, 3, 224, 224], timeout_s=120)
 
     def one(_: int) -> str:
         try:
