@@ -32,7 +32,7 @@ from partitioner.costmodel import (
     StagePrediction,
     choose,
 )
-from partitioner.dag_plan import best_cut, node_times, price, terms
+from partitioner.dag_plan import best_cut, branches, node_times, price, terms
 from partitioner.graph import Cut
 from partitioner.hysteresis import hold_or_switch, share_load
 from partitioner.planning import (
@@ -221,6 +221,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
         self._current: dict[tuple[str, Objective, int, bool], str] = {}  # plan label per model/objective/codec/adaptive
+        self._branchy: dict[str, bool] = {}  # model -> its graph branches (a chain has no DAG cut worth solving)
         self._dag_cache: dict[tuple, list[DagCut]] = {}  # priced min-cuts per model, shape, nodes and rounded figures
         # (model, cut key) -> a DAG cut planned before, least recently used first
         self._general_cuts: OrderedDict[tuple[str, str], Cut] = OrderedDict()
@@ -330,6 +331,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         dictionary lookup."""
         graph = model.graph
         if graph is None or not clouds or policy.constraints.allowed_cuts is not None:
+            return []
+        if model.name not in self._branchy:
+            self._branchy[model.name] = branches(graph)
+        if not self._branchy[model.name]:
             return []
         calibration = self.calibration(model, shapes)
         wanted = pinned.partition("@")[0].partition(":")[2]

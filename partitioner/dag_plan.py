@@ -34,6 +34,23 @@ from partitioner.work import Machine, Work, roofline_ms
 from protos.codec import CodecError
 
 
+def branches(graph: ModelGraph) -> bool:
+    """Whether any input-dependent tensor feeds two or more input-dependent nodes.
+
+    Without that the graph is a chain, every downward-closed set is a prefix of
+    its one order, and a min-cut can only move an element-wise follower across a
+    chain cut (worth 0.1-0.3 %, bench/plans): not worth solving per figure change.
+    """
+    a = graph._facts()
+    dynamic = set(a.dynamic)
+    for tensor, readers in a.consumers.items():
+        producer = a.producer.get(tensor)
+        produced_here = tensor in graph.inputs or (producer is not None and producer in dynamic)
+        if produced_here and sum(1 for r in readers if r in dynamic) >= 2:
+            return True
+    return False
+
+
 def node_times(graph: ModelGraph, segment_ms: Sequence[float], works: Mapping[str, Work], machine: Machine) -> dict[str, float]:
     """Each node's share of its segment's measured time, by roofline time (equal shares when none is known)."""
     times: dict[str, float] = {}
