@@ -45,7 +45,7 @@ from partitioner.planning import (
     queue_wait_ms,
 )
 from partitioner.policy import Policy, PolicySet
-from partitioner.shapes import ShapeError, check_shapes, describe
+from partitioner.shapes import ShapeError, check_every_input, describe
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -54,7 +54,7 @@ from runtimes.llm_serving import relay
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import InputError, OnnxModel
-from runtimes.profile_book import ProfileBook, Unplanned
+from runtimes.profile_book import ProfileBook, Unplanned, shape_specs
 from runtimes.rpc import NoFeasiblePlan, abort_for
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             raise NotPlanned(view.reason)
         profile = view.profile
         policy = self.policies.for_model(model.name)
-        costs = self.calibration(model, shapes).apply(self._model_costs(model, encoding, view, shapes))
+        calibration = self.calibration(model, shapes)
+        costs = calibration.apply(self._model_costs(model, encoding, view, shapes))
         clouds = []
         # Least busy (then least recently used) first: among nodes predicted
         # equal the first wins, so equal nodes take turns.
@@ -298,17 +299,17 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             queue_ms = queue_wait_ms(reported_ms=load.queue_delay_ms, in_flight=node.inflight,
                                      capacity=load.max_concurrency, service_ms=cloud_profile.whole_ms)
             clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link, queue_ms=queue_ms))
-        codecs = self._codec_options(model, view, shapes, costs.n, policy) if adaptive and clouds else ()
+        codecs = self._codec_options(model, view, shapes, calibration, costs.n, policy) if adaptive and clouds else ()
         held = current.partition("+")[0] if current and current.startswith("split:g") else ""
-        dags = self._dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, pinned or held) \
+        dags = self._dag_cuts(model, shapes, costs, calibration, clouds, objective, policy, encoding, pinned or held) \
             if policy.dag_cuts else ()
         decision = choose(costs, clouds, self.power, objective=objective, weight_latency=policy.weight_latency,
                           constraints=policy.constraints, codecs=codecs, dag_cuts=dags, dag_min_gain=policy.dag_min_gain,
                           keep=frozenset({current}) if current else frozenset())
         return decision, costs
 
-    def _codec_options(self, model: OnnxModel, view: AtShape, shapes: dict[str, tuple[int, ...]], n: int,
-                       policy: Policy) -> list[CodecOption]:
+    def _codec_options(self, model: OnnxModel, view: AtShape, shapes: dict[str, tuple[int, ...]],
+                       calibration: Calibration, n: int, policy: Policy) -> list[CodecOption]:
         """fp16 and int8 where their measured output error fits the budget; none until measured."""
         errors, _ = self.book.codec_errors(model.name)
         options = []
@@ -317,14 +318,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if limits is None or len(errors.by_encoding[encoding]) != n:
                 continue
             cuts, remote_ok = limits
-            crossings = self.calibration(model, shapes).apply(self._model_costs(model, encoding, view, shapes)).crossings
+            crossings = calibration.apply(self._model_costs(model, encoding, view, shapes)).crossings
             options.append(CodecOption(name=ENCODING_NAMES[encoding], encoding=encoding, crossings=crossings,
                                        output_error=errors.by_encoding[encoding],
                                        usable=frozenset(cuts) | ({0} if remote_ok else set())))
         return options
 
-    def _dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, clouds: list,
-                  objective: Objective, policy: Policy, encoding: int, pinned: str = "") -> list[DagCut]:
+    def _dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, calibration: Calibration,
+                  clouds: list, objective: Objective, policy: Policy, encoding: int, pinned: str = "") -> list[DagCut]:
         """The minimum s-t cut on each node's link, when it is not a chain cut, and
         a DAG cut the caller pinned, priced. Solved and priced again only when a
         figure they depend on moves by DAG_RECOMPUTE_STEP: per request this is a
@@ -336,7 +337,6 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             self._branchy[model.name] = branches(graph)
         if not self._branchy[model.name]:
             return []
-        calibration = self.calibration(model, shapes)
         wanted = pinned.partition("@")[0].partition(":")[2]
         key = (model.name, describe(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
                wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
@@ -348,11 +348,13 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if key not in self._dag_cache:
             if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
                 self._dag_cache.clear()
-            self._dag_cache[key] = self._solve_dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, wanted)
+            self._dag_cache[key] = self._solve_dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, wanted,
+                                                        offload_ms=calibration.offload_ms)
         return self._dag_cache[key]
 
     def _solve_dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, clouds: list,
-                        objective: Objective, policy: Policy, encoding: int, wanted: str) -> list[DagCut]:
+                        objective: Objective, policy: Policy, encoding: int, wanted: str, *,
+                        offload_ms: float) -> list[DagCut]:
         graph = model.graph
         works = self.book.node_works(model, shapes)
         tensors = self.book.tensor_metas(model, shapes)
@@ -381,7 +383,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         inputs = sum(tensors[spec.name].raw_bytes for spec in model.inputs if spec.name in tensors)
         priced = [price(graph, cut, device_ms=device_ms, cloud_ms_by_node=cloud_ms, tensors=tensors, encoding=encoding,
                         speed=speed, input_bytes=inputs) for cut in found.values()]
-        offload_ms = self.calibration(model, shapes).offload_ms  # the device's own cost of a cloud call, as chain cuts carry it
+        # each crossing carries the device's own cost of a cloud call (offload_ms), as chain cuts do
         return [replace(dag, pinned=dag.key == wanted,
                         crossing=replace(dag.crossing, encode_ms=dag.crossing.encode_ms + offload_ms))
                 for dag in priced if dag is not None]
@@ -686,6 +688,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
         current = self._current.get((model.name, objective, encoding, adaptive))
+        learned = self.calibration(model, shapes)
         held = hold_or_switch(decision, current, margin=policy.hysteresis_margin)
         shown = held.candidate or decision.best_effort
         current_candidate = min((c for c in decision.candidates if c.label == current), key=lambda c: c.score, default=None)
@@ -696,10 +699,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             winner=self._plan(shown, model, encoding) if shown else pb.Plan(),
             current=self._plan(current_candidate, model, encoding) if current_candidate else pb.Plan(),
             hysteresis_margin=policy.hysteresis_margin, would_switch=held.switched,
-            calibration=pb.Calibration(edge_factor=self.calibration(model, shapes).edge_factor,
-                                       offload_ms=self.calibration(model, shapes).offload_ms,
-                                       samples=self.calibration(model, shapes).samples,
-                                       request_ms=self.calibration(model, shapes).request_ms),
+            calibration=pb.Calibration(edge_factor=learned.edge_factor, offload_ms=learned.offload_ms,
+                                       samples=learned.samples, request_ms=learned.request_ms),
             power=pb.PowerFigures(idle_w=self.power_figures.idle_w, active_w=self.power_figures.active_w,
                                   source=self.power_figures.source),
             candidates=[
@@ -729,22 +730,17 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         declared = {spec.name: tuple("" if d is None else d for d in spec.shape) if spec.shape is not None else None
                     for spec in model.inputs}
         try:
-            shapes = check_shapes(declared, {spec.name: list(spec.shape) for spec in specs}, f"explain {model.name}")
+            return check_every_input(declared, {spec.name: list(spec.shape) for spec in specs}, f"explain {model.name}")
         except ShapeError as exc:
             raise InputError(str(exc)) from None
-        missing = sorted(set(declared) - set(shapes))
-        if missing:
-            raise InputError(f"explain {model.name}: input_shapes must give every input; missing {missing}")
-        return shapes
 
     def _profile_basis(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]]) -> pb.ProfiledShape:
         """Which measured shape the predictions came from, and how they were rescaled."""
         view = self.book.view(model, shapes, learn=False, nearest_ok=True)
         if isinstance(view, Unplanned):
             return pb.ProfiledShape()
-        dtypes = {spec.name: spec.dtype for spec in model.inputs}
         return pb.ProfiledShape(
-            inputs=[pb.TensorSpec(name=n, dtype=codec.dtype_to_pb(dtypes[n]), shape=list(s)) for n, s in shapes.items()],
+            inputs=shape_specs(model, shapes),
             source="measured at this shape" if view.method == "measured" else f"{view.method} from {view.basis}",
         )
 

@@ -115,6 +115,16 @@ def check_shapes(declared: Mapping[str, tuple[Dim, ...] | None], shapes: Mapping
     return checked
 
 
+def check_every_input(declared: Mapping[str, tuple[Dim, ...] | None], shapes: Mapping[str, object],
+                      where: str) -> dict[str, tuple[int, ...]]:
+    """``check_shapes``, and every input must be given: a whole request's shapes."""
+    checked = check_shapes(declared, shapes, where)
+    missing = sorted(set(declared) - set(checked))
+    if missing:
+        raise ShapeError(f"{where}: give a shape for every input; missing {missing}")
+    return checked
+
+
 def metadata_shapes(model: ModelProto) -> dict[str, object] | None:
     """The shapes the model's own ``tandem.profile_shapes`` metadata declares, unchecked (None: absent)."""
     for prop in model.metadata_props:

@@ -66,6 +66,12 @@ def memory_budget(configured_mb: float, device_bytes: int | None) -> int:
     return int(min(PROFILE_MEMORY_SHARE * min(free, device_bytes or free), PROFILE_MEMORY_CAP))
 
 
+def shape_specs(model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> list[pb.TensorSpec]:
+    """Concrete input shapes as the wire states them (ListModels, explain)."""
+    dtypes = {spec.name: spec.dtype for spec in model.inputs}
+    return [pb.TensorSpec(name=n, dtype=codec.dtype_to_pb(dtypes[n]), shape=list(s)) for n, s in shapes.items()]
+
+
 @dataclass(frozen=True)
 class Measured:
     """One profile of a model: where it was measured, and the view the planner uses."""
@@ -260,12 +266,8 @@ class ProfileBook:
     def model_info(self, model: OnnxModel, info: pb.ModelInfo) -> pb.ModelInfo:
         """``info`` with what the book knows: profiled shapes, or why plans are unavailable."""
         info.plans_unavailable = self.unavailable(model.name)
-        dtypes = {spec.name: spec.dtype for spec in model.inputs}
         for entry in self.profiled(model.name):
-            info.profiled.add(
-                inputs=[pb.TensorSpec(name=n, dtype=codec.dtype_to_pb(dtypes[n]), shape=list(s)) for n, s in entry.choice.shapes],
-                source=entry.choice.source,
-            )
+            info.profiled.add(inputs=shape_specs(model, entry.choice.as_dict()), source=entry.choice.source)
         return info
 
     def close(self) -> None:
@@ -278,10 +280,7 @@ class ProfileBook:
         caller's path; returns what happens, in words (ShapeError: they do not fit)."""
         model = self.models[name]
         declared = shape_rules.declared_inputs(model_proto(model))
-        shapes = shape_rules.check_shapes(declared, configured, f"profile_shapes of {name}")
-        missing = sorted(set(declared) - set(shapes))
-        if missing:
-            raise shape_rules.ShapeError(f"profile_shapes of {name}: give every input; missing {missing}")
+        shapes = shape_rules.check_every_input(declared, configured, f"profile_shapes of {name}")
         bucket = self.bucket_of(model, shapes)
         with self._lock:
             state = self._state[name]
