@@ -124,6 +124,8 @@ def main() -> int:
                     "--hysteresis-margin", "0", "--cloud-timeout-s", "120", timeout_s=300,
                 )
                 try:
+                    with console.status(f"{edge}: waiting for the agent's start-up measurements"):
+                        wait_until_measured(deployment.client)
                     for mbps in sorted(args.bandwidths, reverse=True):
                         bed.set_rate(uplink_mbps=mbps, downlink_mbps=mbps)
                         time.sleep(SETTLE_S)  # the agent's own idle probe measures the new link
@@ -134,6 +136,17 @@ def main() -> int:
                     deployment.close()
     report(points, console, args)
     return 0
+
+
+def wait_until_measured(client: sdk.EdgeClient, timeout_s: float = 900.0) -> None:
+    """Until the agent lists no background work (codec errors, shapes being
+    profiled): on a quarter-core quota it takes minutes, and requests timed
+    meanwhile share the device with it."""
+    deadline = time.monotonic() + timeout_s
+    while busy := {m.name: list(m.background) for m in client.models() if m.background}:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the agent is still measuring after {timeout_s:.0f} s: {busy}")
+        time.sleep(1.0)
 
 
 def app_inputs(path: Path) -> dict[str, np.ndarray]:

@@ -108,7 +108,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "digest", "inputs", "outputs", "num_cuts", "kind", "plans_unavailable", "profiled")
+    __slots__ = ("name", "digest", "inputs", "outputs", "num_cuts", "kind", "plans_unavailable", "profiled", "background")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class ModelInfo(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     PLANS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     PROFILED_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     name: str
     digest: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -125,7 +126,8 @@ class ModelInfo(_message.Message):
     kind: str
     plans_unavailable: str
     profiled: _containers.RepeatedCompositeFieldContainer[ProfiledShape]
-    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_cuts: _Optional[int] = ..., kind: _Optional[str] = ..., plans_unavailable: _Optional[str] = ..., profiled: _Optional[_Iterable[_Union[ProfiledShape, _Mapping]]] = ...) -> None: ...
+    background: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_cuts: _Optional[int] = ..., kind: _Optional[str] = ..., plans_unavailable: _Optional[str] = ..., profiled: _Optional[_Iterable[_Union[ProfiledShape, _Mapping]]] = ..., background: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProfiledShape(_message.Message):
     __slots__ = ("inputs", "source")

@@ -85,7 +85,7 @@ class Measured:
 class _Model:
     entries: dict[tuple, Measured] = field(default_factory=dict)     # by shape bucket
     failed: dict[tuple, str] = field(default_factory=dict)           # bucket -> why it could not be profiled
-    pending: set[tuple] = field(default_factory=set)                 # buckets being profiled now
+    pending: dict[tuple, str] = field(default_factory=dict)          # buckets being profiled now -> their shapes, in words
     unavailable: str = ""                                            # why no plan exists yet (no entry at all)
     codec: CodecErrors | None = None                                 # output error per lossy encoding and cut
     codec_note: str = "codec errors not measured yet"                # why `codec` is None
@@ -243,7 +243,7 @@ class ProfileBook:
                 if bucket in state.pending:
                     unplanned = Unplanned(f"{shape_rules.describe(shapes)} is being profiled; LOCAL until it is")
                 elif learn and room and bucket not in state.failed:
-                    state.pending.add(bucket)
+                    state.pending[bucket] = shape_rules.describe(shapes)
                     self._worker.submit(self._learn, model, dict(shapes), bucket)
                     unplanned = Unplanned(f"first request at {shape_rules.describe(shapes)}: profiling that shape "
                                           "off the request path; LOCAL until it is measured")
@@ -263,11 +263,20 @@ class ProfileBook:
         return at_shape(profile, shapes, machine=self.machine, works_profiled=self._works(model, profiled),
                         works_requested=self._works(model, shapes), tensors=self._tensors(model, shapes))
 
+    def background(self, name: str) -> list[str]:
+        """What is being measured for ``name`` off the request path, in words."""
+        with self._lock:
+            state = self._state[name]
+            work = [f"profiling {shapes}" for shapes in state.pending.values()]
+            return work + ["measuring codec errors"] * state.codec_pending
+
     def model_info(self, model: OnnxModel, info: pb.ModelInfo) -> pb.ModelInfo:
-        """``info`` with what the book knows: profiled shapes, or why plans are unavailable."""
+        """``info`` with what the book knows: profiled shapes, or why plans are
+        unavailable, and what it is measuring now."""
         info.plans_unavailable = self.unavailable(model.name)
         for entry in self.profiled(model.name):
             info.profiled.add(inputs=shape_specs(model, entry.choice.as_dict()), source=entry.choice.source)
+        info.background.extend(self.background(model.name))
         return info
 
     def close(self) -> None:
@@ -287,7 +296,7 @@ class ProfileBook:
             self.configured[name] = dict(configured)
             if bucket in state.entries or bucket in state.pending:
                 return f"{name}: {shape_rules.describe(shapes)} is profiled already"
-            state.pending.add(bucket)
+            state.pending[bucket] = shape_rules.describe(shapes)
             state.failed.pop(bucket, None)
         self._worker.submit(self._learn, model, shapes, bucket, "config")
         return f"{name}: profiling {shape_rules.describe(shapes)}"
@@ -304,7 +313,7 @@ class ProfileBook:
                 self._state[model.name].failed[bucket] = reason
         finally:
             with self._lock:
-                self._state[model.name].pending.discard(bucket)
+                self._state[model.name].pending.pop(bucket, None)
 
     # ------------------------------------------------------------- helpers --
 

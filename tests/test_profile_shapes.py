@@ -157,7 +157,10 @@ def test_the_detector_is_served_and_learns_the_shapes_apps_send(detector_dir: Pa
         assert first.plan == "local" and "profiling that shape" in first.reason
         for name, value in expected.items():
             np.testing.assert_allclose(first.outputs[name], value, rtol=RTOL, atol=ATOL)
+        busy = next(m for m in client.models() if m.name == "detector")
+        assert list(busy.background) == ["profiling images[1,3,256,384]"] or len(busy.profiled) == 2
         launch.wait_profiled(client, "detector", [1, 3, 256, 384], timeout_s=WAIT_S)
+        assert not next(m for m in client.models() if m.name == "detector").background
         planned = client.infer("detector", {"images": x})
         assert "profiling" not in planned.reason and planned.predicted["total_ms"] > 0
         shown = client.explain("detector", input_shapes={"images": (1, 3, 256, 384)})
@@ -200,3 +203,4 @@ def test_profile_shapes_from_the_policy_file(tmp_path: Path, detector_dir: Path)
         launch.wait_profiled(client, "detector", [1, 3, 416, 416], timeout_s=WAIT_S)
         info = next(m for m in client.models() if m.name == "detector")
         assert ([1, 3, 416, 416], "config") in [(list(p.inputs[0].shape), p.source) for p in info.profiled]
+
