@@ -5,8 +5,10 @@
 For the chain model, median latency of (a) bare ``InferenceSession.run``,
 (b) the agent's LOCAL plan through the SDK, (c) SPLIT at the middle cut over
 loopback, (d) REMOTE, and the gRPC transport floor (the same request echoed
-with no compute), measured in one run in alternating rounds; then codec encode/decode throughput per encoding
-on a 1x32x112x112 float32 tensor. Target: (b) within 5 % or 0.3 ms of (a).
+with no compute), measured in one run in alternating rounds; then the agent's
+planning time per request for every modelzoo model (the reply's plan_ms);
+then codec encode/decode throughput per encoding on a 1x32x112x112 float32
+tensor. Targets: (b) within 5 % or 0.3 ms of (a); planning under 0.1 ms.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
 from edge_agent.sdk import EdgeClient, InferResult
 from modelzoo.build import build_all
+from partitioner.shapes import profile_candidates
 from protos import codec
 from protos import tandem_pb2 as pb
 from runtimes import launch
@@ -59,6 +63,22 @@ class EchoServer:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
+
+
+def planning_times(client: EdgeClient, paths: dict[str, Path], runs: int) -> list[dict]:
+    """The agent's planning time per request for each model, at the shape its app sends."""
+    counts = {m.name: m.num_cuts for m in client.models()}
+    rows = []
+    for name, path in paths.items():
+        shapes = profile_candidates(onnx.load(str(path)))[0].as_dict()
+        feeds = {i: np.random.default_rng(1).standard_normal(s).astype(np.float32) for i, s in shapes.items()}
+        for _ in range(10):
+            client.infer(name, feeds)
+        results = [client.infer(name, feeds) for _ in range(runs)]
+        values = [r.measured["plan_ms"] for r in results]
+        rows.append({"model": name, "cuts": counts.get(name, 0), "plan": results[-1].planned,
+                     "median_ms": statistics.median(values), "p90_ms": percentile(values, 90)})
+    return rows
 
 
 def codec_throughput(runs: int) -> list[dict]:
@@ -117,6 +137,8 @@ def main() -> int:
                             times[name].append((time.perf_counter() - start) * 1e3)
                             if isinstance(result, InferResult):
                                 inside[name].append(result.measured)
+            with console.status("planning time per model ..."):
+                planning = planning_times(client, paths, args.runs // 4)
         echo.close()
 
     base = statistics.median(times["bare onnxruntime"])
@@ -133,7 +155,7 @@ def main() -> int:
         table.add_row(name, f"{median:.3f}", f"{row['p90_ms']:.3f}", f"{median - base:+.3f} ms ({(median / base - 1) * 100:+.1f} %)")
     console.print(table)
     stages = Table(title="inside the agent: median of each reply's measured stages (ms)")
-    stage_names = ["edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms"]
+    stage_names = ["edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "plan_ms", "total_ms"]
     stages.add_column("configuration")
     for stage in stage_names:
         stages.add_column(stage, justify="right")
@@ -146,6 +168,15 @@ def main() -> int:
     target_met = local - base <= max(0.05 * base, 0.3)
     console.print(f"LOCAL overhead target (within 5 % or 0.3 ms of bare): {'met' if target_met else 'NOT met'} "
                   f"({local - base:+.3f} ms)")
+
+    plan_table = Table(title="planning one request inside the agent (the reply's measured plan_ms), unpinned")
+    for column in ("model", "cut points", "plan", "median ms", "p90 ms"):
+        plan_table.add_column(column, justify="left" if column in ("model", "plan") else "right")
+    for row in planning:
+        plan_table.add_row(row["model"], str(row["cuts"]), row["plan"], f"{row['median_ms']:.3f}", f"{row['p90_ms']:.3f}")
+    console.print(plan_table)
+    planning_met = all(row["median_ms"] < 0.1 for row in planning)
+    console.print(f"planning target (under 0.1 ms of the LOCAL overhead, every model): {'met' if planning_met else 'NOT met'}")
 
     codec_rows = codec_throughput(runs=50)
     codec_table = Table(title="codec on a 1x32x112x112 float32 tensor (1.6 MB)")
@@ -160,6 +191,7 @@ def main() -> int:
         "machine": {"node": platform.node(), "processor": platform.processor(), "cpus": __import__("os").cpu_count(),
                     "python": platform.python_version(), "onnxruntime": ort.__version__},
         "runs": args.runs, "latency": latency_rows, "local_target_met": target_met, "codec": codec_rows,
+        "planning": planning, "planning_target_met": planning_met,
     }, indent=2))
     console.print(f"wrote {args.json}")
     return 0

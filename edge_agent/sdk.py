@@ -87,7 +87,7 @@ class InferResult:
     plan: str                      # what ran: "local", "remote", "split:<k>"
     planned: str                   # what the agent chose before running
     predicted: dict[str, float]    # stage -> ms, as the partitioner predicted for `planned`
-    measured: dict[str, float]     # stage -> ms, as it happened
+    measured: dict[str, float]     # stage -> ms, as it happened; also "plan_ms", the agent choosing the plan
     predicted_energy_j: float
     fell_back: bool
     fallback_reason: str
@@ -103,7 +103,7 @@ class InferResult:
         return cls(
             outputs={t.name: codec.decode(t) for t in reply.outputs},
             plan=reply.plan.label, planned=reply.planned.label,
-            predicted=_stages(reply.predicted), measured=_stages(reply.measured),
+            predicted=_stages(reply.predicted), measured=_stages(reply.measured) | {"plan_ms": reply.measured.plan_ms},
             predicted_energy_j=reply.predicted_energy_j, fell_back=reply.fell_back,
             fallback_reason=reply.fallback_reason, node=reply.node,
             constraints_met=reply.constraints_met, reason=reply.reason,

@@ -22,29 +22,30 @@ from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
 from partitioner.costmodel import (
     Candidate,
+    CloudOption,
     CodecOption,
     DagCut,
-    Decision,
     Link,
     ModelCosts,
     Objective,
     Power,
     StagePrediction,
-    choose,
 )
 from partitioner.dag_plan import best_cut, branches, node_times, price, terms
 from partitioner.graph import Cut
 from partitioner.hysteresis import hold_or_switch, share_load
+from partitioner.plan_table import Calibrated, Decisions, NodeNow, NodeSegments, PlanTable, QuickDecision
 from partitioner.planning import (
     AtShape,
+    CodecErrors,
     CodecSpeed,
     cloud_budget_s,
-    cloud_option,
     codec_limits,
     model_costs,
     queue_wait_ms,
 )
 from partitioner.policy import Policy, PolicySet
+from partitioner.profile import ModelProfile
 from partitioner.shapes import ShapeError, check_every_input, describe
 from protos import codec
 from protos import tandem_pb2 as pb
@@ -92,13 +93,14 @@ class Stages:
     network_ms: float = 0.0   # after a fallback: the time lost on the failed cloud attempt
     cloud_ms: float = 0.0
     decode_ms: float = 0.0
+    plan_ms: float = 0.0      # choosing the plan (part of no other stage)
     cold: bool = False        # a session was built on the way: a one-off, not the device's speed
     sent: tuple[tuple[str, int], ...] = ()  # (tensor, encoding applied) of what went to the node
 
 
-def stage_times(stages: Stages | StagePrediction, total_ms: float) -> pb.StageTimes:
+def stage_times(stages: Stages | StagePrediction, total_ms: float, plan_ms: float = 0.0) -> pb.StageTimes:
     return pb.StageTimes(edge_ms=stages.edge_ms, encode_ms=stages.encode_ms, network_ms=stages.network_ms,
-                         cloud_ms=stages.cloud_ms, decode_ms=stages.decode_ms, total_ms=total_ms)
+                         cloud_ms=stages.cloud_ms, decode_ms=stages.decode_ms, total_ms=total_ms, plan_ms=plan_ms)
 
 
 def fallback_kind(reason: str) -> str:
@@ -123,6 +125,16 @@ MAX_GENERAL_CUTS = 512
 
 def _bucket(value: float) -> int:
     return round(math.log(max(value, 1e-12)) / math.log(DAG_RECOMPUTE_STEP))
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A model's PlanTable and what it was built from (checked by identity on each request)."""
+
+    plans: PlanTable
+    profiles: dict[str, ModelProfile]    # node -> the published profile its row came from
+    errors: CodecErrors | None           # the codec errors its codec options came from
+    service_ms: dict[str, float]         # node -> its whole-model time at these shapes (queue estimates)
 
 
 class NotPlanned(Exception):
@@ -173,15 +185,9 @@ def split_codec(plan: str, encoding: int) -> tuple[str, int]:
     return base + (f"@{node}" if node else ""), codec_value
 
 
-def find_pinned(decision: Decision, kind: str, k: int | str | None, node: str) -> Candidate | None:
+def find_pinned(decision: Decisions, kind: str, k: int | str | None, node: str) -> Candidate | None:
     """The pinned plan on its best node (any node unless ``node`` names one)."""
-    def fits(c: Candidate) -> bool:
-        if isinstance(k, str):
-            return c.cut_key == k
-        return k is None or (c.k == k and not c.cut_key)
-
-    matches = [c for c in decision.candidates if c.kind == kind and fits(c) and (not node or c.node == node)]
-    return min(matches, key=lambda c: (c.hard_violation, c.score), default=None)
+    return min(decision.matching(kind, k, node), key=lambda c: (c.hard_violation, c.score), default=None)
 
 
 def request_options(objective: int, encoding: int, policy: Policy) -> tuple[Objective, int, bool]:
@@ -220,6 +226,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             metrics.set_queue(name, lambda engine=engine: engine.queued)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
+        self._tables: dict[tuple, _Table] = {}  # what planning needs that no request changes, per model, shape and policy
         self._current: dict[tuple[str, Objective, int, bool], str] = {}  # plan label per model/objective/codec/adaptive
         self._branchy: dict[str, bool] = {}  # model -> its graph branches (a chain has no DAG cut worth solving)
         self._dag_cache: dict[tuple, list[DagCut]] = {}  # priced min-cuts per model, shape, nodes and rounded figures
@@ -274,64 +281,99 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, shapes: dict[str, tuple[int, ...]],
                link: Link | None = None, learn: bool = True, nearest_ok: bool = False,
-               adaptive: bool = False, pinned: str = "", current: str | None = None) -> tuple[Decision, ModelCosts]:
-        """The decision for a request of these input shapes; NotPlanned when no
-        profile can plan it yet (the request then runs LOCAL). ``nearest_ok``:
-        plan from the nearest measured shape rather than not at all.
+               adaptive: bool = False, pinned: str = "", current: str | None = None) -> tuple[QuickDecision, ModelCosts]:
+        """The decision for a request of these input shapes, and the model's
+        costs it was made from (as profiled, before calibration); NotPlanned
+        when no profile can plan it yet (the request then runs LOCAL).
+        ``nearest_ok``: plan from the nearest measured shape rather than not at all.
         ``adaptive``: the codec is chosen per plan within the policy's
-        max_output_error (``encoding`` is then raw, the lossless base)."""
+        max_output_error (``encoding`` is then raw, the lossless base).
+
+        Per request this is O(nodes) Python and whole-array numpy over the
+        cuts: what only a new profile, codec figure or policy changes is in a
+        PlanTable built once (see partitioner.plan_table)."""
         view = self.book.view(model, shapes, learn=learn, nearest_ok=nearest_ok)
         if isinstance(view, Unplanned):
             raise NotPlanned(view.reason)
-        profile = view.profile
         policy = self.policies.for_model(model.name)
         calibration = self.calibration(model, shapes)
-        costs = calibration.apply(self._model_costs(model, encoding, view, shapes))
-        clouds = []
         # Least busy (then least recently used) first: among nodes predicted
         # equal the first wins, so equal nodes take turns.
-        for node in sorted(self._planned_nodes(policy), key=lambda n: (n.inflight, n.last_sent)):
-            published = node.profile(model.name, model.digest) if node.state.reachable else None
-            if published is None or published.num_segments != profile.num_segments:
+        planned = sorted((n for n in self._planned_nodes(policy) if n.state.reachable), key=lambda n: (n.inflight, n.last_sent))
+        published = [(node, node.profile(model.name, model.digest)) for node in planned]
+        table = self._plan_table(model, encoding, view, shapes, policy, adaptive, published)
+        nodes = []
+        for node, profile in published:
+            service_ms = table.service_ms.get(node.address)
+            if profile is None or service_ms is None:  # no profile of this copy, or of another segmentation
                 continue
-            cloud_profile = self.book.rescale(model, published, shapes).profile
             load = node.state.load
             queue_ms = queue_wait_ms(reported_ms=load.queue_delay_ms, in_flight=node.inflight,
-                                     capacity=load.max_concurrency, service_ms=cloud_profile.whole_ms)
-            clouds.append(cloud_option(node.address, cloud_profile, link=link or node.link, queue_ms=queue_ms))
-        codecs = self._codec_options(model, view, shapes, calibration, costs.n, policy) if adaptive and clouds else ()
+                                     capacity=load.max_concurrency, service_ms=service_ms)
+            nodes.append(NodeNow(node.address, link or node.link, queue_ms))
         held = current.partition("+")[0] if current and current.startswith("split:g") else ""
-        dags = self._dag_cuts(model, shapes, costs, calibration, clouds, objective, policy, encoding, pinned or held) \
-            if policy.dag_cuts else ()
-        decision = choose(costs, clouds, self.power, objective=objective, weight_latency=policy.weight_latency,
-                          constraints=policy.constraints, codecs=codecs, dag_cuts=dags, dag_min_gain=policy.dag_min_gain,
-                          keep=frozenset({current}) if current else frozenset())
-        return decision, costs
+        dags = self._dag_cuts(model, shapes, table.plans, calibration, nodes, objective, policy, encoding, pinned or held) \
+            if policy.dag_cuts and nodes else ()
+        decision = table.plans.choose(
+            Calibrated(calibration.edge_factor, calibration.offload_ms, calibration.request_ms), nodes, self.power,
+            objective=objective, weight_latency=policy.weight_latency, dag_cuts=dags, dag_min_gain=policy.dag_min_gain,
+            keep=frozenset({current}) if current else frozenset())
+        return decision, table.plans.costs
+
+    def _plan_table(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]],
+                    policy: Policy, adaptive: bool, published: list) -> _Table:
+        """The model's PlanTable for these shapes, codec and policy over the
+        nodes' published profiles: built again only when one of them changes."""
+        errors = self.book.codec_errors(model.name)[0] if adaptive else None
+        key = (model.name, encoding, describe(shapes), view.basis, view.method, adaptive, policy.constraints,
+               policy.max_output_error)
+        known = self._tables.get(key)
+        profiles = {node.address: profile for node, profile in published if profile is not None}
+        if known is None or known.errors is not errors or any(
+                known.profiles.get(address) is not profile for address, profile in profiles.items()):
+            if len(self._tables) > 256:  # request sizes vary: keep the cache bounded
+                self._tables.clear()
+            known = self._tables[key] = self._build_table(model, encoding, view, shapes, policy, errors,
+                                                          {**(known.profiles if known else {}), **profiles})
+        return known
+
+    def _build_table(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]],
+                     policy: Policy, errors: CodecErrors | None, profiles: dict[str, ModelProfile]) -> _Table:
+        costs = self._model_costs(model, encoding, view, shapes)
+        segments, service_ms = [], {}
+        for address, published in profiles.items():
+            if published.num_segments != view.profile.num_segments:
+                continue
+            cloud_profile = self.book.rescale(model, published, shapes).profile
+            segments.append(NodeSegments(address, cloud_profile.segment_ms, cloud_profile.run_overhead_ms))
+            service_ms[address] = cloud_profile.whole_ms
+        codecs = self._codec_options(model, view, shapes, errors, costs.n, policy) if errors is not None else ()
+        return _Table(PlanTable(costs, segments, policy.constraints, codecs), profiles, errors, service_ms)
 
     def _codec_options(self, model: OnnxModel, view: AtShape, shapes: dict[str, tuple[int, ...]],
-                       calibration: Calibration, n: int, policy: Policy) -> list[CodecOption]:
-        """fp16 and int8 where their measured output error fits the budget; none until measured."""
-        errors, _ = self.book.codec_errors(model.name)
+                       errors: CodecErrors, n: int, policy: Policy) -> list[CodecOption]:
+        """fp16 and int8 where their measured output error fits the budget (as
+        profiled: the request's calibration is added when it is planned)."""
         options = []
         for encoding in LOSSY_ENCODINGS:
             limits = codec_limits(errors, encoding, policy.max_output_error, n)
             if limits is None or len(errors.by_encoding[encoding]) != n:
                 continue
             cuts, remote_ok = limits
-            crossings = calibration.apply(self._model_costs(model, encoding, view, shapes)).crossings
-            options.append(CodecOption(name=ENCODING_NAMES[encoding], encoding=encoding, crossings=crossings,
+            options.append(CodecOption(name=ENCODING_NAMES[encoding], encoding=encoding,
+                                       crossings=self._model_costs(model, encoding, view, shapes).crossings,
                                        output_error=errors.by_encoding[encoding],
                                        usable=frozenset(cuts) | ({0} if remote_ok else set())))
         return options
 
-    def _dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, calibration: Calibration,
-                  clouds: list, objective: Objective, policy: Policy, encoding: int, pinned: str = "") -> list[DagCut]:
+    def _dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], table: PlanTable, calibration: Calibration,
+                  nodes: list[NodeNow], objective: Objective, policy: Policy, encoding: int, pinned: str = "") -> list[DagCut]:
         """The minimum s-t cut on each node's link, when it is not a chain cut, and
         a DAG cut the caller pinned, priced. Solved and priced again only when a
         figure they depend on moves by DAG_RECOMPUTE_STEP: per request this is a
         dictionary lookup."""
         graph = model.graph
-        if graph is None or not clouds or policy.constraints.allowed_cuts is not None:
+        if graph is None or policy.constraints.allowed_cuts is not None:
             return []
         if model.name not in self._branchy:
             self._branchy[model.name] = branches(graph)
@@ -340,16 +382,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         wanted = pinned.partition("@")[0].partition(":")[2]
         key = (model.name, describe(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
                wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
-               _bucket(sum(costs.edge_segment_ms) or 1.0),
+               _bucket(table.edge_ms(table.n) * calibration.edge_factor or 1.0),
                # the watts only weigh energy: under LATENCY a power reading must not re-solve the cut
                None if objective is Objective.LATENCY else (_bucket(self.power.active_w), _bucket(self.power.idle_w or 1.0)),
-               tuple((c.node, _bucket(c.link.uplink_mbps), _bucket(c.link.downlink_mbps), _bucket(sum(c.segment_ms) or 1.0))
-                     for c in clouds))
+               tuple((now.node, _bucket(now.link.uplink_mbps), _bucket(now.link.downlink_mbps),
+                      _bucket(table.cloud_ms(now.node) or 1.0)) for now in nodes))
         if key not in self._dag_cache:
             if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
                 self._dag_cache.clear()
-            self._dag_cache[key] = self._solve_dag_cuts(model, shapes, costs, clouds, objective, policy, encoding, wanted,
-                                                        offload_ms=calibration.offload_ms)
+            clouds = [CloudOption(now.node, now.link, now.queue_ms, table.segments(now.node).segment_ms,
+                                  table.segments(now.node).overhead_ms) for now in nodes]
+            self._dag_cache[key] = self._solve_dag_cuts(model, shapes, calibration.apply(table.costs), clouds, objective,
+                                                        policy, encoding, wanted, offload_ms=calibration.offload_ms)
         return self._dag_cache[key]
 
     def _solve_dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, clouds: list,
@@ -440,18 +484,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         node.update_load(reply.load)
         return reply
 
-    def _attempts(self, candidate: Candidate, decision: Decision | None) -> list[CloudNodeClient]:
+    def _attempts(self, candidate: Candidate, decision: Decisions | None) -> list[CloudNodeClient]:
         """The planned node, then the best other node offering the same plan
         (none when ``decision`` is None): a node that fails costs one retry
         before the request falls back."""
-        others = sorted((c for c in (decision.candidates if decision else ())
-                         if c.label == candidate.label and c.node != candidate.node and c.feasible), key=lambda c: c.score)
+        others = sorted((c for c in (decision.plans(candidate.label) if decision else ())
+                         if c.node != candidate.node and c.feasible), key=lambda c: c.score)
         nodes = {node.address: node for node in self.nodes}
         planned = [nodes.get(c.node) for c in (candidate, *others)]
         return [node for node in planned if node is not None][:NODE_ATTEMPTS]
 
     async def _offload(self, context: grpc.aio.ServicerContext, model: OnnxModel, candidate: Candidate,
-                       decision: Decision | None, costs: ModelCosts, feeds: dict[str, np.ndarray], encoding: int,
+                       decision: Decisions | None, costs: ModelCosts, feeds: dict[str, np.ndarray], encoding: int,
                        stages: Stages) -> tuple[dict[str, np.ndarray], str | None, str]:
         """Run a SPLIT or REMOTE plan, on another node if the first fails, else
         finish locally. Returns the outputs, the fallback reason (None if a
@@ -555,7 +599,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         else:
             self.metrics.observe_prediction(kind, reply.predicted.total_ms, reply.measured.total_ms)
 
-    def _pick(self, model: OnnxModel, decision: Decision, pinned: str, key: tuple) -> tuple[Candidate, str, str]:
+    def _pick(self, model: OnnxModel, decision: Decisions, pinned: str, key: tuple) -> tuple[Candidate, str, str]:
         """(candidate to run, why, fallback reason if a pinned cloud plan has no node)."""
         if not pinned:
             margin = self.policies.for_model(model.name).hysteresis_margin
@@ -587,6 +631,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if not self.book.prepared(model, shapes):  # a new exact shape: its shape inference off the event loop
             await asyncio.to_thread(self.book.prepare, model, shapes)
         calibration = self.calibration(model, shapes)  # what this request's predictions are made with
+        planning = time.perf_counter()
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
             decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned),
@@ -599,7 +644,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             candidate = share_load(decision, candidate, {n.address: (n.inflight, n.last_sent) for n in self.nodes})
         planned = self._plan(candidate, model, encoding)
 
-        stages = Stages()
+        stages = Stages(plan_ms=(time.perf_counter() - planning) * 1e3)
         ran, answered = planned, ""
         if candidate.kind == "local":
             start = time.perf_counter()
@@ -623,7 +668,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                 candidate.stages, stages, offloaded=candidate.kind != "local", used=calibration, outside_ms=outside_ms)
         return pb.InferReply(
             outputs=encoded, plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
-            measured=stage_times(stages, total_ms), predicted_energy_j=candidate.energy_j,
+            measured=stage_times(stages, total_ms, stages.plan_ms), predicted_energy_j=candidate.energy_j,
             fell_back=bool(fallback_reason), fallback_reason=fallback_reason,
             node=answered if ran.kind != pb.PLAN_LOCAL else "",
             constraints_met=candidate.feasible, reason=why,
@@ -691,7 +736,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         learned = self.calibration(model, shapes)
         held = hold_or_switch(decision, current, margin=policy.hysteresis_margin)
         shown = held.candidate or decision.best_effort
-        current_candidate = min((c for c in decision.candidates if c.label == current), key=lambda c: c.score, default=None)
+        current_candidate = min(decision.plans(current), key=lambda c: c.score, default=None) if current else None
         used = link or next((n.link for n in self.nodes if n.state.reachable and n.link), None)
         why = held.why + (" " + self._codec_note(model, policy) if adaptive else "")
         return pb.Explanation(

@@ -238,15 +238,23 @@ class Chooser(Generic[C]):
         return f"score {candidate.score:.4g} ({amount(total, 'ms')}, {amount(energy, 'J')})"
 
     def why_winner(self, goal: Objective, candidates: Sequence[C], broken: Sequence[Broken], win: int) -> str:
-        winner = candidates[win]
         runner = self.pick(candidates, [i for i, c in enumerate(candidates) if c.feasible and i != win])
-        # candidates[0] is the WEIGHTED objective's reference, which scores 1.
-        scale = f" ({name(candidates[0])} = 1)" if goal is Objective.WEIGHTED else ""
+        ruled_out = [broken[i] for i, c in enumerate(candidates) if not c.feasible]
+        return self.why_won(goal, candidates[win], None if runner is None else candidates[runner],
+                            reference=candidates[0], count=len(candidates), ruled_out=len(ruled_out),
+                            tallied=tally(ruled_out))
+
+    def why_won(self, goal: Objective, winner: C, runner: C | None, *, reference: C, count: int, ruled_out: int,
+                tallied: str) -> str:
+        """The winner's reason from what it needs: the runner-up, the WEIGHTED
+        objective's ``reference`` (which scores 1), and how many of ``count``
+        candidates were ruled out by what (``tallied``, as ``tally`` says it)."""
+        scale = f" ({name(reference)} = 1)" if goal is Objective.WEIGHTED else ""
         why = f"{name(winner)} wins on {goal.value}{scale} at {self.metric(goal, winner)}"
         if runner is None:
             why += f", the only feasible {self.noun}."
         else:
-            other = candidates[runner]
+            other = runner
             if tied(winner.score, other.score):
                 rule = self.tie_rule if self.prefer(winner) < self.prefer(other) else "the node listed first"
                 why += f", tied with {name(other)}: the tie goes to {rule}."
@@ -254,9 +262,8 @@ class Chooser(Generic[C]):
                 why += f", ahead of {name(other)} at {self.metric(goal, other)}."
         if self.ttft_ms is not None:
             why += f" First token in {amount(self.ttft_ms(winner), 'ms')}."
-        ruled_out = [broken[i] for i, c in enumerate(candidates) if not c.feasible]
         if ruled_out:
-            why += f" {len(ruled_out)} of {plural(len(candidates), self.counted)} ruled out ({tally(ruled_out)})."
+            why += f" {ruled_out} of {plural(count, self.counted)} ruled out ({tallied})."
         return why
 
     def why_best_effort(

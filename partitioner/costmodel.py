@@ -60,6 +60,7 @@ be met still has the best plan it may legally run.
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from partitioner import choice
 from partitioner.choice import TIE_REL_TOL as TIE_REL_TOL  # re-exported: this module's public name
@@ -331,6 +332,20 @@ class Decision:
     def feasible(self) -> bool:
         return self.winner is not None
 
+    def plans(self, label: str) -> list[Candidate]:
+        """The candidates labelled ``label`` ("split:5+int8"), one per node offering it."""
+        return [c for c in self.candidates if c.label == label]
+
+    def matching(self, kind: str, k: int | str | None, node: str) -> list[Candidate]:
+        """The candidates of this kind at this k (a chain cut under any codec; None:
+        any) or DAG cut key (a str), on ``node`` ("": any): what a pinned plan names."""
+        def fits(c: Candidate) -> bool:
+            if isinstance(k, str):
+                return c.cut_key == k
+            return k is None or (c.k == k and not c.cut_key)
+
+        return [c for c in self.candidates if c.kind == kind and fits(c) and (not node or c.node == node)]
+
 
 # --- the model ----------------------------------------------------------------
 
@@ -380,7 +395,23 @@ def _local(costs: ModelCosts, power: Power) -> tuple[StagePrediction, float]:
     return stages, power.active_w * total / 1e3
 
 
-def _offloaded(costs: ModelCosts, power: Power, cloud: CloudOption, *, edge_compute_ms: float | None, cut: Transfer,
+class RunCosts(Protocol):
+    """What pricing one offloaded plan reads of the model (ModelCosts has it)."""
+
+    output: Transfer
+    edge_overhead_ms: float
+    request_ms: float
+
+
+class NodeCosts(Protocol):
+    """What pricing one offloaded plan reads of a node (CloudOption has it)."""
+
+    link: Link
+    queue_ms: float
+    overhead_ms: float
+
+
+def _offloaded(costs: RunCosts, power: Power, cloud: NodeCosts, *, edge_compute_ms: float | None, cut: Transfer,
                cloud_compute_ms: float) -> tuple[StagePrediction, float]:
     """T and J of a plan that runs ``edge_compute_ms`` on the device (None:
     REMOTE), ships ``cut`` and runs ``cloud_compute_ms`` on one node, term by

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from partitioner.costmodel import Candidate, Decision
+from partitioner.costmodel import Candidate
+from partitioner.plan_table import Decisions
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Held:
     why: str
 
 
-def hold_or_switch(decision: Decision, current: str | None, *, margin: float) -> Held:
+def hold_or_switch(decision: Decisions, current: str | None, *, margin: float) -> Held:
     """Keep the plan ``current`` (a label such as "split:3"), on its best
     node, unless the decision's winner scores more than ``margin`` (relative,
     e.g. 0.1 = 10 %) better, or no node can run ``current`` any more.
@@ -36,7 +37,7 @@ def hold_or_switch(decision: Decision, current: str | None, *, margin: float) ->
         return Held(best, True, f"first decision: {decision.why}")
     if best.label == current:
         return Held(best, False, f"staying on {best.label}: {decision.why}")
-    same = [c for c in decision.candidates if c.label == current]
+    same = decision.plans(current)
     held = min((c for c in same if c.feasible), key=lambda c: c.score, default=None)
     if held is None:
         broken = "; ".join(same[0].violations) if same else "no longer available"
@@ -55,11 +56,11 @@ def hold_or_switch(decision: Decision, current: str | None, *, margin: float) ->
 EQUAL_NODES_REL = 0.05
 
 
-def share_load(decision: Decision, chosen: Candidate, usage: dict[str, tuple[int, float]]) -> Candidate:
+def share_load(decision: Decisions, chosen: Candidate, usage: dict[str, tuple[int, float]]) -> Candidate:
     """Among the nodes predicted equal for ``chosen``'s plan, the least used:
     ``usage`` maps a node to (requests in flight, when it was last sent one)."""
     if chosen.node is None:
         return chosen
-    equal = [c for c in decision.candidates if c.label == chosen.label and c.node is not None and c.feasible
+    equal = [c for c in decision.plans(chosen.label) if c.node is not None and c.feasible
              and c.score <= chosen.score * (1 + EQUAL_NODES_REL)]
     return min(equal, key=lambda c: usage.get(c.node, (0, 0)), default=chosen)

@@ -392,20 +392,22 @@ class TensorEncoding(_message.Message):
     def __init__(self, tensor: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class StageTimes(_message.Message):
-    __slots__ = ("edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms")
+    __slots__ = ("edge_ms", "encode_ms", "network_ms", "cloud_ms", "decode_ms", "total_ms", "plan_ms")
     EDGE_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
     CLOUD_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_MS_FIELD_NUMBER: _ClassVar[int]
     edge_ms: float
     encode_ms: float
     network_ms: float
     cloud_ms: float
     decode_ms: float
     total_ms: float
-    def __init__(self, edge_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    plan_ms: float
+    def __init__(self, edge_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("model", "inputs", "objective", "plan", "encoding")

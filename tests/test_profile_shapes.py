@@ -163,6 +163,7 @@ def test_the_detector_is_served_and_learns_the_shapes_apps_send(detector_dir: Pa
         assert not next(m for m in client.models() if m.name == "detector").background
         planned = client.infer("detector", {"images": x})
         assert "profiling" not in planned.reason and planned.predicted["total_ms"] > 0
+        assert 0 < planned.measured["plan_ms"] < planned.measured["total_ms"]
         shown = client.explain("detector", input_shapes={"images": (1, 3, 256, 384)})
         assert shown.profile_source == "measured at this shape"
 
