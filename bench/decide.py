@@ -1,11 +1,13 @@
 """What planning one request costs, against the number of cuts and of nodes.
 
-    python -m bench.decide [--cuts 25 100 300 1000] [--nodes 1 4 16 64] [--repeats 7]
+    python -m bench.decide [--cuts 25 100 300 1000] [--nodes 1 4 16 64] [--repeats 7] [--codecs]
 
 Per request the agent plans, then picks with hysteresis, shares the load
 among equal nodes and lists the nodes to retry on. Both ways, side by side in
 one run, in-process, on seeded synthetic profiles (a chain with n cut points,
-every node with its own link and queue, a calibration learned from requests):
+every node with its own link and queue, a calibration learned from requests;
+with ``--codecs`` also fp16 and int8 chosen per request, as under a
+``max_output_error`` policy):
 
 - "objects": the path the agent took until issue 16: the calibrated
   ModelCosts and one CloudOption per node built for the request, then
@@ -28,14 +30,14 @@ import platform
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from partitioner.calibration import Calibration
-from partitioner.costmodel import CloudOption, Constraints, Link, ModelCosts, Power, Transfer, choose
+from partitioner.costmodel import CloudOption, CodecOption, Constraints, Link, ModelCosts, Power, Transfer, choose
 from partitioner.hysteresis import hold_or_switch, share_load
 from partitioner.mincut import CutProblem, Tensor, solve
 from partitioner.plan_table import Calibrated, NodeNow, NodeSegments, PlanTable
@@ -52,9 +54,10 @@ class Setting:
     costs: ModelCosts
     profiles: list[NodeSegments]
     requests: list[tuple[Calibration, list[NodeNow]]]
+    codecs: list[CodecOption]
 
 
-def setting(cuts: int, nodes: int, seed: int) -> Setting:
+def setting(cuts: int, nodes: int, seed: int, codecs: bool = False) -> Setting:
     rng = random.Random(seed)
     n = cuts + 1  # segments: a cut after each of the first n - 1
     sizes = [int(600_000 * 0.995**k * rng.uniform(0.5, 1.5)) for k in range(n)]
@@ -71,14 +74,19 @@ def setting(cuts: int, nodes: int, seed: int) -> Setting:
         calibration = Calibration(edge_factor=rng.uniform(0.9, 1.1), offload_ms=rng.uniform(0, 0.5), samples=20,
                                   request_ms=rng.uniform(0.1, 0.3))
         requests.append((calibration, [NodeNow(p.node, links[p.node], rng.uniform(0, 5)) for p in order]))
-    return Setting(costs, profiles, requests)
+    lossy = [CodecOption(name, encoding, tuple(Transfer(int(b * shrink), b / 8e5, b / 9e5) for b in sizes),
+                         tuple(rng.uniform(0, 0.02) for _ in range(n)), frozenset(k for k in range(n) if rng.random() < 0.8))
+             for name, encoding, shrink in (("fp16", 2, 0.5), ("int8", 3, 0.25))] if codecs else []
+    return Setting(costs, profiles, requests, lossy)
 
 
 def objects_path(s: Setting, calibration: Calibration, nodes: list[NodeNow], current: str | None):
     segments = {p.node: p for p in s.profiles}
     clouds = [CloudOption(now.node, now.link, now.queue_ms, segments[now.node].segment_ms, segments[now.node].overhead_ms)
               for now in nodes]
-    decision = choose(calibration.apply(s.costs), clouds, POWER, constraints=CONSTRAINTS,
+    codecs = [replace(c, crossings=tuple(Transfer(t.wire_bytes, t.encode_ms + calibration.offload_ms, t.decode_ms)
+                                         for t in c.crossings)) for c in s.codecs]
+    decision = choose(calibration.apply(s.costs), clouds, POWER, constraints=CONSTRAINTS, codecs=codecs,
                       keep=frozenset({current}) if current else frozenset())
     return decision, *after(decision, current)
 
@@ -129,6 +137,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dag-nodes", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--codecs", action="store_true", help="the codec chosen per request: fp16 and int8 besides raw")
     parser.add_argument("--json", type=Path, default=Path("bench/results/decide.json"))
     args = parser.parse_args()
     console = Console(width=160)
@@ -137,9 +146,9 @@ def main() -> int:
         for cuts in args.cuts:
             for nodes in args.nodes:
                 status.update(f"{cuts} cut points, {nodes} nodes")
-                s = setting(cuts, nodes, seed=cuts * 100 + nodes)
+                s = setting(cuts, nodes, seed=cuts * 100 + nodes, codecs=args.codecs)
                 start = time.perf_counter()
-                table = PlanTable(s.costs, s.profiles, CONSTRAINTS)
+                table = PlanTable(s.costs, s.profiles, CONSTRAINTS, s.codecs)
                 build_ms = (time.perf_counter() - start) * 1e3
                 old = [time_requests(s, objects_path, s)
                        for _ in range(args.repeats)]
@@ -149,7 +158,8 @@ def main() -> int:
                 cells.append({"cuts": cuts, "nodes": nodes, "objects_ms": min(t for t, _ in old),
                               "arrays_ms": min(t for t, _ in new), "table_build_ms": build_ms,
                               "requests": REQUESTS, "same_decisions": same})
-    table_view = Table(title=f"planning one request, ms ({platform.node()}; median of {REQUESTS} requests, "
+    codecs = ", codec per request (raw, fp16, int8)" if args.codecs else ""
+    table_view = Table(title=f"planning one request, ms ({platform.node()}{codecs}; median of {REQUESTS} requests, "
                              f"min of {args.repeats} runs): objects (costmodel.choose) / arrays (PlanTable)")
     table_view.add_column("cut points", justify="right")
     for nodes in args.nodes:
@@ -173,7 +183,8 @@ def main() -> int:
                   + ", ".join(f"{d['nodes']} nodes {d['solve_ms']:.2f} / {d['median_ms']:.2f} ms" for d in dags))
     console.print("decisions identical in every cell" if not differing else f"[red]{differing} cells decided differently")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"host": platform.node(), "cells": cells, "mincut": dags}, indent=2))
+    args.json.write_text(json.dumps({"host": platform.node(), "codecs": args.codecs, "cells": cells, "mincut": dags},
+                                    indent=2))
     return 1 if differing else 0
 
 

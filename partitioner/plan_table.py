@@ -403,8 +403,9 @@ class QuickDecision:
         for s, slot in enumerate(slots, start=n):
             score[:, s], bits[:, s] = slot.score, slot.bits
         self._built: dict[int, Candidate] = {}
-        win = self._pick(self.bits == 0)
-        effort = self._pick(self.bits & (HARD_BITS | ABSENT) == 0)
+        feasible = np.where(self.bits == 0, self.score, math.inf)
+        win = self._pick(feasible)
+        effort = self._pick(np.where(self.bits & (HARD_BITS | ABSENT) == 0, self.score, math.inf))
         self.winner = None if win is None else self.candidate(win)
         self.best_effort = None if effort is None else self.candidate(effort)
         present = self.bits & ABSENT == 0
@@ -413,9 +414,8 @@ class QuickDecision:
             position = None if effort is None else int(np.searchsorted(listed, effort))
             self.why = _why_infeasible(self.candidates, self.broken_names, self.constraints, position)
             return
-        others = self.bits == 0
-        others[win] = False
-        runner = self._pick(others)
+        feasible[win] = math.inf
+        runner = self._pick(feasible)
         ruled_out = present & (self.bits != 0)
         self.why = _CHOOSER.why_won(self.objective, self.winner, None if runner is None else self.candidate(runner),
                                     reference=self.candidate(0), count=int(present.sum()),
@@ -437,16 +437,21 @@ class QuickDecision:
         ks[offloaded] = at
         return ks
 
-    def _pick(self, pool: np.ndarray) -> int | None:
-        """choice.Chooser.pick over the candidates in ``pool``: the lowest score, and
-        among scores tied with it the most segments on the device, then the first."""
-        indices = np.flatnonzero(pool)
-        if len(indices) == 0:
+    def _pick(self, scores: np.ndarray) -> int | None:
+        """choice.Chooser.pick over the candidates whose ``scores`` are finite (the
+        others are outside the pool, at infinity): the lowest score, and among
+        scores tied with it the most segments on the device, then the first."""
+        first = int(scores.argmin())
+        best = float(scores[first])
+        if best == math.inf:
             return None
-        scores = self.score[indices]
-        best = scores.min()
-        tied = indices[np.abs(scores - best) <= TIE_REL_TOL * np.maximum(np.abs(scores), abs(best))]
-        return int(tied[np.lexsort((tied, -self._k(tied)))[0]])
+        # choice.tied(s, best) for s >= best >= 0 (every score is a time, an energy or
+        # a weighted sum of their ratios): s - best <= TIE_REL_TOL * s
+        tied = scores <= best / (1 - TIE_REL_TOL)
+        if np.count_nonzero(tied) == 1:
+            return first
+        indices = np.flatnonzero(tied)
+        return int(indices[np.lexsort((indices, -self._k(indices)))[0]])
 
     def _tally(self, rows: np.ndarray) -> str:
         """choice.tally of the constraints broken in ``rows``, in the order it names them."""
