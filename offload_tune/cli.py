@@ -184,7 +184,8 @@ def profile_command(args: argparse.Namespace) -> int:
                      "output_tensors": [m.name for m in crossing], "output_bytes": sum(m.raw_bytes for m in crossing)})
     report = {"model": board.model.name, "device": board.device.name, "predicted": board.predicted,
               "input_shapes": {m.name: list(m.shape) for m in measured.crossings[0]},
-              "profiled_as": measured.method, "whole_ms_here": measured.whole_ms, "whole_ms_on_device": profile.whole_ms,
+              "profiled_as": measured.method, "whole_ms_here": measured.whole_ms,
+              "run_overhead_ms_here": measured.run_overhead_ms, "whole_ms_on_device": profile.whole_ms,
               "run_overhead_ms_on_device": profile.run_overhead_ms, "cut_error": board.model.cut_error, "segments": rows}
     if args.json:
         print(json.dumps(report, indent=2))
