@@ -84,8 +84,7 @@ def objects_path(s: Setting, calibration: Calibration, nodes: list[NodeNow], cur
     segments = {p.node: p for p in s.profiles}
     clouds = [CloudOption(now.node, now.link, now.queue_ms, segments[now.node].segment_ms, segments[now.node].overhead_ms)
               for now in nodes]
-    codecs = [replace(c, crossings=tuple(Transfer(t.wire_bytes, t.encode_ms + calibration.offload_ms, t.decode_ms)
-                                         for t in c.crossings)) for c in s.codecs]
+    codecs = [replace(c, crossings=calibration.sent(c.crossings)) for c in s.codecs]
     decision = choose(calibration.apply(s.costs), clouds, POWER, constraints=CONSTRAINTS, codecs=codecs,
                       keep=frozenset({current}) if current else frozenset())
     return decision, *after(decision, current)

@@ -281,13 +281,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, shapes: dict[str, tuple[int, ...]],
                link: Link | None = None, learn: bool = True, nearest_ok: bool = False,
-               adaptive: bool = False, pinned: str = "", current: str | None = None) -> tuple[QuickDecision, ModelCosts]:
+               adaptive: bool = False, pinned: str = "", current: str | None = None,
+               calibration: Calibration | None = None) -> tuple[QuickDecision, ModelCosts]:
         """The decision for a request of these input shapes, and the model's
         costs it was made from (as profiled, before calibration); NotPlanned
         when no profile can plan it yet (the request then runs LOCAL).
         ``nearest_ok``: plan from the nearest measured shape rather than not at all.
         ``adaptive``: the codec is chosen per plan within the policy's
         max_output_error (``encoding`` is then raw, the lossless base).
+        ``calibration``: the one the caller looked up (default: this model's and shape's now).
 
         Per request this is O(nodes) Python and whole-array numpy over the
         cuts: what only a new profile, codec figure or policy changes is in a
@@ -296,7 +298,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if isinstance(view, Unplanned):
             raise NotPlanned(view.reason)
         policy = self.policies.for_model(model.name)
-        calibration = self.calibration(model, shapes)
+        calibration = calibration or self.calibration(model, shapes)
         # Least busy (then least recently used) first: among nodes predicted
         # equal the first wins, so equal nodes take turns.
         planned = sorted((n for n in self._planned_nodes(policy) if n.state.reachable), key=lambda n: (n.inflight, n.last_sent))
@@ -635,7 +637,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
             decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned),
-                                          adaptive=adaptive, pinned=pinned,
+                                          adaptive=adaptive, pinned=pinned, calibration=calibration,
                                           current=self._current.get((model.name, objective, encoding, adaptive)))
         except NotPlanned as unplanned:
             return await self._infer_unplanned(model, feeds, pinned, unplanned.reason, arrived)

@@ -81,5 +81,10 @@ class Calibration:
             request_ms=self.request_ms,
             edge_segment_ms=tuple(t * self.edge_factor for t in costs.edge_segment_ms),
             edge_overhead_ms=costs.edge_overhead_ms * self.edge_factor,
-            crossings=tuple(Transfer(c.wire_bytes, c.encode_ms + self.offload_ms, c.decode_ms) for c in costs.crossings),
+            crossings=self.sent(costs.crossings),
         )
+
+    def sent(self, crossings: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
+        """``crossings`` with each cloud call's device-side cost added to the encoding
+        of what it sends (a codec's crossings, as ``apply`` does the model's own)."""
+        return tuple(Transfer(c.wire_bytes, c.encode_ms + self.offload_ms, c.decode_ms) for c in crossings)

@@ -388,13 +388,6 @@ def _check_against_model(
     return weight
 
 
-def _local(costs: ModelCosts, power: Power) -> tuple[StagePrediction, float]:
-    edge = sum(costs.edge_segment_ms) + costs.edge_overhead_ms
-    total = edge + costs.request_ms
-    stages = StagePrediction(edge_ms=edge, encode_ms=0.0, network_ms=0.0, cloud_ms=0.0, decode_ms=0.0, total_ms=total)
-    return stages, power.active_w * total / 1e3
-
-
 class RunCosts(Protocol):
     """What pricing one offloaded plan reads of the model (ModelCosts has it)."""
 
@@ -409,6 +402,18 @@ class NodeCosts(Protocol):
     link: Link
     queue_ms: float
     overhead_ms: float
+
+
+def _local(costs: ModelCosts, power: Power) -> tuple[StagePrediction, float]:
+    return _local_at(sum(costs.edge_segment_ms), costs, power)
+
+
+def _local_at(compute_ms: float, costs: RunCosts, power: Power) -> tuple[StagePrediction, float]:
+    """T(n) and J(n) of ``compute_ms`` of device compute in one run."""
+    edge = compute_ms + costs.edge_overhead_ms
+    total = edge + costs.request_ms
+    stages = StagePrediction(edge_ms=edge, encode_ms=0.0, network_ms=0.0, cloud_ms=0.0, decode_ms=0.0, total_ms=total)
+    return stages, power.active_w * total / 1e3
 
 
 def _offloaded(costs: RunCosts, power: Power, cloud: NodeCosts, *, edge_compute_ms: float | None, cut: Transfer,

@@ -52,7 +52,7 @@ from partitioner.costmodel import (
     StagePrediction,
     Transfer,
     _check_against_model,
-    _local,
+    _local_at,
     _offloaded,
     _prefix_sums,
     _suffix_sums,
@@ -254,7 +254,7 @@ class _Request:
         # k = 0 (REMOTE) runs nothing on the device, k > 0 one run of the first k segments
         self.edge = np.concatenate(([0.0], self.prefix[1:n] + self.run.edge_overhead_ms))
         self.rest = self.prefix[n] - self.prefix[:n] + self.run.edge_overhead_ms
-        self.local_stages, self.local_j = _local(_LocalCosts(self.prefix[n], self.run), power)
+        self.local_stages, self.local_j = _local_at(float(self.prefix[n]), self.run, power)
         self.local_ms = self.local_stages.total_ms
         if goal is Objective.WEIGHTED and (self.local_ms <= 0 or self.local_j <= 0):
             raise ValueError(
@@ -350,34 +350,23 @@ class _Request:
         return stages, energy, choice.score(self.goal, self.weight, stages.total_ms, energy, self.local_ms, self.local_j)
 
 
-class _LocalCosts(NamedTuple):  # what costmodel._local reads
-    compute_ms: float
-    run: _RunCosts
-
-    @property
-    def edge_segment_ms(self) -> tuple[float]:
-        return (self.compute_ms,)
-
-    @property
-    def edge_overhead_ms(self) -> float:
-        return self.run.edge_overhead_ms
-
-    @property
-    def request_ms(self) -> float:
-        return self.run.request_ms
+def _label_parts(label: str) -> tuple[str, int | None, str, str]:
+    """A Candidate.label ("local", "remote+int8", "split:5+fp16", "split:g<key>") as
+    (kind, k of a chain plan or None, DAG cut key or "", codec or "")."""
+    base, _, codec = label.partition("+")
+    kind, _, index = base.partition(":")
+    if kind == SPLIT and index.startswith("g"):
+        return kind, None, index, codec
+    k = 0 if kind == REMOTE and not index else int(index) if kind == SPLIT and index.isdigit() else None
+    return kind, k, "", codec
 
 
 def _held_codec_plan(keep: frozenset[str]) -> tuple[str, int]:
     """The codec and k of a kept "split:5+int8" / "remote+int8" label ("", -1: none)."""
     for label in keep:
-        base, plus, codec = label.partition("+")
-        if not plus:
-            continue
-        if base == REMOTE:
-            return codec, 0
-        kind, _, index = base.partition(":")
-        if kind == SPLIT and index.isdigit():
-            return codec, int(index)
+        _, k, key, codec = _label_parts(label)
+        if codec and k is not None and not key:
+            return codec, k
     return "", -1
 
 
@@ -511,13 +500,11 @@ class QuickDecision:
 
     def plans(self, label: str) -> list[Candidate]:
         """The candidates labelled ``label`` ("split:5+int8"), one per node offering it."""
-        base, _, codec = label.partition("+")
-        kind, _, index = base.partition(":")
+        kind, k, key, codec = _label_parts(label)
         if kind == LOCAL:
-            return [self.candidate(0)] if base == label else []
-        if kind == SPLIT and index.startswith("g"):
-            return [] if codec else self._at(self._in_slots(lambda slot: slot.dag is not None and slot.dag.key == index))
-        k = 0 if kind == REMOTE and not index else int(index) if kind == SPLIT and index.isdigit() else None
+            return [self.candidate(0)] if label == LOCAL else []
+        if key:
+            return [] if codec else self._at(self._in_slots(lambda slot: slot.dag is not None and slot.dag.key == key))
         if k is None or not 0 <= k < self.request.table.n:
             return []
         if not codec:

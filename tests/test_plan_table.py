@@ -80,8 +80,7 @@ def old_decision(case: dict, keep: frozenset[str]):
     segments = {p.node: p for p in case["profiles"]}
     clouds = [CloudOption(now.node, now.link, now.queue_ms, segments[now.node].segment_ms, segments[now.node].overhead_ms)
               for now in case["nodes"]]
-    codecs = [replace(c, crossings=tuple(Transfer(t.wire_bytes, t.encode_ms + calibration.offload_ms, t.decode_ms)
-                                         for t in c.crossings)) for c in case["codecs"]]
+    codecs = [replace(c, crossings=calibration.sent(c.crossings)) for c in case["codecs"]]
     return choose(calibration.apply(case["costs"]), clouds, case["power"], objective=case["objective"],
                   weight_latency=case["weight"], constraints=case["constraints"], codecs=codecs, dag_cuts=case["dags"],
                   dag_min_gain=case["gain"], keep=keep)
