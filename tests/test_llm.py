@@ -22,16 +22,18 @@ from runtimes.llm import find_smollm2
 
 STORY = "Write a long story about a robot who learns to paint. Once upon a time"
 
-# A device this slow for real (a cgroup quota) loses to an idle node on every
-# core even while two other processes keep both cores busy: under that load
-# the node decoded at about the speed of 0.35 of a free core (measured: 18.8 s
-# predicted REMOTE for 512 tokens against 13.6 s LOCAL on one unthrottled
-# thread), still ~3x a 0.12-core device. Idle, the node was 16x the device
-# (80 s LOCAL, 5 s REMOTE for 512 tokens), and the agent expects each request
-# in a node's line to take as long as its own (llm_routing.expected_queue_ms),
-# so a line of QUEUED_AHEAD hands the generation back to the device.
+# A device this slow for real (a cgroup quota) loses to an idle one-thread
+# node even while two other processes keep both cores busy: the node then
+# still gets about half a core, ~4x the device's 0.12. Idle it is ~8x (16x on
+# every core), and the agent expects each request in a node's line to take as
+# long as its own (llm_routing.expected_queue_ms), so a line of QUEUED_AHEAD
+# hands the generation back to the device.
 SLOW_DEVICE_CPUS = 0.12
 QUEUED_AHEAD = 24
+# The node decodes on one thread: llama.cpp's threads wait for each other at
+# every step, and when other processes hold the cores a two-thread node once
+# measured itself at 0.4 tokens/s (a 1,170 s prediction for 512 tokens).
+ONE_THREAD_NODE = ("--llm", "smollm2", "--llm-threads", "1")
 needs_cgroup = pytest.mark.skipif(cpu.available() is not None, reason=f"needs a cgroup CPU quota for the device: {cpu.available()}")
 
 
@@ -208,8 +210,9 @@ def test_privacy_policy_keeps_generation_on_the_device(model_dir: Path, cloud: l
 
 
 @needs_cgroup
-def test_a_slow_device_routes_long_generations_to_a_fast_idle_node(tmp_path: Path, cloud: launch.Daemon) -> None:
-    with slow_device_agent([cloud.address], empty_models=tmp_path) as agent, sdk.EdgeClient(agent.address) as c:
+def test_a_slow_device_routes_long_generations_to_a_fast_idle_node(model_dir: Path, tmp_path: Path) -> None:
+    with launch.cloud_node(model_dir, *ONE_THREAD_NODE) as node, \
+            slow_device_agent([node.address], empty_models=tmp_path) as agent, sdk.EdgeClient(agent.address) as c:
         long = c.explain("smollm2", prompt_tokens=32, max_tokens=512)
         assert long.winner == "remote", [(x.plan, x.predicted["total_ms"]) for x in long.candidates]
         result = c.generate_text(STORY, max_tokens=400)
@@ -218,7 +221,7 @@ def test_a_slow_device_routes_long_generations_to_a_fast_idle_node(tmp_path: Pat
 
 @needs_cgroup
 def test_an_overloaded_node_sends_generations_back_to_the_device(model_dir: Path, tmp_path: Path) -> None:
-    with launch.cloud_node(model_dir, "--llm", "smollm2", "--llm-slots", "1", "--llm-max-queue", str(QUEUED_AHEAD)) as node, \
+    with launch.cloud_node(model_dir, *ONE_THREAD_NODE, "--llm-slots", "1", "--llm-max-queue", str(QUEUED_AHEAD)) as node, \
             slow_device_agent([node.address], "--refresh-s", "0.2", empty_models=tmp_path) as agent, \
             sdk.EdgeClient(agent.address) as c:
         idle = c.explain("smollm2", prompt_tokens=32, max_tokens=512)
