@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -137,6 +137,17 @@ class _Table:
     service_ms: dict[str, float]         # node -> its whole-model time at these shapes (queue estimates)
 
 
+@dataclass(frozen=True)
+class _Standing:
+    """The last decision made on a table, reused while it stands (QuickDecision.stands)."""
+
+    plans: PlanTable
+    dags: Sequence[DagCut]
+    power: Power
+    decision: QuickDecision
+    calibration: Calibration             # what its predictions were made with
+
+
 class NotPlanned(Exception):
     """No profile can plan this request yet (see ProfileBook.view): it runs LOCAL."""
 
@@ -227,6 +238,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
         self._tables: dict[tuple, _Table] = {}  # what planning needs that no request changes, per model, shape and policy
+        self._standing: dict[tuple, _Standing] = {}  # per table, objective and held plan
         self._current: dict[tuple[str, Objective, int, bool], str] = {}  # plan label per model/objective/codec/adaptive
         self._branchy: dict[str, bool] = {}  # model -> its graph branches (a chain has no DAG cut worth solving)
         self._dag_cache: dict[tuple, list[DagCut]] = {}  # priced min-cuts per model, shape, nodes and rounded figures
@@ -282,14 +294,17 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, shapes: dict[str, tuple[int, ...]],
                link: Link | None = None, learn: bool = True, nearest_ok: bool = False,
                adaptive: bool = False, pinned: str = "", current: str | None = None,
-               calibration: Calibration | None = None) -> tuple[QuickDecision, ModelCosts]:
-        """The decision for a request of these input shapes, and the model's
-        costs it was made from (as profiled, before calibration); NotPlanned
-        when no profile can plan it yet (the request then runs LOCAL).
+               calibration: Calibration | None = None, reuse: bool = False) -> tuple[QuickDecision, ModelCosts, Calibration]:
+        """The decision for a request of these input shapes, the model's costs it
+        was made from (as profiled, before calibration) and the calibration its
+        predictions were made with; NotPlanned when no profile can plan it yet
+        (the request then runs LOCAL).
         ``nearest_ok``: plan from the nearest measured shape rather than not at all.
         ``adaptive``: the codec is chosen per plan within the policy's
         max_output_error (``encoding`` is then raw, the lossless base).
         ``calibration``: the one the caller looked up (default: this model's and shape's now).
+        ``reuse``: the last decision on these costs stands while nothing moved
+        enough to change it (QuickDecision.stands): then nothing is scored.
 
         Per request this is O(nodes) Python and whole-array numpy over the
         cuts: what only a new profile, codec figure or policy changes is in a
@@ -316,11 +331,20 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         held = current.partition("+")[0] if current and current.startswith("split:g") else ""
         dags = self._dag_cuts(model, shapes, table.plans, calibration, nodes, objective, policy, encoding, pinned or held) \
             if policy.dag_cuts and nodes else ()
+        calibrated = Calibrated(calibration.edge_factor, calibration.offload_ms, calibration.request_ms)
+        key = (id(table.plans), objective, policy.weight_latency, current)
+        standing = self._standing.get(key) if reuse else None
+        if (standing is not None and standing.plans is table.plans and standing.dags is dags and standing.power == self.power
+                and standing.decision.stands(calibrated, nodes)):
+            return standing.decision, table.plans.costs, standing.calibration
         decision = table.plans.choose(
-            Calibrated(calibration.edge_factor, calibration.offload_ms, calibration.request_ms), nodes, self.power,
-            objective=objective, weight_latency=policy.weight_latency, dag_cuts=dags, dag_min_gain=policy.dag_min_gain,
-            keep=frozenset({current}) if current else frozenset())
-        return decision, table.plans.costs
+            calibrated, nodes, self.power, objective=objective, weight_latency=policy.weight_latency, dag_cuts=dags,
+            dag_min_gain=policy.dag_min_gain, keep=frozenset({current}) if current else frozenset())
+        if reuse:
+            if len(self._standing) > 256:
+                self._standing.clear()
+            self._standing[key] = _Standing(table.plans, dags, self.power, decision, calibration)
+        return decision, table.plans.costs, calibration
 
     def _plan_table(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]],
                     policy: Policy, adaptive: bool, published: list) -> _Table:
@@ -369,18 +393,19 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         return options
 
     def _dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], table: PlanTable, calibration: Calibration,
-                  nodes: list[NodeNow], objective: Objective, policy: Policy, encoding: int, pinned: str = "") -> list[DagCut]:
+                  nodes: list[NodeNow], objective: Objective, policy: Policy, encoding: int,
+                  pinned: str = "") -> Sequence[DagCut]:
         """The minimum s-t cut on each node's link, when it is not a chain cut, and
         a DAG cut the caller pinned, priced. Solved and priced again only when a
         figure they depend on moves by DAG_RECOMPUTE_STEP: per request this is a
-        dictionary lookup."""
+        dictionary lookup, and the same object while none moved."""
         graph = model.graph
         if graph is None or policy.constraints.allowed_cuts is not None:
-            return []
+            return ()
         if model.name not in self._branchy:
             self._branchy[model.name] = branches(graph)
         if not self._branchy[model.name]:
-            return []
+            return ()
         wanted = pinned.partition("@")[0].partition(":")[2]
         key = (model.name, describe(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
                wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
@@ -632,13 +657,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         if not self.book.prepared(model, shapes):  # a new exact shape: its shape inference off the event loop
             await asyncio.to_thread(self.book.prepare, model, shapes)
-        calibration = self.calibration(model, shapes)  # what this request's predictions are made with
+        calibration = self.calibration(model, shapes)  # decide hands back the one its predictions were made with
         planning = time.perf_counter()
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
-            decision, costs = self.decide(model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned),
-                                          adaptive=adaptive, pinned=pinned, calibration=calibration,
-                                          current=self._current.get((model.name, objective, encoding, adaptive)))
+            decision, costs, calibration = self.decide(
+                model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned), adaptive=adaptive, pinned=pinned,
+                calibration=calibration, current=self._current.get((model.name, objective, encoding, adaptive)),
+                reuse=not pinned)
         except NotPlanned as unplanned:
             return await self._infer_unplanned(model, feeds, pinned, unplanned.reason, arrived)
         candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding, adaptive))
@@ -724,7 +750,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             model = self.store.get(request.model)
             try:
                 shapes = self.explain_shapes(model, request.input_shapes)
-                decision, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False,
+                decision, _, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False,
                                           nearest_ok=True, adaptive=adaptive,
                                           current=self._current.get((model.name, objective, encoding, adaptive)))
             except NotPlanned as unplanned:

@@ -66,6 +66,10 @@ CONSTRAINTS = ("memory limit", "privacy floor", "remote not allowed", "allowed c
 MEMORY, PRIVACY, REMOTE_FORBIDDEN, NOT_ALLOWED, SLO, ENERGY, ABSENT = (1 << i for i in range(7))
 HARD_BITS = MEMORY | PRIVACY | REMOTE_FORBIDDEN | NOT_ALLOWED
 HARD = (True, True, True, True, False, False)
+# A decision that stands is reused while no prediction would move by more than
+# this share of the winner's: the figures a reply shows stay that close to a
+# fresh pass's (calibration noise is larger; see partitioner.calibration).
+REUSE_MAX_DRIFT = 0.05
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,9 @@ class _Slot:
     ks: np.ndarray             # (nodes,) segments on the device
     score: np.ndarray          # (nodes,)
     bits: np.ndarray           # (nodes,) uint8
+    # a DAG cut's least distance (its score units) from the dag_min_gain threshold
+    # that decides whether it is offered: how far scores may move before it flips
+    threshold_gap: float = math.inf
 
 
 class PlanTable:
@@ -156,6 +163,7 @@ class PlanTable:
             self.chain_bits[1:] |= np.where(np.isin(ks[1:], list(cuts)), 0, NOT_ALLOWED).astype(np.uint8)
         # per codec (0: the base): bytes, encode and decode ms at each k, and where it may be used
         self.crossings = [self._arrays(costs.crossings)] + [self._arrays(c.crossings) for c in self.codecs]
+        self.max_wire_bytes = float(self.crossings[0][0].max(initial=0.0))
         self.usable = [np.ones(n, dtype=bool)]
         for codec in self.codecs:
             self.usable.append(np.isin(ks, [k for k in codec.usable if 0 <= k < n]))
@@ -229,10 +237,14 @@ class PlanTable:
             cloud = np.array([dag.cloud_ms.get(node, math.nan) for node in request.names])
             score, bits = request.dag(dag, np.nan_to_num(cloud))
             absent = np.isnan(cloud)
+            gap = math.inf
             if not dag.pinned and f"{SPLIT}:{dag.key}" not in keep:
                 # within noise of a chain cut: not worth a new cut's cold sessions on both sides
-                absent |= score >= chain_best * (1 - dag_min_gain)
-            found.append(_Slot(0, dag, np.full(request.m, dag.whole_segments), score, bits | np.where(absent, ABSENT, 0)))
+                threshold = chain_best * (1 - dag_min_gain)
+                gap = float(np.abs(score - threshold)[~absent].min(initial=math.inf)) / (2 - dag_min_gain)
+                absent |= score >= threshold
+            found.append(_Slot(0, dag, np.full(request.m, dag.whole_segments), score, bits | np.where(absent, ABSENT, 0),
+                               threshold_gap=gap))
         return found
 
 
@@ -269,6 +281,8 @@ class _Request:
         self.cloud_overhead = table.cloud_overhead[self.index][:, None]
         self.ms_per_byte = 8 / (up * 1e6) * 1e3
         downlink = out.wire_bytes * 8 / (down * 1e6) * 1e3
+        self.moving = np.column_stack((self.ms_per_byte[:, 0], rtt[:, 0] + downlink[:, 0] + queue[:, 0])) if nodes \
+            else np.zeros((0, 2))
         # the terms no cut changes, per node: what the device waits for, and the results' codec
         self.waiting = rtt + downlink + queue + self.cloud_overhead + out.encode_ms
         self.fixed_ms = self.waiting + out.decode_ms + calibrated.request_ms
@@ -413,6 +427,59 @@ class QuickDecision:
     @property
     def feasible(self) -> bool:
         return self.winner is not None
+
+    # --------------------------------------------------------------- reuse --
+
+    @cached_property
+    def _drift_allowed_ms(self) -> float:
+        """How far (ms) every candidate's predicted total may move before a fresh
+        ``choose`` could decide differently: the same winner, runner-up, reason
+        and offered candidates (0: not bounded here, always decide afresh).
+
+        Bounded for the common case only: the LATENCY objective (a score is a
+        total, in ms) with no energy budget, no per-plan codec, and a winner
+        that is LOCAL or on the only node (so that load sharing and retries,
+        which compare other nodes' figures, have nothing else to compare)."""
+        request = self.request
+        if (request.goal is not Objective.LATENCY or self.constraints.energy_budget_j is not None
+                or self.winner is None or any(slot.codec for slot in self.slots)
+                or (self.winner.node is not None and request.m > 1)):
+            return 0.0
+        pool = np.where(self.bits == 0, self.score, math.inf)
+        top = np.sort(np.partition(pool, 2)[:3] if len(pool) > 3 else pool)
+        first, second, third = (*top.tolist(), math.inf, math.inf)[:3]
+        # choice.tied: the winner stays alone ahead of the runner-up, and the runner-up ahead of the rest
+        spread = 1 / (1 - TIE_REL_TOL)
+        allowed = min(((second - first * spread) / (1 + spread)) if second < math.inf else math.inf,
+                      ((third - second * spread) / (1 + spread)) if third < math.inf else math.inf,
+                      REUSE_MAX_DRIFT * first,
+                      *(slot.threshold_gap for slot in self.slots))
+        slo = self.constraints.slo_ms
+        if slo is not None:  # no candidate crosses the SLO
+            allowed = min(allowed, float(np.abs(self.score[self.bits & ABSENT == 0] - slo).min()))
+        return max(allowed, 0.0)
+
+    def stands(self, calibrated: Calibrated, nodes: Sequence[NodeNow]) -> bool:
+        """Whether this decision is the one ``choose`` would make at these
+        inputs (the same table, objective, power and DAG cuts): O(nodes).
+        Its figures are then those of the inputs it was made at, within
+        REUSE_MAX_DRIFT of what a fresh pass would predict."""
+        allowed = self._drift_allowed_ms
+        request = self.request
+        if allowed <= 0 or [now.node for now in nodes] != request.names:
+            return False
+        before, table = request.calibrated, request.table
+        drift = (abs(calibrated.edge_factor - before.edge_factor) * (table.edge_ms(table.n) + table.costs.edge_overhead_ms)
+                 + abs(calibrated.offload_ms - before.offload_ms) + abs(calibrated.request_ms - before.request_ms))
+        if drift > allowed:
+            return False
+        if nodes:
+            out_bits = table.costs.output.wire_bytes * 8
+            now = np.array([(8e-3 / now.link.uplink_mbps, now.link.rtt_ms + out_bits / (now.link.downlink_mbps * 1e3)
+                             + now.queue_ms) for now in nodes])
+            wire = max([table.max_wire_bytes, *(slot.dag.crossing.wire_bytes for slot in self.slots if slot.dag)])
+            drift += float((np.abs(now - request.moving) @ (wire, 1.0)).max())
+        return drift <= allowed
 
     def _k(self, positions: np.ndarray) -> np.ndarray:
         """Segments on the device of the candidates at these positions."""

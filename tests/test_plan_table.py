@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 
 import pytest
@@ -131,3 +132,53 @@ def test_a_node_outside_the_table_is_refused_by_name() -> None:
     table = PlanTable(case["costs"], [], case["constraints"])
     with pytest.raises(ValueError, match="no profile of node stranger"):
         table.choose(Calibrated(), [NodeNow("stranger", Link(10, 10, 1), 0.0)], case["power"])
+
+
+def nudged(case: dict, rng: random.Random, step: float) -> dict:
+    """The same deployment a request later: calibration, links and queues each moved by up to ``step``."""
+    def by(x: float) -> float:
+        return x * (1 + rng.uniform(-step, step))
+
+    c = case["calibration"]
+    calibration = Calibration(edge_factor=by(c.edge_factor), offload_ms=by(c.offload_ms) + rng.uniform(0, step),
+                              samples=c.samples, request_ms=by(c.request_ms))
+    nodes = [NodeNow(now.node, Link(by(now.link.uplink_mbps), by(now.link.downlink_mbps), by(now.link.rtt_ms)),
+                     by(now.queue_ms)) for now in case["nodes"]]
+    return {**case, "calibration": calibration, "nodes": nodes}
+
+
+def offered(candidate) -> tuple:
+    """What a candidate is and which constraints it breaks (not by how much)."""
+    return candidate.label, candidate.node, tuple(re.sub(r"[0-9.]+", "#", v) for v in candidate.violations)
+
+
+def ranked(decision) -> list[tuple]:
+    feasible = sorted((c for c in decision.candidates if c.feasible), key=lambda c: c.score)
+    return [seen(c) for c in feasible[:2]]
+
+
+def test_a_decision_stands_only_where_a_fresh_one_is_the_same() -> None:
+    rng = random.Random(16)
+    stood = checked = 0
+    for _ in range(1500):
+        case = {**random_case(rng), "objective": Objective.LATENCY}
+        if rng.random() < 0.7:  # mostly the case reuse is bounded for: no per-plan codec, no energy budget
+            case = {**case, "codecs": [], "constraints": replace(case["constraints"], energy_budget_j=None)}
+        before = new_decision(case, frozenset())
+        c = case["calibration"]
+        assert before.stands(Calibrated(c.edge_factor, c.offload_ms, c.request_ms), case["nodes"]) == \
+            (before._drift_allowed_ms > 0)  # nothing moved: it stands wherever reuse is bounded at all
+        later = nudged(case, rng, rng.choice([1e-5, 1e-4, 1e-3, 1e-2, 0.1]))
+        c = later["calibration"]
+        if not before.stands(Calibrated(c.edge_factor, c.offload_ms, c.request_ms), later["nodes"]):
+            continue
+        stood += 1
+        fresh = new_decision(later, frozenset())
+        assert seen(fresh.winner) == seen(before.winner)
+        assert ranked(fresh) == ranked(before)  # the runner-up its reason names
+        assert [offered(x) for x in fresh.candidates] == [offered(x) for x in before.candidates]
+        for old, new in zip(before.candidates, fresh.candidates):
+            checked += 1
+            assert abs(new.score - old.score) <= before._drift_allowed_ms * (1 + 1e-9) + 1e-9
+    assert stood > 200, stood  # the property is not vacuous
+    assert checked > stood
