@@ -30,6 +30,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
+from bench.plans import wait_until_measured
 from edge_agent.sdk import EdgeClient, InferResult
 from modelzoo.build import build_all
 from partitioner.shapes import profile_candidates
@@ -74,6 +75,7 @@ def planning_times(client: EdgeClient, paths: dict[str, Path], runs: int) -> lis
         feeds = {i: np.random.default_rng(1).standard_normal(s).astype(np.float32) for i, s in shapes.items()}
         for _ in range(10):
             client.infer(name, feeds)
+        wait_until_measured(client)  # what a new shape starts in the background would share the cores
         results = [client.infer(name, feeds) for _ in range(runs)]
         values = [r.measured["plan_ms"] for r in results]
         rows.append({"model": name, "cuts": counts.get(name, 0), "plan": results[-1].planned,
@@ -110,6 +112,7 @@ def main() -> int:
         request_bytes = pb.InferRequest(model="mobilenet", inputs=[codec.encode(x, "input")]).SerializeToString()
         echo = EchoServer(reply_bytes=4200)  # about an InferReply carrying 1000 float32 logits
         with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address]) as agent, EdgeClient(agent.address) as client:
+            wait_until_measured(client)
             cuts = next(m.num_cuts for m in client.models() if m.name == "mobilenet")
             middle = f"split:{(cuts + 1) // 2}"
             configs = {

@@ -281,8 +281,6 @@ class _Request:
         self.cloud_overhead = table.cloud_overhead[self.index][:, None]
         self.ms_per_byte = 8 / (up * 1e6) * 1e3
         downlink = out.wire_bytes * 8 / (down * 1e6) * 1e3
-        self.moving = np.column_stack((self.ms_per_byte[:, 0], rtt[:, 0] + downlink[:, 0] + queue[:, 0])) if nodes \
-            else np.zeros((0, 2))
         # the terms no cut changes, per node: what the device waits for, and the results' codec
         self.waiting = rtt + downlink + queue + self.cloud_overhead + out.encode_ms
         self.fixed_ms = self.waiting + out.decode_ms + calibrated.request_ms
@@ -431,10 +429,11 @@ class QuickDecision:
     # --------------------------------------------------------------- reuse --
 
     @cached_property
-    def _drift_allowed_ms(self) -> float:
+    def _reuse_bound(self) -> tuple[float, float, float] | None:
         """How far (ms) every candidate's predicted total may move before a fresh
-        ``choose`` could decide differently: the same winner, runner-up, reason
-        and offered candidates (0: not bounded here, always decide afresh).
+        ``choose`` could decide differently (the same winner, runner-up, reason
+        and offered candidates), the device time a calibration factor scales and
+        the most bytes an offered plan sends; None: always decide afresh.
 
         Bounded for the common case only: the LATENCY objective (a score is a
         total, in ms) with no energy budget, no per-plan codec, and a winner
@@ -444,7 +443,7 @@ class QuickDecision:
         if (request.goal is not Objective.LATENCY or self.constraints.energy_budget_j is not None
                 or self.winner is None or any(slot.codec for slot in self.slots)
                 or (self.winner.node is not None and request.m > 1)):
-            return 0.0
+            return None
         pool = np.where(self.bits == 0, self.score, math.inf)
         top = np.sort(np.partition(pool, 2)[:3] if len(pool) > 3 else pool)
         first, second, third = (*top.tolist(), math.inf, math.inf)[:3]
@@ -457,29 +456,36 @@ class QuickDecision:
         slo = self.constraints.slo_ms
         if slo is not None:  # no candidate crosses the SLO
             allowed = min(allowed, float(np.abs(self.score[self.bits & ABSENT == 0] - slo).min()))
-        return max(allowed, 0.0)
+        if allowed <= 0:
+            return None
+        table = request.table
+        wire = max([table.max_wire_bytes, *(slot.dag.crossing.wire_bytes for slot in self.slots if slot.dag)])
+        return allowed, table.edge_ms(table.n) + table.costs.edge_overhead_ms, wire
 
     def stands(self, calibrated: Calibrated, nodes: Sequence[NodeNow]) -> bool:
         """Whether this decision is the one ``choose`` would make at these
-        inputs (the same table, objective, power and DAG cuts): O(nodes).
-        Its figures are then those of the inputs it was made at, within
-        REUSE_MAX_DRIFT of what a fresh pass would predict."""
-        allowed = self._drift_allowed_ms
+        inputs (the same table, objective, power and DAG cuts): O(nodes), in
+        plain floats. Its figures are then those of the inputs it was made at,
+        within REUSE_MAX_DRIFT of what a fresh pass would predict."""
+        bound = self._reuse_bound
         request = self.request
-        if allowed <= 0 or [now.node for now in nodes] != request.names:
+        if bound is None or len(nodes) != request.m:
             return False
-        before, table = request.calibrated, request.table
-        drift = (abs(calibrated.edge_factor - before.edge_factor) * (table.edge_ms(table.n) + table.costs.edge_overhead_ms)
+        allowed, scaled_ms, wire = bound
+        before = request.calibrated
+        drift = (abs(calibrated.edge_factor - before.edge_factor) * scaled_ms
                  + abs(calibrated.offload_ms - before.offload_ms) + abs(calibrated.request_ms - before.request_ms))
-        if drift > allowed:
-            return False
-        if nodes:
-            out_bits = table.costs.output.wire_bytes * 8
-            now = np.array([(8e-3 / now.link.uplink_mbps, now.link.rtt_ms + out_bits / (now.link.downlink_mbps * 1e3)
-                             + now.queue_ms) for now in nodes])
-            wire = max([table.max_wire_bytes, *(slot.dag.crossing.wire_bytes for slot in self.slots if slot.dag)])
-            drift += float((np.abs(now - request.moving) @ (wire, 1.0)).max())
-        return drift <= allowed
+        # every plan on node j moves by at most its bytes' uplink time change plus the terms no cut changes
+        reply_bits_ms = request.table.costs.output.wire_bytes * 8e-3
+        worst = 0.0
+        for now, then in zip(nodes, request.nodes):
+            if now.node != then.node:
+                return False
+            a, b = now.link, then.link
+            worst = max(worst, wire * 8e-3 * abs(1 / a.uplink_mbps - 1 / b.uplink_mbps)
+                        + abs(a.rtt_ms - b.rtt_ms + now.queue_ms - then.queue_ms
+                              + reply_bits_ms * (1 / a.downlink_mbps - 1 / b.downlink_mbps)))
+        return drift + worst <= allowed
 
     def _k(self, positions: np.ndarray) -> np.ndarray:
         """Segments on the device of the candidates at these positions."""
