@@ -67,6 +67,33 @@ class RemoteBudget:
             self._used.append((now, tokens))
 
 
+def stream_lie(chunk: pb.GenerateChunk, *, streamed: int, prompt_tokens: int, max_tokens: int, vocab: int) -> str:
+    """What is wrong with a node's next chunk, given the ``streamed`` tokens
+    (continuation included) before it; "" if nothing. Only the accounting can
+    be checked without running the model: which token comes next, that it is
+    one of the model's, and that the summary counts what was streamed."""
+    if chunk.HasField("token"):
+        token = chunk.token
+        if token.index != streamed:
+            return f"sent token #{token.index} where #{streamed} was next"
+        if streamed >= max_tokens:
+            return f"sent token #{token.index} beyond max_tokens {max_tokens}"
+        if not 0 <= token.token_id < vocab:
+            return f"sent token id {token.token_id}, outside the vocabulary ({vocab})"
+        return ""
+    if not chunk.HasField("done"):
+        return "sent a chunk that is neither a token nor a summary"
+    done = chunk.done
+    if done.finish_reason not in ("stop", "length"):
+        return f"ended the stream with finish_reason {done.finish_reason!r}"
+    if done.completion_tokens != streamed or done.prompt_tokens != prompt_tokens:
+        return (f"summed up {done.completion_tokens} tokens of completion and {done.prompt_tokens} of prompt "
+                f"after streaming {streamed} for a prompt of {prompt_tokens}")
+    if done.finish_reason == "length" and streamed != max_tokens:
+        return f"said 'length' after {streamed} of max_tokens {max_tokens}"
+    return ""
+
+
 async def app_view(chunks: AsyncIterator[pb.GenerateChunk], started: float) -> AsyncIterator[pb.GenerateChunk]:
     """Time to first token and tokens/s as the agent delivers them to the app,
     across a switch, instead of one side's own figures."""
@@ -221,6 +248,12 @@ class Generator:
                     break
                 if chunk is grpc.aio.EOF:
                     reason = f"{node.address} ended the stream without a summary"
+                    break
+                lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=len(tokens),
+                                 max_tokens=sampling.max_tokens, vocab=engine.llm.n_vocab())
+                if lie:
+                    reason = f"{node.address} {lie}"
+                    node.mark_down(reason)  # a node that miscounts is not trusted with the next stream either
                     break
                 if chunk.HasField("token"):
                     generated.append(chunk.token.token_id)

@@ -24,6 +24,20 @@ PROBE_TARGET_MS = 60.0           # stop doubling once a transfer takes this long
 PROBE_MIN_MS = 10.0              # shorter transfers are too short to time (or ride the shaper's burst)
 PROBE_TIMEOUT_S = 10.0
 IDLE_PROBE_S = 10.0  # probe a link that carried no request for this long
+# A live node answers an empty probe in about one RTT. A hung one (stopped,
+# deadlocked, its host swapping) keeps its TCP connection up and answers
+# nothing, so a call to it waits out its whole budget unless the agent asks:
+# the probe may take this many RTTs, plus the time the bytes this agent has
+# in flight to the node need on the uplink (they are ahead of it), within
+# these bounds (the floor: a busy board's scheduling noise, seen above 0.3 s
+# with two processes spinning on both cores here).
+LIVENESS_RTTS = 20
+LIVENESS_MIN_S = 1.0
+LIVENESS_MAX_S = 5.0
+
+
+class NodeHung(Exception):
+    """The node answered neither a call nor an empty probe in time: it is marked down."""
 
 
 @dataclass
@@ -64,6 +78,8 @@ class CloudNodeClient:
         self._generation = 0  # bumped by mark_down, so a refresh in flight cannot undo it
         self.down_since: float | None = None  # monotonic time it was last found unreachable, None while reachable
         self.inflight = 0     # this agent's requests on the node now
+        self.bytes_in_flight = 0  # their request bytes (ahead of any probe on the uplink)
+        self._liveness: asyncio.Future[bool] | None = None  # the probe callers share while it runs
         self.last_sent = 0.0  # monotonic time of this agent's last request to it
         self.closed = False   # left the table: no more refreshes
 
@@ -73,6 +89,52 @@ class CloudNodeClient:
         if self.link_override is not None:
             return self.link_override
         return self.estimator.link() if self.estimator else None
+
+    def liveness_timeout_s(self) -> float:
+        """How long an empty probe may take before the node counts as hung
+        (LIVENESS_RTTS): from the measured link, not the operator's override,
+        which says what to plan with rather than what the path does now."""
+        link = self.estimator.link() if self.estimator else self.link_override
+        if link is None:
+            return LIVENESS_MAX_S
+        ahead_s = self.bytes_in_flight * 8 / (link.uplink_mbps * 1e6)
+        return min(max(LIVENESS_RTTS * link.rtt_ms / 1e3, LIVENESS_MIN_S), LIVENESS_MAX_S) + ahead_s
+
+    async def answers(self) -> bool:
+        """Whether the node answers an empty probe within liveness_timeout_s.
+        Callers that ask while a probe runs share its answer."""
+        if self._liveness is None or self._liveness.done():
+            self._liveness = asyncio.ensure_future(self._alive(self.liveness_timeout_s()))
+        return await asyncio.shield(self._liveness)
+
+    async def _alive(self, timeout_s: float) -> bool:
+        try:
+            await self.stub.Probe(pb.ProbeRequest(), timeout=timeout_s)
+            return True
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.CancelledError):
+            return False
+
+    async def unless_hung(self, call: asyncio.Future, check_after_s: float):
+        """The result of ``call`` (an RPC to this node). Each time it has run
+        ``check_after_s`` (doubling) without an answer the node is probed; one
+        that answers no probe either is hung: it is marked down, the call
+        cancelled and NodeHung raised, long before the call's own deadline."""
+        waited_s = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=check_after_s)
+                if done:
+                    return call.result()
+                waited_s += check_after_s
+                probe_s = self.liveness_timeout_s()
+                if not call.done() and not await self.answers():
+                    reason = (f"hung: no reply to a call in {waited_s * 1e3:.0f} ms, "
+                              f"nor to an empty probe in {probe_s * 1e3:.0f} ms")
+                    self.mark_down(reason)
+                    raise NodeHung(reason)
+                check_after_s *= 2
+        finally:
+            call.cancel()  # no-op once done; otherwise nobody is waiting for it any more
 
     async def _timed_probe(self, request: pb.ProbeRequest, timeout_s: float) -> float:
         start = time.perf_counter()
@@ -123,7 +185,15 @@ class CloudNodeClient:
             return self.state
         try:
             # The fastest of a few empty round trips: slower ones carry scheduling noise, not the path.
-            rtt_ms = min([await self._timed_probe(pb.ProbeRequest(), timeout_s) for _ in range(3)])
+            # A node that answers none of them in its liveness time is hung, not slow.
+            probe_s = self.liveness_timeout_s() if self.estimator is not None else timeout_s
+            try:
+                rtt_ms = min([await self._timed_probe(pb.ProbeRequest(), probe_s) for _ in range(3)])
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                self.mark_down(f"hung: no answer to an empty probe in {probe_s * 1e3:.0f} ms")
+                return self.state
             status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
             if self.estimator is None:
                 self.estimator = LinkEstimator(uplink_mbps=10.0, downlink_mbps=10.0, rtt_ms=rtt_ms)
@@ -142,8 +212,8 @@ class CloudNodeClient:
                     self._profiles[info.digest] = ModelProfile.from_json(reply.json)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.state.reachable:
-                # A slow link busy with a large request delays the status call;
-                # that is not a dead node. Keep what we knew; requests will tell.
+                # It answered the probes: a slow link busy with a large request
+                # delays the status call, that is not a dead node. Keep what we knew.
                 logger.info("status of %s timed out; keeping its last state", self.address)
                 return self.state
             self.mark_down(f"{exc.code().name}: {exc.details()}")

@@ -17,7 +17,7 @@ import numpy as np
 
 from devices.power_fit import PowerFigures
 from edge_agent.generation import Generator
-from edge_agent.offload import CloudNodeClient
+from edge_agent.offload import CloudNodeClient, NodeHung
 from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
 from partitioner.costmodel import (
@@ -54,7 +54,7 @@ from runtimes.admission import Admission, Overloaded, run_cancellable
 from runtimes.llm_serving import relay
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
-from runtimes.onnx_exec import InputError, OnnxModel
+from runtimes.onnx_exec import BadReply, InputError, OnnxModel
 from runtimes.profile_book import ProfileBook, Unplanned, shape_specs
 from runtimes.rpc import NoFeasiblePlan, abort_for
 
@@ -78,6 +78,9 @@ MIN_CLOUD_BUDGET_S = 0.005
 # Nodes one request may try before it finishes on the device: the planned one
 # and the next best, so a node that vanishes costs one retry, never the request.
 NODE_ATTEMPTS = 2
+# A call to a node runs this many times its predicted network and cloud time
+# before the agent asks whether the node still answers (CloudNodeClient.unless_hung).
+WATCH_FACTOR = 3.0
 
 
 class PlanError(InputError):
@@ -481,12 +484,22 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     # ----------------------------------------------------------- execution --
 
-    async def _cloud_call(self, node: CloudNodeClient, method: str, request, timeout_s: float) -> pb.RunReply:
+    async def _cloud_call(self, node: CloudNodeClient, method: str, request, timeout_s: float,
+                          expected_ms: float) -> pb.RunReply:
+        """One call to ``node``; past WATCH_FACTOR times its ``expected_ms``
+        (the plan's predicted network and cloud time) the node is probed, and
+        one that is hung fails the call then rather than at ``timeout_s``."""
         start = time.perf_counter()
+        size = request.ByteSize()
         node.inflight += 1
+        node.bytes_in_flight += size
         node.last_sent = time.monotonic()
         try:
-            reply = await getattr(node.stub, method)(request, timeout=timeout_s)
+            call = asyncio.ensure_future(getattr(node.stub, method)(request, timeout=timeout_s))
+            check_after_s = max(expected_ms * WATCH_FACTOR / 1e3, node.liveness_timeout_s())
+            reply = await node.unless_hung(call, check_after_s)
+        except NodeHung as exc:
+            raise CloudFailed(f"{node.address} {method}: {exc}") from None
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # our own caller went away: nothing to finish
@@ -499,8 +512,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                 # The request was still on the wire (or queued) when time ran
                 # out: its elapsed time is a lower bound on the transfer, and
                 # without it a link that collapsed would never be noticed.
-                node.observe_transfer(up_bytes=request.ByteSize(), down_bytes=0,
-                                      network_ms=(time.perf_counter() - start) * 1e3)
+                node.observe_transfer(up_bytes=size, down_bytes=0, network_ms=(time.perf_counter() - start) * 1e3)
             # Only a node we cannot reach is taken out of planning; a missed
             # deadline or a full queue shows up in its reported load instead.
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -508,6 +520,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             raise CloudFailed(f"{node.address} {method}: {exc.code().name}: {exc.details()}") from exc
         finally:
             node.inflight -= 1
+            node.bytes_in_flight -= size
         node.update_load(reply.load)
         return reply
 
@@ -552,6 +565,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             else:
                 method, request = "RunModel", pb.ModelRequest(model=model.name, model_digest=model.digest, inputs=tensors,
                                                               reply_encoding=pb.ENCODING_RAW)
+            remote_outputs = {spec.name for spec in model.outputs} - set(local_outputs)
+            # the shapes its outputs must have, where shape inference reaches them (cached by book.prepare)
+            metas = self.book.tensor_metas(model, {name: tuple(a.shape) for name, a in feeds.items()}) if model.graph else {}
+            inferred = {name: metas[name].shape for name in remote_outputs if name in metas}
             for node in self._attempts(candidate, decision):
                 budget_s = cloud_budget_s(timeout_s=self.policies.for_model(model.name).cloud_timeout_s,
                                           remaining_s=context.time_remaining(),
@@ -561,14 +578,24 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     break
                 start = time.perf_counter()
                 try:
-                    reply = await self._cloud_call(node, method, request, budget_s)
+                    reply = await self._cloud_call(node, method, request, budget_s,
+                                                   candidate.stages.network_ms + candidate.stages.cloud_ms)
                 except CloudFailed as exc:
                     failures.append(str(exc))
                     logger.warning("%s %s: %s", model.name, candidate.label, exc)
                     continue
                 rpc_ms = (time.perf_counter() - start) * 1e3
                 start = time.perf_counter()
-                outputs = await self._in_pool(decode_all, reply.outputs)
+                try:
+                    outputs = await self._in_pool(decode_all, reply.outputs)
+                    model.check_reply(outputs, remote_outputs, inferred)
+                except (codec.CodecError, BadReply) as exc:
+                    # what it sent is not this model's answer: that node fails, the request does not
+                    reason = f"{node.address} {method}: a reply that is not {model.name}'s: {exc}"
+                    node.mark_down(reason)
+                    failures.append(reason)
+                    logger.warning("%s %s: %s", model.name, candidate.label, reason)
+                    continue
                 stages.decode_ms += (time.perf_counter() - start) * 1e3
                 stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
                 stages.network_ms = max(rpc_ms - stages.cloud_ms, 0.0)

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,10 @@ MAX_CACHED_SESSIONS = 8  # per side (prefix / suffix) per model
 
 class InputError(ValueError):
     """The caller's tensors do not fit the model (names, dtypes, shapes)."""
+
+
+class BadReply(ValueError):
+    """A node's tensors are not what the model gives at the request's shapes."""
 
 
 @dataclass(frozen=True)
@@ -156,24 +161,41 @@ class OnnxModel:
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
         """Refuse feeds that onnxruntime would reject with a cryptic message."""
-        expected = {spec.name: spec for spec in self.inputs}
-        missing = sorted(set(expected) - set(feeds))
-        unknown = sorted(set(feeds) - set(expected))
+        self._check_tensors(feeds, self.inputs, "input", InputError)
+
+    def check_reply(self, outputs: Mapping[str, np.ndarray], names: Collection[str],
+                    inferred: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse what a node sent as outputs ``names`` unless this model could
+        have produced it: the same names and dtypes, each shape the one shape
+        inference gives at the request's inputs (``inferred``, where it reaches)
+        or else fitting the declared dims. A node is a peer, not a part of us."""
+        self._check_tensors(outputs, [spec for spec in self.outputs if spec.name in names], "output", BadReply,
+                            exact=inferred)
+
+    def _check_tensors(self, arrays: Mapping[str, np.ndarray], specs: list[TensorSpec], kind: str,
+                       error: type[ValueError], exact: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        expected = {spec.name: spec for spec in specs}
+        missing = sorted(set(expected) - set(arrays))
+        unknown = sorted(set(arrays) - set(expected))
         if missing or unknown:
-            raise InputError(
-                f"model {self.name} takes inputs {sorted(expected)}; missing {missing}, unknown {unknown}"
-            )
-        for name, array in feeds.items():
+            raise error(f"model {self.name} {'takes' if kind == 'input' else 'gives'} {kind}s {sorted(expected)}; "
+                        f"missing {missing}, unknown {unknown}")
+        for name, array in arrays.items():
             spec = expected[name]
             if array.dtype != spec.dtype:
-                raise InputError(f"input {name} of {self.name} must be {spec.dtype}, got {array.dtype}")
+                raise error(f"{kind} {name} of {self.name} must be {spec.dtype}, got {array.dtype}")
+            want = (exact or {}).get(name)
+            if want is not None:
+                if tuple(array.shape) != tuple(want):
+                    raise error(f"{kind} {name} of {self.name} must have shape {tuple(want)} here, got {array.shape}")
+                continue
             if spec.shape is None:
                 continue
             if array.ndim != len(spec.shape) or any(
                 want is not None and want != got for want, got in zip(spec.shape, array.shape)
             ):
                 shown = tuple("?" if d is None else d for d in spec.shape)
-                raise InputError(f"input {name} of {self.name} must have shape {shown}, got {array.shape}")
+                raise error(f"{kind} {name} of {self.name} must have shape {shown}, got {array.shape}")
 
     def run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
         names = [spec.name for spec in self.outputs]

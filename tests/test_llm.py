@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from llama_cpp import Llama
+from lying_node import LIE_AT, STREAM_LIES, LyingNode
 
 from edge_agent import sdk
 from emulation import cpu
@@ -129,6 +130,34 @@ def test_cloud_killed_mid_stream_the_app_sees_one_uninterrupted_stream(model_dir
     assert summary.switched and summary.ran == "local" and summary.planned == "remote"
     assert 5 <= summary.switched_at_token < len(tokens)
     assert summary.switch_reason
+
+
+def test_a_node_that_miscounts_its_stream_never_reaches_the_app(model_dir: Path, cloud: launch.Daemon,
+                                                                 client: sdk.EdgeClient) -> None:
+    """A skipped or repeated token, or 'length' before max_tokens: the app
+    still gets the uninterrupted greedy stream, finished on the device from
+    the last token the node counted right."""
+    reference = client.generate_text(STORY, max_tokens=40, plan="local")
+    assert len(reference.token_ids) == 40
+    liar = LyingNode(cloud.address)
+    try:
+        with launch.edge_agent(model_dir, [liar.address], "--llm", "smollm2") as agent, sdk.EdgeClient(agent.address) as c:
+            for mode in STREAM_LIES:
+                for _ in range(60):  # bounded: until the node is planned again after the last lie
+                    with contextlib.suppress(sdk.FailedPrecondition):  # "plan remote is not available" meanwhile
+                        if c.generate_text(STORY, max_tokens=2, plan="remote").summary.ran == "remote":
+                            break
+                    time.sleep(0.25)
+                liar.mode = mode
+                result = c.generate_text(STORY, max_tokens=40, plan="remote")
+                liar.mode = "honest"
+                assert result.token_ids == reference.token_ids and result.text == reference.text, mode
+                summary = result.summary
+                assert summary.switched and summary.ran == "local", (mode, summary.switch_reason)
+                assert summary.switched_at_token == LIE_AT + (mode == "repeated token"), (mode, summary.switch_reason)
+                assert summary.completion_tokens == 40 and summary.finish_reason == "length"
+    finally:
+        liar.close()
 
 
 def test_scheduler_batches_concurrent_requests_each_as_if_alone(cloud: launch.Daemon) -> None:

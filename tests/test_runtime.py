@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from lying_node import TENSOR_LIES, LyingNode
 
 from edge_agent import sdk
 from partitioner.graph import analyze, prefix_model, suffix_model
@@ -242,6 +245,65 @@ def test_cloud_killed_during_a_batch_loses_no_request(model_dir: Path) -> None:
             assert result.fell_back == (result.plan == "local")
         assert sum(r.fell_back for r in results) >= len(inputs) - 12  # everything after the kill fell back
     node.stop()
+
+
+def test_a_hung_node_loses_no_request_and_leaves_planning_until_it_answers(model_dir: Path) -> None:
+    """SIGSTOP keeps the node's socket open and answers nothing: 40 requests
+    with a 10 s deadline, 8 at a time, all answered right on the device, and
+    the node planned again once it answers."""
+    node = launch.cloud_node(model_dir).wait_ready()
+    try:
+        with launch.edge_agent(model_dir, [node.address]) as agent, sdk.EdgeClient(agent.address, timeout=10) as client:
+            inputs = [image(seed=s) for s in range(8)]
+            expected = [direct(model_dir, "mobilenet", x) for x in inputs]
+            assert not client.infer("mobilenet", {"input": inputs[0]}, plan="remote").fell_back
+            node.process.send_signal(signal.SIGSTOP)
+            try:
+                def send(i: int) -> sdk.InferResult:
+                    return client.infer("mobilenet", {"input": inputs[i % 8]}, plan=("remote", "split:8")[i % 2])
+
+                with ThreadPoolExecutor(8) as pool:
+                    results = list(pool.map(send, range(40)))
+                for i, result in enumerate(results):
+                    np.testing.assert_allclose(result.outputs["logits"], expected[i % 8], rtol=RTOL, atol=ATOL)
+                    assert result.fell_back and result.plan == "local"
+                assert any("hung" in r.fallback_reason for r in results)
+                assert all(c.node != node.address for c in client.explain("mobilenet").candidates)  # out of planning
+            finally:
+                node.process.send_signal(signal.SIGCONT)
+            for _ in range(60):  # bounded: the refresh loop (every 2 s) finds it answering again
+                if not client.infer("mobilenet", {"input": inputs[0]}, plan="remote").fell_back:
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail("the node answers again but was not planned again within 30 s")
+    finally:
+        node.stop()
+
+
+def test_a_node_that_lies_never_reaches_the_app(model_dir: Path, cloud: launch.Daemon) -> None:
+    """Each way a reply can be wrong: the request is answered right on the
+    device, the reason names the lie, and the node leaves planning until a
+    refresh finds it again (every 2 s)."""
+    liar = LyingNode(cloud.address)
+    try:
+        with launch.edge_agent(model_dir, [liar.address]) as agent, sdk.EdgeClient(agent.address) as client:
+            x = image(seed=11)
+            expected = direct(model_dir, "mobilenet", x)
+            assert not client.infer("mobilenet", {"input": x}, plan="remote").fell_back  # the proxy itself is sound
+            for mode in TENSOR_LIES:
+                for plan in ("remote", "split:8"):
+                    for _ in range(60):  # bounded: until the node is planned again after the last lie
+                        if any(c.node == liar.address for c in client.explain("mobilenet").candidates):
+                            break
+                        time.sleep(0.25)
+                    liar.mode = mode
+                    result = client.infer("mobilenet", {"input": x}, plan=plan)
+                    np.testing.assert_allclose(result.outputs["logits"], expected, rtol=RTOL, atol=ATOL)
+                    assert result.fell_back and result.plan == "local", (mode, plan)
+                    assert "not mobilenet's" in result.fallback_reason, (mode, plan, result.fallback_reason)
+    finally:
+        liar.close()
 
 
 def test_model_that_cannot_be_cut_runs_whole_and_refuses_splits(tmp_path: Path, cloud: launch.Daemon) -> None:
