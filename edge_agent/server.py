@@ -83,6 +83,10 @@ NODE_ATTEMPTS = 2
 WATCH_FACTOR = 3.0
 
 
+# Longer than any plan label explain shows (a DAG cut key and a node address).
+MAX_PLAN_CHARS = 256
+
+
 class PlanError(InputError):
     """A pinned plan that does not exist for this model."""
 
@@ -173,13 +177,16 @@ def plan_message(candidate: Candidate, cut: Cut | None, encoding: int) -> pb.Pla
 def parse_pinned(label: str) -> tuple[str, int | str | None, str]:
     """("local" | "remote" | "split", k or a DAG cut's key, node) from "local", "remote",
     "split:<k>" or "split:<key>" (a DAG cut explain showed), each optionally "@HOST:PORT"."""
+    if len(label) > MAX_PLAN_CHARS:
+        raise PlanError(f"a plan of {len(label):,} characters: plans are at most {MAX_PLAN_CHARS}")
     wanted, _, node = label.strip().partition("@")
     kind, _, index = wanted.partition(":")
     dag_key = index.startswith("g") and len(index) > 1 and all(ch in "0123456789abcdef" for ch in index[1:])
-    if kind not in KINDS or (kind == "split") != (index.isdigit() or dag_key) or (kind != "split" and index):
+    chain_cut = index.isascii() and index.isdigit()  # str.isdigit alone admits "²", which int() refuses
+    if kind not in KINDS or (kind == "split") != (chain_cut or dag_key) or (kind != "split" and index):
         raise PlanError(f"plan {label!r} is not one of 'local', 'remote', 'split:<k>', 'split:<DAG cut key>' "
                         "(optionally '@HOST:PORT')")
-    return kind, (int(index) if index.isdigit() else index) if index else None, node
+    return kind, (int(index) if chain_cut else index) if index else None, node
 
 
 def split_codec(plan: str, encoding: int) -> tuple[str, int]:

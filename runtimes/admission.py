@@ -38,14 +38,18 @@ class Admission:
         self.in_flight = 0
         self.queued = 0
         self.queue_delay_ms = 0.0  # EWMA of measured waits
+        self.hold_ms = 0.0         # EWMA of how long a request holds its slot
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
         """Hold a worker slot; yields this request's measured wait in ms."""
         if self._slots.locked() and self.queued >= self.max_queue:
+            # about when a place in the queue frees: the line ahead, served max_concurrency at a time
+            retry_ms = self.hold_ms * (self.queued + 1) / self.max_concurrency
             raise Overloaded(
                 f"busy: {self.in_flight} requests running (limit {self.max_concurrency}) "
-                f"and {self.queued} queued (limit {self.max_queue}); retry later or elsewhere"
+                f"and {self.queued} queued (limit {self.max_queue}); retry in about {retry_ms:.0f} ms or elsewhere",
+                retry_after_ms=retry_ms,
             )
         arrived = time.perf_counter()
         self.queued += 1
@@ -56,11 +60,13 @@ class Admission:
         waited_ms = (time.perf_counter() - arrived) * 1e3
         self.queue_delay_ms += self._smoothing * (waited_ms - self.queue_delay_ms)
         self.in_flight += 1
+        held = time.perf_counter()
         try:
             yield waited_ms
         finally:
             self.in_flight -= 1
             self._slots.release()
+            self.hold_ms += self._smoothing * ((time.perf_counter() - held) * 1e3 - self.hold_ms)
 
 
 async def run_cancellable(pool: Executor, fn: Callable[..., T], *args: Any) -> T:

@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 
 from protos import tandem_pb2 as pb
-from runtimes.admission import Overloaded
 from runtimes.llm import DoneEvent, Event, GenerationError, LlmEngine, Request, Sampling, TokenEvent, find_smollm2
 from runtimes.onnx_exec import file_digest
 from runtimes.rpc import UnknownModel, abort_for
@@ -136,9 +135,6 @@ async def relay(context: grpc.aio.ServicerContext, chunks: AsyncIterator[pb.Gene
         try:
             async for chunk in chunks:
                 yield chunk
-        except Overloaded as exc:
-            context.set_trailing_metadata((("retry-after-ms", str(round(exc.retry_after_ms))),))
-            await abort_for(context, exc)
         except Exception as exc:  # noqa: BLE001 -- mapped to a status; the daemon stays up
             await abort_for(context, exc)
 

@@ -18,6 +18,10 @@ from runtimes.onnx_exec import InputError
 
 logger = logging.getLogger(__name__)
 
+# A status message longer than this is cut: gRPC carries it in a header
+# (8 KiB of metadata by default), and inputs echoed into it are the caller's.
+MAX_STATUS_CHARS = 1000
+
 
 class UnknownModel(LookupError):
     pass
@@ -59,10 +63,22 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the call with ``exc``'s status; the message is bounded (a caller's
+    megabyte-long name is not echoed back), and a full server says when to
+    come back (``retry-after-ms`` in the trailing metadata)."""
     if isinstance(exc, grpc.aio.AbortError):
         raise exc  # already a status
     code, message = status_for(exc)
-    await context.abort(code, message)
+    if isinstance(exc, Overloaded):
+        context.set_trailing_metadata((("retry-after-ms", str(round(exc.retry_after_ms))),))
+    await context.abort(code, bounded(message))
+
+
+def bounded(text: str, limit: int = MAX_STATUS_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 40]}... ({len(text):,} characters in all)"
 
 
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:

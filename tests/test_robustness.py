@@ -113,6 +113,32 @@ def test_request_rules_the_agent_enforces(agent: launch.Daemon, model_dir: Path,
             stub.Infer(pb.InferRequest(model="mobilenet", inputs=twice[:1], objective=42), timeout=10)
 
 
+def test_hostile_plans_and_names_get_a_bounded_clean_status(agent: launch.Daemon) -> None:
+    """Inputs that once raised INTERNAL with a traceback, or were echoed into
+    the status until gRPC's header limit answered instead."""
+    x = codec.encode(np.zeros((1, 3, 224, 224), np.float32), "input")
+    cases = {
+        "split:" + "9" * 5000: grpc.StatusCode.INVALID_ARGUMENT,      # past int()'s 4,300-digit limit
+        "split:\u00b2": grpc.StatusCode.INVALID_ARGUMENT,           # "²".isdigit() is True
+        "split:" + "9" * 200: grpc.StatusCode.INVALID_ARGUMENT,       # a cut far out of range
+        "remote@" + "h" * (1 << 20): grpc.StatusCode.INVALID_ARGUMENT,
+    }
+    with grpc.insecure_channel(agent.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
+        stub = pb_grpc.EdgeAgentStub(channel)
+        for plan, code in cases.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Infer(pb.InferRequest(model="mobilenet", inputs=[x], plan=plan), timeout=10)
+            assert caught.value.code() == code, (plan[:20], caught.value.details())
+            assert len(caught.value.details()) <= 1000
+        for call in (lambda: stub.Infer(pb.InferRequest(model="m" * (1 << 20), inputs=[x]), timeout=10),
+                     lambda: list(stub.Generate(pb.GenerateRequest(model="smollm2", prompt="hi", max_tokens=4, plan="x" * (1 << 20)),
+                                                timeout=10))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), caught.value
+            assert "characters in all" in caught.value.details() and len(caught.value.details()) <= 1000
+
+
 def test_pinned_plans_cannot_break_the_privacy_floor(model_dir: Path, cloud: launch.Daemon) -> None:
     x = np.zeros((1, 3, 224, 224), np.float32)
     with launch.edge_agent(model_dir, [cloud.address], "--privacy-min-local", "2") as agent, sdk.EdgeClient(agent.address) as client:

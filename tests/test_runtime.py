@@ -192,25 +192,35 @@ def test_cloud_node_refuses_bad_partitions_and_keeps_serving(cloud: launch.Daemo
         assert reply.load.max_concurrency >= 1
 
 
-def test_cloud_node_answers_resource_exhausted_beyond_its_limits(model_dir: Path) -> None:
-    with launch.cloud_node(model_dir, "--max-concurrency", "1", "--max-queue", "1") as node:
-        # batch 16 keeps each request busy (~60 ms) far longer than 16 calls take to arrive
-        request = pb.ModelRequest(model="resnet", inputs=[codec.encode(image(16), "input")])
-        with grpc.insecure_channel(node.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
-            stub = pb_grpc.CloudNodeStub(channel)
-            calls = [stub.RunModel.future(request, timeout=60) for _ in range(16)]
-            codes = []
-            for call in calls:
-                try:
-                    call.result()
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as exc:
-                    codes.append(exc.code())
-                    assert "retry" in exc.details()
-            assert codes.count(grpc.StatusCode.OK) >= 2  # one running, one queued
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-            assert stub.Status(pb.StatusRequest(), timeout=10).load.max_queue == 1
+@pytest.mark.parametrize("daemon", ["cloud-node", "edge-agent"])
+def test_a_full_daemon_answers_resource_exhausted_with_a_retry_hint(model_dir: Path, daemon: str) -> None:
+    limits = ("--max-concurrency", "1", "--max-queue", "1")
+    # batch 16 keeps each request busy (~60 ms) far longer than 16 calls take to arrive
+    x = codec.encode(image(16), "input")
+    if daemon == "cloud-node":
+        started, stub_of = launch.cloud_node(model_dir, *limits), pb_grpc.CloudNodeStub
+        request, method = pb.ModelRequest(model="resnet", inputs=[x]), "RunModel"
+    else:
+        started, stub_of = launch.edge_agent(model_dir, [], *limits), pb_grpc.EdgeAgentStub
+        request, method = pb.InferRequest(model="resnet", inputs=[x], plan="local"), "Infer"
+    with started as server, grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
+        call = getattr(stub_of(channel), method)
+        call(request, timeout=60)  # one served: the hint is how long a request holds a slot here
+        calls = [call.future(request, timeout=60) for _ in range(16)]
+        codes = []
+        for future in calls:
+            try:
+                future.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                assert "retry in about" in exc.details()
+                assert int(dict(exc.trailing_metadata())["retry-after-ms"]) > 0
+        assert codes.count(grpc.StatusCode.OK) >= 2  # one running, one queued
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        if daemon == "cloud-node":
+            assert pb_grpc.CloudNodeStub(channel).Status(pb.StatusRequest(), timeout=10).load.max_queue == 1
 
 
 def test_cloud_stopped_before_requests_every_request_falls_back(model_dir: Path) -> None:
