@@ -33,7 +33,7 @@ from runtimes.llm_serving import LlmStore
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
 from runtimes.profile_book import ProfileBook, memory_budget
-from runtimes.rpc import add_health, add_reflection, add_service, channel_options, set_serving
+from runtimes.rpc import add_health, add_reflection, add_service, server_options, set_serving
 from runtimes.tls import TlsFiles, peer_identity, server_credentials, tls_from_config, warn_plaintext
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     tls = config.tls()
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
-    server = grpc.aio.server(options=channel_options(config.max_message_mb))
+    server = grpc.aio.server(options=server_options(config.max_message_mb))
     ca_pem, cert_pem, key_pem = tls.load() if tls else (b"", b"", b"")
     address = bind(server, config.listen, server_credentials(cert_pem, key_pem, ca_pem) if tls else None)
     # Profile before serving: measuring while serving would skew both.

@@ -43,7 +43,7 @@ from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
 from runtimes.profile_book import ProfileBook, memory_budget
 from runtimes.profiler import measure_codec_speed, predicted_for
-from runtimes.rpc import add_health, add_reflection, add_service, channel_options, set_serving
+from runtimes.rpc import add_health, add_reflection, add_service, server_options, set_serving
 from runtimes.tls import TlsFiles, channel_credentials, tls_from_config, warn_plaintext
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         codec_speed=measure_codec_speed(), policies=policies,
         max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,
     )
-    server = grpc.aio.server(options=channel_options(config.max_message_mb))
+    server = grpc.aio.server(options=server_options(config.max_message_mb))
     add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service)
     health = add_health(server)
     service_name = pb.DESCRIPTOR.services_by_name["EdgeAgent"].full_name

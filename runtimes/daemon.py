@@ -70,11 +70,14 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None) -> str:
     """Bind ``listen`` (HOST:PORT, port 0 for any, or unix:PATH), with TLS when
     ``credentials`` are given; returns the real address."""
-    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    try:
+        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpcio raises this, naming no address, when the bind fails
+        raise OSError(f"cannot listen on {listen}: in use by another process, or not an address of this host") from exc
     if listen.startswith("unix:"):
         return listen
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise OSError(f"cannot listen on {listen}: in use by another process, or not an address of this host")
     host = listen.rsplit(":", 1)[0]
     return f"{host}:{port}"
 

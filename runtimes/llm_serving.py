@@ -32,7 +32,7 @@ def resolve(entry: str) -> tuple[str, Path]:
     name, sep, path = entry.partition("=")
     path_obj = Path(path if sep else entry)
     if not path_obj.is_file():
-        raise FileNotFoundError(f"LLM model file {path_obj} does not exist")
+        raise ValueError(f"LLM model file {path_obj} does not exist")  # the operator's to fix: exit 2
     return (name if sep else path_obj.stem), path_obj
 
 

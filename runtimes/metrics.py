@@ -110,7 +110,10 @@ class Metrics:
     def serve(self, listen: str) -> str:
         """``start_http`` on a HOST:PORT (or [IPv6]:PORT) setting; returns the endpoint's URL."""
         host, _, port = listen.rpartition(":")
-        bound = self.start_http(host.strip("[]"), int(port))
+        try:
+            bound = self.start_http(host.strip("[]"), int(port))
+        except OSError as exc:  # the bare "[Errno 98] Address already in use" names no address
+            raise OSError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
         return f"http://{host}:{bound}/metrics"
 
     def stop(self) -> None:

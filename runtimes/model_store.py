@@ -117,7 +117,7 @@ class ModelStore:
         that reason, so one bad file never takes the daemon down."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"models directory {directory} does not exist")
+            raise ValueError(f"models directory {directory} does not exist")  # the operator's to fix: exit 2
         models: dict[str, OnnxModel] = {}
         skipped: dict[str, str] = {}
         for path in sorted(directory.glob("*.onnx")):

@@ -81,6 +81,12 @@ def bounded(text: str, limit: int = MAX_STATUS_CHARS) -> str:
     return f"{text[:limit - 40]}... ({len(text):,} characters in all)"
 
 
+def server_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """A daemon's server: gRPC turns SO_REUSEPORT on by default, which let a
+    second daemon bind a port in use and both answer on one address."""
+    return [*channel_options(max_message_mb), ("grpc.so_reuseport", 0)]
+
+
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     size = max_message_mb * 1024 * 1024
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]

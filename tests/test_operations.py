@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,3 +149,31 @@ def test_a_flood_is_refused_beyond_the_limits_memory_stays_bounded_and_service_r
             assert grown_mb < 200, f"the node grew by {grown_mb:.0f} MiB under the flood"
             reply = stub.RunModel(request, timeout=30)  # normal service resumes
             assert reply.outputs
+
+
+def run_to_exit(module: str, *args: str) -> tuple[int, str]:
+    """A daemon that must refuse to start: its exit code and what it said."""
+    done = subprocess.run([sys.executable, "-m", module, *args, "--plaintext", "true"], capture_output=True, text=True,
+                          timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_second_daemon_on_a_port_in_use_is_refused_naming_the_address(model_dir: Path, cloud: launch.Daemon) -> None:
+    """gRPC's default SO_REUSEPORT let both bind and both answer on one address."""
+    code, said = run_to_exit("cloud_node.main", "--listen", cloud.address, "--models", str(model_dir),
+                             "--advertise", "false")
+    assert code == 1 and f"cannot listen on {cloud.address}" in said, said
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+        code, said = run_to_exit("cloud_node.main", "--listen", "127.0.0.1:0", "--models", str(model_dir),
+                                 "--advertise", "false", "--metrics-listen", metrics)
+    assert code == 1 and f"cannot serve metrics on {metrics}" in said, said
+
+
+def test_configuration_errors_exit_2_so_systemd_stops_restarting(tmp_path: Path) -> None:
+    """The units set RestartPreventExitStatus=2: what the operator must fix is not retried for ever."""
+    for module in ("cloud_node.main", "edge_agent.main"):
+        code, said = run_to_exit(module, "--listen", "127.0.0.1:0", "--models", str(tmp_path / "missing"))
+        assert code == 2 and "does not exist" in said, (module, said)
