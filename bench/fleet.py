@@ -95,7 +95,7 @@ def throughput(models: Path, pki: dict[str, list[str]], args) -> list[dict]:
 
 def first_request_after_advert(models: Path, pki: dict[str, list[str]], tls: bool) -> float:
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    browse = ["--discovery", "true", "--discovery-interfaces", LOOPBACK, "--refresh-s", "0.2"]
+    browse = ["--discovery", "true", "--discover-plaintext", "true", "--discovery-interfaces", LOOPBACK, "--refresh-s", "0.2"]
     with launch.edge_agent(models, [], *browse, *(pki["agent"] if tls else [])) as agent, \
             EdgeClient(agent.address) as client:
         node = launch.cloud_node(models, "--advertise", "true", "--advertise-interfaces", LOOPBACK,

@@ -36,10 +36,11 @@ class Trust:
 
 
 class NodeTable:
-    def __init__(self, nodes: list[CloudNodeClient], *, trust: Trust | None,
+    def __init__(self, nodes: list[CloudNodeClient], *, trust: Trust | None, plaintext_ok: bool = False,
                  make_client: Callable[..., CloudNodeClient], forget_after_s: float, drain_grace_s: float = 30.0) -> None:
         self.nodes = nodes
         self.trust = trust
+        self.plaintext_ok = plaintext_ok  # the owner's opt-in to unauthenticated discovered nodes
         self._make_client = make_client
         self.forget_after_s = forget_after_s
         self.drain_grace_s = drain_grace_s
@@ -53,7 +54,12 @@ class NodeTable:
     async def _check(self, advert: Advert, address: str) -> str | None:
         """Why the node at ``address`` must not be used for ``advert``, or None."""
         if self.trust is None:
-            return "it is a TLS node and this agent runs plaintext" if advert.fingerprint else None
+            if advert.fingerprint:
+                return "it is a TLS node and this agent runs plaintext"
+            if not self.plaintext_ok:
+                return ("this agent runs plaintext, so nothing shows the advert is a node of ours "
+                        "(TLS files, or discover_plaintext = true in a lab)")
+            return None
         host, _, port = address.rpartition(":")
         try:
             seen = await asyncio.to_thread(server_fingerprint, host, int(port), self.trust.ca_pem,

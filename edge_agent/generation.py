@@ -29,6 +29,7 @@ from partitioner.llm_routing import (
 )
 from partitioner.policy import LlmLimits
 from protos import tandem_pb2 as pb
+from runtimes.admission import Overloaded
 from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent
 from runtimes.llm_serving import LlmStore, checked, prompt_tokens, sampling_of, stream, summary_of, token_chunk
 from runtimes.rpc import NoFeasiblePlan, UnknownModel
@@ -44,6 +45,9 @@ class LlmSettings:
     remote_tokens_per_hour: int | None = None  # cap on tokens generated in the cloud
     slo_ms: float | None = None
     stall_s: float = 5.0                      # a cloud stream silent this long is treated as broken
+    # Cloud streams at once, each holding a place to finish on the device if
+    # its node fails: beyond the device's own queue, a failover is never refused.
+    failover_places: int = 16
 
 
 class RemoteBudget:
@@ -121,6 +125,22 @@ def parse_llm_plan(label: str) -> tuple[str, str]:
     return kind, node
 
 
+class FailoverPlace:
+    """A cloud stream's place to finish on the device if its node fails
+    (LlmSettings.failover_places): held from acceptance until it ends or its
+    continuation runs."""
+
+    def __init__(self, generator: "Generator") -> None:
+        self._generator = generator
+        generator.failover_held += 1
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._generator.failover_held -= 1
+
+
 class Generator:
     """The agent's LLM side; ``EdgeAgentService`` delegates Generate here."""
 
@@ -132,6 +152,7 @@ class Generator:
         self.settings = settings
         self.weight_latency = weight_latency
         self.budget = RemoteBudget(settings.remote_tokens_per_hour)
+        self.failover_held = 0  # cloud streams now holding a failover place
 
     def use_limits(self, limits: LlmLimits, *, weight_latency: float) -> None:
         """A reloaded policy's LLM limits; tokens already spent in the cloud still count."""
@@ -209,6 +230,14 @@ class Generator:
                                 prompt_bytes=request.ByteSize())
         decision = self.decide(request.model, shape, objective)
         candidate, why = self._pick(decision, request.plan)
+        if candidate.kind != "local" and self.failover_held >= self.settings.failover_places:
+            # refused or kept here before it is accepted, never after: its failover would have no place
+            full = (f"{self.failover_held} cloud streams hold every place to finish on the device if their node fails "
+                    f"(llm_failover_places {self.settings.failover_places})")
+            local = next((c for c in decision.candidates if c.kind == "local" and not c.violations), None)
+            if request.plan or local is None:
+                raise Overloaded(f"{full}; retry when one ends")
+            candidate, why = local, f"{full}: LOCAL"
         predicted = dict(planned=KIND[candidate.kind], reason=why, predicted_ttft_ms=candidate.ttft_ms,
                          predicted_total_ms=candidate.total_ms, predicted_energy_j=candidate.energy_j)
         if candidate.kind == "local":
@@ -219,8 +248,9 @@ class Generator:
         return app_view(chunks, started)
 
     async def _local(self, engine: LlmEngine, tokens: list[int], sampling: Sampling, generated: list[int],
-                     started: float, predicted: dict, switch: dict | None = None) -> AsyncIterator[pb.GenerateChunk]:
-        async with contextlib.aclosing(stream(engine, tokens, sampling, generated)) as events:
+                     started: float, predicted: dict, switch: dict | None = None,
+                     reserved: bool = False) -> AsyncIterator[pb.GenerateChunk]:
+        async with contextlib.aclosing(stream(engine, tokens, sampling, generated, reserved=reserved)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     yield token_chunk(event)
@@ -232,6 +262,18 @@ class Generator:
 
     async def _remote(self, engine: LlmEngine, node: CloudNodeClient, request: pb.GenerateRequest, tokens: list[int],
                       sampling: Sampling, started: float, predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
+        place = FailoverPlace(self)
+        try:
+            async with contextlib.aclosing(self._remote_then_device(engine, node, request, tokens, sampling, started,
+                                                                    predicted, place)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            place.release()
+
+    async def _remote_then_device(self, engine: LlmEngine, node: CloudNodeClient, request: pb.GenerateRequest,
+                                  tokens: list[int], sampling: Sampling, started: float, predicted: dict,
+                                  place: "FailoverPlace") -> AsyncIterator[pb.GenerateChunk]:
         generated = list(request.generated_token_ids)
         forward = pb.GenerateRequest(
             model=request.model, prompt_token_ids=tokens, generated_token_ids=generated, max_tokens=sampling.max_tokens,
@@ -280,7 +322,8 @@ class Generator:
                                          ran=pb.PLAN_REMOTE, node=node.address, **predicted, **switch)
             yield pb.GenerateChunk(done=summary)
             return
-        async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch):
+        async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch, reserved=True):
+            place.release()  # it runs: the place it held is no longer needed
             yield chunk
 
     def explain(self, model: str, prompt_tokens: int, max_tokens: int, objective: Objective, link: Link | None) -> LlmDecision:

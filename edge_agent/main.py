@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -74,6 +75,8 @@ class AgentConfig:
     llm_allow_remote: bool = field(default=True, metadata={"help": "false: prompts never leave the device"})
     llm_remote_tokens_per_hour: int | None = field(default=None, metadata={"help": "cap on tokens generated in the cloud per hour"})
     llm_stall_s: float = field(default=5.0, metadata={"help": "a cloud stream silent this long is finished on the device, s"})
+    llm_failover_places: int = field(default=16, metadata={"help": "cloud streams at once, each sure of a place to finish on "
+                                                                   "the device beyond llm_max_queue if its node fails"})
     probe_idle_s: float = field(default=10.0, metadata={"help": "measure the bandwidth of a link idle this long, s"})
     sysfs_root: Path = field(default=Path("/"), metadata={"help": "where the board's /sys is mounted (a container given the host's at /host/sys: /host)"})
     power_window_s: float = field(default=1.0, metadata={"help": "power sensor sample window, s"})
@@ -82,6 +85,10 @@ class AgentConfig:
     tls_key: Path | None = field(default=None, metadata={"help": "this device's private key (PEM)"})
     plaintext: bool = field(default=False, metadata={"help": "talk to nodes without TLS (lab use only; said loudly at start-up)"})
     discovery: bool = field(default=True, metadata={"help": "find cloud nodes over DNS-SD (_tandem._tcp.local.), besides --cloud"})
+    discover_plaintext: bool = field(default=False, metadata={"help": "use discovered nodes although this agent runs plaintext: "
+                                                                      "anyone on the network can advertise one and be sent requests"})
+    listen_anywhere: bool = field(default=False, metadata={"help": "allow a listen address other than loopback or a unix socket: "
+                                                                   "the app port has no authentication"})
     discovery_interfaces: tuple[str, ...] = field(default=(), metadata={"help": "IPv4 addresses of the interfaces to browse on (default: all)"})
     forget_after_s: float = field(default=10.0, metadata={"help": "a discovered node unreachable this long leaves the table, s"})
     metrics_listen: str = field(default="", metadata={"help": "HOST:PORT for the Prometheus /metrics endpoint (port 0: any; empty: off)"})
@@ -128,10 +135,16 @@ class AgentConfig:
             raise error(f"hysteresis_margin must be >= 0, got {self.hysteresis_margin}")
         if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0:
             raise error("privacy_min_local and max_queue must be >= 0, max_concurrency >= 1")
-        if self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0:
-            raise error("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16, llm_stall_s > 0")
+        if (self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0
+                or self.llm_failover_places < 0):
+            raise error("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16, llm_stall_s > 0, "
+                        "llm_failover_places >= 0")
         if self.llm_remote_tokens_per_hour is not None and self.llm_remote_tokens_per_hour < 0:
             raise error("llm_remote_tokens_per_hour must be >= 0")
+        if not (self.listen_anywhere or is_local_listen(self.listen)):
+            raise error(f"listen {self.listen} is reachable from other machines, and the app port has no authentication: "
+                        "anyone who reaches it can run models and read their outputs. Listen on loopback or a unix socket, "
+                        "or say listen_anywhere = true (--listen-anywhere true)")
         get_device(self.device)
 
     def tls(self) -> TlsFiles | None:
@@ -240,7 +253,12 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         ca_pem, cert_pem, key_pem = tls.load()
         trust = Trust(ca_pem, cert_pem, key_pem, channel_credentials(ca_pem, cert_pem, key_pem))
     else:
-        warn_plaintext("edge-agent's link to cloud nodes", ", ".join(config.cloud) or "discovered nodes")
+        plain = [*config.cloud, *(["discovered nodes"] if config.discovery and config.discover_plaintext else [])]
+        if plain:
+            warn_plaintext("edge-agent's link to cloud nodes", ", ".join(plain))
+        if config.discovery and not config.discover_plaintext:
+            logger.info("discovered nodes are not used: this agent runs plaintext, so they cannot be authenticated "
+                        "(TLS files, or discover_plaintext = true in a lab)")
 
     def make_client(address: str, *, node_name: str | None = None, discovered: bool = False) -> CloudNodeClient:
         return CloudNodeClient(address, max_message_mb=config.max_message_mb, link_override=config.link_override(),
@@ -248,7 +266,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
                                node_name=node_name, discovered=discovered)
 
     nodes = [make_client(a) for a in config.cloud]
-    table = NodeTable(nodes, trust=trust, make_client=make_client, forget_after_s=config.forget_after_s,
+    table = NodeTable(nodes, trust=trust, plaintext_ok=config.discover_plaintext, make_client=make_client, forget_after_s=config.forget_after_s,
                       drain_grace_s=config.cloud_timeout_s)
     await refresh_all(nodes, measure_link=True)
     for node in nodes:
@@ -263,7 +281,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     generator = Generator(
         llms, nodes, power_of(device),
         LlmSettings(allow_remote=policies.llm.allow_remote, remote_tokens_per_hour=policies.llm.remote_tokens_per_hour,
-                    slo_ms=config.slo_ms, stall_s=config.llm_stall_s),
+                    slo_ms=config.slo_ms, stall_s=config.llm_stall_s, failover_places=config.llm_failover_places),
         weight_latency=policies.default.weight_latency,
     )
     metrics = Metrics("edge-agent")
@@ -308,6 +326,19 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     metrics.stop()
     for node in nodes:
         await node.close()
+
+
+def is_local_listen(listen: str) -> bool:
+    """A unix socket, or a loopback HOST:PORT (localhost, 127.0.0.0/8, ::1)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname resolves to whatever it resolves to
 
 
 def main(argv: list[str] | None = None) -> int:

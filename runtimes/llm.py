@@ -99,6 +99,7 @@ class Request:
     sampling: Sampling
     emit: Callable[[Event], None]
     generated: list[int] = field(default_factory=list)   # tokens already streamed (failover continuation)
+    reserved: bool = False  # its place was reserved when it was accepted (a failover): not refused for a full queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -263,7 +264,7 @@ class LlmEngine:
             if self._stop:
                 raise RuntimeError(f"{self.name} is shutting down")
             self._drop_cancelled_waiting()
-            if len(self._waiting) >= self.max_queue + len(self._free):
+            if not request.reserved and len(self._waiting) >= self.max_queue + len(self._free):
                 retry_ms = self._retry_hint_ms()
                 raise Overloaded(
                     f"{self.name}: {len(self._active) + len(self._prefilling)} generations running (limit {self.slots}) "

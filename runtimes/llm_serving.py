@@ -99,10 +99,12 @@ def sampling_of(request: pb.GenerateRequest) -> Sampling:
                     seed=request.seed, stop=tuple(request.stop))
 
 
-async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, generated: Sequence[int] = ()) -> AsyncIterator[Event]:
+async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, generated: Sequence[int] = (), *,
+                 reserved: bool = False) -> AsyncIterator[Event]:
     """Submit a generation and yield its events as they are produced. Leaving
     the iteration early (client gone, cancelled) cancels the generation, which
-    frees its slot at the next decode step."""
+    frees its slot at the next decode step. ``reserved``: its place was kept
+    when it was accepted (a failover continuation), so a full queue takes it."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -112,7 +114,7 @@ async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, gener
         except RuntimeError:  # the loop is gone: nobody is listening any more
             pass
 
-    request = Request(prompt_tokens=prompt, sampling=sampling, emit=emit, generated=list(generated))
+    request = Request(prompt_tokens=prompt, sampling=sampling, emit=emit, generated=list(generated), reserved=reserved)
     engine.submit(request)
     finished = False
     try:

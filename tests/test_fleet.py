@@ -21,7 +21,7 @@ from runtimes import launch
 LOOPBACK_ADVERT = ["--advertise", "true", "--advertise-interfaces", "127.0.0.1"]
 # The link is given, not probed: two nodes on loopback are then predicted equal,
 # as two nodes on one LAN would be, instead of differing by probe noise.
-LOOPBACK_BROWSE = ["--discovery", "true", "--discovery-interfaces", "127.0.0.1", "--forget-after-s", "1",
+LOOPBACK_BROWSE = ["--discovery", "true", "--discover-plaintext", "true", "--discovery-interfaces", "127.0.0.1", "--forget-after-s", "1",
                    "--refresh-s", "0.5", "--uplink-mbps", "1000", "--downlink-mbps", "1000", "--rtt-ms", "1"]
 
 
@@ -166,6 +166,27 @@ def test_a_spoofed_advert_is_never_used(tmp_path: Path, model_dir: Path) -> None
             wait_for(lambda: "ignoring advert node-1-rogue" in agent.log(), "the rogue advert to be refused")
             assert rogue.address not in offload_nodes(client)
             assert client.infer("mobilenet", {"input": image()}, plan="remote").node == real.address
+
+
+def test_a_plaintext_agent_uses_no_discovered_node_unless_told(model_dir: Path) -> None:
+    """Any host on the LAN can advertise: without TLS nothing shows it is ours."""
+    at = LOOPBACK_BROWSE.index("--discover-plaintext")
+    browse = LOOPBACK_BROWSE[:at] + LOOPBACK_BROWSE[at + 2:]
+    with launch.cloud_node(model_dir, *LOOPBACK_ADVERT, "--node-id", "stranger") as stranger, \
+            launch.edge_agent(model_dir, [], *browse) as agent, sdk.EdgeClient(agent.address) as client:
+        wait_for(lambda: "ignoring advert stranger" in agent.log(), "the advert to be refused", tries=200)
+        assert "runs plaintext, so nothing shows the advert is a node of ours" in agent.log()
+        result = client.infer("mobilenet", {"input": image()}, plan="remote")
+        assert result.fell_back and stranger.address not in offload_nodes(client)
+
+
+def test_an_app_port_reachable_from_other_machines_needs_the_owners_say_so(model_dir: Path) -> None:
+    refused = launch.Daemon("edge_agent.main", ["--listen", "0.0.0.0:0", "--models", str(model_dir), "--plaintext", "true",
+                                                "--discovery", "false"])
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        refused.wait_ready(timeout_s=60)
+    assert "no authentication" in refused.log() and "listen_anywhere" in refused.log()
+    refused.stop()
 
 
 def test_plaintext_is_explicit_and_loud(tmp_path: Path, model_dir: Path) -> None:

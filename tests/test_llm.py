@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -158,6 +159,40 @@ def test_a_node_that_miscounts_its_stream_never_reaches_the_app(model_dir: Path,
                 assert summary.completion_tokens == 40 and summary.finish_reason == "length"
     finally:
         liar.close()
+
+
+def test_a_node_dying_under_more_streams_than_the_device_queues_finishes_every_one(model_dir: Path,
+                                                                                    client: sdk.EdgeClient) -> None:
+    """12 streams on a node that dies, an agent at 1 slot and 8 queued: every
+    continuation has the place its stream held (llm_failover_places), none is
+    refused after it was accepted."""
+    reference = client.generate_text(STORY, max_tokens=24, plan="local")
+    node = launch.cloud_node(model_dir, "--llm", "smollm2", "--llm-slots", "12").wait_ready()
+    try:
+        with launch.edge_agent(model_dir, [node.address], "--llm", "smollm2", "--llm-slots", "1",
+                               "--llm-max-queue", "8") as agent, sdk.EdgeClient(agent.address) as c:
+            first_token = threading.Event()
+
+            def run() -> tuple[list[int], sdk.GenerationSummary]:
+                tokens, summary = [], None
+                for chunk in c.generate(STORY, max_tokens=24, plan="remote"):
+                    if isinstance(chunk, sdk.Token):
+                        tokens.append(chunk.token_id)
+                        first_token.set()
+                    else:
+                        summary = chunk
+                return tokens, summary
+
+            with ThreadPoolExecutor(12) as pool:
+                streams = [pool.submit(run) for _ in range(12)]
+                assert first_token.wait(120)
+                node.kill()
+                results = [s.result() for s in streams]
+    finally:
+        node.stop()
+    for tokens, summary in results:
+        assert tokens == list(reference.token_ids) and summary.finish_reason == "length"
+    assert sum(summary.switched for _, summary in results) > 9  # more than the device's 1 slot and 8 queued
 
 
 def test_scheduler_batches_concurrent_requests_each_as_if_alone(cloud: launch.Daemon) -> None:
