@@ -234,6 +234,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     segments = {name: model.num_segments for name, model in store.models.items()}
     policies = config.policies(segments)  # an invalid file stops the start, naming the line
+    logger.info("policy %s: %s", config.policy or "(flags only)", describe_policy(policies))
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     device = get_device(config.device)
     board = detect_board()
@@ -326,6 +327,21 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     metrics.stop()
     for node in nodes:
         await node.close()
+
+
+def describe_policy(policies: PolicySet) -> str:
+    """What the agent will plan by, in one log line."""
+    default, c = policies.default, policies.default.constraints
+    limits = [f"{name} {value}" for name, value in (("SLO ms", c.slo_ms), ("energy budget J", c.energy_budget_j),
+                                                    ("memory limit bytes", c.memory_limit_bytes),
+                                                    ("privacy floor", c.privacy_min_local or None),
+                                                    ("allowed cuts", None if c.allowed_cuts is None else sorted(c.allowed_cuts)),
+                                                    ("tensors to the cloud", None if c.allow_remote else "never"))
+              if value is not None]
+    own = f"; own policies for {', '.join(sorted(policies.models))}" if policies.models else ""
+    remote = "allowed" if policies.llm.allow_remote else "never"
+    return (f"objective {default.objective.value}, {', '.join(limits) or 'no limits'}; "
+            f"LLM prompts to the cloud {remote}{own}")
 
 
 def is_local_listen(listen: str) -> bool:

@@ -108,6 +108,9 @@ class Link:
         set_field(self, "downlink_mbps", _bandwidth("Link.downlink_mbps", self.downlink_mbps))
         set_field(self, "rtt_ms", non_negative("Link.rtt_ms", self.rtt_ms, "ms"))
 
+    def __str__(self) -> str:  # how logs show it
+        return f"up {self.uplink_mbps:.4g} Mbit/s, down {self.downlink_mbps:.4g} Mbit/s, RTT {self.rtt_ms:.3g} ms"
+
 
 @dataclass(frozen=True)
 class Power:

@@ -177,3 +177,9 @@ def test_configuration_errors_exit_2_so_systemd_stops_restarting(tmp_path: Path)
     for module in ("cloud_node.main", "edge_agent.main"):
         code, said = run_to_exit(module, "--listen", "127.0.0.1:0", "--models", str(tmp_path / "missing"))
         assert code == 2 and "does not exist" in said, (module, said)
+
+
+def test_the_start_log_says_the_policy_and_links_in_words(agent: launch.Daemon) -> None:
+    log = agent.log()
+    assert "policy (flags only): objective latency" in log
+    assert "Link(" not in log and "Mbit/s" in log  # the node's link, as a person reads it
