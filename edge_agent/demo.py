@@ -45,8 +45,11 @@ def main() -> int:
 
 def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
     for info in client.models():
-        console.print(f"  model [cyan]{info.name}[/]: {info.num_cuts} cut points, inputs "
-                      + ", ".join(f"{i.name}{list(i.shape)}" for i in info.inputs))
+        if info.kind != "onnx":  # an LLM: a prompt in, tokens out, no graph to cut
+            console.print(f"  model [cyan]{info.name}[/]: {info.kind}, streamed LOCAL or REMOTE")
+            continue
+        dims = ", ".join(f"{i.name}[{', '.join('?' if d < 0 else str(d) for d in i.shape)}]" for i in info.inputs)
+        console.print(f"  model [cyan]{info.name}[/]: {info.num_cuts} cut points, inputs {dims}")
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     for _ in range(3):  # warm sessions on both sides
         client.infer("mobilenet", {"input": x})
@@ -86,8 +89,10 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
 
     console.print("[bold]the cloud node is gone;[/] sending a SPLIT request ...")
     result = client.infer("mobilenet", {"input": x}, plan=f"split:{middle}")
-    console.print(f"  ran [cyan]{result.plan}[/] (planned {result.planned}), fell back: {result.fell_back} "
-                  f"({result.fallback_reason}); output argmax {int(np.argmax(result.outputs['logits']))}")
+    # fell_back says the plan the app asked for could not run: with no node the agent plans LOCAL instead
+    console.print(f"  asked for split:{middle}; the agent planned {result.planned} and ran [cyan]{result.plan}[/], "
+                  f"fell back: {result.fell_back} ({result.fallback_reason}); "
+                  f"output argmax {int(np.argmax(result.outputs['logits']))}")
 
 
 def run_llm_demo(client: EdgeClient, node: launch.Daemon) -> None:
