@@ -587,21 +587,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                 try:
                     reply = await self._cloud_call(node, method, request, budget_s,
                                                    candidate.stages.network_ms + candidate.stages.cloud_ms)
+                    rpc_ms = (time.perf_counter() - start) * 1e3
+                    start = time.perf_counter()
+                    outputs = await self._reply_outputs(node, method, model, reply, remote_outputs, inferred)
                 except CloudFailed as exc:
                     failures.append(str(exc))
                     logger.warning("%s %s: %s", model.name, candidate.label, exc)
-                    continue
-                rpc_ms = (time.perf_counter() - start) * 1e3
-                start = time.perf_counter()
-                try:
-                    outputs = await self._in_pool(decode_all, reply.outputs)
-                    model.check_reply(outputs, remote_outputs, inferred)
-                except (codec.CodecError, BadReply) as exc:
-                    # what it sent is not this model's answer: that node fails, the request does not
-                    reason = f"{node.address} {method}: a reply that is not {model.name}'s: {exc}"
-                    node.mark_down(reason)
-                    failures.append(reason)
-                    logger.warning("%s %s: %s", model.name, candidate.label, reason)
                     continue
                 stages.decode_ms += (time.perf_counter() - start) * 1e3
                 stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
@@ -624,6 +615,19 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             outputs = await run_cancellable(self._pool, model.run, feeds)
         stages.edge_ms += (time.perf_counter() - start) * 1e3
         return {**local_outputs, **outputs}, reason, ""
+
+    async def _reply_outputs(self, node: CloudNodeClient, method: str, model: OnnxModel, reply: pb.RunReply,
+                             names: set[str], inferred: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """A node's outputs, decoded and checked (OnnxModel.check_reply). What is
+        not this model's answer fails that node (marked down), never the request."""
+        try:
+            outputs = await self._in_pool(decode_all, reply.outputs)
+            model.check_reply(outputs, names, inferred)
+        except (codec.CodecError, BadReply) as exc:
+            reason = f"{node.address} {method}: a reply that is not {model.name}'s: {exc}"
+            node.mark_down(reason)
+            raise CloudFailed(reason) from exc
+        return outputs
 
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
