@@ -46,12 +46,12 @@ class EchoServer:
     """A gRPC server that answers any bytes with a fixed-size reply: the
     transport floor for moving a request of this size through grpcio."""
 
-    def __init__(self, reply_bytes: int) -> None:
+    def __init__(self, reply_bytes: int, options: list[tuple[str, int]] = MESSAGE_OPTIONS) -> None:
         reply = bytes(reply_bytes)
         handler = grpc.method_handlers_generic_handler(
             "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: reply)}
         )
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler], options=MESSAGE_OPTIONS)
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler], options=options)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=MESSAGE_OPTIONS)

@@ -31,6 +31,7 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
+from runtimes import heap
 from runtimes.daemon import (
     bind,
     check_log_settings,
@@ -44,7 +45,7 @@ from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore
 from runtimes.profile_book import ProfileBook, memory_budget
 from runtimes.profiler import measure_codec_speed, predicted_for
-from runtimes.rpc import add_health, add_reflection, add_service, server_options, set_serving
+from runtimes.rpc import APP_STREAM_WINDOW_BYTES, add_health, add_reflection, add_service, server_options, set_serving
 from runtimes.tls import TlsFiles, channel_credentials, tls_from_config, warn_plaintext
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ class AgentConfig:
     refresh_s: float = field(default=2.0, metadata={"help": "how often node status (load, RTT) is refreshed, s"})
     max_concurrency: int = field(default=4, metadata={"help": "requests served at once"})
     max_queue: int = field(default=64, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
+    request_memory_mb: float = field(default=0.0, metadata={"help": "memory the tensor requests in the agent may hold at once, "
+                                                                    "waiting and running, MiB; a request beyond it is refused "
+                                                                    "unread (0: a quarter of the device's RAM or of what is free, "
+                                                                    "whichever is less, at most 1024)"})
     threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads per session (0: onnxruntime default)"})
     ort_spinning: str = field(default="auto", metadata={"help": "onnxruntime threads spin between kernels: on, off, or auto "
                                                                 "(off when a CPU quota is visible; say off under a quota /sys cannot show)"})
@@ -133,8 +138,8 @@ class AgentConfig:
             raise error("uplink_mbps, downlink_mbps and rtt_ms are given together or not at all")
         if self.hysteresis_margin < 0:
             raise error(f"hysteresis_margin must be >= 0, got {self.hysteresis_margin}")
-        if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0:
-            raise error("privacy_min_local and max_queue must be >= 0, max_concurrency >= 1")
+        if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0 or self.request_memory_mb < 0:
+            raise error("privacy_min_local, max_queue and request_memory_mb must be >= 0, max_concurrency >= 1")
         if (self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0
                 or self.llm_failover_places < 0):
             raise error("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16, llm_stall_s > 0, "
@@ -231,6 +236,7 @@ def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAg
 
 
 async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = None) -> None:
+    heap.map_large_buffers()  # a request's memory goes back to the board when it is done
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     segments = {name: model.num_segments for name, model in store.models.items()}
     policies = config.policies(segments)  # an invalid file stops the start, naming the line
@@ -291,9 +297,10 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         power_figures=PowerFit().figures(device.idle_w, device.active_w, device.name), device_name=device.name,
         codec_speed=measure_codec_speed(), policies=policies,
         max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,
+        memory_bytes=memory_budget(config.request_memory_mb, device.memory_bytes),
     )
-    server = grpc.aio.server(options=server_options(config.max_message_mb))
-    add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service)
+    server = grpc.aio.server(options=server_options(config.max_message_mb, stream_window_bytes=APP_STREAM_WINDOW_BYTES))
+    add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service, read_when_admitted=("Infer",))
     health = add_health(server)
     service_name = pb.DESCRIPTOR.services_by_name["EdgeAgent"].full_name
     add_reflection(server, [service_name])
@@ -306,7 +313,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         browser = Browser(interfaces=config.discovery_interfaces, on_added=table.added, on_removed=table.removed)
         await browser.start()
     write_ready_file(config.ready_file, address, {"metrics": metrics_url} if metrics_url else None)
-    logger.info("edge agent (%s) serving %d models on %s", device.name, len(store.models), address)
+    logger.info("edge agent (%s) serving %d models on %s; requests may hold %.0f MiB at once", device.name,
+                len(store.models), address, service.memory.limit_bytes / 2**20)
     refresher = asyncio.create_task(refresh_loop(table, browser, config.refresh_s, metrics))
     if load is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, [config], load, RELOADABLE,

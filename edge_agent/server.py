@@ -50,15 +50,25 @@ from partitioner.shapes import ShapeError, check_every_input, describe
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
-from runtimes.admission import Admission, Overloaded, run_cancellable
+from runtimes.admission import Admission, Holding, MemoryBudget, Overloaded, run_cancellable
+from runtimes.heap import Trimmer
 from runtimes.llm_serving import relay
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import BadReply, InputError, OnnxModel
 from runtimes.profile_book import ProfileBook, Unplanned, shape_specs
-from runtimes.rpc import NoFeasiblePlan, abort_for
+from runtimes.rpc import APP_STREAM_WINDOW_BYTES, NoFeasiblePlan, Unread, abort_for
 
 logger = logging.getLogger(__name__)
+
+# What a request holds while it runs, per byte of it on the wire: the message,
+# its parsed copy, the payload bytes its arrays view and onnxruntime's
+# activations. Measured: 4 resnet requests of 27.6 MiB (batch 48) running at
+# once took the agent 340 MiB above idle, about 3x each (python -m bench.memory).
+RUNNING_BYTES_PER_REQUEST_BYTE = 3
+QUEUED_CALL_BYTES = APP_STREAM_WINDOW_BYTES  # a call waiting unread: what the server buffers of it
+TRIM_DELAY_S = 0.2
+EXPECTED_DECAY = 0.8  # per request: one large request sets the room the next ones wait for, for a few
 
 OBJECTIVES = {
     pb.OBJECTIVE_LATENCY: Objective.LATENCY,
@@ -230,7 +240,7 @@ def encode_all(tensors: dict[str, np.ndarray], encoding: int) -> list[pb.Tensor]
 class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def __init__(self, *, store: ModelStore, book: ProfileBook, nodes: list[CloudNodeClient],
                  power: Power, metrics: Metrics, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policies: PolicySet,
-                 max_concurrency: int, max_queue: int, generator: Generator) -> None:
+                 max_concurrency: int, max_queue: int, generator: Generator, memory_bytes: int) -> None:
         self.store = store
         self.generator = generator
         self.book = book
@@ -241,7 +251,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.device_name = device_name
         self.codec_speed = codec_speed
         self.policies = policies
-        self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
+        self.trimmer = Trimmer()
+        self._trimming: set[asyncio.Future] = set()
+        self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue, on_idle=self._after_burst)
+        self.memory = MemoryBudget(memory_bytes, retry_after_ms=lambda: self.admission.hold_ms)
+        self._expected_running_bytes = 0  # what the recent requests held running, decaying
         metrics.set_queue("onnx", lambda: self.admission.queued)
         for name, engine in generator.llms.engines.items():
             metrics.set_queue(name, lambda engine=engine: engine.queued)
@@ -634,19 +648,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     # ---------------------------------------------------------------- rpcs --
 
-    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
+    async def Infer(self, call: Unread[pb.InferRequest], context: grpc.aio.ServicerContext) -> pb.InferReply:
         arrived = time.perf_counter()
         try:
             with self.metrics.in_flight():
-                model = self.store.get(request.model)
-                pinned, pinned_encoding = split_codec(request.plan, request.encoding)
-                objective, encoding, adaptive = request_options(request.objective, pinned_encoding,
-                                                                self.policies.for_model(model.name))
-                feeds = decode_all(request.inputs)
-                model.check_inputs(feeds)
-                waiting = time.perf_counter()
-                async with self.admission.slot():
-                    queued_ms = (time.perf_counter() - waiting) * 1e3
+                async with self.memory.hold(QUEUED_CALL_BYTES) as held, self.admission.slot() as queued_ms:
+                    model, feeds, (objective, encoding, adaptive), pinned = await self._read(call, held)
                     reply = await self._infer(context, model, feeds, objective, encoding, pinned, arrived,
                                               adaptive=adaptive, queued_ms=queued_ms)
             self._observe(reply)
@@ -654,6 +661,39 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
             self.metrics.observe_request("Infer", "", "rejected" if isinstance(exc, Overloaded) else "error")
             await abort_for(context, exc)
+
+    def _after_burst(self) -> None:
+        """Once idle after large requests, give their memory back; a moment
+        later, so what gRPC frees after the last reply is given back too."""
+        if self.trimmer.due():
+            asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        if self.admission.in_flight or self.admission.queued or not self.trimmer.due():
+            return  # busy again: the next idle moment trims
+        future = asyncio.get_running_loop().run_in_executor(None, self.trimmer.trim)
+        self._trimming.add(future)
+        future.add_done_callback(self._trimming.discard)
+
+    async def _read(self, call: Unread[pb.InferRequest], held: Holding
+                    ) -> tuple[OnnxModel, dict[str, np.ndarray], tuple[Objective, int, bool], str]:
+        """What an admitted call asks for, read off the wire once the memory
+        budget can hold it running, and checked. The parsed message is dropped
+        on return: the decoded arrays alone keep its payload."""
+        # Room for one like the recent ones before reading it: a call waiting
+        # for room after it was read would hold its message uncounted.
+        await held.grow_to(min(self._expected_running_bytes, self.memory.limit_bytes))
+        request = await call.read()
+        running_bytes = call.size * RUNNING_BYTES_PER_REQUEST_BYTE
+        self._expected_running_bytes = max(running_bytes, int(EXPECTED_DECAY * self._expected_running_bytes))
+        await held.grow_to(running_bytes)
+        self.trimmer.took(call.size)
+        model = self.store.get(request.model)
+        pinned, pinned_encoding = split_codec(request.plan, request.encoding)
+        options = request_options(request.objective, pinned_encoding, self.policies.for_model(model.name))
+        feeds = decode_all(request.inputs)
+        model.check_inputs(feeds)
+        return model, feeds, options, pinned
 
     def _observe(self, reply: pb.InferReply) -> None:
         kind = pb.PlanKind.Name(reply.planned.kind).removeprefix("PLAN_").lower()

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import onnxruntime as ort
 
 T = TypeVar("T")
+MIB = 2**20
 
 
 class Overloaded(RuntimeError):
@@ -27,12 +28,82 @@ class Overloaded(RuntimeError):
         self.retry_after_ms = retry_after_ms
 
 
+class TooLarge(RuntimeError):
+    """One request needs more than the whole memory budget: no retry helps."""
+
+
+class MemoryBudget:
+    """Bytes the requests inside a daemon may hold at once, queued and running.
+
+    A call holds a small fixed charge while it waits unread (what the gRPC
+    server buffers for it: its stream window), and once read, what running it
+    holds. A call the budget cannot take now is refused before it is read; one
+    the budget could never take is refused as too large.
+    """
+
+    def __init__(self, limit_bytes: int, *, retry_after_ms: Callable[[], float] = lambda: 0.0) -> None:
+        if limit_bytes < 1:
+            raise ValueError("the memory budget must be at least one byte")
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+        self._running = 0  # holdings grown to what running needs: the ones whose end frees memory
+        self._retry_after_ms = retry_after_ms
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator["Holding"]:
+        if self.held_bytes + size > self.limit_bytes:
+            retry_ms = self._retry_after_ms()
+            raise Overloaded(f"busy: requests hold {self.held_bytes / MIB:.1f} of the {self.limit_bytes / MIB:.0f} MiB "
+                             f"request memory budget; retry in about {retry_ms:.0f} ms or elsewhere", retry_after_ms=retry_ms)
+        holding = Holding(self, size)
+        self.held_bytes += size
+        try:
+            yield holding
+        finally:
+            self.held_bytes -= holding.size
+            self._running -= holding.running
+            async with self._changed:
+                self._changed.notify_all()
+
+
+class Holding:
+    def __init__(self, budget: MemoryBudget, size: int) -> None:
+        self.budget = budget
+        self.size = size
+        self.running = False
+
+    async def grow_to(self, size: int) -> None:
+        """Hold ``size`` bytes instead, waiting while running requests hold the
+        rest; refused when nothing running would free enough."""
+        budget = self.budget
+        if size > budget.limit_bytes:
+            raise TooLarge(f"the request needs about {size / MIB:.1f} MiB to run, more than this daemon's whole "
+                           f"{budget.limit_bytes / MIB:.0f} MiB request memory budget")
+        async with budget._changed:
+            while budget.held_bytes - self.size + size > budget.limit_bytes:
+                if not budget._running:  # only waiting calls hold the rest: waiting would never end
+                    retry_ms = budget._retry_after_ms()
+                    raise Overloaded(f"busy: waiting requests hold {budget.held_bytes / MIB:.1f} of the "
+                                     f"{budget.limit_bytes / MIB:.0f} MiB request memory budget; retry in about "
+                                     f"{retry_ms:.0f} ms or elsewhere", retry_after_ms=retry_ms)
+                await budget._changed.wait()
+        budget.held_bytes += size - self.size
+        self.size = size
+        if not self.running:
+            self.running = True
+            budget._running += 1
+
+
 class Admission:
-    def __init__(self, *, max_concurrency: int, max_queue: int, smoothing: float = 0.2) -> None:
+    def __init__(self, *, max_concurrency: int, max_queue: int, smoothing: float = 0.2,
+                 on_idle: Callable[[], None] | None = None) -> None:
+        """``on_idle`` is called each time the last request leaves and none waits."""
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        self._on_idle = on_idle
         self._slots = asyncio.Semaphore(max_concurrency)
         self._smoothing = smoothing
         self.in_flight = 0
@@ -67,6 +138,8 @@ class Admission:
             self.in_flight -= 1
             self._slots.release()
             self.hold_ms += self._smoothing * ((time.perf_counter() - held) * 1e3 - self.hold_ms)
+            if self._on_idle is not None and not self.in_flight and not self.queued:
+                self._on_idle()
 
 
 async def run_cancellable(pool: Executor, fn: Callable[..., T], *args: Any) -> T:

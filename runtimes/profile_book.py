@@ -57,9 +57,9 @@ CODEC_NEEDS_PROFILE = "codec errors need a profile first"
 
 
 def memory_budget(configured_mb: float, device_bytes: int | None) -> int:
-    """Bytes one profiling run may use: the configured figure, else the default
-    above (profiling runs on this host, and a board's RAM bounds what it could
-    ever run)."""
+    """Bytes one profiling run (or the agent's requests together) may use: the
+    configured figure, else the default above (they run on this host, and a
+    board's RAM bounds what it could ever run)."""
     if configured_mb > 0:
         return int(configured_mb * 2**20)
     free = psutil.virtual_memory().available
