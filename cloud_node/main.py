@@ -21,6 +21,7 @@ from pki.certs import fingerprint, identity
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
+from runtimes import heap
 from runtimes.daemon import (
     bind,
     check_log_settings,
@@ -123,6 +124,7 @@ class DenyList:
 
 async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None) -> None:
     tls = config.tls()
+    heap.map_large_buffers()  # a request's memory goes back to the host when it is done
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     server = grpc.aio.server(options=server_options(config.max_message_mb))
@@ -144,7 +146,10 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
                                max_queue=config.max_queue, metrics=metrics)
     service_name = pb.DESCRIPTOR.services_by_name["CloudNode"].full_name
     deny = DenyList(config.deny)
-    add_service(server, pb_grpc.add_CloudNodeServicer_to_server, service, gate=deny.refusal)
+    # Agents are across a real link: gRPC's adaptive window keeps, so a queued call may
+    # hold up to that window of its tensors (not a fixed 1 MiB, as on the agent).
+    add_service(server, pb_grpc.add_CloudNodeServicer_to_server, service, gate=deny.refusal,
+                read_when_admitted=("RunPartition", "RunModel"))
     health = add_health(server)
     add_reflection(server, [service_name])
     metrics_url = metrics.serve(config.metrics_listen) if config.metrics_listen else ""

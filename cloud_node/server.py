@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,13 +20,14 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes.admission import Admission, Overloaded, run_cancellable
+from runtimes.heap import Trimmer
 from runtimes.llm import TokenEvent
 from runtimes.llm_serving import LlmStore, checked, prompt_tokens, relay, sampling_of, stream, summary_of, token_chunk
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
 from runtimes.profile_book import ProfileBook
-from runtimes.rpc import ModelMismatch, NotProfiled, abort_for
+from runtimes.rpc import ModelMismatch, NotProfiled, Unread, abort_for
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         self.llms = llms
         self.book = book
         self.node_id = node_id
-        self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
+        self.trimmer = Trimmer()
+        self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue,
+                                   on_idle=lambda: self.trimmer.when_idle(self.admission.idle))
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="cloud-compute")
         self.metrics = metrics
         # Queue depths are read at each scrape, so they are exact whenever Prometheus looks.
@@ -89,38 +94,41 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
             cpu_percent=psutil.cpu_percent(),
         )
 
-    async def _compute(self, context: grpc.aio.ServicerContext, method: str, model_name: str, digest: str, tensors,
-                       reply_encoding: int, run: Callable[..., dict[str, np.ndarray]]) -> pb.RunReply:
-        """Admit, then decode, run and encode in a worker thread; every failure becomes a status."""
+    async def _compute(self, context: grpc.aio.ServicerContext, method: str, call: Unread,
+                       tensors_of: Callable[[Any], Any], run: Callable[..., dict[str, np.ndarray]]) -> pb.RunReply:
+        """Admit, read the request, then decode, run and encode in a worker
+        thread; every failure becomes a status. ``run(request, model, feeds, options)``."""
         try:
             with self._observed(method) as stages:
-                model = self.store.get(model_name)
-                if digest and digest != model.digest:
-                    raise ModelMismatch(
-                        f"model {model_name}: caller has digest {digest[:12]}…, this node has {model.digest[:12]}…"
-                    )
                 async with self.admission.slot() as waited_ms:
-                    timings, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors, reply_encoding, run)
+                    request = await call.read()  # a queued call holds its stream window, not its tensors
+                    self.trimmer.took(call.size)
+                    model = self.store.get(request.model)
+                    if request.model_digest and request.model_digest != model.digest:
+                        raise ModelMismatch(f"model {request.model}: caller has digest {request.model_digest[:12]}…, "
+                                            f"this node has {model.digest[:12]}…")
+                    timings, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors_of(request),
+                                                             request.reply_encoding, functools.partial(run, request))
                 stages.update(queue=waited_ms, compute=timings["compute_ms"])
         except Exception as exc:  # noqa: BLE001 -- mapped to a status, server stays up
             await abort_for(context, exc)
         return pb.RunReply(outputs=encoded, queue_ms=waited_ms, load=self.load(), node_id=self.node_id, **timings)
 
-    async def RunPartition(self, request: pb.PartitionRequest, context: grpc.aio.ServicerContext) -> pb.RunReply:
-        def run(model: OnnxModel, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
+    async def RunPartition(self, call: Unread[pb.PartitionRequest], context: grpc.aio.ServicerContext) -> pb.RunReply:
+        def run(request: pb.PartitionRequest, model: OnnxModel, feeds: dict[str, np.ndarray],
+                options: ort.RunOptions) -> dict[str, np.ndarray]:
             edge_outputs = list(request.edge_outputs) if request.has_edge_outputs else None
             return model.run_suffix(model.find_cut(list(request.cut), edge_outputs=edge_outputs), feeds, options)
 
-        return await self._compute(context, "RunPartition", request.model, request.model_digest, request.tensors,
-                                   request.reply_encoding, run)
+        return await self._compute(context, "RunPartition", call, lambda request: request.tensors, run)
 
-    async def RunModel(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.RunReply:
-        def run(model: OnnxModel, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
+    async def RunModel(self, call: Unread[pb.ModelRequest], context: grpc.aio.ServicerContext) -> pb.RunReply:
+        def run(request: pb.ModelRequest, model: OnnxModel, feeds: dict[str, np.ndarray],
+                options: ort.RunOptions) -> dict[str, np.ndarray]:
             model.check_inputs(feeds)
             return model.run(feeds, options)
 
-        return await self._compute(context, "RunModel", request.model, request.model_digest, request.inputs,
-                                   request.reply_encoding, run)
+        return await self._compute(context, "RunModel", call, lambda request: request.inputs, run)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
         tensor_models = [self.book.model_info(self.store.get(info.name), info) for info in self.store.model_infos()]

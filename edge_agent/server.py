@@ -63,11 +63,10 @@ logger = logging.getLogger(__name__)
 
 # What a request holds while it runs, per byte of it on the wire: the message,
 # its parsed copy, the payload bytes its arrays view and onnxruntime's
-# activations. Measured: 4 resnet requests of 27.6 MiB (batch 48) running at
-# once took the agent 340 MiB above idle, about 3x each (python -m bench.memory).
+# activations. With 3, a flood of 27.6 MiB resnet requests under a 256 MiB
+# budget peaked 202 MiB above the agent's idle RSS (python -m bench.memory).
 RUNNING_BYTES_PER_REQUEST_BYTE = 3
 QUEUED_CALL_BYTES = APP_STREAM_WINDOW_BYTES  # a call waiting unread: what the server buffers of it
-TRIM_DELAY_S = 0.2
 EXPECTED_DECAY = 0.8  # per request: one large request sets the room the next ones wait for, for a few
 
 OBJECTIVES = {
@@ -252,8 +251,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.codec_speed = codec_speed
         self.policies = policies
         self.trimmer = Trimmer()
-        self._trimming: set[asyncio.Future] = set()
-        self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue, on_idle=self._after_burst)
+        self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue,
+                                   on_idle=lambda: self.trimmer.when_idle(self.admission.idle))
         self.memory = MemoryBudget(memory_bytes, retry_after_ms=lambda: self.admission.hold_ms)
         self._expected_running_bytes = 0  # what the recent requests held running, decaying
         metrics.set_queue("onnx", lambda: self.admission.queued)
@@ -661,19 +660,6 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
             self.metrics.observe_request("Infer", "", "rejected" if isinstance(exc, Overloaded) else "error")
             await abort_for(context, exc)
-
-    def _after_burst(self) -> None:
-        """Once idle after large requests, give their memory back; a moment
-        later, so what gRPC frees after the last reply is given back too."""
-        if self.trimmer.due():
-            asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_if_idle)
-
-    def _trim_if_idle(self) -> None:
-        if self.admission.in_flight or self.admission.queued or not self.trimmer.due():
-            return  # busy again: the next idle moment trims
-        future = asyncio.get_running_loop().run_in_executor(None, self.trimmer.trim)
-        self._trimming.add(future)
-        future.add_done_callback(self._trimming.discard)
 
     async def _read(self, call: Unread[pb.InferRequest], held: Holding
                     ) -> tuple[OnnxModel, dict[str, np.ndarray], tuple[Objective, int, bool], str]:

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable
@@ -156,16 +157,26 @@ def assumptions(sc: Scenario) -> dict:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` into a temporary file beside ``path``, then rename: a failure leaves nothing half-written."""
+    """``write`` into a temporary file beside ``path``, then rename: a failure
+    leaves nothing half-written. The file gets the mode the one it replaces
+    had, else what the umask gives a new file (mkstemp's 0600 would leave a
+    policy the agent's own user cannot read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~current_umask())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 # --- subcommands ------------------------------------------------------------------

@@ -111,6 +111,9 @@ class Admission:
         self.queue_delay_ms = 0.0  # EWMA of measured waits
         self.hold_ms = 0.0         # EWMA of how long a request holds its slot
 
+    def idle(self) -> bool:
+        return not self.in_flight and not self.queued
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
         """Hold a worker slot; yields this request's measured wait in ms."""
@@ -138,7 +141,7 @@ class Admission:
             self.in_flight -= 1
             self._slots.release()
             self.hold_ms += self._smoothing * ((time.perf_counter() - held) * 1e3 - self.hold_ms)
-            if self._on_idle is not None and not self.in_flight and not self.queued:
+            if self._on_idle is not None and self.idle():
                 self._on_idle()
 
 

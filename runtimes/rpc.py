@@ -83,9 +83,8 @@ def bounded(text: str, limit: int = MAX_STATUS_CHARS) -> str:
 
 # The stream window of a daemon serving apps on its own board. gRPC grows
 # windows to the bandwidth-delay product it measures, and buffers that much of
-# every call, read or not: about 8 MiB of each 27.6 MiB request waiting in an
-# agent's queue. A fixed 1 MiB bounds a waiting call to 1 MiB, for about 0.1 ms
-# more per 600 KB request on loopback (both in python -m bench.memory).
+# every call, read or not. A fixed 1 MiB bounds what a waiting call holds, for
+# about 0.1 ms more per 600 KB request on loopback (python -m bench.memory).
 APP_STREAM_WINDOW_BYTES = 1 << 20
 
 
@@ -149,9 +148,8 @@ Message = TypeVar("Message")
 class Unread(Generic[Message]):
     """A unary request still on the wire. A method registered to take one
     reads it only once it has admitted the call, so a queued call holds at
-    most gRPC's flow-control window of its payload (measured: about 8 MiB of a
-    27.6 MiB request, against the whole request and its parsed copy once read),
-    and a refused one is never read at all."""
+    most gRPC's flow-control window of its payload, not the whole request and
+    its parsed copy, and a refused one is never read at all."""
 
     def __init__(self, messages: AsyncIterator[bytes], parse: Callable[[bytes], Message]) -> None:
         self._messages = messages

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -180,6 +182,9 @@ def test_written_policy_round_trips_and_steers_a_running_agent_on_sighup(tmp_pat
                "--quiet", "-o", str(policy)).returncode == 0
     written = parse(policy.read_text())
     assert written.for_model("mobilenet").constraints.memory_limit_bytes == 2**20
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(policy.stat().st_mode) == 0o666 & ~umask  # readable as any new file is, not mkstemp's 0600
     local_only = policy.read_text().replace("allow_remote = true # hard", "allow_remote = false # hard")
     local_only = local_only.replace("memory_limit_mb = 1.0", "# memory limit lifted")
     policy.write_text(local_only)
@@ -188,8 +193,10 @@ def test_written_policy_round_trips_and_steers_a_running_agent_on_sighup(tmp_pat
         first = client.infer("mobilenet", {"input": x})
         assert first.plan == "local"
         # 2. the written policy (1 MiB for the device: only REMOTE fits), loaded on SIGHUP
+        policy.chmod(0o640)
         assert cli("write-policy", str(model_dir / "mobilenet.onnx"), "--device", "pi4", "--memory-limit-mb", "1",
                    "--quiet", "-o", str(policy)).returncode == 0
+        assert stat.S_IMODE(policy.stat().st_mode) == 0o640  # the owner's choice of mode is kept
         agent.process.send_signal(signal.SIGHUP)
         plans = []
         for _ in range(50):  # bounded: the reload is asynchronous

@@ -223,6 +223,47 @@ def test_a_full_daemon_answers_resource_exhausted_with_a_retry_hint(model_dir: P
             assert pb_grpc.CloudNodeStub(channel).Status(pb.StatusRequest(), timeout=10).load.max_queue == 1
 
 
+def test_the_agent_takes_in_no_more_than_its_request_memory_budget(model_dir: Path) -> None:
+    # An 8 MiB budget: a batch-2 request (1.15 MiB) holds about 3.4 MiB running,
+    # a waiting call 1 MiB, a batch-8 one could never run (about 14 MiB).
+    small, huge = image(2), image(8)
+    request = pb.InferRequest(model="resnet", inputs=[codec.encode(small, "input")], plan="local")
+    expected = direct(model_dir, "resnet", small)
+    with launch.edge_agent(model_dir, [], "--request-memory-mb", "8") as agent, \
+            grpc.insecure_channel(agent.address, options=[("grpc.max_send_message_length", 1 << 26)]) as channel:
+        stub = pb_grpc.EdgeAgentStub(channel)
+        with pytest.raises(grpc.RpcError) as too_large:
+            stub.Infer(pb.InferRequest(model="resnet", inputs=[codec.encode(huge, "input")], plan="local"), timeout=60)
+        assert too_large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than this daemon's whole 8 MiB request memory budget" in too_large.value.details()
+        stub.Infer(request, timeout=60)  # one served: the hint is how long a request holds a slot here
+        calls = [stub.Infer.future(request, timeout=120) for _ in range(24)]
+        answered = 0
+        for future in calls:
+            try:
+                reply = future.result()
+            except grpc.RpcError as exc:  # refused unread, with when to come back
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                assert "MiB request memory budget" in exc.details()
+                assert int(dict(exc.trailing_metadata())["retry-after-ms"]) > 0
+                continue
+            answered += 1
+            np.testing.assert_allclose(codec.decode(reply.outputs[0]), expected, rtol=RTOL, atol=ATOL)
+        assert answered >= 2  # 24 calls hold 24 MiB waiting: most are refused, none is lost
+        assert answered < len(calls)
+        stub.Infer(request, timeout=60)  # everything held was given back
+
+
+def test_a_unary_call_carrying_two_requests_is_refused(agent: launch.Daemon) -> None:
+    x = pb.InferRequest(model="mobilenet", inputs=[codec.encode(image(), "input")]).SerializeToString()
+    with grpc.insecure_channel(agent.address) as channel:
+        call = channel.stream_unary("/tandem.v1.EdgeAgent/Infer")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(iter([x, x]), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than one request" in refused.value.details()
+
+
 def test_cloud_stopped_before_requests_every_request_falls_back(model_dir: Path) -> None:
     node = launch.cloud_node(model_dir).wait_ready()
     with launch.edge_agent(model_dir, [node.address]) as agent, sdk.EdgeClient(agent.address) as client:

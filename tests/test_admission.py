@@ -1,0 +1,90 @@
+"""The memory budget both daemons admit requests through, on its own: what it
+refuses, what it waits for, and that nothing is held after a request ends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runtimes.admission import MIB, MemoryBudget, Overloaded, TooLarge
+
+
+def test_a_call_the_budget_cannot_take_now_is_refused_with_the_figures() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(4 * MIB, retry_after_ms=lambda: 120.0)
+        async with budget.hold(3 * MIB):
+            with pytest.raises(Overloaded, match="hold 3.0 of the 4 MiB") as refused:
+                async with budget.hold(2 * MIB):
+                    pass
+            assert refused.value.retry_after_ms == 120.0
+        assert budget.held_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_growing_waits_for_a_running_request_and_refuses_what_never_fits() -> None:
+    async def scenario() -> list[str]:
+        budget = MemoryBudget(10 * MIB)
+        order: list[str] = []
+        finish_first = asyncio.Event()
+
+        async def first() -> None:
+            async with budget.hold(1 * MIB) as held:
+                await held.grow_to(6 * MIB)
+                order.append("first running")
+                await finish_first.wait()
+            order.append("first done")
+
+        async def second() -> None:
+            async with budget.hold(1 * MIB) as held:
+                await held.grow_to(6 * MIB)  # 6 + 6 > 10: waits for the first to end
+                order.append("second running")
+
+        tasks = [asyncio.create_task(first())]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(second()))
+        await asyncio.sleep(0.01)
+        assert order == ["first running"]
+        finish_first.set()
+        await asyncio.gather(*tasks)
+        with pytest.raises(TooLarge, match="more than this daemon's whole 10 MiB"):
+            async with budget.hold(1 * MIB) as held:
+                await held.grow_to(11 * MIB)
+        assert budget.held_bytes == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["first running", "first done", "second running"]
+
+
+def test_waiting_calls_alone_holding_the_rest_refuse_instead_of_waiting_for_ever() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(4 * MIB)
+        async with budget.hold(3 * MIB), budget.hold(1 * MIB) as held:  # the first never starts running
+            with pytest.raises(Overloaded, match="waiting requests hold"):
+                await asyncio.wait_for(held.grow_to(2 * MIB), timeout=10)
+        assert budget.held_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_wait_gives_its_bytes_back() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(4 * MIB)
+
+        async def waiter() -> None:
+            async with budget.hold(1 * MIB) as held:
+                await held.grow_to(3 * MIB)
+
+        async with budget.hold(1 * MIB) as running:
+            await running.grow_to(2 * MIB)
+            task = asyncio.create_task(waiter())
+            await asyncio.sleep(0.01)
+            assert budget.held_bytes == 3 * MIB
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert budget.held_bytes == 2 * MIB
+        assert budget.held_bytes == 0
+
+    asyncio.run(scenario())
