@@ -37,6 +37,7 @@ from runtimes.daemon import (
     check_log_settings,
     reload_settings,
     run_daemon,
+    unix_socket_path,
     wait_for_shutdown,
     write_ready_file,
 )
@@ -88,6 +89,8 @@ class AgentConfig:
     discovery: bool = field(default=True, metadata={"help": "find cloud nodes over DNS-SD (_tandem._tcp.local.), besides --cloud"})
     discover_plaintext: bool = field(default=False, metadata={"help": "use discovered nodes although this agent runs plaintext: "
                                                                       "anyone on the network can advertise one and be sent requests"})
+    socket_mode: str = field(default="0660", metadata={"help": "permissions of a unix:PATH socket, octal: 0660 lets the "
+                                                              "agent's group (the unit's Group=) connect, nobody else"})
     listen_anywhere: bool = field(default=False, metadata={"help": "allow a listen address other than loopback or a unix socket: "
                                                                    "the app port has no authentication"})
     discovery_interfaces: tuple[str, ...] = field(default=(), metadata={"help": "IPv4 addresses of the interfaces to browse on (default: all)"})
@@ -146,6 +149,8 @@ class AgentConfig:
                         "llm_failover_places >= 0")
         if self.llm_remote_tokens_per_hour is not None and self.llm_remote_tokens_per_hour < 0:
             raise error("llm_remote_tokens_per_hour must be >= 0")
+        if not (len(self.socket_mode) <= 4 and all(ch in "01234567" for ch in self.socket_mode) and self.socket_mode):
+            raise error(f"socket_mode must be an octal mode such as 0660, got {self.socket_mode!r}")
         if not (self.listen_anywhere or is_local_listen(self.listen)):
             raise error(f"listen {self.listen} is reachable from other machines, and the app port has no authentication: "
                         "anyone who reaches it can run models and read their outputs. Listen on loopback or a unix socket, "
@@ -307,6 +312,9 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     address = bind(server, config.listen)  # apps on this device: loopback or a unix socket by default
     metrics_url = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
     await server.start()
+    socket = unix_socket_path(config.listen)
+    if socket is not None:
+        socket.chmod(int(config.socket_mode, 8))  # created under the umask: apps in the group could not connect
     set_serving(health, [service_name])
     browser = None
     if config.discovery:

@@ -82,6 +82,14 @@ def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentia
     return f"{host}:{port}"
 
 
+def unix_socket_path(listen: str) -> Path | None:
+    """The file behind a unix:PATH (or unix:///PATH) listen address."""
+    if not listen.startswith("unix:"):
+        return None
+    path = listen.removeprefix("unix:")
+    return Path(path.removeprefix("//") if path.startswith("///") else path)
+
+
 def write_ready_file(path: Path | None, address: str, extra: dict[str, Any] | None = None) -> None:
     """Tell a supervisor (or a test) where we listen, atomically; ``extra``
     adds fields (the metrics URL)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -177,6 +178,19 @@ def test_configuration_errors_exit_2_so_systemd_stops_restarting(tmp_path: Path)
     for module in ("cloud_node.main", "edge_agent.main"):
         code, said = run_to_exit(module, "--listen", "127.0.0.1:0", "--models", str(tmp_path / "missing"))
         assert code == 2 and "does not exist" in said, (module, said)
+
+
+def test_the_unix_socket_lets_the_agents_group_connect_and_a_bad_mode_exits_2(tmp_path: Path, model_dir: Path) -> None:
+    """Created under the umask, the socket was closed to the unit's group (connecting needs write permission)."""
+    path = tmp_path / "agent.sock"
+    with launch.edge_agent(model_dir, [], "--listen", f"unix:{path}") as agent, sdk.EdgeClient(agent.address) as client:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        assert client.infer("mobilenet", {"input": image()}).plan == "local"
+    with launch.edge_agent(model_dir, [], "--listen", f"unix:{path}", "--socket-mode", "0600"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    code, said = run_to_exit("edge_agent.main", "--listen", f"unix:{path}", "--models", str(model_dir),
+                             "--socket-mode", "rw-rw----")
+    assert code == 2 and "socket_mode must be an octal mode" in said, said
 
 
 def test_the_start_log_says_the_policy_and_links_in_words(agent: launch.Daemon) -> None:
