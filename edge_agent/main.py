@@ -154,7 +154,7 @@ class AgentConfig:
         if not (self.listen_anywhere or is_local_listen(self.listen)):
             raise error(f"listen {self.listen} is reachable from other machines, and the app port has no authentication: "
                         "anyone who reaches it can run models and read their outputs. Listen on loopback or a unix socket, "
-                        "or say listen_anywhere = true (--listen-anywhere true)")
+                        "or say listen_anywhere = true (--listen-anywhere)")
         get_device(self.device)
 
     def tls(self) -> TlsFiles | None:

@@ -248,6 +248,9 @@ def sweep_report(sc: Scenario, bandwidths: list[float]) -> dict:
 def sweep_command(args: argparse.Namespace) -> int:
     bandwidths = positive_bandwidths(args.bandwidths)
     if args.model.endswith(".gguf"):
+        if args.png:
+            raise ToolError("--png draws a tensor model's latency and energy against bandwidth; an LLM sweep is a "
+                            "routing table (printed, or --json for the data)")
         return llm_table.sweep(args, bandwidths, out, err)
     sc = scenario_for(args)
     report = sweep_report(sc, bandwidths)
@@ -340,6 +343,9 @@ def write_policy_command(args: argparse.Namespace) -> int:
         if args.allowed_cuts == "auto":
             cuts = sorted({int(w.split(":")[1]) for _, w in winners if w and w.startswith("split:")})
             policy = replace(default, constraints=replace(default.constraints, allowed_cuts=frozenset(cuts)))
+            if not cuts:
+                err.print(f"warning: no split of {name} won anywhere in the sweep, so allowed_cuts = [] keeps it to "
+                          "LOCAL or REMOTE; --allowed-cuts all keeps every cut for the agent to choose from", markup=False)
         models[name] = policy
         notes[name] = [f"{name} on {sc.board.device.name}: " + ", ".join(f"{w} at {mbps:g} Mbit/s" for mbps, w in winners)]
         notes[name] += [f"break-even {p['mbps']:.3g} Mbit/s: {p['from']} -> {p['to']}" for p in report["break_even"]]
@@ -358,7 +364,12 @@ def write_policy_command(args: argparse.Namespace) -> int:
     if parsed != policies:  # render and parse disagree: a bug, and the file would not say what we mean
         raise RuntimeError("the written policy does not read back to itself")
     write_atomically(Path(args.output), lambda tmp: tmp.write_text(text))
-    if not args.quiet:
+    if args.json:
+        allowed = {name: policy.constraints.allowed_cuts for name, policy in models.items()}
+        print(json.dumps({"output": args.output, "policy": text, "models": {
+            name: {"allowed_cuts": None if cuts is None else sorted(cuts), "notes": notes[name]}
+            for name, cuts in allowed.items()}}, indent=2))
+    elif not args.quiet:
         out.print(text, markup=False, highlight=False)
     err.print(f"wrote {args.output}")
     return 0
@@ -445,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--llm-allow-remote", choices=["true", "false"], default="true")
     policy.add_argument("--llm-remote-tokens-per-hour", type=int)
     policy.add_argument("--quiet", action="store_true", help="do not print the policy")
+    policy.add_argument("--json", action="store_true", help="print what was written as JSON (file, policy text, cuts per model)")
     return parser
 
 

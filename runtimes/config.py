@@ -60,19 +60,37 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         raise ConfigError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def _shown_default(value: Any) -> str | None:
+    """A default as the user would type it, or None when there is none to show."""
+    if value is None or value == () or value == "":
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str) -> None:
+    """One flag per field. A boolean is a switch (``--plaintext``) that also
+    takes a value (``--plaintext false``)."""
     parser.add_argument("--config", type=Path, help="TOML file with these settings (flags override it)")
     for f in dataclasses.fields(cls):
-        _, is_list = _base_type(typing.get_type_hints(cls)[f.name])
+        kind, is_list = _base_type(typing.get_type_hints(cls)[f.name])
         flag = "--" + f.name.replace("_", "-")
         extra = f.metadata.get("flags", ())
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        if f.default is not dataclasses.MISSING:
-            help_text += f" (default: {f.default})"
+        default = _shown_default(f.default) if f.default is not dataclasses.MISSING else None
+        if default is not None and "default" not in help_text:  # a help text that explains its default keeps it
+            help_text += f" (default: {default})"
         if is_list:
             parser.add_argument(flag, *extra, dest=f.name, action="append", default=None, help=help_text + "; repeat for more")
+        elif kind is bool:
+            parser.add_argument(flag, *extra, dest=f.name, nargs="?", const="true", default=None, metavar="true|false",
+                                help=help_text)
         else:
             parser.add_argument(flag, *extra, dest=f.name, default=None, help=help_text)
+    parser.epilog = (f"Every setting is also a key of the --config TOML file (its name with underscores: "
+                     f"max_queue) and an environment variable ({env_prefix}_MAX_QUEUE); "
+                     "flags override the environment, which overrides the file.")
 
 
 def load(cls: type[C], args: argparse.Namespace | None = None, *, env_prefix: str, environ: dict[str, str] | None = None) -> C:

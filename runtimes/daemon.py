@@ -141,8 +141,8 @@ def run_daemon(argv: list[str] | None, *, prog: str, description: str | None, co
     check out), 1 for other OS errors."""
     from runtimes import config as config_loader
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    config_loader.add_arguments(parser, config_cls)
+    parser = argparse.ArgumentParser(prog=prog, description=description.replace("``", "") if description else None)
+    config_loader.add_arguments(parser, config_cls, env_prefix=env_prefix)
     args = parser.parse_args(argv)
     hold_sighup_until_ready()
 

@@ -46,4 +46,22 @@ def test_help_lists_every_setting(module: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "--log-format" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--log-format" in out
+    assert "default: None" not in out and "default: ()" not in out  # no default shown where there is none
+    assert "(default: false)" in out and "[true|false]" in out       # booleans as typed, switches
+    assert "``" not in out                                            # the module docstring's markup
+    assert "_MAX_QUEUE" in out                                        # the environment variables are named
+    for line in out.splitlines():
+        assert line.count("default") <= 1, line                       # a default said once
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], True), (["--discovery"], True), (["--discovery", "false"], False),
+                                                (["--discovery", "off", "--max-queue", "3"], False),
+                                                (["--discovery", "false", "--discovery"], True)])
+def test_a_boolean_flag_is_a_switch_that_also_takes_a_value(argv: list[str], expected: bool) -> None:
+    parser = argparse.ArgumentParser()
+    config_loader.add_arguments(parser, AgentConfig, env_prefix="TANDEM_AGENT")
+    args = parser.parse_args(["--plaintext", *argv])  # a switch followed by another flag
+    config = config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT", environ={})
+    assert config.plaintext is True and config.discovery is expected

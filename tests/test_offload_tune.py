@@ -164,6 +164,8 @@ def test_bad_input_exits_2_with_the_reason_and_writes_nothing(tmp_path: Path, mo
     not_gguf = tmp_path / "fake.gguf"
     not_gguf.write_bytes(b"ONNX? no.")
     cases.append((["sweep", str(not_gguf), "--device", "pi4"], "is not a GGUF file"))
+    cases.append((["sweep", str(find_smollm2()), "--device", "pi4", "--png", str(tmp_path / "llm.png")],
+                  "--png draws a tensor model's latency and energy"))  # refused, not silently ignored
     for argv, message in cases:
         result = cli(*argv)
         assert result.returncode == 2, (argv, result.stdout, result.stderr)
@@ -216,6 +218,20 @@ def test_written_policy_round_trips_and_steers_a_running_agent_on_sighup(tmp_pat
             time.sleep(0.05)
         assert "line 2: objective in [default]" in agent.log() and "keeping the previous one" in agent.log()
         assert client.infer("mobilenet", {"input": x}).plan == "remote"
+
+
+def test_write_policy_json_says_what_was_written_and_warns_when_no_cut_is_left(tmp_path: Path, model_dir: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    # At 10 Gbit/s sending the input costs nothing, so a split only adds its
+    # prefix on a pi4 (slower than this host, which is the cloud here): REMOTE wins.
+    result = cli("write-policy", str(model_dir / "mobilenet.onnx"), "--device", "pi4", "--bandwidths", "10000",
+                 "--json", "-o", str(policy))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["output"] == str(policy) and report["policy"] == policy.read_text()
+    assert report["models"]["mobilenet"]["allowed_cuts"] == []
+    assert parse(policy.read_text()).for_model("mobilenet").constraints.allowed_cuts == frozenset()
+    assert "warning: no split of mobilenet won anywhere" in " ".join(result.stderr.split())
 
 
 def test_an_invalid_policy_stops_the_agent_at_start_with_the_line(tmp_path: Path, model_dir: Path) -> None:
