@@ -3,7 +3,9 @@
 Prints, for the chain model, the plan the agent picks on the live loopback
 link and on the reference links of DESIGN.md (via ``explain`` with a link
 override), the predicted vs measured latency of each plan run for real over
-loopback, and a fallback when the cloud node dies.
+loopback; the plans a second agent planning for a Raspberry Pi 4 picks on the
+same links (predicted only: this host is not a Pi 4); and a fallback when the
+cloud node dies.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from runtimes import launch
 # Uplink means used by Neurosurgeon (ASPLOS'17) and DADS (INFOCOM'19), Mbit/s.
 # Downlink is taken equal to uplink (conservative: results are small anyway).
 REFERENCE_LINKS = {"CAT1": 0.13, "3G": 1.1, "LTE": 5.85, "Wi-Fi": 18.88}
+# TCP goodput over wired Ethernet: 1448 payload bytes (TCP timestamps on) per
+# 1538 on the wire (preamble, header, FCS, gap) of the line rate.
+LAN_LINKS = {"Fast Ethernet": round(100 * 1448 / 1538, 1), "Gigabit Ethernet": round(1000 * 1448 / 1538, 1)}
+
+BOARD, BOARD_NAME = "pi4", "Raspberry Pi 4"
 
 console = Console(width=110)
 
@@ -39,11 +46,11 @@ def main() -> int:
         with launch.cloud_node(models, "--llm", "smollm2") as node, \
                 launch.edge_agent(models, [node.address], "--llm", "smollm2") as agent:
             with EdgeClient(agent.address) as client:
-                run_demo(client, node)
+                run_demo(client, node, models)
     return 0
 
 
-def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
+def run_demo(client: EdgeClient, node: launch.Daemon, models: Path) -> None:
     for info in client.models():
         if info.kind != "onnx":  # an LLM: a prompt in, tokens out, no graph to cut
             console.print(f"  model [cyan]{info.name}[/]: {info.kind}, streamed LOCAL or REMOTE")
@@ -63,7 +70,7 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
         if uplink is None:
             explanation = live
         else:
-            explanation = client.explain("mobilenet", link={"uplink_mbps": uplink, "downlink_mbps": uplink, "rtt_ms": live.link["rtt_ms"]})
+            explanation = client.explain("mobilenet", link=reference_link(uplink, live))
         winner = explanation.candidate(explanation.winner)
         client.infer("mobilenet", {"input": x}, plan=explanation.winner)  # first use of a cut builds its sessions
         result = client.infer("mobilenet", {"input": x}, plan=explanation.winner)
@@ -73,6 +80,7 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
         )
     console.print(table)
     console.print(f"why (loopback): {live.why}")
+    board_demo(client, models, node, live)
 
     stages = Table(title="one SPLIT request at the middle cut, stage by stage (ms)")
     middle = len([c for c in live.candidates if c.plan.startswith("split:")]) // 2 + 1
@@ -93,6 +101,27 @@ def run_demo(client: EdgeClient, node: launch.Daemon) -> None:
     console.print(f"  asked for split:{middle}; the agent planned {result.planned} and ran [cyan]{result.plan}[/], "
                   f"fell back: {result.fell_back} ({result.fallback_reason}); "
                   f"output argmax {int(np.argmax(result.outputs['logits']))}")
+
+
+def reference_link(uplink_mbps: float, live) -> dict[str, float]:
+    return {"uplink_mbps": uplink_mbps, "downlink_mbps": uplink_mbps, "rtt_ms": live.link["rtt_ms"]}
+
+
+def board_demo(client: EdgeClient, models: Path, node: launch.Daemon, live) -> None:
+    """The same node and links, planned by an agent for a slower board: the
+    device side is this host's profile scaled to a Pi 4 by the roofline model."""
+    console.print(f"[bold]starting a second edge-agent planning for a {BOARD_NAME}[/] (--device {BOARD}) ...")
+    with launch.edge_agent(models, [node.address], "--device", BOARD) as agent, EdgeClient(agent.address) as board:
+        table = Table(title=f"mobilenet planned for a {BOARD_NAME} on the same node (predicted; this host is not one)")
+        for column in ("link", "up Mbit/s", "plan here", "pred. ms here", f"plan on {BOARD}", f"pred. ms on {BOARD}"):
+            table.add_column(column, justify="right" if column != "link" else "left")
+        for name, uplink in {**REFERENCE_LINKS, **LAN_LINKS}.items():
+            mine, theirs = (c.explain("mobilenet", link=reference_link(uplink, live)) for c in (client, board))
+            table.add_row(name, f"{uplink:.2f}", mine.winner, f"{mine.candidate(mine.winner).predicted['total_ms']:.1f}",
+                          f"[cyan]{theirs.winner}[/]", f"{theirs.candidate(theirs.winner).predicted['total_ms']:.1f}")
+        console.print(table)
+        fast = board.explain("mobilenet", link=reference_link(LAN_LINKS["Gigabit Ethernet"], live))
+        console.print(f"why ({BOARD}, Gigabit Ethernet): {fast.why}")
 
 
 def run_llm_demo(client: EdgeClient, node: launch.Daemon) -> None:
