@@ -30,13 +30,17 @@ from partitioner.llm_routing import (
 from partitioner.policy import LlmLimits
 from protos import tandem_pb2 as pb
 from runtimes.admission import Overloaded
-from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent
+from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent, check_sampling
 from runtimes.llm_serving import LlmStore, checked, prompt_tokens, sampling_of, stream, summary_of, token_chunk
-from runtimes.rpc import NoFeasiblePlan, UnknownModel
+from runtimes.rpc import NoFeasiblePlan, NoNodeLeft, UnknownModel
 
 logger = logging.getLogger(__name__)
 
 KIND = {"local": pb.PLAN_LOCAL, "remote": pb.PLAN_REMOTE}
+# A prompt's tokens, guessed from its text where no tokenizer is at hand:
+# about 4 characters per token in English ("a helpful rule of thumb", OpenAI's
+# tokenizer guide, platform.openai.com/tokenizer). Routing needs only its size.
+BYTES_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
@@ -71,18 +75,20 @@ class RemoteBudget:
             self._used.append((now, tokens))
 
 
-def stream_lie(chunk: pb.GenerateChunk, *, streamed: int, prompt_tokens: int, max_tokens: int, vocab: int) -> str:
+def stream_lie(chunk: pb.GenerateChunk, *, streamed: int, prompt_tokens: int | None, max_tokens: int,
+               vocab: int | None) -> str:
     """What is wrong with a node's next chunk, given the ``streamed`` tokens
     (continuation included) before it; "" if nothing. Only the accounting can
     be checked without running the model: which token comes next, that it is
-    one of the model's, and that the summary counts what was streamed."""
+    one of the model's, and that the summary counts what was streamed. With no
+    copy of the model here, ``prompt_tokens`` and ``vocab`` are unknown (None)."""
     if chunk.HasField("token"):
         token = chunk.token
         if token.index != streamed:
             return f"sent token #{token.index} where #{streamed} was next"
         if streamed >= max_tokens:
             return f"sent token #{token.index} beyond max_tokens {max_tokens}"
-        if not 0 <= token.token_id < vocab:
+        if vocab is not None and not 0 <= token.token_id < vocab:
             return f"sent token id {token.token_id}, outside the vocabulary ({vocab})"
         return ""
     if not chunk.HasField("done"):
@@ -90,9 +96,10 @@ def stream_lie(chunk: pb.GenerateChunk, *, streamed: int, prompt_tokens: int, ma
     done = chunk.done
     if done.finish_reason not in ("stop", "length"):
         return f"ended the stream with finish_reason {done.finish_reason!r}"
-    if done.completion_tokens != streamed or done.prompt_tokens != prompt_tokens:
+    if done.completion_tokens != streamed or (prompt_tokens is not None and done.prompt_tokens != prompt_tokens):
+        prompt = f" for a prompt of {prompt_tokens}" if prompt_tokens is not None else ""
         return (f"summed up {done.completion_tokens} tokens of completion and {done.prompt_tokens} of prompt "
-                f"after streaming {streamed} for a prompt of {prompt_tokens}")
+                f"after streaming {streamed}{prompt}")
     if done.finish_reason == "length" and streamed != max_tokens:
         return f"said 'length' after {streamed} of max_tokens {max_tokens}"
     return ""
@@ -219,10 +226,10 @@ class Generator:
             request.model = next(iter(self.llms.engines))
         engine = self.llms.engines.get(request.model)
         if engine is None and not self.serves(request.model):
-            raise UnknownModel(f"unknown model {request.model!r}; LLMs here: {sorted(self.llms.engines)}")
+            raise UnknownModel(f"unknown model {request.model!r}: not on this device and no reachable node serves it; "
+                               f"LLMs here: {sorted(self.llms.engines)}")
         if engine is None:
-            raise GenerationError(f"model {request.model} is not on this device; the agent needs it locally to "
-                                  "tokenize and to finish a broken cloud stream")
+            return app_view(self._remote_only(request, *self._remote_only_route(request, objective)), started)
         tokens = prompt_tokens(engine, request)
         sampling = sampling_of(request)
         engine.validate(tokens, sampling, request.generated_token_ids)
@@ -279,41 +286,14 @@ class Generator:
             model=request.model, prompt_token_ids=tokens, generated_token_ids=generated, max_tokens=sampling.max_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop),
         )
-        reason = ""
-        call = node.stub.Generate(forward)
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(call.read(), timeout=self.settings.stall_s)
-                except asyncio.TimeoutError:
-                    reason = f"{node.address} sent nothing for {self.settings.stall_s:.1f} s"
-                    break
-                if chunk is grpc.aio.EOF:
-                    reason = f"{node.address} ended the stream without a summary"
-                    break
-                lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=len(tokens),
-                                 max_tokens=sampling.max_tokens, vocab=engine.llm.n_vocab())
-                if lie:
-                    reason = f"{node.address} {lie}"
-                    node.mark_down(reason)  # a node that miscounts is not trusted with the next stream either
-                    break
-                if chunk.HasField("token"):
-                    generated.append(chunk.token.token_id)
-                    yield chunk
-                    continue
-                summary = chunk.done
-                summary.ran, summary.node = pb.PLAN_REMOTE, node.address
-                for key, value in predicted.items():
-                    setattr(summary, key, value)
-                yield pb.GenerateChunk(done=summary)
-                return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                node.mark_down(f"{exc.code().name}: {exc.details()}")
-            reason = f"{node.address}: {exc.code().name}: {exc.details()}"
-        finally:
-            call.cancel()
-            self.budget.spend(time.monotonic(), len(generated) - len(request.generated_token_ids))
+        broke: list[str] = []
+        async with contextlib.aclosing(self._from_node(node, forward, generated, sampling, predicted, broke,
+                                                       prompt_tokens=len(tokens), vocab=engine.llm.n_vocab())) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        if not broke:
+            return
+        reason = broke[0]
         logger.warning("generation on %s broke after %d tokens, continuing on the device: %s",
                        node.address, len(generated), reason)
         switch = dict(switched=True, switched_at_token=len(generated), switch_reason=reason)
@@ -325,6 +305,107 @@ class Generator:
         async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch, reserved=True):
             place.release()  # it runs: the place it held is no longer needed
             yield chunk
+
+    async def _from_node(self, node: CloudNodeClient, forward: pb.GenerateRequest, generated: list[int],
+                         sampling: Sampling, predicted: dict, broke: list[str], *, prompt_tokens: int | None,
+                         vocab: int | None, callers_errors: bool = False) -> AsyncIterator[pb.GenerateChunk]:
+        """One node's stream, every chunk checked: its tokens (appended to
+        ``generated``), then its summary. If it breaks, the reason goes in
+        ``broke`` and the stream ends without a summary. ``callers_errors``:
+        the node is the only one to judge the request, so an INVALID_ARGUMENT
+        before its first token is the caller's error, not a node failure."""
+        before = len(generated)
+        call = node.stub.Generate(forward)
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(call.read(), timeout=self.settings.stall_s)
+                except asyncio.TimeoutError:
+                    broke.append(f"{node.address} sent nothing for {self.settings.stall_s:.1f} s")
+                    return
+                if chunk is grpc.aio.EOF:
+                    broke.append(f"{node.address} ended the stream without a summary")
+                    return
+                lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=prompt_tokens,
+                                 max_tokens=sampling.max_tokens, vocab=vocab)
+                if lie:
+                    broke.append(f"{node.address} {lie}")
+                    node.mark_down(broke[-1])  # a node that miscounts is not trusted with the next stream either
+                    return
+                if chunk.HasField("token"):
+                    generated.append(chunk.token.token_id)
+                    yield chunk
+                    continue
+                summary = chunk.done
+                summary.ran, summary.node = pb.PLAN_REMOTE, node.address
+                for key, value in predicted.items():
+                    setattr(summary, key, value)
+                yield pb.GenerateChunk(done=summary)
+                return
+        except grpc.aio.AioRpcError as exc:
+            if callers_errors and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and len(generated) == before:
+                raise GenerationError(f"{node.address} refused the generation: {exc.details()}") from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                node.mark_down(f"{exc.code().name}: {exc.details()}")
+            broke.append(f"{node.address}: {exc.code().name}: {exc.details()}")
+        finally:
+            call.cancel()
+            self.budget.spend(time.monotonic(), len(generated) - before)
+
+    def _remote_only_route(self, request: pb.GenerateRequest, objective: Objective
+                           ) -> tuple[Sampling, list[LlmCandidate], dict]:
+        """For a model this device has no copy of: its sampling, checked; the
+        nodes to try in turn (the chosen one, then the others holding the same
+        file); what was predicted."""
+        sampling = sampling_of(request)
+        check_sampling(sampling, request.generated_token_ids)
+        text = request.prompt or "".join(m.content for m in request.messages)
+        guessed = len(request.prompt_token_ids) or -(-len(text.encode()) // BYTES_PER_TOKEN)
+        shape = GenerationShape(prompt_tokens=max(guessed, 1), max_tokens=sampling.max_tokens,
+                                prompt_bytes=request.ByteSize())
+        decision = self.decide(request.model, shape, objective)
+        first, why = self._pick(decision, request.plan)
+        digest = self._digest(first.node, request.model)
+        line = [first, *sorted((c for c in decision.candidates if c.kind == "remote" and c is not first
+                                and not c.hard_violation and self._digest(c.node, request.model) == digest),
+                               key=lambda c: c.score)]
+        predicted = dict(planned=pb.PLAN_REMOTE, reason=f"{why} (no copy on this device)", predicted_ttft_ms=first.ttft_ms,
+                         predicted_total_ms=first.total_ms, predicted_energy_j=first.energy_j)
+        return sampling, line, predicted
+
+    async def _remote_only(self, request: pb.GenerateRequest, sampling: Sampling, line: list[LlmCandidate],
+                           predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
+        """The nodes tokenize the prompt. A broken stream continues on the
+        next node in ``line`` from the tokens already streamed; with none left
+        it ends with the reasons (nothing here could finish it)."""
+        generated = list(request.generated_token_ids)
+        reasons: list[str] = []
+        for candidate in line:
+            node = next(n for n in self.nodes if n.address == candidate.node)
+            forward = pb.GenerateRequest()
+            forward.CopyFrom(request)
+            forward.plan = ""
+            forward.ClearField("generated_token_ids")
+            forward.generated_token_ids.extend(generated)
+            switch = dict(switched=True, switched_at_token=len(generated), switch_reason="; ".join(reasons)) if reasons else {}
+            broke: list[str] = []
+            async with contextlib.aclosing(self._from_node(node, forward, generated, sampling, {**predicted, **switch},
+                                                           broke, prompt_tokens=None, vocab=None,
+                                                           callers_errors=not reasons)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            if not broke:
+                return
+            reasons.append(broke[0])
+            logger.warning("generation of %s on %s broke after %d tokens: %s", request.model, node.address,
+                           len(generated), broke[0])
+        raise NoNodeLeft(f"{request.model} broke after {len(generated)} tokens and no other node holds the same file; "
+                         f"this device has no copy to finish it: {'; '.join(reasons)}")
+
+    def _digest(self, address: str, model: str) -> str:
+        node = next(n for n in self.nodes if n.address == address)
+        info = node.state.models.get(model)
+        return info.digest if info else ""
 
     def explain(self, model: str, prompt_tokens: int, max_tokens: int, objective: Objective, link: Link | None) -> LlmDecision:
         shape = GenerationShape(prompt_tokens=max(prompt_tokens, 1), max_tokens=max(max_tokens, 1),

@@ -130,6 +130,16 @@ class _Sequence:
         self.emitted_this_run = 0
 
 
+def check_sampling(sampling: Sampling, generated: Sequence[int] = ()) -> None:
+    """What can be checked of a generation's parameters without the model."""
+    if sampling.max_tokens <= 0:
+        raise GenerationError(f"max_tokens must be >= 1, got {sampling.max_tokens}")
+    if not (math.isfinite(sampling.temperature) and 0.0 <= sampling.top_p <= 1.0 and sampling.temperature >= 0.0):
+        raise GenerationError("temperature must be >= 0 and top_p within 0..1")
+    if len(generated) >= sampling.max_tokens:
+        raise GenerationError(f"{len(generated)} tokens already generated, max_tokens is {sampling.max_tokens}")
+
+
 class LlmEngine:
     """A GGUF model served to many requests through one continuous-batching loop."""
 
@@ -240,18 +250,13 @@ class LlmEngine:
     def validate(self, prompt_tokens: Sequence[int], sampling: Sampling, generated: Sequence[int] = ()) -> None:
         if not prompt_tokens:
             raise GenerationError("the prompt is empty")
-        if sampling.max_tokens <= 0:
-            raise GenerationError(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-        if not (math.isfinite(sampling.temperature) and 0.0 <= sampling.top_p <= 1.0 and sampling.temperature >= 0.0):
-            raise GenerationError("temperature must be >= 0 and top_p within 0..1")
+        check_sampling(sampling, generated)
         needed = len(prompt_tokens) + sampling.max_tokens
         if needed > self.ctx_per_seq:
             raise GenerationError(
                 f"prompt ({len(prompt_tokens)} tokens) + max_tokens ({sampling.max_tokens}) = {needed} exceeds the "
                 f"context of {self.ctx_per_seq} tokens per sequence of {self.name}"
             )
-        if len(generated) >= sampling.max_tokens:
-            raise GenerationError(f"{len(generated)} tokens already generated, max_tokens is {sampling.max_tokens}")
         vocab = self.llm.n_vocab()
         bad = [t for t in (*prompt_tokens, *generated) if not 0 <= t < vocab]
         if bad:

@@ -35,6 +35,10 @@ class NotProfiled(RuntimeError):
     """The model is served, but has no profile to plan with (yet)."""
 
 
+class NoNodeLeft(RuntimeError):
+    """Work only the cloud can do, and no node is left to do it."""
+
+
 class ModelMismatch(RuntimeError):
     """The peer's copy of a model differs from ours (digest)."""
 
@@ -58,6 +62,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, (Overloaded, TooLarge)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, NoNodeLeft):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     logger.exception("internal error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 

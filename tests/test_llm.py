@@ -133,6 +133,70 @@ def test_cloud_killed_mid_stream_the_app_sees_one_uninterrupted_stream(model_dir
     assert summary.switch_reason
 
 
+def generate_when_seen(client: sdk.EdgeClient, **kwargs) -> sdk.Completion:
+    """An agent with no copy knows the model from its nodes' status, refreshed
+    after it starts serving: retry a bounded number of times until it does."""
+    for _ in range(100):
+        try:
+            return client.generate_text(**kwargs)
+        except sdk.NotFound:
+            time.sleep(0.1)
+    return client.generate_text(**kwargs)
+
+
+def test_an_agent_with_no_copy_routes_remote_and_continues_on_another_node(model_dir: Path, cloud: launch.Daemon,
+                                                                           bare: Llama) -> None:
+    prompt = "The three primary colors are"
+    reference = bare_greedy(bare, STORY, 120)
+    second = launch.cloud_node(model_dir, "--llm", "smollm2").wait_ready()
+    try:
+        with launch.edge_agent(model_dir, [cloud.address, second.address]) as agent, sdk.EdgeClient(agent.address) as c:
+            result = generate_when_seen(c, prompt=prompt, model="smollm2", max_tokens=40)
+            assert list(result.token_ids) == bare_greedy(bare, prompt, 40)
+            assert result.summary.ran == result.summary.planned == "remote" and not result.summary.switched
+            with pytest.raises(sdk.FailedPrecondition, match="plan local is not available"):
+                c.generate_text(prompt, model="smollm2", max_tokens=8, plan="local")
+            with pytest.raises(sdk.InvalidArgument, match="refused the generation"):  # the node judges what needs the model
+                c.generate_text(prompt, model="smollm2", max_tokens=100_000)
+            # the node streaming it dies: the other one continues from the tokens already streamed
+            tokens, summary = [], None
+            for chunk in c.generate(STORY, model="smollm2", max_tokens=120, plan=f"remote@{second.address}"):
+                if isinstance(chunk, sdk.Token):
+                    tokens.append(chunk)
+                    if len(tokens) == 5:
+                        second.kill()
+                else:
+                    summary = chunk
+    finally:
+        second.stop()
+    assert [t.index for t in tokens] == list(range(len(tokens)))  # none lost, none repeated
+    assert [t.token_id for t in tokens] == reference
+    assert summary.switched and summary.ran == "remote" and summary.node == cloud.address
+    assert 5 <= summary.switched_at_token < len(tokens) and second.address in summary.switch_reason
+
+
+def test_an_agent_with_no_copy_fails_clearly_when_no_node_can_finish(model_dir: Path) -> None:
+    node = launch.cloud_node(model_dir, "--llm", "smollm2").wait_ready()
+    try:
+        with launch.edge_agent(model_dir, [node.address]) as agent, sdk.EdgeClient(agent.address) as c:
+            generate_when_seen(c, prompt="Hello", model="smollm2", max_tokens=4)
+            tokens = []
+            with pytest.raises(sdk.Unavailable, match="this device has no copy to finish it"):
+                for chunk in c.generate(STORY, model="smollm2", max_tokens=120):
+                    if isinstance(chunk, sdk.Token):
+                        tokens.append(chunk)
+                        if len(tokens) == 3:
+                            node.kill()
+            assert len(tokens) >= 3
+            with pytest.raises(sdk.NotFound, match="no reachable node serves it"):  # once the agent knows it is gone
+                for _ in range(100):
+                    with contextlib.suppress(sdk.Unavailable):  # tried, and found gone
+                        c.generate_text("Hello", model="smollm2", max_tokens=4)
+                    time.sleep(0.1)
+    finally:
+        node.stop()
+
+
 def test_a_node_that_miscounts_its_stream_never_reaches_the_app(model_dir: Path, cloud: launch.Daemon,
                                                                  client: sdk.EdgeClient) -> None:
     """A skipped or repeated token, or 'length' before max_tokens: the app
