@@ -47,6 +47,9 @@ class NodeConfig:
     node_id: str = field(default="", metadata={"help": "name reported to agents (default: hostname:port)"})
     max_concurrency: int = field(default=2, metadata={"help": "requests computing at once"})
     max_queue: int = field(default=16, metadata={"help": "requests waiting beyond max_concurrency before RESOURCE_EXHAUSTED"})
+    max_queue_per_device: int = field(default=0, metadata={"help": "of those, the most one device may hold, so a device "
+                                                                   "flooding the node cannot starve another (0: half of "
+                                                                   "max_queue, at least 1)"})
     threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads per session (0: onnxruntime default)"})
     ort_spinning: str = field(default="auto", metadata={"help": "onnxruntime threads spin between kernels: on, off, or auto "
                                                                 "(off when a CPU quota is visible; say off under a quota /sys cannot show)"})
@@ -83,8 +86,8 @@ class NodeConfig:
             raise config_loader.ConfigError(f"ort_spinning must be auto, on or off, got {self.ort_spinning!r}")
         if self.max_concurrency < 1:
             raise config_loader.ConfigError("max_concurrency must be >= 1")
-        if self.max_queue < 0:
-            raise config_loader.ConfigError("max_queue must be >= 0")
+        if self.max_queue < 0 or self.max_queue_per_device < 0:
+            raise config_loader.ConfigError("max_queue and max_queue_per_device must be >= 0")
         if self.max_message_mb < 1:
             raise config_loader.ConfigError("max_message_mb must be >= 1")
         if self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16:
@@ -143,7 +146,8 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     # Under TLS the node is its certificate's name: agents verify that name.
     node_id = config.node_id or (identity(cert_pem)[0] if tls else f"{socket.gethostname()}:{address.rsplit(':', 1)[-1]}")
     service = CloudNodeService(store, book, llms, node_id=node_id, max_concurrency=config.max_concurrency,
-                               max_queue=config.max_queue, metrics=metrics)
+                               max_queue=config.max_queue, metrics=metrics,
+                               max_queue_per_device=config.max_queue_per_device or max(config.max_queue // 2, 1))
     service_name = pb.DESCRIPTOR.services_by_name["CloudNode"].full_name
     deny = DenyList(config.deny)
     # Agents are across a real link: gRPC's adaptive window keeps, so a queued call may

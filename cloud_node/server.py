@@ -28,6 +28,7 @@ from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
 from runtimes.profile_book import ProfileBook
 from runtimes.rpc import ModelMismatch, NotProfiled, Unread, abort_for
+from runtimes.tls import caller_key
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,14 @@ def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run, opti
 
 class CloudNodeService(pb_grpc.CloudNodeServicer):
     def __init__(self, store: ModelStore, book: ProfileBook, llms: LlmStore, *, node_id: str,
-                 max_concurrency: int, max_queue: int, metrics: Metrics) -> None:
+                 max_concurrency: int, max_queue: int, metrics: Metrics, max_queue_per_device: int | None = None) -> None:
         self.store = store
         self.llms = llms
         self.book = book
         self.node_id = node_id
         self.trimmer = Trimmer()
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue,
+                                   max_queue_per_key=max_queue_per_device,
                                    on_idle=lambda: self.trimmer.when_idle(self.admission.idle))
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="cloud-compute")
         self.metrics = metrics
@@ -100,7 +102,7 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         thread; every failure becomes a status. ``run(request, model, feeds, options)``."""
         try:
             with self._observed(method) as stages:
-                async with self.admission.slot() as waited_ms:
+                async with self.admission.slot(caller_key(context)) as waited_ms:  # devices served in turn
                     request = await call.read()  # a queued call holds its stream window, not its tensors
                     self.trimmer.took(call.size)
                     model = self.store.get(request.model)

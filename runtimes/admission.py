@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -96,16 +97,27 @@ class Holding:
 
 
 class Admission:
-    def __init__(self, *, max_concurrency: int, max_queue: int, smoothing: float = 0.2,
-                 on_idle: Callable[[], None] | None = None) -> None:
+    """Slots served fairly between callers (``key``: a device). When a slot
+    frees it goes to the waiting caller with the fewest running, the one
+    served longest ago among equals, first come first served within a caller;
+    and no caller may hold more than ``max_queue_per_key`` of the queue, so
+    one device flooding a node cannot starve another."""
+
+    def __init__(self, *, max_concurrency: int, max_queue: int, max_queue_per_key: int | None = None,
+                 smoothing: float = 0.2, on_idle: Callable[[], None] | None = None) -> None:
         """``on_idle`` is called each time the last request leaves and none waits."""
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+        if max_concurrency < 1 or max_queue < 0 or (max_queue_per_key is not None and max_queue_per_key < 0):
+            raise ValueError("max_concurrency must be >= 1, max_queue and max_queue_per_key >= 0")
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        self.max_queue_per_key = max_queue if max_queue_per_key is None else max_queue_per_key
         self._on_idle = on_idle
-        self._slots = asyncio.Semaphore(max_concurrency)
         self._smoothing = smoothing
+        self._free = max_concurrency
+        self._waiting: dict[Hashable, deque[asyncio.Future]] = {}  # per caller, in arrival order
+        self._running: Counter[Hashable] = Counter()
+        self._served: dict[Hashable, int] = {}  # caller -> when last granted (a grant counter)
+        self._grants = 0
         self.in_flight = 0
         self.queued = 0
         self.queue_delay_ms = 0.0  # EWMA of measured waits
@@ -114,23 +126,74 @@ class Admission:
     def idle(self) -> bool:
         return not self.in_flight and not self.queued
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """Hold a worker slot; yields this request's measured wait in ms."""
-        if self._slots.locked() and self.queued >= self.max_queue:
-            # about when a place in the queue frees: the line ahead, served max_concurrency at a time
-            retry_ms = self.hold_ms * (self.queued + 1) / self.max_concurrency
-            raise Overloaded(
-                f"busy: {self.in_flight} requests running (limit {self.max_concurrency}) "
-                f"and {self.queued} queued (limit {self.max_queue}); retry in about {retry_ms:.0f} ms or elsewhere",
-                retry_after_ms=retry_ms,
-            )
-        arrived = time.perf_counter()
+    def _refuse(self, key: Hashable) -> None:
+        mine = len(self._waiting.get(key, ()))
+        if self.queued < self.max_queue and mine < self.max_queue_per_key:
+            return
+        # about when a place in the queue frees: the line ahead, served max_concurrency at a time
+        retry_ms = self.hold_ms * (self.queued + 1) / self.max_concurrency
+        share = (f"; this caller has {mine} of them (its share {self.max_queue_per_key})"
+                 if self.queued < self.max_queue else "")
+        raise Overloaded(
+            f"busy: {self.in_flight} requests running (limit {self.max_concurrency}) "
+            f"and {self.queued} queued (limit {self.max_queue}){share}; retry in about {retry_ms:.0f} ms or elsewhere",
+            retry_after_ms=retry_ms,
+        )
+
+    def _grant(self, key: Hashable) -> None:
+        self._free -= 1
+        self._running[key] += 1
+        self._grants += 1
+        self._served[key] = self._grants
+
+    def _next(self) -> None:
+        """Hand free slots to waiting callers, fewest running first."""
+        while self._free and self._waiting:
+            key = min(self._waiting, key=lambda k: (self._running[k], self._served.get(k, 0)))
+            line = self._waiting[key]
+            waiter = line.popleft()
+            if not line:
+                del self._waiting[key]
+            self._grant(key)
+            waiter.set_result(None)
+
+    def _release(self, key: Hashable) -> None:
+        self._free += 1
+        self._running[key] -= 1
+        if not self._running[key]:
+            del self._running[key]
+            if key not in self._waiting:
+                self._served.pop(key, None)  # only callers still here need their turn remembered
+        self._next()
+
+    async def _acquire(self, key: Hashable) -> None:
+        if self._free and not self._waiting:
+            self._grant(key)
+            return
+        self._refuse(key)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, deque()).append(waiter)
         self.queued += 1
         try:
-            await self._slots.acquire()
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(key)  # granted as it was cancelled: pass the slot on
+            else:
+                line = self._waiting.get(key)
+                if line is not None and waiter in line:
+                    line.remove(waiter)
+                    if not line:
+                        del self._waiting[key]
+            raise
         finally:
             self.queued -= 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: Hashable = None) -> AsyncIterator[float]:
+        """Hold a worker slot; yields this request's measured wait in ms."""
+        arrived = time.perf_counter()
+        await self._acquire(key)
         waited_ms = (time.perf_counter() - arrived) * 1e3
         self.queue_delay_ms += self._smoothing * (waited_ms - self.queue_delay_ms)
         self.in_flight += 1
@@ -139,7 +202,7 @@ class Admission:
             yield waited_ms
         finally:
             self.in_flight -= 1
-            self._slots.release()
+            self._release(key)
             self.hold_ms += self._smoothing * ((time.perf_counter() - held) * 1e3 - self.hold_ms)
             if self._on_idle is not None and self.idle():
                 self._on_idle()

@@ -49,6 +49,19 @@ def peer_identity(context: _HasAuthContext) -> tuple[str, str] | None:
     return identity(pem_certs[0])
 
 
+def caller_key(context: _HasAuthContext) -> str:
+    """Who is calling, for sharing a server between callers: the device its
+    certificate names, else (plaintext, where nothing is authenticated) the
+    address it calls from."""
+    peer = peer_identity(context)
+    if peer is not None:
+        return f"device {peer[0]}"
+    kind, _, rest = context.peer().partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return f"address {rest.rpartition(':')[0].strip('[]')}"
+    return f"{kind} peer"
+
+
 def server_fingerprint(
     host: str,
     port: int,

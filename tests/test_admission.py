@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from runtimes.admission import MIB, MemoryBudget, Overloaded, TooLarge
+from runtimes.admission import MIB, Admission, MemoryBudget, Overloaded, TooLarge
 
 
 def test_a_call_the_budget_cannot_take_now_is_refused_with_the_figures() -> None:
@@ -88,3 +88,57 @@ def test_a_cancelled_wait_gives_its_bytes_back() -> None:
         assert budget.held_bytes == 0
 
     asyncio.run(scenario())
+
+
+def test_a_flooding_caller_keeps_to_its_share_and_the_other_is_served_in_turn() -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        admission = Admission(max_concurrency=1, max_queue=8, max_queue_per_key=4)
+        order: list[str] = []
+        refused: list[str] = []
+        gate = asyncio.Event()
+
+        async def call(key: str, name: str) -> None:
+            try:
+                async with admission.slot(key):
+                    order.append(name)
+                    await gate.wait()
+            except Overloaded as exc:
+                refused.append(f"{name}: {exc}")
+
+        tasks = [asyncio.create_task(call("a", f"a{i}")) for i in range(8)]  # 1 runs, 4 wait, 3 refused
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(call("b", f"b{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks)
+        return order, refused
+
+    order, refused = asyncio.run(scenario())
+    assert order == ["a0", "b0", "a1", "b1", "a2", "a3", "a4"]  # turns alternate while both wait
+    assert len(refused) == 3 and all("its share 4" in r for r in refused) and all(r.startswith("a") for r in refused)
+
+
+def test_a_cancelled_waiter_leaves_the_line_and_a_cancelled_grant_passes_the_slot_on() -> None:
+    async def scenario() -> list[str]:
+        admission = Admission(max_concurrency=1, max_queue=4)
+        order: list[str] = []
+
+        async def call(name: str, hold: asyncio.Event | None = None) -> None:
+            async with admission.slot(name):
+                order.append(name)
+                if hold:
+                    await hold.wait()
+
+        hold = asyncio.Event()
+        first = asyncio.create_task(call("first", hold))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(call("cancelled"))
+        last = asyncio.create_task(call("last"))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        hold.set()
+        await asyncio.gather(first, last, waiting, return_exceptions=True)
+        assert admission.idle() and admission._free == 1
+        return order
+
+    assert asyncio.run(scenario()) == ["first", "last"]

@@ -14,6 +14,7 @@ import pytest
 from edge_agent import sdk
 from offload_tune.cli import main as tune
 from pki import certs
+from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
@@ -153,6 +154,48 @@ def test_mutual_tls_admits_only_the_deployments_devices(tmp_path: Path, model_di
     with launch.cloud_node(model_dir, *tls_args(files, "node"), "--deny", serial) as node:
         assert call_status(node.address, files, "revoked") == grpc.StatusCode.PERMISSION_DENIED
         assert call_status(node.address, files, "device") == grpc.StatusCode.OK
+
+
+def device_channel(address: str, files: dict[str, Path], device: str) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(root_certificates=files["ca"].read_bytes(),
+                                               private_key=files[device].with_suffix(".key").read_bytes(),
+                                               certificate_chain=files[device].read_bytes())
+    return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", "node-1"),
+                                                               ("grpc.max_send_message_length", 1 << 26)])
+
+
+def test_a_device_flooding_a_node_keeps_to_its_share_and_another_is_served_in_turn(tmp_path: Path,
+                                                                                   model_dir: Path) -> None:
+    files = make_pki(tmp_path)
+    # batch 32 keeps each request on the node's one slot far longer than a Status
+    # round trip and two more calls take to arrive
+    x = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
+    request = pb.ModelRequest(model="resnet", inputs=[codec.encode(x, "input")])
+    limits = ("--max-concurrency", "1", "--max-queue", "8", "--max-queue-per-device", "4")
+    with launch.cloud_node(model_dir, *tls_args(files, "node"), *limits) as node, \
+            device_channel(node.address, files, "device") as kitchen, device_channel(node.address, files, "revoked") as hall:
+        flooder, other = pb_grpc.CloudNodeStub(kitchen), pb_grpc.CloudNodeStub(hall)
+        flooder.RunModel(request, timeout=120)  # warm: the session exists before the flood
+        done: list[str] = []
+        floods = [flooder.RunModel.future(request, timeout=300) for _ in range(8)]
+        wait_for(lambda: flooder.Status(pb.StatusRequest(), timeout=10).load.queued == 4, "4 of the flood queued")
+        others = [other.RunModel.future(request, timeout=300) for _ in range(2)]
+        for name, calls in (("kitchen", floods), ("hall", others)):
+            for call in calls:
+                call.add_done_callback(lambda f, name=name: done.append(name) if f.code() == grpc.StatusCode.OK else None)
+        refused = [f for f in floods if f.exception() is not None]
+        assert refused, "8 calls at once against 1 slot and a share of 4: some are refused"
+        for call in refused:
+            assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "its share 4" in call.details(), call.details()
+        assert all(call.exception() is None for call in others)  # the other device is never refused
+        wait_for(lambda: len(done) == len(floods) - len(refused) + 2, "every admitted call answered")
+    # One slot serves them one at a time. When the other device's two calls
+    # arrived, one of the flood's ran and 4 waited: first come first served
+    # would answer those 4 first; turns put each of the other's between two.
+    first = done.index("hall")
+    assert first >= 1 and done[first:first + 3] == ["hall", "kitchen", "hall"], done
+    assert set(done[first + 3:]) <= {"kitchen"}, done
 
 
 def test_a_spoofed_advert_is_never_used(tmp_path: Path, model_dir: Path) -> None:
