@@ -22,7 +22,7 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes.admission import Admission, Overloaded, run_cancellable
 from runtimes.heap import Trimmer
 from runtimes.llm import TokenEvent
-from runtimes.llm_serving import LlmStore, checked, prompt_tokens, relay, sampling_of, stream, summary_of, token_chunk
+from runtimes.llm_serving import LlmStore, checked, operation_of, prompt_tokens, relay, sampling_of, stream, summary_of, token_chunk
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
@@ -63,8 +63,7 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         self.metrics = metrics
         # Queue depths are read at each scrape, so they are exact whenever Prometheus looks.
         metrics.set_queue("onnx", lambda: self.admission.queued)
-        for name, engine in llms.engines.items():
-            metrics.set_queue(name, lambda engine=engine: engine.queued)
+        metrics.watch_llms(llms.engines)
         psutil.cpu_percent()  # first call primes the counter
 
     @contextlib.contextmanager
@@ -154,8 +153,11 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                     done = checked(event)
                     # A continuation's completion count includes the tokens another side generated.
                     generated_here = done.completion_tokens - len(request.generated_token_ids)
-                    self.metrics.observe_llm(request.model, "node", tokens=generated_here, tok_s=done.tokens_per_s)
-                    yield pb.GenerateChunk(done=summary_of(done, started=started, ran=pb.PLAN_REMOTE, node=self.node_id))
+                    summary = summary_of(done, started=started, ran=pb.PLAN_REMOTE, node=self.node_id)
+                    self.metrics.observe_llm(request.model, "node", tokens=generated_here, tok_s=done.tokens_per_s,
+                                             operation=operation_of(request), ttft_ms=summary.ttft_ms,
+                                             total_ms=summary.total_ms)
+                    yield pb.GenerateChunk(done=summary)
 
     async def GetProfile(self, request: pb.ProfileRequest, context: grpc.aio.ServicerContext) -> pb.ModelProfileMsg:
         try:

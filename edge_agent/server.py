@@ -52,7 +52,7 @@ from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes.admission import Admission, Holding, MemoryBudget, Overloaded, run_cancellable
 from runtimes.heap import Trimmer
-from runtimes.llm_serving import relay
+from runtimes.llm_serving import operation_of, relay
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import BadReply, InputError, OnnxModel
@@ -256,8 +256,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.memory = MemoryBudget(memory_bytes, retry_after_ms=lambda: self.admission.hold_ms)
         self._expected_running_bytes = 0  # what the recent requests held running, decaying
         metrics.set_queue("onnx", lambda: self.admission.queued)
-        for name, engine in generator.llms.engines.items():
-            metrics.set_queue(name, lambda engine=engine: engine.queued)
+        metrics.watch_llms(generator.llms.engines)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="edge-compute")
         self._costs: dict[tuple[str, int, str, str], ModelCosts] = {}  # profiles are immutable: build once per shape
         self._tables: dict[tuple, _Table] = {}  # what planning needs that no request changes, per model, shape and policy
@@ -791,7 +790,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     if chunk.HasField("done"):
                         done = chunk.done
                         side = pb.PlanKind.Name(done.ran).removeprefix("PLAN_").lower()
-                        self.metrics.observe_llm(request.model, side, tokens=done.completion_tokens, tok_s=done.tokens_per_s)
+                        self.metrics.observe_llm(request.model, side, tokens=done.completion_tokens, tok_s=done.tokens_per_s,
+                                                 operation=operation_of(request), ttft_ms=done.ttft_ms,
+                                                 total_ms=done.total_ms)
                         self.metrics.observe_request("Generate", side, "fallback" if done.switched else "ok")
                     yield chunk
 

@@ -331,6 +331,18 @@ class LlmEngine:
     def queued(self) -> int:
         return len(self._waiting)
 
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache (every slot's context) the running sequences
+        fill. Read from a metrics scrape while the decode thread changes them:
+        a copy that races a change is taken again."""
+        for _ in range(3):
+            try:
+                sequences = [*tuple(self._active.values()), *tuple(self._prefilling)]
+            except RuntimeError:  # changed size during the copy
+                continue
+            return sum(seq.n_past for seq in sequences) / (self.slots * self.ctx_per_seq)
+        return 0.0
+
     def close(self) -> None:
         with self._wake:
             self._stop = True

@@ -92,6 +92,11 @@ def prompt_tokens(engine: LlmEngine, request: pb.GenerateRequest) -> list[int]:
     return engine.tokenize_prompt(request.prompt)
 
 
+def operation_of(request: pb.GenerateRequest) -> str:
+    """The request's OpenTelemetry GenAI operation name."""
+    return "chat" if request.messages else "text_completion"
+
+
 def sampling_of(request: pb.GenerateRequest) -> Sampling:
     if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
         raise GenerationError(f"stop strings: at most {MAX_STOP_STRINGS}, each 1..{MAX_STOP_LENGTH} characters")

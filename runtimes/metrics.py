@@ -5,7 +5,10 @@ Each daemon builds one ``Metrics``: its series live in their own
 (or tests) in one process never share counters. The API takes milliseconds,
 like the rest of Tandem; the series are in seconds, the Prometheus convention.
 Which daemon a scrape comes from is in ``target_info{daemon=...}``, so the
-series' own labels mean the same on the agent and on the node.
+series' own labels mean the same on the agent and on the node. LLM latency
+follows the OpenTelemetry GenAI server conventions (``gen_ai_server_*``, with
+their bucket boundaries); the process's own figures are the standard
+``process_*`` series.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +36,13 @@ logger = logging.getLogger(__name__)
 STAGE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # |predicted - measured| / measured: 1 % (a well-calibrated profile) .. 10x off.
 ERROR_RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# The explicit bucket boundaries the OpenTelemetry GenAI semantic conventions
+# give each model-server metric (docs/gen-ai/gen-ai-metrics.md, semantic-conventions v1.41.0).
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+PER_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+REQUEST_BUCKETS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+GEN_AI_LABELS = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "tandem_side"]
+GEN_AI_PROVIDER = "tandem"  # not one of the conventions' well-known providers: a custom value, as they allow
 
 
 class Metrics:
@@ -54,6 +72,21 @@ class Metrics:
         self.llm_tok_s = Gauge("tandem_llm_tokens_per_second", "Generation speed of the last finished generation, tokens/s, "
                                "by model and side (local, remote, node)", ["model", "side"], registry=r)
         self.llm_tokens = Counter("tandem_llm_tokens_total", "Completion tokens generated, by model", ["model"], registry=r)
+        self.ttft = Histogram("gen_ai_server_time_to_first_token", "Time to generate the first token of a successful "
+                              "generation (OpenTelemetry GenAI); tandem_side: local, remote (from the agent) or node",
+                              GEN_AI_LABELS, unit="seconds", buckets=TTFT_BUCKETS_S, registry=r)
+        self.per_token = Histogram("gen_ai_server_time_per_output_token", "Time per output token after the first, of a "
+                                   "successful generation (OpenTelemetry GenAI)", GEN_AI_LABELS, unit="seconds",
+                                   buckets=PER_TOKEN_BUCKETS_S, registry=r)
+        self.generation_seconds = Histogram("gen_ai_server_request_duration", "Time to the last token of a successful "
+                                            "generation (OpenTelemetry GenAI)", GEN_AI_LABELS, unit="seconds",
+                                            buckets=REQUEST_BUCKETS_S, registry=r)
+        self.llm_waiting = Gauge("tandem_llm_requests_waiting", "Generations waiting for a slot, by model", ["model"],
+                                 registry=r)
+        self.llm_running = Gauge("tandem_llm_requests_running", "Generations decoding now, by model", ["model"], registry=r)
+        self.kv_cache = Gauge("tandem_llm_kv_cache_usage_ratio", "Share of the model's KV cache (slots x context) the "
+                              "running generations hold, 0..1", ["model"], registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def observe_request(self, method: str, plan: str, outcome: str, stages_ms: dict[str, float] | None = None) -> None:
@@ -88,11 +121,28 @@ class Metrics:
         self.downlink.labels(node).set(downlink_mbps)
         self.rtt.labels(node).set(rtt_ms / 1e3)
 
-    def observe_llm(self, model: str, side: str, *, tokens: int, tok_s: float) -> None:
-        """Record one finished generation; a speed of 0 (one token, cancelled) keeps the last one."""
+    def observe_llm(self, model: str, side: str, *, tokens: int, tok_s: float, operation: str = "text_completion",
+                    ttft_ms: float = 0.0, total_ms: float = 0.0) -> None:
+        """Record one finished generation; a speed of 0 (one token, cancelled) keeps the last one.
+        ``operation`` is the GenAI one: chat (messages) or text_completion."""
         self.llm_tokens.labels(model).inc(tokens)
         if tok_s > 0:
             self.llm_tok_s.labels(model, side).set(tok_s)
+        labels = (operation, GEN_AI_PROVIDER, model, side)
+        if ttft_ms > 0:
+            self.ttft.labels(*labels).observe(ttft_ms / 1e3)
+        if total_ms > 0:
+            self.generation_seconds.labels(*labels).observe(total_ms / 1e3)
+        if tokens > 1 and total_ms > ttft_ms > 0:
+            self.per_token.labels(*labels).observe((total_ms - ttft_ms) / 1e3 / (tokens - 1))
+
+    def watch_llms(self, engines: dict) -> None:
+        """Queue, running and KV-cache gauges of each LLM engine, read at each scrape."""
+        for name, engine in engines.items():
+            self.set_queue(name, lambda engine=engine: engine.queued)
+            self.llm_waiting.labels(name).set_function(lambda engine=engine: engine.queued)
+            self.llm_running.labels(name).set_function(lambda engine=engine: engine.active)
+            self.kv_cache.labels(name).set_function(lambda engine=engine: engine.kv_cache_usage())
 
     def render(self) -> bytes:
         """The text exposition format, as ``/metrics`` serves it."""

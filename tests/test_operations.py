@@ -50,7 +50,8 @@ def services(address: str) -> set[str]:
 
 
 def test_agent_health_reflection_and_metrics_that_move(model_dir: Path, cloud: launch.Daemon) -> None:
-    agent = launch.edge_agent(model_dir, [cloud.address], "--metrics-listen", "127.0.0.1:0", "--refresh-s", "0.3").wait_ready()
+    agent = launch.edge_agent(model_dir, [cloud.address], "--metrics-listen", "127.0.0.1:0", "--refresh-s", "0.3",
+                              "--llm", "smollm2").wait_ready()
     try:
         url = json.loads(agent.ready_file.read_text())["metrics"]
         with grpc.insecure_channel(agent.address) as channel:
@@ -66,6 +67,23 @@ def test_agent_health_reflection_and_metrics_that_move(model_dir: Path, cloud: l
         assert metric(url, "tandem_prediction_error_ratio_count", plan_kind="remote") >= 3
         wait_for(lambda: metric(url, "tandem_link_rtt_seconds", node=cloud.address) > 0, "a link estimate series")
         assert metric(url, "tandem_inflight_requests") == 0
+        # LLM latency under the OpenTelemetry GenAI names, and the engine's gauges
+        with sdk.EdgeClient(agent.address) as client:
+            client.generate_text(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, plan="remote")
+            genai = {"gen_ai_request_model": "smollm2", "gen_ai_operation_name": "chat", "tandem_side": "remote",
+                     "gen_ai_provider_name": "tandem"}
+            for name in ("gen_ai_server_time_to_first_token_seconds_count", "gen_ai_server_request_duration_seconds_count",
+                         "gen_ai_server_time_per_output_token_seconds_count"):
+                assert metric(url, name, **genai) == 1, name
+            with ThreadPoolExecutor(1) as pool:
+                long = pool.submit(client.generate_text, "Once upon a time", max_tokens=200, plan="local")
+                wait_for(lambda: metric(url, "tandem_llm_requests_running", model="smollm2") == 1, "a running generation")
+                kv = wait_for(lambda: metric(url, "tandem_llm_kv_cache_usage_ratio", model="smollm2"), "the KV cache in use")
+                assert 0 < kv <= 1
+                long.result()
+        assert metric(url, "tandem_llm_requests_running", model="smollm2") == 0
+        assert metric(url, "tandem_llm_requests_waiting", model="smollm2") == 0
+        assert metric(url, "process_resident_memory_bytes") > 0 and metric(url, "process_cpu_seconds_total") > 0
     finally:
         agent.stop()
 
