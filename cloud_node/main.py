@@ -21,7 +21,7 @@ from pki.certs import fingerprint, identity
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
-from runtimes import heap
+from runtimes import heap, tracing
 from runtimes.daemon import (
     bind,
     check_log_settings,
@@ -68,6 +68,9 @@ class NodeConfig:
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid, metrics URL} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_format: str = field(default="text", metadata={"help": "log lines as text (for people) or json (one object per line)"})
+    otlp_endpoint: str = field(default="", metadata={"help": "OpenTelemetry collector to send traces to over OTLP/gRPC: "
+                                                          "http://HOST:4317 (plaintext) or https://HOST:4317 (empty: none)"})
+    trace_file: Path | None = field(default=None, metadata={"help": "also write each finished span here, one JSON object per line"})
     metrics_listen: str = field(default="", metadata={"help": "HOST:PORT for the Prometheus /metrics endpoint "
                                                               "(port 0: any free port; empty: off)"})
     tls_ca: Path | None = field(default=None, metadata={"help": "the deployment CA certificate (PEM): only devices it signed are served"})
@@ -128,6 +131,7 @@ class DenyList:
 async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None) -> None:
     tls = config.tls()
     heap.map_large_buffers()  # a request's memory goes back to the host when it is done
+    traces = tracing.configure("cloud-node", otlp_endpoint=config.otlp_endpoint, trace_file=config.trace_file)
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     profile_dir = config.profile_dir / "profiles" if config.profile_dir else None
     server = grpc.aio.server(options=server_options(config.max_message_mb))
@@ -191,6 +195,8 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     await server.stop(config.grace_s)
     service.close()
     metrics.stop()
+    if traces is not None:
+        traces.shutdown()  # sends what is still batched
 
 
 def main(argv: list[str] | None = None) -> int:

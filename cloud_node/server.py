@@ -19,6 +19,7 @@ import psutil
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import tracing
 from runtimes.admission import Admission, Overloaded, run_cancellable
 from runtimes.heap import Trimmer
 from runtimes.llm import TokenEvent
@@ -35,17 +36,17 @@ logger = logging.getLogger(__name__)
 MAX_PROBE_BYTES = 16 * 1024 * 1024
 
 
-def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run, options: ort.RunOptions) -> tuple[dict[str, float], list[pb.Tensor]]:
-    """The blocking part of a request, timed stage by stage (runs in a worker thread)."""
+def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run,
+                       options: ort.RunOptions) -> tuple[tuple[float, float, float, float], list[pb.Tensor]]:
+    """The blocking part of a request, runs in a worker thread: its
+    perf_counter marks (start, decoded, computed, encoded) and the reply's tensors."""
     start = time.perf_counter()
     feeds = decode_all(tensors)
     decoded = time.perf_counter()
     outputs = run(model, feeds, options)
     computed = time.perf_counter()
     encoded = [codec.encode(array, name, reply_encoding) for name, array in outputs.items()]
-    done = time.perf_counter()
-    timings = {"decode_ms": (decoded - start) * 1e3, "compute_ms": (computed - decoded) * 1e3, "encode_ms": (done - computed) * 1e3}
-    return timings, encoded
+    return (start, decoded, computed, time.perf_counter()), encoded
 
 
 class CloudNodeService(pb_grpc.CloudNodeServicer):
@@ -100,16 +101,23 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         """Admit, read the request, then decode, run and encode in a worker
         thread; every failure becomes a status. ``run(request, model, feeds, options)``."""
         try:
-            with self._observed(method) as stages:
+            with tracing.serving(f"tandem.CloudNode/{method}", context.invocation_metadata()), \
+                    self._observed(method) as stages:
+                arrived = time.perf_counter()
                 async with self.admission.slot(caller_key(context)) as waited_ms:  # devices served in turn
+                    tracing.record("queue", arrived, time.perf_counter())
                     request = await call.read()  # a queued call holds its stream window, not its tensors
                     self.trimmer.took(call.size)
                     model = self.store.get(request.model)
                     if request.model_digest and request.model_digest != model.digest:
                         raise ModelMismatch(f"model {request.model}: caller has digest {request.model_digest[:12]}…, "
                                             f"this node has {model.digest[:12]}…")
-                    timings, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors_of(request),
-                                                             request.reply_encoding, functools.partial(run, request))
+                    marks, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors_of(request),
+                                                           request.reply_encoding, functools.partial(run, request))
+                for name, start, end in zip(("decode", "cloud", "encode"), marks, marks[1:]):
+                    tracing.record(name, start, end, model=model.name)
+                timings = {f"{stage}_ms": (end - start) * 1e3
+                           for stage, start, end in zip(("decode", "compute", "encode"), marks, marks[1:])}
                 stages.update(queue=waited_ms, compute=timings["compute_ms"])
         except Exception as exc:  # noqa: BLE001 -- mapped to a status, server stays up
             await abort_for(context, exc)
@@ -137,8 +145,10 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                              load=self.load(), llm=self.llms.loads(), skipped=self.store.skipped_infos())
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        async for chunk in relay(context, self._generate(request)):
-            yield chunk
+        with tracing.serving("tandem.CloudNode/Generate", context.invocation_metadata(),
+                             **{"gen_ai.request.model": request.model}):
+            async for chunk in relay(context, self._generate(request)):
+                yield chunk
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()

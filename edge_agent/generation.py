@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from edge_agent.offload import CloudNodeClient
 from partitioner.costmodel import Link, Objective, Power
@@ -29,6 +30,7 @@ from partitioner.llm_routing import (
 )
 from partitioner.policy import LlmLimits
 from protos import tandem_pb2 as pb
+from runtimes import tracing
 from runtimes.admission import Overloaded
 from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent, check_sampling
 from runtimes.llm_serving import LlmStore, checked, prompt_tokens, sampling_of, stream, summary_of, token_chunk
@@ -315,42 +317,43 @@ class Generator:
         the node is the only one to judge the request, so an INVALID_ARGUMENT
         before its first token is the caller's error, not a node failure."""
         before = len(generated)
-        call = node.stub.Generate(forward)
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(call.read(), timeout=self.settings.stall_s)
-                except asyncio.TimeoutError:
-                    broke.append(f"{node.address} sent nothing for {self.settings.stall_s:.1f} s")
+        with tracing.span("network", kind=SpanKind.CLIENT, **{"rpc.method": "Generate", "server.address": node.address}):
+            call = node.stub.Generate(forward, metadata=tracing.outgoing())
+            try:
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(call.read(), timeout=self.settings.stall_s)
+                    except asyncio.TimeoutError:
+                        broke.append(f"{node.address} sent nothing for {self.settings.stall_s:.1f} s")
+                        return
+                    if chunk is grpc.aio.EOF:
+                        broke.append(f"{node.address} ended the stream without a summary")
+                        return
+                    lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=prompt_tokens,
+                                     max_tokens=sampling.max_tokens, vocab=vocab)
+                    if lie:
+                        broke.append(f"{node.address} {lie}")
+                        node.mark_down(broke[-1])  # a node that miscounts is not trusted with the next stream either
+                        return
+                    if chunk.HasField("token"):
+                        generated.append(chunk.token.token_id)
+                        yield chunk
+                        continue
+                    summary = chunk.done
+                    summary.ran, summary.node = pb.PLAN_REMOTE, node.address
+                    for key, value in predicted.items():
+                        setattr(summary, key, value)
+                    yield pb.GenerateChunk(done=summary)
                     return
-                if chunk is grpc.aio.EOF:
-                    broke.append(f"{node.address} ended the stream without a summary")
-                    return
-                lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=prompt_tokens,
-                                 max_tokens=sampling.max_tokens, vocab=vocab)
-                if lie:
-                    broke.append(f"{node.address} {lie}")
-                    node.mark_down(broke[-1])  # a node that miscounts is not trusted with the next stream either
-                    return
-                if chunk.HasField("token"):
-                    generated.append(chunk.token.token_id)
-                    yield chunk
-                    continue
-                summary = chunk.done
-                summary.ran, summary.node = pb.PLAN_REMOTE, node.address
-                for key, value in predicted.items():
-                    setattr(summary, key, value)
-                yield pb.GenerateChunk(done=summary)
-                return
-        except grpc.aio.AioRpcError as exc:
-            if callers_errors and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and len(generated) == before:
-                raise GenerationError(f"{node.address} refused the generation: {exc.details()}") from None
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                node.mark_down(f"{exc.code().name}: {exc.details()}")
-            broke.append(f"{node.address}: {exc.code().name}: {exc.details()}")
-        finally:
-            call.cancel()
-            self.budget.spend(time.monotonic(), len(generated) - before)
+            except grpc.aio.AioRpcError as exc:
+                if callers_errors and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and len(generated) == before:
+                    raise GenerationError(f"{node.address} refused the generation: {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    node.mark_down(f"{exc.code().name}: {exc.details()}")
+                broke.append(f"{node.address}: {exc.code().name}: {exc.details()}")
+            finally:
+                call.cancel()
+                self.budget.spend(time.monotonic(), len(generated) - before)
 
     def _remote_only_route(self, request: pb.GenerateRequest, objective: Objective
                            ) -> tuple[Sampling, list[LlmCandidate], dict]:

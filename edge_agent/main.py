@@ -31,7 +31,7 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import config as config_loader
-from runtimes import heap
+from runtimes import heap, tracing
 from runtimes.daemon import (
     bind,
     check_log_settings,
@@ -95,6 +95,9 @@ class AgentConfig:
                                                                    "the app port has no authentication"})
     discovery_interfaces: tuple[str, ...] = field(default=(), metadata={"help": "IPv4 addresses of the interfaces to browse on (default: all)"})
     forget_after_s: float = field(default=10.0, metadata={"help": "a discovered node unreachable this long leaves the table, s"})
+    otlp_endpoint: str = field(default="", metadata={"help": "OpenTelemetry collector to send traces to over OTLP/gRPC: "
+                                                          "http://HOST:4317 (plaintext) or https://HOST:4317 (empty: none)"})
+    trace_file: Path | None = field(default=None, metadata={"help": "also write each finished span here, one JSON object per line"})
     metrics_listen: str = field(default="", metadata={"help": "HOST:PORT for the Prometheus /metrics endpoint (port 0: any; empty: off)"})
     log_format: str = field(default="text", metadata={"help": "log lines as text or json (one object per line)"})
     policy: Path | None = field(default=None, metadata={"help": "TOML policy file (offload-tune write-policy) over these flags; reloaded on SIGHUP"})
@@ -242,6 +245,7 @@ def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAg
 
 async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = None) -> None:
     heap.map_large_buffers()  # a request's memory goes back to the board when it is done
+    traces = tracing.configure("edge-agent", otlp_endpoint=config.otlp_endpoint, trace_file=config.trace_file)
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     segments = {name: model.num_segments for name, model in store.models.items()}
     policies = config.policies(segments)  # an invalid file stops the start, naming the line
@@ -343,6 +347,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     metrics.stop()
     for node in nodes:
         await node.close()
+    if traces is not None:
+        traces.shutdown()  # sends what is still batched
 
 
 def describe_policy(policies: PolicySet) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
+from runtimes.tracing import outgoing  # the app's current span as W3C traceparent metadata
 
 OBJECTIVES = {None: pb.OBJECTIVE_UNSPECIFIED, "latency": pb.OBJECTIVE_LATENCY, "energy": pb.OBJECTIVE_ENERGY, "weighted": pb.OBJECTIVE_WEIGHTED}
 ENCODINGS = {None: pb.ENCODING_UNSPECIFIED, **codec.ENCODING_BY_NAME}
@@ -272,7 +273,7 @@ class EdgeClient:
               encoding: str | None = None, deadline: float | None = None) -> InferResult:
         request = _infer_request(model, inputs, objective, plan, encoding)
         with _agent_errors():
-            return InferResult.from_reply(self._stub.Infer(request, timeout=deadline or self.timeout))
+            return InferResult.from_reply(self._stub.Infer(request, timeout=deadline or self.timeout, metadata=outgoing()))
 
     def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
                 encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
@@ -283,7 +284,7 @@ class EdgeClient:
         For an LLM, ``prompt_tokens`` and ``max_tokens`` describe the generation."""
         request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes)
         with _agent_errors():
-            return Explanation.from_message(self._stub.Explain(request, timeout=self.timeout))
+            return Explanation.from_message(self._stub.Explain(request, timeout=self.timeout, metadata=outgoing()))
 
     def models(self) -> list[pb.ModelInfo]:
         with _agent_errors():
@@ -301,7 +302,7 @@ class EdgeClient:
         """Stream a generation: ``Token`` chunks, then one ``GenerationSummary``.
         ``model`` may be left out when the agent has a single LLM."""
         request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
-        call = self._stub.Generate(request, timeout=deadline)
+        call = self._stub.Generate(request, timeout=deadline, metadata=outgoing())
         try:
             with _agent_errors():
                 for message in call:
@@ -335,14 +336,14 @@ class AsyncEdgeClient:
                     encoding: str | None = None, deadline: float | None = None) -> InferResult:
         request = _infer_request(model, inputs, objective, plan, encoding)
         with _agent_errors():
-            return InferResult.from_reply(await self._stub.Infer(request, timeout=deadline or self.timeout))
+            return InferResult.from_reply(await self._stub.Infer(request, timeout=deadline or self.timeout, metadata=outgoing()))
 
     async def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
                       encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
                       input_shapes: dict[str, tuple[int, ...]] | None = None) -> Explanation:
         request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes)
         with _agent_errors():
-            return Explanation.from_message(await self._stub.Explain(request, timeout=self.timeout))
+            return Explanation.from_message(await self._stub.Explain(request, timeout=self.timeout, metadata=outgoing()))
 
     async def models(self) -> list[pb.ModelInfo]:
         with _agent_errors():
@@ -358,7 +359,7 @@ class AsyncEdgeClient:
                        objective: str | None = None, plan: str | None = None,
                        deadline: float | None = None) -> AsyncIterator[Token | GenerationSummary]:
         request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
-        call = self._stub.Generate(request, timeout=deadline)
+        call = self._stub.Generate(request, timeout=deadline, metadata=outgoing())
         try:
             with _agent_errors():
                 async for message in call:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
+from opentelemetry.trace import SpanKind
 
 from devices.power_fit import PowerFigures
 from edge_agent.generation import Generator
@@ -50,6 +51,7 @@ from partitioner.shapes import ShapeError, check_every_input, describe
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
+from runtimes import tracing
 from runtimes.admission import Admission, Holding, MemoryBudget, Overloaded, run_cancellable
 from runtimes.heap import Trimmer
 from runtimes.llm_serving import operation_of, relay
@@ -514,9 +516,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         node.bytes_in_flight += size
         node.last_sent = time.monotonic()
         try:
-            call = asyncio.ensure_future(getattr(node.stub, method)(request, timeout=timeout_s))
-            check_after_s = max(expected_ms * WATCH_FACTOR / 1e3, node.liveness_timeout_s())
-            reply = await node.unless_hung(call, check_after_s)
+            with tracing.span("network", kind=SpanKind.CLIENT, **{"rpc.method": method, "server.address": node.address}):
+                call = asyncio.ensure_future(getattr(node.stub, method)(request, timeout=timeout_s,
+                                                                        metadata=tracing.outgoing()))
+                check_after_s = max(expected_ms * WATCH_FACTOR / 1e3, node.liveness_timeout_s())
+                reply = await node.unless_hung(call, check_after_s)
         except NodeHung as exc:
             raise CloudFailed(f"{node.address} {method}: {exc}") from None
         except asyncio.CancelledError:
@@ -569,6 +573,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             start = time.perf_counter()
             produced = await run_cancellable(self._pool, model.run_prefix, cut, feeds)
             stages.edge_ms += (time.perf_counter() - start) * 1e3
+            tracing.record("prefix", start, time.perf_counter(), **{"tandem.cut": candidate.label})
             local_outputs = {name: produced[name] for name in cut.edge_outputs}
             to_send = {name: produced[name] for name in cut.tensors}
         attempt = time.perf_counter()
@@ -576,6 +581,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         try:
             tensors = await self._in_pool(encode_all, to_send, encoding)
             stages.encode_ms += (time.perf_counter() - attempt) * 1e3
+            tracing.record("encode", attempt, time.perf_counter())
             stages.sent = tuple((t.name, t.encoding) for t in tensors)
             if split:
                 method, request = "RunPartition", pb.PartitionRequest(
@@ -607,6 +613,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     logger.warning("%s %s: %s", model.name, candidate.label, exc)
                     continue
                 stages.decode_ms += (time.perf_counter() - start) * 1e3
+                tracing.record("decode", start, time.perf_counter())
                 stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
                 stages.network_ms = max(rpc_ms - stages.cloud_ms, 0.0)
                 node.observe_transfer(up_bytes=request.ByteSize(), down_bytes=reply.ByteSize(), network_ms=stages.network_ms)
@@ -626,6 +633,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         else:
             outputs = await run_cancellable(self._pool, model.run, feeds)
         stages.edge_ms += (time.perf_counter() - start) * 1e3
+        tracing.record("edge", start, time.perf_counter(), **{"tandem.fallback": reason})
         return {**local_outputs, **outputs}, reason, ""
 
     async def _reply_outputs(self, node: CloudNodeClient, method: str, model: OnnxModel, reply: pb.RunReply,
@@ -647,13 +655,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     # ---------------------------------------------------------------- rpcs --
 
     async def Infer(self, call: Unread[pb.InferRequest], context: grpc.aio.ServicerContext) -> pb.InferReply:
-        arrived = time.perf_counter()
         try:
-            with self.metrics.in_flight():
+            with tracing.serving("tandem.EdgeAgent/Infer", context.invocation_metadata()) as span, \
+                    self.metrics.in_flight():
+                arrived = time.perf_counter()
                 async with self.memory.hold(QUEUED_CALL_BYTES) as held, self.admission.slot() as queued_ms:
+                    tracing.record("queue", arrived, time.perf_counter())
                     model, feeds, (objective, encoding, adaptive), pinned = await self._read(call, held)
                     reply = await self._infer(context, model, feeds, objective, encoding, pinned, arrived,
                                               adaptive=adaptive, queued_ms=queued_ms)
+                span.set_attributes({"tandem.model": model.name, "tandem.plan": reply.plan.label,
+                                     "tandem.planned": reply.planned.label, "tandem.fell_back": reply.fell_back,
+                                     "tandem.node": reply.node})
             self._observe(reply)
             return reply
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
@@ -736,11 +749,13 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         planned = self._plan(candidate, model, encoding)
 
         stages = Stages(plan_ms=(time.perf_counter() - planning) * 1e3)
+        tracing.record("plan", planning, time.perf_counter(), **{"tandem.planned": planned.label})
         ran, answered = planned, ""
         if candidate.kind == "local":
             start = time.perf_counter()
             outputs = await run_cancellable(self._pool, model.run, feeds)
             stages.edge_ms = (time.perf_counter() - start) * 1e3
+            tracing.record("edge", start, time.perf_counter())
         else:
             # a plan pinned to one node runs there or locally, never elsewhere
             retry_on = decision if "@" not in pinned else None
@@ -796,8 +811,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                         self.metrics.observe_request("Generate", side, "fallback" if done.switched else "ok")
                     yield chunk
 
-        async for chunk in relay(context, chunks()):
-            yield chunk
+        with tracing.serving("tandem.EdgeAgent/Generate", context.invocation_metadata(),
+                             **{"gen_ai.request.model": request.model}) as span:
+            async for chunk in relay(context, chunks()):
+                if chunk.HasField("done"):
+                    span.set_attributes({"tandem.plan": pb.PlanKind.Name(chunk.done.ran).removeprefix("PLAN_").lower(),
+                                         "tandem.switched": chunk.done.switched,
+                                         "gen_ai.usage.output_tokens": chunk.done.completion_tokens})
+                yield chunk
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.Explanation:
         policy = self.policies.for_model(request.model)
