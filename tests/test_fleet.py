@@ -167,35 +167,47 @@ def device_channel(address: str, files: dict[str, Path], device: str) -> grpc.Ch
 def test_a_device_flooding_a_node_keeps_to_its_share_and_another_is_served_in_turn(tmp_path: Path,
                                                                                    model_dir: Path) -> None:
     files = make_pki(tmp_path)
-    # batch 32 keeps each request on the node's one slot far longer than a Status
-    # round trip and two more calls take to arrive
-    x = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
-    request = pb.ModelRequest(model="resnet", inputs=[codec.encode(x, "input")])
+
+    def request(batch: int) -> pb.ModelRequest:
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        return pb.ModelRequest(model="resnet", inputs=[codec.encode(x, "input")])
+
+    # One long request (batch 64: about a second here idle, longer under load)
+    # holds the node's one slot while every shorter call below arrives, so who
+    # waits, who is refused and who goes next does not depend on timing. The
+    # shorter ones (batch 8) still take long enough each that their replies
+    # reach this process in the order the node served them.
+    long, small = request(64), request(8)
     limits = ("--max-concurrency", "1", "--max-queue", "8", "--max-queue-per-device", "4")
     with launch.cloud_node(model_dir, *tls_args(files, "node"), *limits) as node, \
             device_channel(node.address, files, "device") as kitchen, device_channel(node.address, files, "revoked") as hall:
         flooder, other = pb_grpc.CloudNodeStub(kitchen), pb_grpc.CloudNodeStub(hall)
-        flooder.RunModel(request, timeout=120)  # warm: the session exists before the flood
+        flooder.RunModel(long, timeout=120)  # warm: the sessions exist before the flood
+        other.Status(pb.StatusRequest(), timeout=30)  # and the other device's connection is up
+        load = lambda: flooder.Status(pb.StatusRequest(), timeout=10).load  # noqa: E731
+        first = flooder.RunModel.future(long, timeout=300)
+        wait_for(lambda: load().in_flight == 1, "the long request running", tries=300)
+        floods = [flooder.RunModel.future(small, timeout=300) for _ in range(7)]
+        wait_for(lambda: sum(f.done() for f in floods) == 3, "3 of the flood refused at once", tries=300)
+        assert load().queued == 4 and not first.done()
+        others = [other.RunModel.future(small, timeout=300) for _ in range(2)]
+        wait_for(lambda: load().queued == 6, "the other device's calls queued", tries=300)
+        assert not first.done(), "the long request must still hold the slot: the order below depends on it"
         done: list[str] = []
-        floods = [flooder.RunModel.future(request, timeout=300) for _ in range(8)]
-        wait_for(lambda: flooder.Status(pb.StatusRequest(), timeout=10).load.queued == 4, "4 of the flood queued")
-        others = [other.RunModel.future(request, timeout=300) for _ in range(2)]
-        for name, calls in (("kitchen", floods), ("hall", others)):
+        for name, calls in (("kitchen", [first, *floods]), ("hall", others)):
             for call in calls:
                 call.add_done_callback(lambda f, name=name: done.append(name) if f.code() == grpc.StatusCode.OK else None)
         refused = [f for f in floods if f.exception() is not None]
-        assert refused, "8 calls at once against 1 slot and a share of 4: some are refused"
+        assert len(refused) == 3
         for call in refused:
             assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "its share 4" in call.details(), call.details()
         assert all(call.exception() is None for call in others)  # the other device is never refused
-        wait_for(lambda: len(done) == len(floods) - len(refused) + 2, "every admitted call answered")
-    # One slot serves them one at a time. When the other device's two calls
-    # arrived, one of the flood's ran and 4 waited: first come first served
-    # would answer those 4 first; turns put each of the other's between two.
-    first = done.index("hall")
-    assert first >= 1 and done[first:first + 3] == ["hall", "kitchen", "hall"], done
-    assert set(done[first + 3:]) <= {"kitchen"}, done
+        wait_for(lambda: len(done) == 7, "every admitted call answered", tries=300)
+    # One slot serves them one at a time. First come first served would answer
+    # the flood's 4 waiting calls before the other device's 2; in turn, the
+    # other device's calls alternate with the flood's.
+    assert done == ["kitchen", "hall", "kitchen", "hall", "kitchen", "kitchen", "kitchen"]
 
 
 def test_a_spoofed_advert_is_never_used(tmp_path: Path, model_dir: Path) -> None:

@@ -31,8 +31,14 @@ def test_measured_rest_power_replaces_the_profiles_idle_watts(tmp_path: Path, mo
         power = explanation.power
         assert "hwmon" in power["source"], power
         assert power["idle_w"] == pytest.approx(3.0)
-        # no load seen yet: active keeps the profile's step above the measured rest
-        assert power["active_w"] == pytest.approx(3.0 + pi4.active_w - pi4.idle_w)
+        if power["source"].startswith("fitted"):
+            # The load varied enough to fit (other processes kept the cores busy in
+            # some windows): a sensor that reads 3 W whatever the load fits a zero slope.
+            assert power["active_w"] == pytest.approx(3.0)
+        else:
+            # no spread in load yet: active keeps the profile's step above the measured rest
+            assert "the pi4 profile's step" in power["source"], power
+            assert power["active_w"] == pytest.approx(3.0 + pi4.active_w - pi4.idle_w)
         # LOCAL's energy is active watts x device time (partitioner/costmodel.py)
         local = explanation.candidate("local")
         assert local.energy_j == pytest.approx(power["active_w"] * local.predicted["edge_ms"] / 1e3)
