@@ -109,20 +109,26 @@ def test_stop_strings_end_the_stream_before_the_stop_text(client: sdk.EdgeClient
         assert stop not in result.text and full.startswith(result.text)
 
 
+def stream_killing(client: sdk.EdgeClient, node: launch.Daemon, after: int, **generate) -> tuple[list, object]:
+    """A generation's tokens and summary, with ``node`` killed once ``after`` tokens arrived."""
+    tokens, summary = [], None
+    for chunk in client.generate(**generate):
+        if isinstance(chunk, sdk.Token):
+            tokens.append(chunk)
+            if len(tokens) == after:
+                node.kill()
+        else:
+            summary = chunk
+    return tokens, summary
+
+
 def test_cloud_killed_mid_stream_the_app_sees_one_uninterrupted_stream(model_dir: Path, client: sdk.EdgeClient) -> None:
     reference = client.generate_text(STORY, max_tokens=160, plan="local")
     assert len(reference.token_ids) > 40
     node = launch.cloud_node(model_dir, "--llm", "smollm2").wait_ready()
     try:
         with launch.edge_agent(model_dir, [node.address], "--llm", "smollm2") as agent, sdk.EdgeClient(agent.address) as c:
-            tokens, summary = [], None
-            for chunk in c.generate(STORY, max_tokens=160, plan="remote"):
-                if isinstance(chunk, sdk.Token):
-                    tokens.append(chunk)
-                    if len(tokens) == 5:
-                        node.kill()
-                else:
-                    summary = chunk
+            tokens, summary = stream_killing(c, node, 5, prompt=STORY, max_tokens=160, plan="remote")
     finally:
         node.stop()
     assert [t.index for t in tokens] == list(range(len(tokens)))            # none lost, none repeated
@@ -159,14 +165,8 @@ def test_an_agent_with_no_copy_routes_remote_and_continues_on_another_node(model
             with pytest.raises(sdk.InvalidArgument, match="refused the generation"):  # the node judges what needs the model
                 c.generate_text(prompt, model="smollm2", max_tokens=100_000)
             # the node streaming it dies: the other one continues from the tokens already streamed
-            tokens, summary = [], None
-            for chunk in c.generate(STORY, model="smollm2", max_tokens=120, plan=f"remote@{second.address}"):
-                if isinstance(chunk, sdk.Token):
-                    tokens.append(chunk)
-                    if len(tokens) == 5:
-                        second.kill()
-                else:
-                    summary = chunk
+            tokens, summary = stream_killing(c, second, 5, prompt=STORY, model="smollm2", max_tokens=120,
+                                             plan=f"remote@{second.address}")
     finally:
         second.stop()
     assert [t.index for t in tokens] == list(range(len(tokens)))  # none lost, none repeated
