@@ -45,6 +45,7 @@ from modelzoo.build import build_all
 from protos import codec
 from protos import tandem_pb2 as pb
 from runtimes import launch
+from runtimes.heap import TRIM_DELAYS_S
 from runtimes.rpc import APP_STREAM_WINDOW_BYTES, server_options
 
 MIB = 2**20
@@ -78,13 +79,14 @@ class RssSampler:
 
 
 def resting_rss(sampler: RssSampler, settle_s: float) -> int:
-    """RSS once it stops falling (or after ``settle_s``)."""
-    deadline = time.monotonic() + settle_s
+    """RSS once it stops falling, no sooner than the agent's last trim after
+    going idle (heap.TRIM_DELAYS_S), at most ``settle_s``."""
+    started = time.monotonic()
     last = sampler.rss()
-    while time.monotonic() < deadline:
+    while time.monotonic() - started < settle_s:
         time.sleep(0.5)
         now = sampler.rss()
-        if abs(now - last) < MIB:
+        if abs(now - last) < MIB and time.monotonic() - started > max(TRIM_DELAYS_S) + 0.5:
             return now
         last = now
     return last

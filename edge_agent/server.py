@@ -52,7 +52,7 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import tracing
-from runtimes.admission import Admission, Holding, MemoryBudget, Overloaded, run_cancellable
+from runtimes.admission import Admission, Holding, MemoryBudget, Overloaded, large, run_cancellable
 from runtimes.heap import Trimmer
 from runtimes.llm_serving import operation_of, relay
 from runtimes.metrics import Metrics
@@ -65,9 +65,11 @@ logger = logging.getLogger(__name__)
 
 # What a request holds while it runs, per byte of it on the wire: the message,
 # its parsed copy, the payload bytes its arrays view and onnxruntime's
-# activations. With 3, a flood of 27.6 MiB resnet requests under a 256 MiB
-# budget peaked 202 MiB above the agent's idle RSS (python -m bench.memory).
-RUNNING_BYTES_PER_REQUEST_BYTE = 3
+# activations (allocated afresh for a large request, its arena being shrunk
+# after each: admission.SHRINK_ARENA_ABOVE_BYTES). With 3, a flood of 27.6 MiB
+# resnet requests under a 256 MiB budget peaked up to 311 MiB above the agent's
+# idle RSS; with 5, 148-151 MiB in 3 runs (python -m bench.memory).
+RUNNING_BYTES_PER_REQUEST_BYTE = 5
 QUEUED_CALL_BYTES = APP_STREAM_WINDOW_BYTES  # a call waiting unread: what the server buffers of it
 EXPECTED_DECAY = 0.8  # per request: one large request sets the room the next ones wait for, for a few
 
@@ -571,7 +573,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if split:
             stages.cold = not model.prefix_ready(cut)
             start = time.perf_counter()
-            produced = await run_cancellable(self._pool, model.run_prefix, cut, feeds)
+            produced = await run_cancellable(self._pool, model.run_prefix, cut, feeds, shrink_arena=large(feeds))
             stages.edge_ms += (time.perf_counter() - start) * 1e3
             tracing.record("prefix", start, time.perf_counter(), **{"tandem.cut": candidate.label})
             local_outputs = {name: produced[name] for name in cut.edge_outputs}
@@ -629,9 +631,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         logger.warning("%s %s falling back to LOCAL: %s", model.name, candidate.label, reason)
         start = time.perf_counter()
         if split:  # the prefix already ran: finish from its tensors
-            outputs = await run_cancellable(self._pool, model.run_suffix, cut, to_send)
+            outputs = await run_cancellable(self._pool, model.run_suffix, cut, to_send, shrink_arena=large(feeds))
         else:
-            outputs = await run_cancellable(self._pool, model.run, feeds)
+            outputs = await run_cancellable(self._pool, model.run, feeds, shrink_arena=large(feeds))
         stages.edge_ms += (time.perf_counter() - start) * 1e3
         tracing.record("edge", start, time.perf_counter(), **{"tandem.fallback": reason})
         return {**local_outputs, **outputs}, reason, ""
@@ -753,7 +755,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         ran, answered = planned, ""
         if candidate.kind == "local":
             start = time.perf_counter()
-            outputs = await run_cancellable(self._pool, model.run, feeds)
+            outputs = await run_cancellable(self._pool, model.run, feeds, shrink_arena=large(feeds))
             stages.edge_ms = (time.perf_counter() - start) * 1e3
             tracing.record("edge", start, time.perf_counter())
         else:
@@ -786,7 +788,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if pinned:
             parse_pinned(pinned)  # a malformed pin is still the caller's error
         start = time.perf_counter()
-        outputs = await run_cancellable(self._pool, model.run, feeds)
+        outputs = await run_cancellable(self._pool, model.run, feeds, shrink_arena=large(feeds))
         stages = Stages(edge_ms=(time.perf_counter() - start) * 1e3)
         local = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=model.num_segments, label="local")
         pinned_cloud = bool(pinned) and not pinned.startswith("local")
