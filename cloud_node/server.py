@@ -105,7 +105,7 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                     self._observed(method) as stages:
                 arrived = time.perf_counter()
                 async with self.admission.slot(caller_key(context)) as waited_ms:  # devices served in turn
-                    tracing.record("queue", arrived, time.perf_counter())
+                    tracing.record("queue", arrived)
                     request = await call.read()  # a queued call holds its stream window, not its tensors
                     self.trimmer.took(call.size)
                     model = self.store.get(request.model)
@@ -114,10 +114,9 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                                             f"this node has {model.digest[:12]}…")
                     marks, encoded = await run_cancellable(self._pool, _decode_run_encode, model, tensors_of(request),
                                                            request.reply_encoding, functools.partial(run, request))
-                for name, start, end in zip(("decode", "cloud", "encode"), marks, marks[1:]):
-                    tracing.record(name, start, end, model=model.name)
-                timings = {f"{stage}_ms": (end - start) * 1e3
-                           for stage, start, end in zip(("decode", "compute", "encode"), marks, marks[1:])}
+                # each stage a span (the model's run named "cloud", as the agent's plans call it) and a reply figure
+                timings = {f"{stage}_ms": tracing.record(span, start, end, model=model.name) for stage, span, start, end
+                           in zip(("decode", "compute", "encode"), ("decode", "cloud", "encode"), marks, marks[1:])}
                 stages.update(queue=waited_ms, compute=timings["compute_ms"])
         except Exception as exc:  # noqa: BLE001 -- mapped to a status, server stays up
             await abort_for(context, exc)

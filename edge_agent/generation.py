@@ -127,6 +127,12 @@ async def app_view(chunks: AsyncIterator[pb.GenerateChunk], started: float) -> A
             yield chunk
 
 
+def predicted_fields(candidate: LlmCandidate, why: str) -> dict:
+    """What the summary says was planned and predicted, as GenerateSummary fields."""
+    return dict(planned=KIND[candidate.kind], reason=why, predicted_ttft_ms=candidate.ttft_ms,
+                predicted_total_ms=candidate.total_ms, predicted_energy_j=candidate.energy_j)
+
+
 def parse_llm_plan(label: str) -> tuple[str, str]:
     kind, _, node = label.strip().partition("@")
     if kind not in KIND:
@@ -247,12 +253,11 @@ class Generator:
             if request.plan or local is None:
                 raise Overloaded(f"{full}; retry when one ends")
             candidate, why = local, f"{full}: LOCAL"
-        predicted = dict(planned=KIND[candidate.kind], reason=why, predicted_ttft_ms=candidate.ttft_ms,
-                         predicted_total_ms=candidate.total_ms, predicted_energy_j=candidate.energy_j)
+        predicted = predicted_fields(candidate, why)
         if candidate.kind == "local":
             chunks = self._local(engine, tokens, sampling, list(request.generated_token_ids), started, predicted)
         else:
-            node = next(n for n in self.nodes if n.address == candidate.node)
+            node = self._node(candidate.node)
             chunks = self._remote(engine, node, request, tokens, sampling, started, predicted)
         return app_view(chunks, started)
 
@@ -372,9 +377,7 @@ class Generator:
         line = [first, *sorted((c for c in decision.candidates if c.kind == "remote" and c is not first
                                 and not c.hard_violation and self._digest(c.node, request.model) == digest),
                                key=lambda c: c.score)]
-        predicted = dict(planned=pb.PLAN_REMOTE, reason=f"{why} (no copy on this device)", predicted_ttft_ms=first.ttft_ms,
-                         predicted_total_ms=first.total_ms, predicted_energy_j=first.energy_j)
-        return sampling, line, predicted
+        return sampling, line, predicted_fields(first, f"{why} (no copy on this device)")
 
     async def _remote_only(self, request: pb.GenerateRequest, sampling: Sampling, line: list[LlmCandidate],
                            predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
@@ -384,7 +387,7 @@ class Generator:
         generated = list(request.generated_token_ids)
         reasons: list[str] = []
         for candidate in line:
-            node = next(n for n in self.nodes if n.address == candidate.node)
+            node = self._node(candidate.node)
             forward = pb.GenerateRequest()
             forward.CopyFrom(request)
             forward.plan = ""
@@ -405,9 +408,11 @@ class Generator:
         raise NoNodeLeft(f"{request.model} broke after {len(generated)} tokens and no other node holds the same file; "
                          f"this device has no copy to finish it: {'; '.join(reasons)}")
 
+    def _node(self, address: str) -> CloudNodeClient:
+        return next(n for n in self.nodes if n.address == address)
+
     def _digest(self, address: str, model: str) -> str:
-        node = next(n for n in self.nodes if n.address == address)
-        info = node.state.models.get(model)
+        info = self._node(address).state.models.get(model)
         return info.digest if info else ""
 
     def explain(self, model: str, prompt_tokens: int, max_tokens: int, objective: Objective, link: Link | None) -> LlmDecision:

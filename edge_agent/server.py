@@ -574,16 +574,14 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             stages.cold = not model.prefix_ready(cut)
             start = time.perf_counter()
             produced = await run_cancellable(self._pool, model.run_prefix, cut, feeds, shrink_arena=large(feeds))
-            stages.edge_ms += (time.perf_counter() - start) * 1e3
-            tracing.record("prefix", start, time.perf_counter(), **{"tandem.cut": candidate.label})
+            stages.edge_ms += tracing.record("prefix", start, **{"tandem.cut": candidate.label})
             local_outputs = {name: produced[name] for name in cut.edge_outputs}
             to_send = {name: produced[name] for name in cut.tensors}
         attempt = time.perf_counter()
         failures: list[str] = []
         try:
             tensors = await self._in_pool(encode_all, to_send, encoding)
-            stages.encode_ms += (time.perf_counter() - attempt) * 1e3
-            tracing.record("encode", attempt, time.perf_counter())
+            stages.encode_ms += tracing.record("encode", attempt)
             stages.sent = tuple((t.name, t.encoding) for t in tensors)
             if split:
                 method, request = "RunPartition", pb.PartitionRequest(
@@ -614,8 +612,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     failures.append(str(exc))
                     logger.warning("%s %s: %s", model.name, candidate.label, exc)
                     continue
-                stages.decode_ms += (time.perf_counter() - start) * 1e3
-                tracing.record("decode", start, time.perf_counter())
+                stages.decode_ms += tracing.record("decode", start)
                 stages.cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms + reply.encode_ms
                 stages.network_ms = max(rpc_ms - stages.cloud_ms, 0.0)
                 node.observe_transfer(up_bytes=request.ByteSize(), down_bytes=reply.ByteSize(), network_ms=stages.network_ms)
@@ -634,8 +631,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             outputs = await run_cancellable(self._pool, model.run_suffix, cut, to_send, shrink_arena=large(feeds))
         else:
             outputs = await run_cancellable(self._pool, model.run, feeds, shrink_arena=large(feeds))
-        stages.edge_ms += (time.perf_counter() - start) * 1e3
-        tracing.record("edge", start, time.perf_counter(), **{"tandem.fallback": reason})
+        stages.edge_ms += tracing.record("edge", start, **{"tandem.fallback": reason})
         return {**local_outputs, **outputs}, reason, ""
 
     async def _reply_outputs(self, node: CloudNodeClient, method: str, model: OnnxModel, reply: pb.RunReply,
@@ -662,7 +658,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     self.metrics.in_flight():
                 arrived = time.perf_counter()
                 async with self.memory.hold(QUEUED_CALL_BYTES) as held, self.admission.slot() as queued_ms:
-                    tracing.record("queue", arrived, time.perf_counter())
+                    tracing.record("queue", arrived)
                     model, feeds, (objective, encoding, adaptive), pinned = await self._read(call, held)
                     reply = await self._infer(context, model, feeds, objective, encoding, pinned, arrived,
                                               adaptive=adaptive, queued_ms=queued_ms)
@@ -750,14 +746,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             candidate = share_load(decision, candidate, {n.address: (n.inflight, n.last_sent) for n in self.nodes})
         planned = self._plan(candidate, model, encoding)
 
-        stages = Stages(plan_ms=(time.perf_counter() - planning) * 1e3)
-        tracing.record("plan", planning, time.perf_counter(), **{"tandem.planned": planned.label})
+        stages = Stages(plan_ms=tracing.record("plan", planning, **{"tandem.planned": planned.label}))
         ran, answered = planned, ""
         if candidate.kind == "local":
             start = time.perf_counter()
             outputs = await run_cancellable(self._pool, model.run, feeds, shrink_arena=large(feeds))
-            stages.edge_ms = (time.perf_counter() - start) * 1e3
-            tracing.record("edge", start, time.perf_counter())
+            stages.edge_ms = tracing.record("edge", start)
         else:
             # a plan pinned to one node runs there or locally, never elsewhere
             retry_on = decision if "@" not in pinned else None

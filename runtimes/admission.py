@@ -51,12 +51,15 @@ class MemoryBudget:
         self._retry_after_ms = retry_after_ms
         self._changed = asyncio.Condition()
 
+    def busy(self, holders: str) -> Overloaded:
+        retry_ms = self._retry_after_ms()
+        return Overloaded(f"busy: {holders} hold {self.held_bytes / MIB:.1f} of the {self.limit_bytes / MIB:.0f} MiB "
+                          f"request memory budget; retry in about {retry_ms:.0f} ms or elsewhere", retry_after_ms=retry_ms)
+
     @contextlib.asynccontextmanager
     async def hold(self, size: int) -> AsyncIterator["Holding"]:
         if self.held_bytes + size > self.limit_bytes:
-            retry_ms = self._retry_after_ms()
-            raise Overloaded(f"busy: requests hold {self.held_bytes / MIB:.1f} of the {self.limit_bytes / MIB:.0f} MiB "
-                             f"request memory budget; retry in about {retry_ms:.0f} ms or elsewhere", retry_after_ms=retry_ms)
+            raise self.busy("requests")
         holding = Holding(self, size)
         self.held_bytes += size
         try:
@@ -84,10 +87,7 @@ class Holding:
         async with budget._changed:
             while budget.held_bytes - self.size + size > budget.limit_bytes:
                 if not budget._running:  # only waiting calls hold the rest: waiting would never end
-                    retry_ms = budget._retry_after_ms()
-                    raise Overloaded(f"busy: waiting requests hold {budget.held_bytes / MIB:.1f} of the "
-                                     f"{budget.limit_bytes / MIB:.0f} MiB request memory budget; retry in about "
-                                     f"{retry_ms:.0f} ms or elsewhere", retry_after_ms=retry_ms)
+                    raise budget.busy("waiting requests")
                 await budget._changed.wait()
         budget.held_bytes += size - self.size
         self.size = size

@@ -82,9 +82,12 @@ def span(name: str, *, kind: SpanKind = SpanKind.INTERNAL, **attributes: Any):
     return TRACER.start_as_current_span(name, kind=kind, attributes=attributes)
 
 
-def record(name: str, start: float, end: float, **attributes: Any) -> None:
+def record(name: str, start: float, end: float | None = None, **attributes: Any) -> float:
     """A child of the current span for a stage timed elsewhere (a worker
-    thread), from its ``time.perf_counter()`` start and end."""
+    thread), from its ``time.perf_counter()`` start and end (default: now);
+    returns the stage's time in ms, so the span and the reply's stage times agree."""
+    end = time.perf_counter() if end is None else end
     wall_minus_perf_ns = time.time_ns() - time.perf_counter_ns()  # now: the wall clock may have been slewed since
     stage = TRACER.start_span(name, start_time=int(start * 1e9) + wall_minus_perf_ns, attributes=attributes)
     stage.end(end_time=int(end * 1e9) + wall_minus_perf_ns)
+    return (end - start) * 1e3
