@@ -172,12 +172,13 @@ def test_a_device_flooding_a_node_keeps_to_its_share_and_another_is_served_in_tu
         x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         return pb.ModelRequest(model="resnet", inputs=[codec.encode(x, "input")])
 
-    # One long request (batch 64: about a second here idle, longer under load)
-    # holds the node's one slot while every shorter call below arrives, so who
-    # waits, who is refused and who goes next does not depend on timing. The
-    # shorter ones (batch 8) still take long enough each that their replies
-    # reach this process in the order the node served them.
-    long, small = request(64), request(8)
+    # One long request (batch 96, 55 MiB: its read and run outlast the calls
+    # below arriving, which batch 64 once did not on an idle machine) holds the
+    # node's one slot while every shorter call arrives, so who waits, who is
+    # refused and who goes next does not depend on timing. The shorter ones
+    # (batch 8) still take long enough each that their replies reach this
+    # process in the order the node served them.
+    long, small = request(96), request(8)
     limits = ("--max-concurrency", "1", "--max-queue", "8", "--max-queue-per-device", "4")
     with launch.cloud_node(model_dir, *tls_args(files, "node"), *limits) as node, \
             device_channel(node.address, files, "device") as kitchen, device_channel(node.address, files, "revoked") as hall:
