@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -39,6 +40,8 @@ from runtimes.rpc import NoFeasiblePlan, NoNodeLeft, UnknownModel
 logger = logging.getLogger(__name__)
 
 KIND = {"local": pb.PLAN_LOCAL, "remote": pb.PLAN_REMOTE}
+# A log-probability is at most 0; float32 rounding of a certain token's may come out just above.
+LOGPROB_SLACK = 1e-3
 # A prompt's tokens, guessed from its text where no tokenizer is at hand:
 # about 4 characters per token in English ("a helpful rule of thumb", OpenAI's
 # tokenizer guide, platform.openai.com/tokenizer). Routing needs only its size.
@@ -77,8 +80,14 @@ class RemoteBudget:
             self._used.append((now, tokens))
 
 
+def guessed_prompt_tokens(request: pb.GenerateRequest) -> int:
+    """A prompt's size in tokens where this device has no tokenizer for its model."""
+    text = request.prompt or "".join(m.content for m in request.messages)
+    return max(len(request.prompt_token_ids) or -(-len(text.encode()) // BYTES_PER_TOKEN), 1)
+
+
 def stream_lie(chunk: pb.GenerateChunk, *, streamed: int, prompt_tokens: int | None, max_tokens: int,
-               vocab: int | None) -> str:
+               vocab: int | None, logprobs: int = -1) -> str:
     """What is wrong with a node's next chunk, given the ``streamed`` tokens
     (continuation included) before it; "" if nothing. Only the accounting can
     be checked without running the model: which token comes next, that it is
@@ -92,6 +101,10 @@ def stream_lie(chunk: pb.GenerateChunk, *, streamed: int, prompt_tokens: int | N
             return f"sent token #{token.index} beyond max_tokens {max_tokens}"
         if vocab is not None and not 0 <= token.token_id < vocab:
             return f"sent token id {token.token_id}, outside the vocabulary ({vocab})"
+        if logprobs >= 0 and not (token.HasField("logprob") and all(
+                math.isfinite(lp) and lp <= LOGPROB_SLACK for lp in (token.logprob, *(t.logprob for t in token.top_logprobs)))
+                and len(token.top_logprobs) <= logprobs):
+            return f"sent token #{token.index} without a log-probability, or with one that is not (at most {logprobs} alternatives)"
         return ""
     if not chunk.HasField("done"):
         return "sent a chunk that is neither a token nor a summary"
@@ -125,6 +138,22 @@ async def app_view(chunks: AsyncIterator[pb.GenerateChunk], started: float) -> A
                 summary.tokens_per_s = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
                 summary.total_ms = (now - started) * 1e3
             yield chunk
+
+
+class Generation:
+    """A routed generation: its plan and predictions, known before the first
+    token (a frontend's response headers), and its chunks."""
+
+    def __init__(self, chunks: AsyncIterator[pb.GenerateChunk], predicted: dict, node: str) -> None:
+        self.chunks = chunks
+        self.predicted = predicted  # predicted_fields: planned, reason, predicted_*
+        self.node = node            # the planned node, "" for LOCAL
+
+    def __aiter__(self) -> AsyncIterator[pb.GenerateChunk]:
+        return self.chunks
+
+    async def aclose(self) -> None:
+        await self.chunks.aclose()
 
 
 def predicted_fields(candidate: LlmCandidate, why: str) -> dict:
@@ -179,6 +208,25 @@ class Generator:
     def serves(self, model: str) -> bool:
         return model in self.llms.engines or any(self._node_load(n, model) for n in self.nodes)
 
+    def served_models(self) -> dict[str, list[str]]:
+        """Every LLM this agent can serve, with the nodes serving it."""
+        served: dict[str, list[str]] = {name: [] for name in self.llms.engines}
+        for node in self.nodes:
+            for name, info in node.state.models.items() if node.state.reachable else ():
+                if info.kind == "gguf" and self._node_load(node, name) is not None:
+                    served.setdefault(name, []).append(node.address)
+        return served
+
+    def room(self, request: pb.GenerateRequest) -> int:
+        """Tokens the context leaves after this prompt: ``max_tokens`` for a
+        request that names none (OpenAI's default), at least 1 (a prompt that
+        fills the context is then refused by name)."""
+        engine = self.llms.engines.get(request.model)
+        if engine is not None:
+            return max(engine.ctx_per_seq - len(prompt_tokens(engine, request)), 1)
+        contexts = [load.ctx_per_seq for node in self.nodes if (load := self._node_load(node, request.model))]
+        return max(max(contexts, default=0) - guessed_prompt_tokens(request), 1)
+
     def _node_load(self, node: CloudNodeClient, model: str) -> pb.LlmLoad | None:
         if not node.state.reachable:
             return None
@@ -225,8 +273,9 @@ class Generator:
             return decision.best_effort, f"best effort, constraints not met: {decision.why}"
         raise NoFeasiblePlan(f"no way to run this generation: {decision.why}")
 
-    async def generate(self, request: pb.GenerateRequest, objective: Objective) -> AsyncIterator[pb.GenerateChunk]:
-        """Validate and route (errors raise before the first chunk), then stream."""
+    async def generate(self, request: pb.GenerateRequest, objective: Objective) -> Generation:
+        """Validate and route (errors raise here, or at the first chunk when a
+        queue is full), then stream."""
         started = time.perf_counter()
         if not request.model:
             if len(self.llms.engines) != 1:
@@ -237,7 +286,8 @@ class Generator:
             raise UnknownModel(f"unknown model {request.model!r}: not on this device and no reachable node serves it; "
                                f"LLMs here: {sorted(self.llms.engines)}")
         if engine is None:
-            return app_view(self._remote_only(request, *self._remote_only_route(request, objective)), started)
+            sampling, line, predicted = self._remote_only_route(request, objective)
+            return Generation(app_view(self._remote_only(request, sampling, line, predicted), started), predicted, line[0].node)
         tokens = prompt_tokens(engine, request)
         sampling = sampling_of(request)
         engine.validate(tokens, sampling, request.generated_token_ids)
@@ -259,7 +309,7 @@ class Generator:
         else:
             node = self._node(candidate.node)
             chunks = self._remote(engine, node, request, tokens, sampling, started, predicted)
-        return app_view(chunks, started)
+        return Generation(app_view(chunks, started), predicted, candidate.node if candidate.kind != "local" else "")
 
     async def _local(self, engine: LlmEngine, tokens: list[int], sampling: Sampling, generated: list[int],
                      started: float, predicted: dict, switch: dict | None = None,
@@ -292,6 +342,7 @@ class Generator:
         forward = pb.GenerateRequest(
             model=request.model, prompt_token_ids=tokens, generated_token_ids=generated, max_tokens=sampling.max_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop),
+            logprobs=request.logprobs, top_logprobs=request.top_logprobs,
         )
         broke: list[str] = []
         async with contextlib.aclosing(self._from_node(node, forward, generated, sampling, predicted, broke,
@@ -335,7 +386,7 @@ class Generator:
                         broke.append(f"{node.address} ended the stream without a summary")
                         return
                     lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=prompt_tokens,
-                                     max_tokens=sampling.max_tokens, vocab=vocab)
+                                     max_tokens=sampling.max_tokens, vocab=vocab, logprobs=sampling.logprobs)
                     if lie:
                         broke.append(f"{node.address} {lie}")
                         node.mark_down(broke[-1])  # a node that miscounts is not trusted with the next stream either
@@ -367,9 +418,7 @@ class Generator:
         file); what was predicted."""
         sampling = sampling_of(request)
         check_sampling(sampling, request.generated_token_ids)
-        text = request.prompt or "".join(m.content for m in request.messages)
-        guessed = len(request.prompt_token_ids) or -(-len(text.encode()) // BYTES_PER_TOKEN)
-        shape = GenerationShape(prompt_tokens=max(guessed, 1), max_tokens=sampling.max_tokens,
+        shape = GenerationShape(prompt_tokens=guessed_prompt_tokens(request), max_tokens=sampling.max_tokens,
                                 prompt_bytes=request.ByteSize())
         decision = self.decide(request.model, shape, objective)
         first, why = self._pick(decision, request.plan)

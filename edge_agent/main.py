@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import grpc
@@ -17,9 +18,11 @@ import grpc
 from devices.detect import detect_board
 from devices.power_fit import PowerFit
 from devices.profiles import get_device
+from edge_agent import oip
 from edge_agent.discovery import Browser
 from edge_agent.fleet import NodeTable, Trust
 from edge_agent.generation import Generator, LlmSettings
+from edge_agent.http_api import ApiKeys, HttpApi
 from edge_agent.offload import CloudNodeClient, refresh_all
 from edge_agent.power import PowerMonitor
 from edge_agent.server import EdgeAgentService
@@ -47,6 +50,7 @@ from runtimes.model_store import ModelStore
 from runtimes.profile_book import ProfileBook, memory_budget
 from runtimes.profiler import measure_codec_speed, predicted_for
 from runtimes.rpc import APP_STREAM_WINDOW_BYTES, add_health, add_reflection, add_service, server_options, set_serving
+from runtimes.shared_memory import SharedMemory
 from runtimes.tls import TlsFiles, channel_credentials, tls_from_config, warn_plaintext
 
 logger = logging.getLogger(__name__)
@@ -93,6 +97,11 @@ class AgentConfig:
                                                               "agent's group (the unit's Group=) connect, nobody else"})
     listen_anywhere: bool = field(default=False, metadata={"help": "allow a listen address other than loopback or a unix socket: "
                                                                    "the app port has no authentication"})
+    http_listen: str = field(default="", metadata={"help": "HOST:PORT for the HTTP API: OpenAI-compatible /v1 and KServe v2 "
+                                                        "/v2 (port 0: any free port; empty: off; loopback unless "
+                                                        "listen_anywhere)"})
+    http_api_keys_file: Path | None = field(default=None, metadata={"help": "bearer keys the HTTP API accepts, one per line "
+                                                                         "(none: no authentication)"})
     discovery_interfaces: tuple[str, ...] = field(default=(), metadata={"help": "IPv4 addresses of the interfaces to browse on (default: all)"})
     forget_after_s: float = field(default=10.0, metadata={"help": "a discovered node unreachable this long leaves the table, s"})
     otlp_endpoint: str = field(default="", metadata={"help": "OpenTelemetry collector to send traces to over OTLP/gRPC: "
@@ -158,6 +167,11 @@ class AgentConfig:
             raise error(f"listen {self.listen} is reachable from other machines, and the app port has no authentication: "
                         "anyone who reaches it can run models and read their outputs. Listen on loopback or a unix socket, "
                         "or say listen_anywhere = true (--listen-anywhere)")
+        if self.http_listen and not (self.listen_anywhere or is_local_listen(self.http_listen)):
+            raise error(f"http_listen {self.http_listen} is reachable from other machines; listen on loopback, "
+                        "or say listen_anywhere = true (with http_api_keys_file, and TLS in front)")
+        if self.http_listen.startswith("unix:"):
+            raise error("http_listen takes HOST:PORT")
         get_device(self.device)
 
     def tls(self) -> TlsFiles | None:
@@ -246,6 +260,7 @@ def reload_policy(config: AgentConfig, segments: dict[str, int], service: EdgeAg
 async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = None) -> None:
     heap.map_large_buffers()  # a request's memory goes back to the board when it is done
     traces = tracing.configure("edge-agent", otlp_endpoint=config.otlp_endpoint, trace_file=config.trace_file)
+    keys = ApiKeys.load(config.http_api_keys_file)  # before the long start: a bad file stops it at once
     store = ModelStore.from_dir(config.models, threads=config.threads or None, spinning=config.spinning())
     segments = {name: model.num_segments for name, model in store.models.items()}
     policies = config.policies(segments)  # an invalid file stops the start, naming the line
@@ -310,21 +325,29 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     )
     server = grpc.aio.server(options=server_options(config.max_message_mb, stream_window_bytes=APP_STREAM_WINDOW_BYTES))
     add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service, read_when_admitted=("Infer",))
+    regions = SharedMemory()
+    add_service(server, oip.oip_grpc.add_GRPCInferenceServiceServicer_to_server,
+                oip.InferenceService(service, regions, package_version("tandem")), read_when_admitted=("ModelInfer",))
     health = add_health(server)
     service_name = pb.DESCRIPTOR.services_by_name["EdgeAgent"].full_name
-    add_reflection(server, [service_name])
+    add_reflection(server, [service_name, oip.SERVICE])
     address = bind(server, config.listen)  # apps on this device: loopback or a unix socket by default
     metrics_url = metrics.serve(config.metrics_listen) if config.metrics_listen else ""
+    http = HttpApi(service, keys=keys, max_body_bytes=config.max_message_mb * 2**20, regions=regions,
+                   version=package_version("tandem"))
+    http_url = await http.start(config.http_listen) if config.http_listen else ""
     await server.start()
     socket = unix_socket_path(config.listen)
     if socket is not None:
         socket.chmod(int(config.socket_mode, 8))  # created under the umask: apps in the group could not connect
-    set_serving(health, [service_name])
+    set_serving(health, [service_name, oip.SERVICE])
     browser = None
     if config.discovery:
         browser = Browser(interfaces=config.discovery_interfaces, on_added=table.added, on_removed=table.removed)
         await browser.start()
-    write_ready_file(config.ready_file, address, {"metrics": metrics_url} if metrics_url else None)
+    write_ready_file(config.ready_file, address, {key: url for key, url in (("metrics", metrics_url), ("http", http_url)) if url})
+    if http_url:
+        logger.info("HTTP API (OpenAI /v1, KServe v2 /v2) on %s%s", http_url, "" if http.keys.required else ", no API keys")
     logger.info("edge agent (%s) serving %d models on %s; requests may hold %.0f MiB at once", device.name,
                 len(store.models), address, service.memory.limit_bytes / 2**20)
     refresher = asyncio.create_task(refresh_loop(table, browser, config.refresh_s, metrics))
@@ -342,8 +365,9 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     if browser is not None:
         await browser.close()
     health.enter_graceful_shutdown()
-    await server.stop(config.grace_s)
+    await asyncio.gather(server.stop(config.grace_s), http.stop())
     service.close()
+    regions.close()
     metrics.stop()
     for node in nodes:
         await node.close()

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -17,7 +17,7 @@ import numpy as np
 from opentelemetry.trace import SpanKind
 
 from devices.power_fit import PowerFigures
-from edge_agent.generation import Generator
+from edge_agent.generation import Generation, Generator
 from edge_agent.offload import CloudNodeClient, NodeHung
 from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
@@ -79,6 +79,7 @@ OBJECTIVES = {
     pb.OBJECTIVE_WEIGHTED: Objective.WEIGHTED,
 }
 OBJECTIVE_TO_PB = {v: k for k, v in OBJECTIVES.items()}
+OBJECTIVE_BY_NAME = {objective.value: code for code, objective in OBJECTIVES.items()}  # as HTTP bodies and OIP parameters name them
 KINDS = {"local": pb.PLAN_LOCAL, "split": pb.PLAN_SPLIT, "remote": pb.PLAN_REMOTE}
 ENCODINGS = (pb.ENCODING_RAW, pb.ENCODING_FP16, pb.ENCODING_INT8)
 LOSSY_ENCODINGS = (pb.ENCODING_FP16, pb.ENCODING_INT8)
@@ -116,6 +117,22 @@ class Stages:
     plan_ms: float = 0.0      # choosing the plan (part of no other stage)
     cold: bool = False        # a session was built on the way: a one-off, not the device's speed
     sent: tuple[tuple[str, int], ...] = ()  # (tensor, encoding applied) of what went to the node
+
+
+@dataclass
+class Ask:
+    """One tensor request, whatever protocol brought it. ``feeds`` decodes
+    its tensors for the model, once that is known to exist."""
+
+    model: str
+    feeds: Callable[[OnnxModel], dict[str, np.ndarray]]
+    plan: str = ""
+    objective: int = pb.OBJECTIVE_UNSPECIFIED
+    encoding: int = pb.ENCODING_UNSPECIFIED
+
+
+def tandem_ask(request: pb.InferRequest) -> Ask:
+    return Ask(request.model, lambda model: decode_all(request.inputs), request.plan, request.objective, request.encoding)
 
 
 def stage_times(stages: Stages | StagePrediction, total_ms: float, plan_ms: float = 0.0) -> pb.StageTimes:
@@ -559,7 +576,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         planned = [nodes.get(c.node) for c in (candidate, *others)]
         return [node for node in planned if node is not None][:NODE_ATTEMPTS]
 
-    async def _offload(self, context: grpc.aio.ServicerContext, model: OnnxModel, candidate: Candidate,
+    async def _offload(self, time_remaining: Callable[[], float | None], model: OnnxModel, candidate: Candidate,
                        decision: Decisions | None, costs: ModelCosts, feeds: dict[str, np.ndarray], encoding: int,
                        stages: Stages) -> tuple[dict[str, np.ndarray], str | None, str]:
         """Run a SPLIT or REMOTE plan, on another node if the first fails, else
@@ -596,7 +613,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             inferred = {name: metas[name].shape for name in remote_outputs if name in metas}
             for node in self._attempts(candidate, decision):
                 budget_s = cloud_budget_s(timeout_s=self.policies.for_model(model.name).cloud_timeout_s,
-                                          remaining_s=context.time_remaining(),
+                                          remaining_s=time_remaining(),
                                           local_finish_ms=candidate.rest_ms)
                 if budget_s < MIN_CLOUD_BUDGET_S:
                     failures.append(f"the deadline leaves {budget_s * 1e3:.1f} ms for the cloud: not enough to try")
@@ -654,24 +671,42 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def Infer(self, call: Unread[pb.InferRequest], context: grpc.aio.ServicerContext) -> pb.InferReply:
         try:
-            with tracing.serving("tandem.EdgeAgent/Infer", context.invocation_metadata()) as span, \
-                    self.metrics.in_flight():
+            outputs, reply = await self.serve_tensors("tandem.EdgeAgent/Infer", call, tandem_ask, context.time_remaining,
+                                                      context.invocation_metadata())
+        except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
+            await abort_for(context, exc)
+        reply.outputs.extend(encode_all(outputs, pb.ENCODING_RAW))
+        return reply
+
+    async def serve_tensors(self, method: str, call: Unread, ask_of: Callable[[object], Ask],
+                            time_remaining: Callable[[], float | None], metadata: Sequence[tuple[str, str]] | None,
+                            *, label: str | None = None) -> tuple[dict[str, np.ndarray], pb.InferReply]:
+        """One tensor request by any protocol (Tandem's Infer, OIP's ModelInfer
+        over gRPC or REST): admitted, read, planned and run the same way.
+        ``ask_of`` turns the protocol's message into an ``Ask``; ``time_remaining``
+        gives the caller's deadline (seconds left, None for none); ``label``
+        names the method in the metrics (by default the gRPC method's own
+        name: Infer, ModelInfer). Returns the outputs and the reply without
+        them, for the protocol to encode."""
+        label = label or method.rpartition("/")[2]
+        try:
+            with tracing.serving(method, metadata) as span, self.metrics.in_flight():
                 arrived = time.perf_counter()
                 async with self.memory.hold(QUEUED_CALL_BYTES) as held, self.admission.slot() as queued_ms:
                     tracing.record("queue", arrived)
-                    model, feeds, (objective, encoding, adaptive), pinned = await self._read(call, held)
-                    reply = await self._infer(context, model, feeds, objective, encoding, pinned, arrived,
-                                              adaptive=adaptive, queued_ms=queued_ms)
+                    model, feeds, (objective, encoding, adaptive), pinned = await self._read(call, held, ask_of)
+                    outputs, reply = await self._infer(time_remaining, model, feeds, objective, encoding, pinned,
+                                                       arrived, adaptive=adaptive, queued_ms=queued_ms)
                 span.set_attributes({"tandem.model": model.name, "tandem.plan": reply.plan.label,
                                      "tandem.planned": reply.planned.label, "tandem.fell_back": reply.fell_back,
                                      "tandem.node": reply.node})
-            self._observe(reply)
-            return reply
-        except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
-            self.metrics.observe_request("Infer", "", "rejected" if isinstance(exc, Overloaded) else "error")
-            await abort_for(context, exc)
+        except Exception as exc:
+            self.metrics.observe_request(label, "", "rejected" if isinstance(exc, Overloaded) else "error")
+            raise
+        self._observe(label, reply)
+        return outputs, reply
 
-    async def _read(self, call: Unread[pb.InferRequest], held: Holding
+    async def _read(self, call: Unread, held: Holding, ask_of: Callable[[object], Ask]
                     ) -> tuple[OnnxModel, dict[str, np.ndarray], tuple[Objective, int, bool], str]:
         """What an admitted call asks for, read off the wire once the memory
         budget can hold it running, and checked. The parsed message is dropped
@@ -684,17 +719,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._expected_running_bytes = max(running_bytes, int(EXPECTED_DECAY * self._expected_running_bytes))
         await held.grow_to(running_bytes)
         self.trimmer.took(call.size)
-        model = self.store.get(request.model)
-        pinned, pinned_encoding = split_codec(request.plan, request.encoding)
-        options = request_options(request.objective, pinned_encoding, self.policies.for_model(model.name))
-        feeds = decode_all(request.inputs)
+        ask = ask_of(request)
+        model = self.store.get(ask.model)
+        pinned, pinned_encoding = split_codec(ask.plan, ask.encoding)
+        options = request_options(ask.objective, pinned_encoding, self.policies.for_model(model.name))
+        feeds = ask.feeds(model)
         model.check_inputs(feeds)
         return model, feeds, options, pinned
 
-    def _observe(self, reply: pb.InferReply) -> None:
+    def _observe(self, method: str, reply: pb.InferReply) -> None:
         kind = pb.PlanKind.Name(reply.planned.kind).removeprefix("PLAN_").lower()
         measured = {field.name.removesuffix("_ms"): value for field, value in reply.measured.ListFields()}
-        self.metrics.observe_request("Infer", kind, "fallback" if reply.fell_back else "ok", measured)
+        self.metrics.observe_request(method, kind, "fallback" if reply.fell_back else "ok", measured)
         if reply.fell_back:
             self.metrics.observe_fallback(fallback_kind(reply.fallback_reason))
         else:
@@ -725,9 +761,9 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             raise NoFeasiblePlan(f"plan {pinned} breaks the device policy: {'; '.join(candidate.violations)}")
         return candidate, f"pinned by the caller: {pinned}", ""
 
-    async def _infer(self, context: grpc.aio.ServicerContext, model: OnnxModel, feeds: dict[str, np.ndarray],
+    async def _infer(self, time_remaining: Callable[[], float | None], model: OnnxModel, feeds: dict[str, np.ndarray],
                      objective: Objective, encoding: int, pinned: str, arrived: float, *,
-                     adaptive: bool = False, queued_ms: float = 0.0) -> pb.InferReply:
+                     adaptive: bool = False, queued_ms: float = 0.0) -> tuple[dict[str, np.ndarray], pb.InferReply]:
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         if not self.book.prepared(model, shapes):  # a new exact shape: its shape inference off the event loop
             await asyncio.to_thread(self.book.prepare, model, shapes)
@@ -755,12 +791,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         else:
             # a plan pinned to one node runs there or locally, never elsewhere
             retry_on = decision if "@" not in pinned else None
-            outputs, reason, answered = await self._offload(context, model, candidate, retry_on, costs, feeds, encoding, stages)
+            outputs, reason, answered = await self._offload(time_remaining, model, candidate, retry_on, costs, feeds, encoding, stages)
             planned.tensor_encodings.extend(pb.TensorEncoding(tensor=name, encoding=e) for name, e in stages.sent)
             if reason is not None:
                 fallback_reason = reason
                 ran = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=costs.n, label="local")
-        encoded = encode_all(outputs, pb.ENCODING_RAW)
         total_ms = (time.perf_counter() - arrived) * 1e3
         if not fallback_reason and not stages.cold:
             # what no stage accounts for: decoding the request and encoding the reply (not the wait for a slot)
@@ -768,8 +803,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                                  + stages.decode_ms)
             self._calibration[self._calibration_key(model, shapes)] = self.calibration(model, shapes).observed(
                 candidate.stages, stages, offloaded=candidate.kind != "local", used=calibration, outside_ms=outside_ms)
-        return pb.InferReply(
-            outputs=encoded, plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
+        return outputs, pb.InferReply(
+            plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
             measured=stage_times(stages, total_ms, stages.plan_ms), predicted_energy_j=candidate.energy_j,
             fell_back=bool(fallback_reason), fallback_reason=fallback_reason,
             node=answered if ran.kind != pb.PLAN_LOCAL else "",
@@ -777,7 +812,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         )
 
     async def _infer_unplanned(self, model: OnnxModel, feeds: dict[str, np.ndarray], pinned: str, reason: str,
-                               arrived: float) -> pb.InferReply:
+                               arrived: float) -> tuple[dict[str, np.ndarray], pb.InferReply]:
         """LOCAL with nothing predicted: the model (or this shape) has no profile to plan with yet."""
         if pinned:
             parse_pinned(pinned)  # a malformed pin is still the caller's error
@@ -786,18 +821,22 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         stages = Stages(edge_ms=(time.perf_counter() - start) * 1e3)
         local = pb.Plan(kind=pb.PLAN_LOCAL, cut_index=model.num_segments, label="local")
         pinned_cloud = bool(pinned) and not pinned.startswith("local")
-        return pb.InferReply(
-            outputs=encode_all(outputs, pb.ENCODING_RAW), plan=local, planned=local,
+        return outputs, pb.InferReply(
+            plan=local, planned=local,
             measured=stage_times(stages, (time.perf_counter() - arrived) * 1e3),
             fell_back=pinned_cloud, fallback_reason=f"plan {pinned} needs a profile: {reason}" if pinned_cloud else "",
             constraints_met=True, reason=reason,
         )
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        async def chunks() -> AsyncIterator[pb.GenerateChunk]:
-            objective, _, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
-            async with contextlib.aclosing(await self.generator.generate(request, objective)) as generated:
-                async for chunk in generated:
+    async def generation(self, request: pb.GenerateRequest) -> Generation:
+        """A generation routed by the planner, its chunks counted in the metrics:
+        what every frontend (gRPC Generate, the OpenAI HTTP API) streams."""
+        objective, _, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
+        generation = await self.generator.generate(request, objective)
+
+        async def observed(chunks: AsyncIterator[pb.GenerateChunk]) -> AsyncIterator[pb.GenerateChunk]:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
                     if chunk.HasField("done"):
                         done = chunk.done
                         side = pb.PlanKind.Name(done.ran).removeprefix("PLAN_").lower()
@@ -805,6 +844,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                                  operation=operation_of(request), ttft_ms=done.ttft_ms,
                                                  total_ms=done.total_ms)
                         self.metrics.observe_request("Generate", side, "fallback" if done.switched else "ok")
+                    yield chunk
+
+        generation.chunks = observed(generation.chunks)
+        return generation
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        async def chunks() -> AsyncIterator[pb.GenerateChunk]:
+            async with contextlib.aclosing(await self.generation(request)) as generated:
+                async for chunk in generated:
                     yield chunk
 
         with tracing.serving("tandem.EdgeAgent/Generate", context.invocation_metadata(),

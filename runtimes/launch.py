@@ -41,6 +41,7 @@ class Daemon:
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         self.address = ""
+        self.ready: dict = {}  # the ready file: address, pid, and the metrics and HTTP URLs where served
         self.check_health = check_health
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "Daemon":
@@ -52,7 +53,8 @@ class Daemon:
                 self.stop()
                 raise TimeoutError(f"{self.module} not ready after {timeout_s:.0f} s:\n{self.log()}")
             time.sleep(0.05)
-        self.address = json.loads(self.ready_file.read_text())["address"]
+        self.ready = json.loads(self.ready_file.read_text())
+        self.address = self.ready["address"]
         if not self.check_health:
             return self
         with grpc.insecure_channel(self.address) as channel:

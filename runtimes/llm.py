@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -39,6 +40,7 @@ from runtimes.admission import Overloaded
 logger = logging.getLogger(__name__)
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_TOP_LOGPROBS = 20  # OpenAI's own bound on top_logprobs
 
 
 def find_smollm2() -> Path:
@@ -69,6 +71,16 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: int = -1             # -1: none; else each token's log-probability and this many alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model's own distribution (before
+    temperature and top-p), as OpenAI's API reports it."""
+    logprob: float
+    piece: bytes                   # the token's bytes (its text may be cut by a stop string or incomplete)
+    top: tuple[tuple[int, bytes, float], ...] = ()  # (token, bytes, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class TokenEvent:
     index: int                     # position in the completion, 0-based
     token_id: int
     text: str                      # may be "" while a multi-byte character is incomplete
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,7 @@ class _Sequence:
         # Prime the decoder with what was already streamed, so a character
         # split across the failover point is completed, not lost.
         self.text_so_far = self.decoder.decode(b"".join(engine.piece(t) for t in request.generated))
-        self.pending: list[tuple[int, str]] = []                    # held back: could start a stop string
+        self.pending: list[tuple[int, str, TokenLogprobs | None]] = []  # held back: could start a stop string
         self.sampler = engine.make_sampler(request.sampling)
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -138,6 +151,8 @@ def check_sampling(sampling: Sampling, generated: Sequence[int] = ()) -> None:
         raise GenerationError("temperature must be >= 0 and top_p within 0..1")
     if len(generated) >= sampling.max_tokens:
         raise GenerationError(f"{len(generated)} tokens already generated, max_tokens is {sampling.max_tokens}")
+    if not -1 <= sampling.logprobs <= MAX_TOP_LOGPROBS:
+        raise GenerationError(f"top_logprobs must be within 0..{MAX_TOP_LOGPROBS}, got {sampling.logprobs}")
 
 
 class LlmEngine:
@@ -176,6 +191,7 @@ class LlmEngine:
         self._batch = llama_cpp.llama_batch_init(max(self._n_batch, slots), 0, 1)
         self._template = self._chat_formatter()
         self._vocab = self.llm._model.vocab
+        self._n_vocab = self.llm.n_vocab()
 
         # _waiting and _free are shared with submitting threads under _wake;
         # _prefilling and _active belong to the decode thread.
@@ -485,11 +501,25 @@ class LlmEngine:
             self._finish(seq, "stop")
             return
         seq.tokens.append(token)
-        seq.pending.append((token, seq.decoder.decode(self.piece(token))))
+        piece = self.piece(token)
+        logprobs = self._logprobs(batch_index, token, piece, seq.request.sampling.logprobs)
+        seq.pending.append((token, seq.decoder.decode(piece), logprobs))
         if self._hold_or_stop(seq):
             return
         if seq.completion + len(seq.pending) >= seq.max_total or seq.n_past + 1 >= self.ctx_per_seq:
             self._finish(seq, "length")
+
+    def _logprobs(self, batch_index: int, token: int, piece: bytes, top: int) -> TokenLogprobs | None:
+        """Log-softmax of this position's logits: the chosen token's and the ``top`` best."""
+        if top < 0:
+            return None
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, batch_index), shape=(self._n_vocab,))
+        shifted = logits.astype(np.float64) - float(logits.max())
+        log_total = float(np.log(np.exp(shifted).sum()))
+        best = np.argpartition(-shifted, top)[:top] if top else np.empty(0, dtype=np.int64)
+        best = best[np.argsort(-shifted[best], kind="stable")]
+        return TokenLogprobs(float(shifted[token]) - log_total, piece,
+                             tuple((int(t), self.piece(int(t)), float(shifted[t]) - log_total) for t in best))
 
     def _hold_or_stop(self, seq: _Sequence) -> bool:
         """Stream what cannot be part of a stop string; True when a stop string ended the sequence.
@@ -501,16 +531,16 @@ class LlmEngine:
         if stops:
             longest = max(map(len, stops))
             emitted_tail = seq.text_so_far[len(seq.text_so_far) - (longest - 1):] if longest > 1 else ""
-            pending_text = "".join(text for _, text in seq.pending)
+            pending_text = "".join(text for _, text, _ in seq.pending)
             window = emitted_tail + pending_text
             hits = [window.find(stop) for stop in stops if stop in window]
             if hits:
                 cut = max(min(hits) - len(emitted_tail), 0)  # where the stop begins in the pending text
                 kept, consumed = [], 0
-                for token, text in seq.pending:
+                for token, text, logprobs in seq.pending:
                     if consumed >= cut:
                         break
-                    kept.append((token, text[: cut - consumed]))
+                    kept.append((token, text[: cut - consumed], logprobs))
                     consumed += len(text)
                 seq.pending = kept
                 self._finish(seq, "stop")
@@ -521,8 +551,8 @@ class LlmEngine:
         return False
 
     def _flush(self, seq: _Sequence) -> None:
-        for token, text in seq.pending:
-            seq.request.emit(TokenEvent(seq.completion, token, text))
+        for token, text, logprobs in seq.pending:
+            seq.request.emit(TokenEvent(seq.completion, token, text, logprobs))
             seq.text_so_far += text
             seq.completion += 1
             seq.emitted_this_run += 1

@@ -100,8 +100,11 @@ def operation_of(request: pb.GenerateRequest) -> str:
 def sampling_of(request: pb.GenerateRequest) -> Sampling:
     if len(request.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in request.stop):
         raise GenerationError(f"stop strings: at most {MAX_STOP_STRINGS}, each 1..{MAX_STOP_LENGTH} characters")
+    if request.top_logprobs and not request.logprobs:
+        raise GenerationError("top_logprobs needs logprobs")
     return Sampling(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p or 1.0,
-                    seed=request.seed, stop=tuple(request.stop))
+                    seed=request.seed, stop=tuple(request.stop),
+                    logprobs=request.top_logprobs if request.logprobs else -1)
 
 
 async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, generated: Sequence[int] = (), *,
@@ -157,7 +160,11 @@ def checked(done: DoneEvent) -> DoneEvent:
 
 
 def token_chunk(event: TokenEvent) -> pb.GenerateChunk:
-    return pb.GenerateChunk(token=pb.TokenChunk(index=event.index, token_id=event.token_id, text=event.text))
+    chunk = pb.GenerateChunk(token=pb.TokenChunk(index=event.index, token_id=event.token_id, text=event.text))
+    if (logprobs := event.logprobs) is not None:
+        chunk.token.logprob, chunk.token.piece = logprobs.logprob, logprobs.piece
+        chunk.token.top_logprobs.extend(pb.TopLogprob(token_id=t, piece=piece, logprob=lp) for t, piece, lp in logprobs.top)
+    return chunk
 
 
 def summary_of(done: DoneEvent, *, started: float, ran: int, node: str = "") -> pb.GenerateSummary:

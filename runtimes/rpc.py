@@ -15,6 +15,7 @@ from protos.codec import CodecError
 from runtimes.admission import Overloaded, TooLarge
 from runtimes.llm import GenerationError
 from runtimes.onnx_exec import InputError
+from runtimes.shared_memory import NotLocal, RegionExists, RegionInUse, UnknownRegion
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,13 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if is_onnxruntime_input_error(exc):
         return grpc.StatusCode.INVALID_ARGUMENT, f"onnxruntime refused the tensors: {exc}"
-    if isinstance(exc, UnknownModel):
+    if isinstance(exc, (UnknownModel, UnknownRegion)):
         return grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc)
-    if isinstance(exc, (ModelMismatch, NoFeasiblePlan, NotProfiled)):
+    if isinstance(exc, RegionExists):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, NotLocal):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    if isinstance(exc, (ModelMismatch, NoFeasiblePlan, NotProfiled, RegionInUse)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, (Overloaded, TooLarge)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)

@@ -37,5 +37,6 @@ def cloud(model_dir: Path):
 
 @pytest.fixture(scope="session")
 def agent(model_dir: Path, cloud: launch.Daemon):
-    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2") as daemon:
+    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--http-listen", "127.0.0.1:0",
+                           "--metrics-listen", "127.0.0.1:0") as daemon:
         yield daemon

@@ -83,3 +83,24 @@ def test_stop_string_inside_a_token_keeps_the_text_before_it(engine: LlmEngine) 
     cut = run(engine, "The three primary colors are", Sampling(max_tokens=24, stop=(stop,)))
     assert cut.summary.finish_reason == "stop"
     assert cut.text == full[: full.index(stop)]
+
+
+def test_logprobs_are_llama_cpp_pythons_own() -> None:
+    # the reference computes them its own way, from every position's logits (logits_all)
+    from llama_cpp import Llama
+
+    reference = Llama(model_path=str(find_smollm2()), n_ctx=256, logits_all=True, verbose=False)
+    expected = reference.create_completion("The capital of France is", max_tokens=6, temperature=0, logprobs=3)
+    expected = expected["choices"][0]["logprobs"]
+    engine = LlmEngine("smollm2", find_smollm2(), slots=1, ctx_per_seq=256)
+    try:
+        ours = run(engine, "The capital of France is", Sampling(max_tokens=6, logprobs=3))
+        plain = run(engine, "The capital of France is", Sampling(max_tokens=6))
+    finally:
+        engine.close()
+    assert [t.token_id for t in ours.tokens] == [t.token_id for t in plain.tokens]
+    assert all(t.logprobs is None for t in plain.tokens)
+    assert [t.logprobs.logprob for t in ours.tokens] == pytest.approx(expected["token_logprobs"], abs=1e-4)
+    for token, top in zip(ours.tokens, expected["top_logprobs"]):
+        assert token.logprobs.top[0][0] == token.token_id  # greedy: the chosen one is the most likely
+        assert {piece.decode(): lp for _, piece, lp in token.logprobs.top} == pytest.approx(top, abs=1e-4)
