@@ -4,11 +4,14 @@
 
 For the chain model, median latency of (a) bare ``InferenceSession.run``,
 (b) the agent's LOCAL plan through the SDK, (c) SPLIT at the middle cut over
-loopback, (d) REMOTE, and the gRPC transport floor (the same request echoed
-with no compute), measured in one run in alternating rounds; then the agent's
+loopback, (d) REMOTE, (e) LOCAL through the Open Inference Protocol with
+tritonclient (gRPC over the socket, gRPC with system shared memory, and
+REST with binary tensors), and the gRPC transport floor (the same request
+echoed with no compute), measured in one run in alternating rounds; then the agent's
 planning time per request for every modelzoo model (the reply's plan_ms);
 then codec encode/decode throughput per encoding on a 1x32x112x112 float32
-tensor. Targets: (b) within 5 % or 0.3 ms of (a); planning under 0.1 ms.
+tensor. Targets: (b) and (e) through shared memory within 5 % or 0.3 ms of
+(a); planning under 0.1 ms.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+import tritonclient.utils.shared_memory as triton_shm
 from rich.console import Console
 from rich.table import Table
+from tritonclient.grpc import service_pb2 as oip_pb
 
 from bench.plans import wait_until_measured
 from edge_agent.sdk import EdgeClient, InferResult
@@ -39,6 +46,8 @@ from protos import tandem_pb2 as pb
 from runtimes import launch
 from runtimes.profiler import CODEC_PROBE_SHAPE, measure_codec_speed
 
+OIP_SOCKET = "OIP LOCAL, tritonclient gRPC (socket)"
+OIP_SHM = "OIP LOCAL, tritonclient gRPC (system shared memory)"
 MESSAGE_OPTIONS = [("grpc.max_send_message_length", 1 << 26), ("grpc.max_receive_message_length", 1 << 26)]
 
 
@@ -83,6 +92,65 @@ def planning_times(client: EdgeClient, paths: dict[str, Path], runs: int) -> lis
     return rows
 
 
+class OipCalls:
+    """LOCAL requests through the Open Inference Protocol as an app on the
+    board makes them with tritonclient: over the gRPC socket, through system
+    shared memory (the app writes its input into the region and reads the
+    logits back out of one, each call), and over REST with binary tensors."""
+
+    def __init__(self, agent: launch.Daemon, x: np.ndarray, logits_bytes: int) -> None:
+        self.x = x
+        self.grpc = triton_grpc.InferenceServerClient(agent.address)
+        self.http = triton_http.InferenceServerClient(agent.ready["http"].removeprefix("http://"))
+        self.names = (f"bench-in-{agent.ready['pid']}", f"bench-out-{agent.ready['pid']}")
+        self.regions = [triton_shm.create_shared_memory_region(name, "/" + name, size)
+                        for name, size in zip(self.names, (x.nbytes, logits_bytes))]
+        for name, size in zip(self.names, (x.nbytes, logits_bytes)):
+            self.grpc.register_system_shared_memory(name, "/" + name, size)
+        self.params = {"tandem.plan": "local"}
+        self.socket_input = self._input(triton_grpc)
+        self.socket_input.set_data_from_numpy(x)
+        self.http_input = self._input(triton_http)
+        self.http_input.set_data_from_numpy(x, binary_data=True)
+        self.shm_input = self._input(triton_grpc)
+        self.shm_input.set_shared_memory(self.names[0], x.nbytes)
+        self.shm_output = triton_grpc.InferRequestedOutput("logits")
+        self.shm_output.set_shared_memory(self.names[1], logits_bytes)
+        self.request_bytes = self._shared_memory_request(logits_bytes).SerializeToString()
+
+    def _shared_memory_request(self, logits_bytes: int) -> oip_pb.ModelInferRequest:
+        """What a shared-memory ModelInfer puts on the wire: names and sizes, no tensor bytes."""
+        request = oip_pb.ModelInferRequest(model_name="mobilenet")
+        request.parameters["tandem.plan"].string_param = "local"
+        for tensor, name, size in ((request.inputs.add(name="input", datatype="FP32", shape=self.x.shape),
+                                    self.names[0], self.x.nbytes),
+                                   (request.outputs.add(name="logits"), self.names[1], logits_bytes)):
+            tensor.parameters["shared_memory_region"].string_param = name
+            tensor.parameters["shared_memory_byte_size"].int64_param = size
+        return request
+
+    def _input(self, module):
+        return module.InferInput("input", list(self.x.shape), "FP32")
+
+    def socket(self) -> np.ndarray:
+        return self.grpc.infer("mobilenet", [self.socket_input], parameters=self.params).as_numpy("logits")
+
+    def shared_memory(self) -> np.ndarray:
+        triton_shm.set_shared_memory_region(self.regions[0], [self.x])
+        self.grpc.infer("mobilenet", [self.shm_input], outputs=[self.shm_output], parameters=self.params)
+        return triton_shm.get_contents_as_numpy(self.regions[1], np.float32, [1, 1000])
+
+    def rest(self) -> np.ndarray:
+        return self.http.infer("mobilenet", [self.http_input], parameters=self.params).as_numpy("logits")
+
+    def close(self) -> None:
+        self.grpc.unregister_system_shared_memory()
+        for region in self.regions:
+            triton_shm.destroy_shared_memory_region(region)
+        self.grpc.close()
+        self.http.close()
+
+
 def codec_throughput(runs: int) -> list[dict]:
     """The agent's own codec measurement, reported in GB/s with wire sizes."""
     raw_bytes = math.prod(CODEC_PROBE_SHAPE) * 4
@@ -111,17 +179,28 @@ def main() -> int:
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
         request_bytes = pb.InferRequest(model="mobilenet", inputs=[codec.encode(x, "input")]).SerializeToString()
         echo = EchoServer(reply_bytes=4200)  # about an InferReply carrying 1000 float32 logits
-        with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address]) as agent, EdgeClient(agent.address) as client:
+        small_echo = EchoServer(reply_bytes=400)  # about a ModelInferResponse whose logits went to shared memory
+        with launch.cloud_node(models) as node, \
+                launch.edge_agent(models, [node.address], "--http-listen", "127.0.0.1:0") as agent, \
+                EdgeClient(agent.address) as client:
             wait_until_measured(client)
+            oip = OipCalls(agent, x, logits_bytes=1000 * 4)
             cuts = next(m.num_cuts for m in client.models() if m.name == "mobilenet")
             middle = f"split:{(cuts + 1) // 2}"
             configs = {
                 "bare onnxruntime": lambda: bare.run(None, {"input": x}),
                 "gRPC echo of the same request (no compute)": lambda: echo.call(request_bytes, timeout=10),
+                "gRPC echo of a shared-memory request (no compute)": lambda: small_echo.call(oip.request_bytes, timeout=10),
                 "agent LOCAL (SDK)": lambda: client.infer("mobilenet", {"input": x}, plan="local"),
                 f"agent SPLIT {middle} (loopback)": lambda: client.infer("mobilenet", {"input": x}, plan=middle),
                 "agent REMOTE (loopback)": lambda: client.infer("mobilenet", {"input": x}, plan="remote"),
+                OIP_SOCKET: oip.socket,
+                OIP_SHM: oip.shared_memory,
+                "OIP LOCAL, tritonclient REST (binary tensors)": oip.rest,
             }
+            reference = bare.run(None, {"input": x})[0]
+            for name in (OIP_SOCKET, OIP_SHM):  # a benchmark of wrong answers measures nothing
+                np.testing.assert_allclose(configs[name](), reference, rtol=1e-5, atol=1e-5)
             times: dict[str, list[float]] = {name: [] for name in configs}
             inside: dict[str, list[dict[str, float]]] = {name: [] for name in configs}  # the agent's own stage timings
             for fn in configs.values():  # warm sessions and caches on both sides
@@ -142,7 +221,9 @@ def main() -> int:
                                 inside[name].append(result.measured)
             with console.status("planning time per model ..."):
                 planning = planning_times(client, paths, args.runs // 4)
+            oip.close()
         echo.close()
+        small_echo.close()
 
     base = statistics.median(times["bare onnxruntime"])
     latency_rows = []
@@ -171,6 +252,10 @@ def main() -> int:
     target_met = local - base <= max(0.05 * base, 0.3)
     console.print(f"LOCAL overhead target (within 5 % or 0.3 ms of bare): {'met' if target_met else 'NOT met'} "
                   f"({local - base:+.3f} ms)")
+    shared = statistics.median(times[OIP_SHM])
+    shm_target_met = shared - base <= max(0.05 * base, 0.3)
+    console.print(f"OIP shared-memory LOCAL target (within 5 % or 0.3 ms of bare): "
+                  f"{'met' if shm_target_met else 'NOT met'} ({shared - base:+.3f} ms)")
 
     plan_table = Table(title="planning one request inside the agent (the reply's measured plan_ms), unpinned")
     for column in ("model", "cut points", "plan", "median ms", "p90 ms"):
@@ -193,7 +278,8 @@ def main() -> int:
     args.json.write_text(json.dumps({
         "machine": {"node": platform.node(), "processor": platform.processor(), "cpus": __import__("os").cpu_count(),
                     "python": platform.python_version(), "onnxruntime": ort.__version__},
-        "runs": args.runs, "latency": latency_rows, "local_target_met": target_met, "codec": codec_rows,
+        "runs": args.runs, "latency": latency_rows, "local_target_met": target_met,
+        "oip_shared_memory_target_met": shm_target_met, "codec": codec_rows,
         "planning": planning, "planning_target_met": planning_met,
     }, indent=2))
     console.print(f"wrote {args.json}")

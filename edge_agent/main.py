@@ -50,7 +50,6 @@ from runtimes.model_store import ModelStore
 from runtimes.profile_book import ProfileBook, memory_budget
 from runtimes.profiler import measure_codec_speed, predicted_for
 from runtimes.rpc import APP_STREAM_WINDOW_BYTES, add_health, add_reflection, add_service, server_options, set_serving
-from runtimes.shared_memory import SharedMemory
 from runtimes.tls import TlsFiles, channel_credentials, tls_from_config, warn_plaintext
 
 logger = logging.getLogger(__name__)
@@ -325,7 +324,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     )
     server = grpc.aio.server(options=server_options(config.max_message_mb, stream_window_bytes=APP_STREAM_WINDOW_BYTES))
     add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service, read_when_admitted=("Infer",))
-    regions = SharedMemory()
+    regions = service.regions
     add_service(server, oip.oip_grpc.add_GRPCInferenceServiceServicer_to_server,
                 oip.InferenceService(service, regions, package_version("tandem")), read_when_admitted=("ModelInfer",))
     health = add_health(server)
@@ -367,7 +366,6 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     health.enter_graceful_shutdown()
     await asyncio.gather(server.stop(config.grace_s), http.stop())
     service.close()
-    regions.close()
     metrics.stop()
     for node in nodes:
         await node.close()

@@ -27,7 +27,7 @@ from edge_agent.server import OBJECTIVE_BY_NAME, Ask, EdgeAgentService
 from protos import tandem_pb2 as pb
 from runtimes.onnx_exec import InputError, OnnxModel
 from runtimes.rpc import UnknownModel, abort_for, bounded
-from runtimes.shared_memory import Lease, NotLocal, SharedMemory
+from runtimes.shared_memory import Lease, NotLocal, SharedMemory, peer_is_local
 
 SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "tandem-edge-agent"
@@ -138,6 +138,13 @@ def _from_contents(name: str, datatype: str, contents: oip.InferTensorContents, 
     return wide.astype(dtype)
 
 
+def _array(data: bytes | np.ndarray, dtype: np.dtype, shape: tuple[int, ...], name: str) -> np.ndarray:
+    array = np.frombuffer(data, dtype).reshape(shape)
+    if dtype.kind == "b" and array.size and np.frombuffer(data, np.uint8).max() > 1:
+        raise InputError(f"input '{name}' is BOOL; its bytes hold values other than 0 and 1")
+    return array
+
+
 def _check_contents(tensor: oip.ModelInferRequest.InferInputTensor, via: str) -> None:
     if tensor.HasField("contents") and tensor.contents.ListFields():
         raise InputError(f"input '{tensor.name}' has both contents and {via}: one is taken")
@@ -185,14 +192,14 @@ def decode_request(request: oip.ModelInferRequest, model: OnnxModel, lease: Leas
             if size != nbytes:
                 raise InputError(f"input '{name}' names {size} bytes of shared memory; shape {list(shape)} of "
                                  f"{tensor.datatype} is {nbytes}")
-            feeds[name] = lease.read(region, offset, size, f"input '{name}'").view(dtype).reshape(shape)
+            feeds[name] = _array(lease.read(region, offset, size, f"input '{name}'"), dtype, shape, name)
         elif raw_of:
             _check_contents(tensor, "raw_input_contents")
             data = raw_of[name]
             if len(data) != nbytes:
                 raise InputError(f"input '{name}' has {len(data)} bytes of raw contents; shape {list(shape)} of "
                                  f"{tensor.datatype} is {nbytes}")
-            feeds[name] = np.frombuffer(data, dtype).reshape(shape)
+            feeds[name] = _array(data, dtype, shape, name)
         else:
             feeds[name] = _from_contents(name, tensor.datatype, tensor.contents, math.prod(shape)).reshape(shape)
     names = [spec.name for spec in model.outputs]
@@ -267,15 +274,6 @@ class Exchange:
             else:
                 response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
         return response
-
-
-def peer_is_local(peer: str) -> bool:
-    """A gRPC peer string (ipv4:127.0.0.1:5000, ipv6:[::1]:5000, unix:...) on this machine."""
-    kind, _, address = peer.partition(":")
-    if kind == "unix":
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    return (kind == "ipv4" and host.startswith("127.")) or (kind == "ipv6" and host in ("::1", "::ffff:127.0.0.1"))
 
 
 class InferenceService(oip_grpc.GRPCInferenceServiceServicer):

@@ -19,6 +19,7 @@ from aiohttp import web
 from edge_agent import oip
 from edge_agent.oip import DTYPES, SHM_REGION
 from edge_agent.oip import oip as pb_oip
+from runtimes import shared_memory
 from runtimes.onnx_exec import InputError
 from runtimes.shared_memory import NotLocal, SharedMemory
 
@@ -179,7 +180,7 @@ def peer_is_local(request: web.Request) -> bool:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if not isinstance(peer, tuple):
         return True  # a unix socket
-    return oip.peer_is_local(f"ipv{'6' if ':' in peer[0] else '4'}:{peer[0]}:{peer[1]}")
+    return shared_memory.peer_is_local(f"ipv{'6' if ':' in peer[0] else '4'}:{peer[0]}:{peer[1]}")
 
 
 class InferenceRoutes:

@@ -5,13 +5,19 @@
         result.outputs["logits"], result.plan, result.measured["total_ms"]
 
 Server errors arrive as typed exceptions (``InvalidArgument``, ``NotFound``,
-...) carrying the server's message.
+...) carrying the server's message. ``EdgeClient(..., shared_memory=True)``
+passes tensors through POSIX shared memory instead of the socket, for apps
+on the agent's own board.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import logging
+import os
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +27,10 @@ import numpy as np
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
+from runtimes.shared_memory import OwnedRegion
 from runtimes.tracing import outgoing  # the app's current span as W3C traceparent metadata
+
+logger = logging.getLogger(__name__)
 
 OBJECTIVES = {None: pb.OBJECTIVE_UNSPECIFIED, "latency": pb.OBJECTIVE_LATENCY, "energy": pb.OBJECTIVE_ENERGY, "weighted": pb.OBJECTIVE_WEIGHTED}
 ENCODINGS = {None: pb.ENCODING_UNSPECIFIED, **codec.ENCODING_BY_NAME}
@@ -100,9 +109,11 @@ class InferResult:
     cut: tuple[str, ...] = ()      # SPLIT: the tensors that crossed
 
     @classmethod
-    def from_reply(cls, reply: pb.InferReply) -> "InferResult":
+    def from_reply(cls, reply: pb.InferReply, read_shared: Callable[[pb.Tensor], np.ndarray] | None = None
+                   ) -> "InferResult":
         return cls(
-            outputs={t.name: codec.decode(t) for t in reply.outputs},
+            outputs={t.name: codec.decode(t, read_shared(t) if read_shared and t.HasField("shared") else None)
+                     for t in reply.outputs},
             plan=reply.plan.label, planned=reply.planned.label,
             predicted=_stages(reply.predicted), measured=_stages(reply.measured) | {"plan_ms": reply.measured.plan_ms},
             predicted_energy_j=reply.predicted_energy_j, fell_back=reply.fell_back,
@@ -168,14 +179,122 @@ class Explanation:
         return next(c for c in self.candidates if c.plan == plan)
 
 
-def _infer_request(model: str, inputs: dict[str, Any], objective: str | None, plan: str | None, encoding: str | None) -> pb.InferRequest:
+def _infer_request(model: str, inputs: dict[str, Any], objective: str | None, plan: str | None, encoding: str | None,
+                   tensors: list[pb.Tensor] | None = None) -> pb.InferRequest:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of latency, energy, weighted; got {objective!r}")
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of raw, fp16, int8; got {encoding!r}")
-    tensors = [codec.encode(np.asarray(value), name) for name, value in inputs.items()]
+    if tensors is None:
+        tensors = [codec.encode(np.asarray(value), name) for name, value in inputs.items()]
     return pb.InferRequest(model=model, inputs=tensors, objective=OBJECTIVES[objective], plan=plan or "",
                            encoding=ENCODINGS[encoding])
+
+
+ALIGNMENT = 64  # each tensor's start in a region, as the agent aligns outputs (server.SHARED_ALIGNMENT)
+FIRST_OUTPUT_BYTES = 1 << 20  # the output region before a reply shows what the model gives
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGNMENT) * ALIGNMENT
+
+
+class _CallRegions:
+    """One call's inputs and outputs in shared memory: two regions this
+    process owns and the agent has registered, each grown (a new region) when
+    a request needs more than it holds."""
+
+    def __init__(self, register: Callable[[OwnedRegion], None], unregister: Callable[[OwnedRegion], None]) -> None:
+        self._register, self._unregister = register, unregister
+        self.inputs: OwnedRegion | None = None
+        self.outputs: OwnedRegion | None = None
+        self.output_bytes = FIRST_OUTPUT_BYTES
+
+    def _sized(self, region: OwnedRegion | None, size: int) -> OwnedRegion:
+        if region is not None and region.byte_size >= size:
+            return region
+        if region is not None:
+            self._unregister(region)
+            region.close()
+        fresh = OwnedRegion(f"tandem-sdk-{os.getpid()}-{secrets.token_hex(6)}", max(size, 4096))
+        try:
+            self._register(fresh)
+        except BaseException:
+            fresh.close()
+            raise
+        return fresh
+
+    def request(self, inputs: dict[str, Any]) -> tuple[list[pb.Tensor], pb.SharedBytes]:
+        """The inputs written into the input region, and the output region to offer."""
+        arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+        starts, end = {}, 0
+        for name, array in arrays.items():
+            starts[name] = _aligned(end)
+            end = starts[name] + array.nbytes
+        self.inputs = self._sized(self.inputs, end)
+        self.outputs = self._sized(self.outputs, self.output_bytes)
+        tensors = []
+        for name, array in arrays.items():
+            self.inputs.write(starts[name], array)
+            tensors.append(pb.Tensor(name=name, dtype=codec.dtype_to_pb(array.dtype), shape=array.shape,
+                                     encoding=pb.ENCODING_RAW, shared=pb.SharedBytes(
+                                         region=self.inputs.key, offset=starts[name], byte_size=array.nbytes)))
+        return tensors, pb.SharedBytes(region=self.outputs.key, offset=0, byte_size=self.outputs.byte_size)
+
+    def read(self, tensor: pb.Tensor) -> np.ndarray:
+        if tensor.shared.region != self.outputs.key:
+            raise codec.CodecError(f"output {tensor.name!r} names region {tensor.shared.region!r}, not this call's")
+        if tensor.shared.offset + tensor.shared.byte_size > self.outputs.byte_size:
+            raise codec.CodecError(f"output {tensor.name!r} lies beyond this call's output region")
+        return self.outputs.read(tensor.shared.offset, tensor.shared.byte_size)
+
+    def fit(self, reply: pb.InferReply) -> None:
+        """Room for every output next time, if some came inline for want of it."""
+        if any(not t.HasField("shared") for t in reply.outputs):
+            self.output_bytes = sum(_aligned(len(t.payload) or t.shared.byte_size) for t in reply.outputs)
+
+    def close(self) -> None:
+        for region in (self.inputs, self.outputs):
+            if region is not None:
+                with contextlib.suppress(grpc.RpcError):
+                    self._unregister(region)
+                region.close()
+
+
+class _SharedMemory:
+    """The client's shared-memory regions: a pair per call in flight, kept
+    for the next call. Registered with the agent over OIP's
+    SystemSharedMemoryRegister on the client's own channel."""
+
+    def __init__(self, channel: grpc.Channel, timeout: float | None) -> None:
+        from tritonclient.grpc import service_pb2 as oip  # the agent's OIP messages (see edge_agent.oip)
+        from tritonclient.grpc import service_pb2_grpc as oip_grpc
+
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        self._register = lambda region: stub.SystemSharedMemoryRegister(oip.SystemSharedMemoryRegisterRequest(
+            name=region.key, key=region.key, offset=0, byte_size=region.byte_size), timeout=timeout)
+        self._unregister = lambda region: stub.SystemSharedMemoryUnregister(
+            oip.SystemSharedMemoryUnregisterRequest(name=region.key), timeout=timeout)
+        self._idle: list[_CallRegions] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[_CallRegions]:
+        with self._lock:
+            regions = self._idle.pop() if self._idle else _CallRegions(self._register, self._unregister)
+        try:
+            yield regions
+        except BaseException:
+            regions.close()  # a failed call's regions may be half set up: never reused
+            raise
+        with self._lock:
+            self._idle.append(regions)
+
+    def close(self) -> None:
+        with self._lock:
+            for regions in self._idle:
+                regions.close()
+            self._idle.clear()
 
 
 def _explain_request(model: str, objective: str | None, link: dict[str, float] | None, encoding: str | None,
@@ -262,15 +381,33 @@ _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_rece
 
 
 class EdgeClient:
-    """Blocking client; ``deadline`` is seconds for one call."""
+    """Blocking client; ``deadline`` is seconds for one call. With
+    ``shared_memory`` tensors go through POSIX shared memory the agent maps
+    (it must run on this board, able to open the app's files in /dev/shm); if
+    the agent refuses the regions, the client says so once and uses the socket."""
 
-    def __init__(self, address: str, *, timeout: float | None = 30.0) -> None:
+    def __init__(self, address: str, *, timeout: float | None = 30.0, shared_memory: bool = False) -> None:
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = pb_grpc.EdgeAgentStub(self._channel)
         self.timeout = timeout
+        self._shared = _SharedMemory(self._channel, timeout) if shared_memory else None
 
     def infer(self, model: str, inputs: dict[str, Any], *, objective: str | None = None, plan: str | None = None,
               encoding: str | None = None, deadline: float | None = None) -> InferResult:
+        if self._shared is not None:
+            try:
+                with self._shared.call() as regions:
+                    tensors, output_region = regions.request(inputs)
+                    request = _infer_request(model, inputs, objective, plan, encoding, tensors)
+                    request.output_region.CopyFrom(output_region)
+                    with _agent_errors():
+                        reply = self._stub.Infer(request, timeout=deadline or self.timeout, metadata=outgoing())
+                    regions.fit(reply)
+                    return InferResult.from_reply(reply, regions.read)
+            except (grpc.RpcError, OSError) as exc:  # registering failed: the agent cannot map this process's memory
+                logger.warning("shared memory unavailable (%s); tensors go through the socket", exc)
+                self._shared.close()
+                self._shared = None
         request = _infer_request(model, inputs, objective, plan, encoding)
         with _agent_errors():
             return InferResult.from_reply(self._stub.Infer(request, timeout=deadline or self.timeout, metadata=outgoing()))
@@ -315,6 +452,8 @@ class EdgeClient:
         return _collect(list(self.generate(prompt, **kwargs)))
 
     def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
         self._channel.close()
 
     def __enter__(self) -> "EdgeClient":

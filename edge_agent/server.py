@@ -60,6 +60,7 @@ from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import BadReply, InputError, OnnxModel
 from runtimes.profile_book import ProfileBook, Unplanned, shape_specs
 from runtimes.rpc import APP_STREAM_WINDOW_BYTES, NoFeasiblePlan, Unread, abort_for
+from runtimes.shared_memory import Lease, SharedMemory, peer_is_local
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ logger = logging.getLogger(__name__)
 # resnet requests under a 256 MiB budget peaked up to 311 MiB above the agent's
 # idle RSS; with 5, 148-151 MiB in 3 runs (python -m bench.memory).
 RUNNING_BYTES_PER_REQUEST_BYTE = 5
+SHARED_ALIGNMENT = 64  # where each output starts in an app's output region: a cache line, as numpy and onnxruntime align
 QUEUED_CALL_BYTES = APP_STREAM_WINDOW_BYTES  # a call waiting unread: what the server buffers of it
 EXPECTED_DECAY = 0.8  # per request: one large request sets the room the next ones wait for, for a few
 
@@ -131,8 +133,34 @@ class Ask:
     encoding: int = pb.ENCODING_UNSPECIFIED
 
 
-def tandem_ask(request: pb.InferRequest) -> Ask:
-    return Ask(request.model, lambda model: decode_all(request.inputs), request.plan, request.objective, request.encoding)
+def tandem_ask(request: pb.InferRequest, lease: Lease) -> Ask:
+    """Tandem's own Infer as an ``Ask``; tensors in shared memory are read out of the app's region."""
+    if request.HasField("output_region"):  # held from now on, so it cannot go before the reply is written
+        region = request.output_region
+        lease.take(region.region, region.offset, region.byte_size, "the output region")
+
+    def read_shared(tensor: pb.Tensor) -> np.ndarray:
+        return lease.read(tensor.shared.region, tensor.shared.offset, tensor.shared.byte_size, f"input '{tensor.name}'")
+
+    return Ask(request.model, lambda model: decode_all(request.inputs, read_shared), request.plan, request.objective,
+               request.encoding)
+
+
+def reply_tensors(outputs: dict[str, np.ndarray], region: pb.SharedBytes | None, lease: Lease) -> list[pb.Tensor]:
+    """The outputs written into the app's region where they fit, in order at
+    ``SHARED_ALIGNMENT``, and the rest inline (raw)."""
+    tensors, end = [], 0
+    for name, array in outputs.items():
+        start = -(-end // SHARED_ALIGNMENT) * SHARED_ALIGNMENT
+        if region is None or start + array.nbytes > region.byte_size:
+            tensors.append(codec.encode(array, name, pb.ENCODING_RAW))
+            continue
+        lease.write(region.region, region.offset + start, array.nbytes, array, f"output '{name}'")
+        tensors.append(pb.Tensor(name=name, dtype=codec.dtype_to_pb(array.dtype), shape=array.shape,
+                                 encoding=pb.ENCODING_RAW, shared=pb.SharedBytes(
+                                     region=region.region, offset=region.offset + start, byte_size=array.nbytes)))
+        end = start + array.nbytes
+    return tensors
 
 
 def stage_times(stages: Stages | StagePrediction, total_ms: float, plan_ms: float = 0.0) -> pb.StageTimes:
@@ -262,6 +290,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                  power: Power, metrics: Metrics, power_figures: PowerFigures, device_name: str, codec_speed: dict[int, CodecSpeed], policies: PolicySet,
                  max_concurrency: int, max_queue: int, generator: Generator, memory_bytes: int) -> None:
         self.store = store
+        self.regions = SharedMemory()  # what apps on this board registered, for Infer and OIP alike
         self.generator = generator
         self.book = book
         self.nodes = nodes
@@ -671,11 +700,19 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def Infer(self, call: Unread[pb.InferRequest], context: grpc.aio.ServicerContext) -> pb.InferReply:
         try:
-            outputs, reply = await self.serve_tensors("tandem.EdgeAgent/Infer", call, tandem_ask, context.time_remaining,
-                                                      context.invocation_metadata())
+            with self.regions.lease(local=peer_is_local(context.peer())) as lease:
+                asked: list[pb.InferRequest] = []
+
+                def ask_of(request: pb.InferRequest) -> Ask:
+                    asked.append(request)
+                    return tandem_ask(request, lease)
+
+                outputs, reply = await self.serve_tensors("tandem.EdgeAgent/Infer", call, ask_of,
+                                                          context.time_remaining, context.invocation_metadata())
+                region = asked[0].output_region if asked[0].HasField("output_region") else None
+                reply.outputs.extend(reply_tensors(outputs, region, lease))
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
             await abort_for(context, exc)
-        reply.outputs.extend(encode_all(outputs, pb.ENCODING_RAW))
         return reply
 
     async def serve_tensors(self, method: str, call: Unread, ask_of: Callable[[object], Ask],
@@ -973,3 +1010,4 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.book.close()
         self.generator.llms.close()
+        self.regions.close()

@@ -332,11 +332,13 @@ def encode(array: np.ndarray, name: str = "", encoding: int = pb.ENCODING_RAW) -
     return msg
 
 
-def decode(msg: pb.Tensor) -> np.ndarray:
+def decode(msg: pb.Tensor, payload: bytes | np.ndarray | None = None) -> np.ndarray:
     """The array ``msg`` carries, validated against everything it declares.
 
     RAW (and FP16 of a float16 tensor) returns a read-only, zero-copy view of
     the payload bytes; other encodings return a fresh writeable array.
+    ``payload`` stands for ``msg.payload`` when the bytes came another way
+    (a shared-memory region the message names).
     """
     label = _label(msg.name)
     if msg.dtype == pb.DTYPE_UNSPECIFIED:
@@ -356,8 +358,10 @@ def decode(msg: pb.Tensor) -> np.ndarray:
         )
     shape, count = _checked_shape(msg.shape, label)
     expected = _checked_payload_size(count, dtype, encoding, label)
+    if msg.HasField("shared") and payload is None:
+        raise CodecError(f"{label}: its bytes are in shared memory, which only the edge agent's app port reads")
     # upb builds a new bytes object on every access to a bytes field: read it once.
-    payload = msg.payload
+    payload = msg.payload if payload is None else payload
     if len(payload) != expected:
         raise CodecError(
             f"{label}: payload is {len(payload)} bytes, expected {expected} bytes for shape {list(shape)} "

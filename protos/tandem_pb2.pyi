@@ -64,7 +64,7 @@ PLAN_SPLIT: PlanKind
 PLAN_REMOTE: PlanKind
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "payload", "encoding", "scale", "zero_point")
+    __slots__ = ("name", "dtype", "shape", "payload", "encoding", "scale", "zero_point", "shared")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Tensor(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -79,7 +80,18 @@ class Tensor(_message.Message):
     encoding: Encoding
     scale: float
     zero_point: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ...) -> None: ...
+    shared: SharedBytes
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ..., shared: _Optional[_Union[SharedBytes, _Mapping]] = ...) -> None: ...
+
+class SharedBytes(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
     __slots__ = ("in_flight", "queued", "max_concurrency", "max_queue", "queue_delay_ms", "cpu_percent")
@@ -430,18 +442,20 @@ class StageTimes(_message.Message):
     def __init__(self, edge_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., plan_ms: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "inputs", "objective", "plan", "encoding")
+    __slots__ = ("model", "inputs", "objective", "plan", "encoding", "output_region")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     objective: Objective
     plan: str
     encoding: Encoding
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., objective: _Optional[_Union[Objective, str]] = ..., plan: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+    output_region: SharedBytes
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., objective: _Optional[_Union[Objective, str]] = ..., plan: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., output_region: _Optional[_Union[SharedBytes, _Mapping]] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("outputs", "plan", "planned", "predicted", "measured", "predicted_energy_j", "fell_back", "fallback_reason", "node", "constraints_met", "reason")

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,15 @@ def _spec_msg(spec: TensorSpec) -> pb.TensorSpec:
     return pb.TensorSpec(name=spec.name, dtype=codec.dtype_to_pb(spec.dtype), shape=shape)
 
 
-def decode_all(tensors) -> dict[str, np.ndarray]:
-    """Decode request tensors; a name given twice is refused, not silently overwritten."""
+def decode_all(tensors, read_shared: Callable[[pb.Tensor], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Decode request tensors; a name given twice is refused, not silently
+    overwritten. ``read_shared`` fetches the bytes of a tensor held in shared memory."""
     feeds: dict[str, np.ndarray] = {}
     for tensor in tensors:
         if tensor.name in feeds:
             raise InputError(f"tensor {tensor.name!r} is given more than once")
-        feeds[tensor.name] = codec.decode(tensor)
+        shared = read_shared is not None and tensor.HasField("shared")
+        feeds[tensor.name] = codec.decode(tensor, read_shared(tensor) if shared else None)
     return feeds
 
 

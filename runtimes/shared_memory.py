@@ -101,6 +101,8 @@ class SharedMemory:
         if name in self._regions:
             raise RegionExists(f"shared-memory region '{name}' is already registered")
         if len(self._regions) >= self.max_regions:
+            self._forget_unlinked()
+        if len(self._regions) >= self.max_regions:
             raise RegionError(f"{self.max_regions} shared-memory regions are registered; unregister one first")
         if not KEY.fullmatch(key) or key.lstrip("/") in (".", ".."):
             raise RegionError(f"shared-memory key {key[:200]!r} is not a POSIX shared-memory name "
@@ -150,6 +152,14 @@ class SharedMemory:
             region.close()
         self._regions.clear()
 
+    def _forget_unlinked(self) -> None:
+        """Regions whose object its owner has unlinked (an app that ended
+        without unregistering) and no request uses: nobody can name their
+        memory again, so they only hold a descriptor and a mapping."""
+        for name, region in list(self._regions.items()):
+            if not region.users and os.fstat(region.fd).st_nlink == 0:
+                self._regions.pop(name).close()
+
     @contextlib.contextmanager
     def lease(self, *, local: bool) -> Iterator[Lease]:
         """The regions one request uses, held until it has its reply."""
@@ -165,6 +175,15 @@ class SharedMemory:
         if region is None:
             raise RegionError(f"no shared-memory region '{name}' is registered")
         return region
+
+
+def peer_is_local(peer: str) -> bool:
+    """Whether a gRPC peer (ipv4:127.0.0.1:5000, ipv6:[::1]:5000, unix:...) is on this machine."""
+    kind, _, address = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    return (kind == "ipv4" and host.startswith("127.")) or (kind == "ipv6" and host in ("::1", "::ffff:127.0.0.1"))
 
 
 @dataclass
@@ -184,10 +203,10 @@ class Lease:
             self.held.append(region)
 
     def read(self, name: str, offset: int, size: int, what: str) -> np.ndarray:
-        """A copy of the bytes (see the module's docstring for why a copy)."""
+        """A copy of the bytes, the region held (see the module's docstring for why a copy)."""
+        self.take(name, offset, size, what)
         region = self.memory._get(name)
-        start = region.span(offset, size, what)
-        return np.frombuffer(region.mapped, np.uint8, size, start).copy()
+        return np.frombuffer(region.mapped, np.uint8, size, region.span(offset, size, what)).copy()
 
     def write(self, name: str, offset: int, size: int, array: np.ndarray, what: str) -> None:
         if array.nbytes > size:
@@ -198,3 +217,35 @@ class Lease:
         target = np.frombuffer(region.mapped, np.uint8, array.nbytes, start)
         target[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         del target  # the mapping cannot close while an array points into it
+
+
+class OwnedRegion:
+    """A shared-memory object an app creates for its own tensors (the SDK's
+    side): readable and writable by its owner and group only, unlinked on close."""
+
+    def __init__(self, key: str, byte_size: int, root: Path = SHM_ROOT) -> None:
+        if not KEY.fullmatch(key):
+            raise ValueError(f"{key!r} is not a POSIX shared-memory name")
+        self.key, self.byte_size = key, byte_size
+        self.path = root / key.lstrip("/")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
+        try:
+            os.ftruncate(fd, byte_size)
+            self.mapped = mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        os.close(fd)  # the mapping keeps the object
+
+    def write(self, offset: int, array: np.ndarray) -> None:
+        target = np.frombuffer(self.mapped, np.uint8, array.nbytes, offset)
+        target[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        del target
+
+    def read(self, offset: int, size: int) -> np.ndarray:
+        return np.frombuffer(self.mapped, np.uint8, size, offset).copy()
+
+    def close(self) -> None:
+        self.mapped.close()
+        self.path.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
+from edge_agent import sdk
 from runtimes import launch
 from runtimes.shared_memory import Lease, RegionError, RegionInUse, SharedMemory
 from tests.test_runtime import ATOL, RTOL, direct, image
@@ -249,4 +250,40 @@ def test_regions_are_checked_before_they_are_used(tmp_path: Path) -> None:
         Lease(memory, local=True).read("r", 0, 4, "input 'x'")
     memory.unregister("r")
     assert memory.status() == []
+    memory.close()
+
+
+def test_the_sdk_through_shared_memory_equals_the_socket(agent: launch.Daemon, model_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sdk, "FIRST_OUTPUT_BYTES", 64)  # too small for the logits: the first reply brings them inline
+    x = image(2, seed=11)
+    with sdk.EdgeClient(agent.address) as socket, sdk.EdgeClient(agent.address, shared_memory=True) as shared:
+        for model, plan in (("mobilenet", "local"), ("resnet", "local"), ("resnet", "split:4"), ("resnet", "remote")):
+            batch = x[:1] if model == "mobilenet" else x
+            for _ in range(2):  # the second one's logits come back in the grown output region
+                result = shared.infer(model, {"input": batch}, plan=plan)
+                expected = socket.infer(model, {"input": batch}, plan=plan)
+                assert (result.plan, result.fell_back) == (plan, False), result.fallback_reason
+                np.testing.assert_array_equal(result.outputs["logits"], expected.outputs["logits"])
+                np.testing.assert_allclose(result.outputs["logits"], direct(model_dir, model, batch), rtol=RTOL, atol=ATOL)
+        regions = shared._shared._idle[0]
+        keys = [regions.inputs.key, regions.outputs.key]
+        assert regions.outputs.byte_size >= 2 * 1000 * 4 and all(os.path.exists(f"/dev/shm/{k}") for k in keys)
+        with grpcclient.InferenceServerClient(agent.address) as client:
+            assert set(keys) <= set(client.get_system_shared_memory_status().regions)
+    assert not any(os.path.exists(f"/dev/shm/{k}") for k in keys)  # unlinked, and unregistered:
+    with grpcclient.InferenceServerClient(agent.address) as client:
+        assert not set(keys) & set(client.get_system_shared_memory_status().regions)
+
+
+def test_regions_of_apps_that_ended_without_unregistering_make_room(tmp_path: Path) -> None:
+    memory = SharedMemory(root=tmp_path, max_regions=2)
+    for key in ("a", "b", "c"):
+        (tmp_path / key).write_bytes(bytes(16))
+    memory.register("a", "a", 0, 16)
+    memory.register("b", "b", 0, 16)
+    with pytest.raises(RegionError, match="unregister one first"):
+        memory.register("c", "c", 0, 16)
+    (tmp_path / "a").unlink()  # its app is gone
+    memory.register("c", "c", 0, 16)
+    assert sorted(r.name for r in memory.status()) == ["b", "c"]
     memory.close()

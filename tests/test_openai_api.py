@@ -196,3 +196,22 @@ def test_a_node_killed_mid_stream_finishes_the_sse_stream_on_the_device(model_di
     assert "".join(texts) == reference.choices[0].text  # none lost, none repeated
     assert len(texts) == usage.completion_tokens == reference.usage.completion_tokens
     assert facts["fell_back"] and facts["plan"] == "local" and facts["planned"] == "remote" and facts["switched_at_token"] >= 5
+
+
+def test_a_full_agent_answers_429_with_retry_after_and_503_when_nothing_can_serve(model_dir: Path) -> None:
+    with launch.edge_agent(model_dir, [], "--llm", "smollm2", "--llm-slots", "1", "--llm-max-queue", "0",
+                           "--http-listen", "127.0.0.1:0") as agent:
+        client = client_for(agent)
+        stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": STORY}],
+                                                max_tokens=1500, temperature=0, stream=True)
+        chunks = iter(stream)
+        next(chunks)  # the only slot is taken, and no queue is allowed
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4)
+        code, headers, body = post(agent.ready["http"] + "/v1/completions",
+                                   json.dumps({"model": "smollm2", "prompt": "Hi", "max_tokens": 2}).encode())
+        assert code == 429 and int(headers["Retry-After"]) >= 1 and body["error"]["type"] == "rate_limit_error"
+        stream.close()
+        code, _, body = post(agent.ready["http"] + "/v1/completions", json.dumps(
+            {"model": "smollm2", "prompt": "Hi", "max_tokens": 2, "tandem": {"plan": "remote"}}).encode())
+        assert code == 503, body  # no node to run it on, and the caller pinned it there

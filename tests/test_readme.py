@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-README_PORTS = ("50051", "50052")  # the agent's and the node's, as the README writes them
+README_PORTS = ("50051", "50052", "8000")  # the agent's, the node's and the agent's HTTP port, as the README writes them
 
 
 def section_blocks(section: str, language: str) -> list[str]:
@@ -39,47 +39,78 @@ def serving(address: str, timeout_s: float) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_the_using_it_section_runs_as_written(tmp_path: Path) -> None:
-    ports = {port: free_port() for port in README_PORTS}
+class Section:
+    """A README section run as written, on free ports instead of the ones it names."""
 
-    def ours(text: str) -> str:
-        for written, free in ports.items():
+    def __init__(self, name: str, tmp_path: Path) -> None:
+        self.name, self.tmp_path = name, tmp_path
+        self.ports = {port: free_port() for port in README_PORTS}
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        self.daemons: list[subprocess.Popen] = []
+
+    def ours(self, text: str) -> str:
+        for written, free in self.ports.items():
             text = text.replace(written, free)
         return text
 
-    start, tune = section_blocks("Using it", "sh")[:2]
-    (example,) = section_blocks("Using it", "python")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    daemons: list[subprocess.Popen] = []
-    try:
-        for line in ours(start).splitlines():
+    def start(self, block: str) -> None:
+        """Run the block's commands; those ending in ``&`` stay running as daemons, awaited until serving."""
+        for line in self.ours(block).splitlines():
             argv = shlex.split(line, comments=True)
             if not argv:
                 continue
             if argv[-1] == "&":
-                with open(tmp_path / f"{argv[0]}.log", "wb") as log:  # the child keeps its own descriptor
-                    daemons.append(subprocess.Popen(argv[:-1], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
+                with open(self.tmp_path / f"{argv[0]}.log", "wb") as log:  # the child keeps its own descriptor
+                    self.daemons.append(subprocess.Popen(argv[:-1], cwd=self.tmp_path, env=self.env, stdout=log,
+                                                         stderr=subprocess.STDOUT))
             else:
-                done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                done = subprocess.run(argv, cwd=self.tmp_path, env=self.env, capture_output=True, text=True, timeout=300)
                 assert done.returncode == 0, (line, done.stderr[-2000:])
-        assert len(daemons) == 2, "the section starts a node and an agent"
-        for port in ports.values():
+        assert len(self.daemons) == 2, f"the {self.name} section starts a node and an agent"
+        for port in (self.ports["50051"], self.ports["50052"]):
             serving(f"127.0.0.1:{port}", timeout_s=300)
+
+    def run_python(self, block: str) -> str:
+        done = subprocess.run([sys.executable, "-c", self.ours(block)], cwd=self.tmp_path, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.send_signal(signal.SIGTERM)
+        for daemon in self.daemons:
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+
+
+def test_the_using_it_section_runs_as_written(tmp_path: Path) -> None:
+    section = Section("Using it", tmp_path)
+    start, tune = section_blocks("Using it", "sh")[:2]
+    (example,) = section_blocks("Using it", "python")
+    env, ours = section.env, section.ours
+    try:
+        section.start(start)
         for line in ours(tune).splitlines():
             argv = shlex.split(line, comments=True)
             if argv:
                 done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
                 assert done.returncode == 0, (line, done.stdout[-2000:], done.stderr[-2000:])
         assert (tmp_path / "sweep.png").stat().st_size > 0 and (tmp_path / "policy.toml").stat().st_size > 0
-        done = subprocess.run([sys.executable, "-c", ours(example)], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.strip(), "the generation printed its tokens"
+        assert section.run_python(example).strip(), "the generation printed its tokens"
     finally:
-        for daemon in daemons:
-            daemon.send_signal(signal.SIGTERM)
-        for daemon in daemons:
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+        section.stop()
+
+
+def test_the_openai_and_kserve_section_runs_as_written(tmp_path: Path) -> None:
+    section = Section("From OpenAI and KServe clients", tmp_path)
+    (start,) = section_blocks(section.name, "sh")
+    (example,) = section_blocks(section.name, "python")
+    try:
+        section.start(start)
+        printed = section.run_python(example).splitlines()
+        assert printed[-1] == "(1, 1000) split:13", printed
+    finally:
+        section.stop()
