@@ -3,7 +3,8 @@
     python -m bench.overhead [--runs 200] [--json bench/results/overhead.json]
 
 For the chain model, median latency of (a) bare ``InferenceSession.run``,
-(b) the agent's LOCAL plan through the SDK, (c) SPLIT at the middle cut over
+(b) the agent's LOCAL plan through the SDK (over the socket, and through
+shared memory), (c) SPLIT at the middle cut over
 loopback, (d) REMOTE, (e) LOCAL through the Open Inference Protocol with
 tritonclient (gRPC over the socket, gRPC with system shared memory, and
 REST with binary tensors), and the gRPC transport floor (the same request
@@ -182,7 +183,7 @@ def main() -> int:
         small_echo = EchoServer(reply_bytes=400)  # about a ModelInferResponse whose logits went to shared memory
         with launch.cloud_node(models) as node, \
                 launch.edge_agent(models, [node.address], "--http-listen", "127.0.0.1:0") as agent, \
-                EdgeClient(agent.address) as client:
+                EdgeClient(agent.address) as client, EdgeClient(agent.address, shared_memory=True) as shared:
             wait_until_measured(client)
             oip = OipCalls(agent, x, logits_bytes=1000 * 4)
             cuts = next(m.num_cuts for m in client.models() if m.name == "mobilenet")
@@ -192,6 +193,7 @@ def main() -> int:
                 "gRPC echo of the same request (no compute)": lambda: echo.call(request_bytes, timeout=10),
                 "gRPC echo of a shared-memory request (no compute)": lambda: small_echo.call(oip.request_bytes, timeout=10),
                 "agent LOCAL (SDK)": lambda: client.infer("mobilenet", {"input": x}, plan="local"),
+                "agent LOCAL (SDK, shared memory)": lambda: shared.infer("mobilenet", {"input": x}, plan="local"),
                 f"agent SPLIT {middle} (loopback)": lambda: client.infer("mobilenet", {"input": x}, plan=middle),
                 "agent REMOTE (loopback)": lambda: client.infer("mobilenet", {"input": x}, plan="remote"),
                 OIP_SOCKET: oip.socket,

@@ -47,6 +47,14 @@ def _object(value: Any, what: str) -> dict:
     return value
 
 
+def json_object(body: bytes) -> dict:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 is a ValueError too; nesting too deep, a RecursionError
+        raise InputError(f"the request is not valid JSON: {exc}") from None
+    return _object(doc, "the request")
+
+
 def json_tensor_bytes(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> bytes:
     """A JSON ``data`` list (flat or nested, row-major) as the tensor's raw bytes, refused
     rather than converted when a value does not fit the datatype."""
@@ -79,11 +87,7 @@ def request_from_json(body: bytes, header_length: str | None, model: str, versio
         if not header_length.isdigit() or int(header_length) > len(body):
             raise InputError(f"{HEADER_LENGTH} is {header_length[:40]!r}, for a body of {len(body)} bytes")
         header, binary = body[:int(header_length)], memoryview(body)[int(header_length):]
-    try:
-        doc = json.loads(header)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"the request is not valid JSON: {exc}") from None
-    doc = _object(doc, "the request")
+    doc = json_object(header)
     request = pb_oip.ModelInferRequest(model_name=model, model_version=version, id=str(doc.get("id", "")))
     for key, value in _object(doc.get("parameters"), "parameters").items():
         request.parameters[key].CopyFrom(json_parameter(key, value))
@@ -241,10 +245,7 @@ class InferenceRoutes:
     async def shm_register(self, request: web.Request) -> web.Response:
         if not peer_is_local(request):
             raise NotLocal("shared memory is for apps on this device; this caller is not")
-        try:
-            doc = _object(json.loads(await request.read()), "the request")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"the request is not valid JSON: {exc}") from None
+        doc = json_object(await request.read())
         key, offset, size = doc.get("key"), doc.get("offset", 0), doc.get("byte_size")
         if not isinstance(key, str) or not _is_int(offset) or not _is_int(size):
             raise InputError("registering a region takes key (a string), offset and byte_size (integers)")

@@ -158,6 +158,11 @@ def test_bad_rest_bodies_get_400_with_the_reason(agent: launch.Daemon) -> None:
     cases = [
         (b"{not json", "not valid JSON"),
         (b"[]", "JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": ' + b"[" * 100 + b"1" + b"]" * 100
+         + b"}]}", "not a regular array"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": [1], '
+         b'"parameters": {"binary_data_size": 4}}]}', "binary_data_size"),
         (tensor([1.5, "a"]), "non-numbers"),
         (tensor([True, False]), "booleans"),
         (tensor([[1.0], [2.0, 3.0]]), "not a regular array"),
