@@ -1,9 +1,8 @@
 """KServe v2 / Open Inference Protocol (OIP) for tensor models, on the
 agent's gRPC port: what tritonclient, KServe's and Triton's clients speak.
 
-The messages and stubs are the ones tritonclient generates from the
-official definition (grpc_service.proto); we take them from there rather
-than write our own copy. A ModelInfer becomes an ``Ask`` and goes through
+The messages and stubs come from protos.oip (tritonclient's modules
+generated from the official definition). A ModelInfer becomes an ``Ask`` and goes through
 the agent's one pipeline (``EdgeAgentService.serve_tensors``): the same
 admission, planner, fallback and metrics as Tandem's own Infer. The REST
 form (``/v2`` in http_api) translates its JSON into these same messages.
@@ -18,13 +17,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-# tritonclient.grpc's package __init__ imports its client, which needs the
-# `packaging` module; the generated modules themselves need only protobuf.
-from tritonclient.grpc import service_pb2 as oip
-from tritonclient.grpc import service_pb2_grpc as oip_grpc
-
 from edge_agent.server import OBJECTIVE_BY_NAME, Ask, EdgeAgentService
 from protos import tandem_pb2 as pb
+from protos.oip import DTYPES, datatype_or_none, typed_array
+from protos.oip import messages as oip
+from protos.oip import services as oip_grpc
 from runtimes.onnx_exec import InputError, OnnxModel
 from runtimes.rpc import UnknownModel, abort_for, bounded
 from runtimes.shared_memory import Lease, NotLocal, SharedMemory, peer_is_local
@@ -35,27 +32,12 @@ EXTENSIONS = ("binary_tensor_data", "system_shared_memory", "parameters")
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for an ONNX model run by onnxruntime
 VERSION = "1"  # the agent serves one version of each model
 
-# OIP datatypes as numpy dtypes; on the wire every tensor is little-endian.
-# BYTES (strings) and BF16 have no numpy counterpart Tandem's models take.
-DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
-}
-DATATYPES: dict[np.dtype, str] = {dtype.newbyteorder("="): name for name, dtype in DTYPES.items()}
-# The typed field of InferTensorContents each datatype travels in (the
-# definition's comments); FP16 has none: it travels raw only.
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
-}
 MAX_RANK = 32  # numpy's own limit is 64; no model here has more than a handful of dims
 SHM_REGION, SHM_OFFSET, SHM_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 
 
 def datatype_of(dtype: np.dtype) -> str:
-    name = DATATYPES.get(np.dtype(dtype).newbyteorder("="))
+    name = datatype_or_none(dtype)
     if name is None:
         raise InputError(f"{dtype} has no Open Inference Protocol datatype")
     return name
@@ -124,18 +106,10 @@ def checked_shape(name: str, dims) -> tuple[int, ...]:
 
 
 def _from_contents(name: str, datatype: str, contents: oip.InferTensorContents, count: int) -> np.ndarray:
-    field = CONTENTS_FIELD.get(datatype)
-    if field is None:
-        raise InputError(f"input '{name}' is {datatype}, which travels in raw_input_contents only")
-    values = getattr(contents, field)
-    if len(values) != count:
-        raise InputError(f"input '{name}' has {len(values)} values in {field}; its shape holds {count}")
-    dtype = DTYPES[datatype]
-    wide = np.array(values, dtype=np.float64 if dtype.kind == "f" else np.bool_ if dtype.kind == "b"
-                    else np.uint64 if dtype.kind == "u" else np.int64)
-    if dtype.kind in "iu" and wide.size and (wide.min() < np.iinfo(dtype).min or wide.max() > np.iinfo(dtype).max):
-        raise InputError(f"input '{name}' has values outside {datatype}'s range")
-    return wide.astype(dtype)
+    try:
+        return typed_array(f"input '{name}'", datatype, contents, count)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _array(data: bytes | np.ndarray, dtype: np.dtype, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -5,6 +5,7 @@
     offload-tune sweep MODEL --device NAME [--bandwidths ...] [--objective ...] [--png FILE] [--json]
     offload-tune explain MODEL --device NAME --bandwidth MBPS [--json]
     offload-tune write-policy MODEL [MODEL ...] --device NAME -o policy.toml
+    offload-tune export-suffixes MODEL [--cuts all|none|K,K,...] -o REPO
 
 MODEL is an .onnx file (planned LOCAL / SPLIT / REMOTE) or, for sweep and
 explain, a .gguf file (LOCAL vs REMOTE by prompt and generation length).
@@ -36,6 +37,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from offload_tune import llm_table
+from offload_tune.export import ExportError, export_repository
 from offload_tune.plot import plot_sweep
 from offload_tune.scenario import (
     DEFAULT_RTT_MS,
@@ -376,6 +378,34 @@ def write_policy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    model = load_model(Path(args.model), whole_ok=args.cuts == "none")
+    if args.cuts in ("all", "none"):
+        cuts = None if args.cuts == "all" else []
+    else:
+        try:
+            cuts = [int(k) for k in args.cuts.split(",")]
+        except ValueError:
+            raise ToolError(f"--cuts: {args.cuts!r} is not all, none or a comma-separated list of cut numbers") from None
+    total = 1 + (model.num_segments - 1 if cuts is None else len(set(cuts)))
+    with Progress(console=err, transient=True, disable=args.json) as bar:
+        task = bar.add_task(f"exporting {model.name}", total=total)
+        try:
+            exported = export_repository(model, Path(args.output), cuts, progress=lambda name: bar.advance(task))
+        except ExportError as exc:
+            raise ToolError(f"{model.name}: {exc}") from None
+    if args.json:
+        print(json.dumps({"repository": args.output, "models": [
+            {"name": e.name, "cut": e.cut, "path": str(e.path), "inputs": list(e.inputs)} for e in exported]}, indent=2))
+    else:
+        table = Table("model", "cut", "inputs")
+        for e in exported:
+            table.add_row(e.name, "whole" if e.cut == 0 else str(e.cut), ", ".join(e.inputs))
+        out.print(table)
+    err.print(f"wrote {len(exported)} models to {args.output}")
+    return 0
+
+
 # --- arguments --------------------------------------------------------------------
 
 
@@ -458,10 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--llm-remote-tokens-per-hour", type=int)
     policy.add_argument("--quiet", action="store_true", help="do not print the policy")
     policy.add_argument("--json", action="store_true", help="print what was written as JSON (file, policy text, cuts per model)")
+
+    export = commands.add_parser("export-suffixes",
+                                 help="a Triton/KServe model repository: the model and one model per SPLIT suffix")
+    export.add_argument("model", help="an .onnx file")
+    export.add_argument("-o", "--output", required=True, help="repository directory (created; entries replaced)")
+    export.add_argument("--cuts", default="all",
+                        help="all (every chain cut), none (the whole model only), or a comma-separated list")
+    export.add_argument("--json", action="store_true", help="print what was written as JSON")
     return parser
 
 
-COMMANDS = {"profile": profile_command, "link": link_command, "sweep": sweep_command, "explain": explain_command,
+COMMANDS = {"export-suffixes": export_command, "profile": profile_command, "link": link_command, "sweep": sweep_command, "explain": explain_command,
             "write-policy": write_policy_command}
 
 

@@ -202,6 +202,10 @@ class ModelGraph:
         _, used_inits, _ = _prefix_parts(self, cut)
         return sum(a.initializer_bytes[n] for n in used_inits)
 
+    def boundary(self, tensor: str) -> ValueInfoProto:
+        """The type (and shape, where known) ``tensor`` has as a sub-model's input or output."""
+        return _value_info(self, tensor, self.model.graph.input)
+
     def crossable(self, tensor: str) -> bool:
         """Whether `tensor` can be a sub-model boundary (a typed plain tensor), so it may cross a cut."""
         return tensor in self._facts().crossable

@@ -79,6 +79,10 @@ class NodeSegments:
     node: str
     segment_ms: tuple[float, ...]  # n segment times on the node, ms
     overhead_ms: float             # its cost of one run, ms
+    # The chain cuts (0: the whole model) the node can run; None: every one, and
+    # any codec and DAG cut. A node with a set (an engine hosting the suffixes
+    # offload-tune exported) runs only those, its tensors raw.
+    cuts: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ class PlanTable:
         self.edge_prefix = np.array(_prefix_sums(costs.edge_segment_ms))                  # n + 1
         self.cloud_suffix = np.array([_suffix_sums(s.segment_ms)[:n] for s in nodes]).reshape(len(nodes), n)
         self.cloud_overhead = np.array([s.overhead_ms for s in nodes])
+        # chain plans a node does not offer, and nodes that take no lossy codec nor DAG cut
+        self.node_absent = np.array([[s.cuts is not None and k not in s.cuts for k in range(n)] for s in nodes],
+                                    dtype=bool).reshape(len(nodes), n)
+        self.node_raw_only = np.array([s.cuts is not None for s in nodes], dtype=bool)
         self.memory = np.array(costs.edge_memory_bytes, dtype=np.int64)                  # n + 1
         # the hard constraints of chain plans, per k: no request figure moves them
         limit, cuts, ks = constraints.memory_limit_bytes, constraints.allowed_cuts, np.arange(n)
@@ -214,10 +222,13 @@ class PlanTable:
                 continue
             score, bits = request.chain(c)
             picked = np.full(request.m, -1)
-            for allowed in (usable & (bits == 0), usable & (bits & HARD_BITS == 0), np.broadcast_to(usable, bits.shape)):
+            present = usable & (bits & ABSENT == 0)
+            for allowed in (usable & (bits == 0), present & (bits & HARD_BITS == 0), present):
                 best = self.n - 1 - np.argmin(np.where(allowed, score, math.inf)[:, ::-1], axis=1)  # highest k of equals
                 picked = np.where((picked < 0) & allowed.any(axis=1), best, picked)
-            slots.append(_Slot(c, None, picked, score[rows, picked], bits[rows, picked]))
+            offered = picked >= 0  # a node that offers no plan under this codec has no slot
+            picked = np.where(offered, picked, 0)
+            slots.append(_Slot(c, None, picked, score[rows, picked], bits[rows, picked] | np.where(offered, 0, ABSENT)))
             if held_codec == codec.name and 0 <= held_k < self.n and usable[held_k]:
                 ks = np.full(request.m, held_k)
                 slots.append(_Slot(c, None, ks, score[:, held_k], bits[:, held_k] | np.where(picked == held_k, ABSENT, 0)))
@@ -227,7 +238,7 @@ class PlanTable:
                    dag_cuts: Sequence[DagCut], dag_min_gain: float, keep: frozenset[str]) -> list[_Slot]:
         """Each DAG cut on the nodes that run its cloud side, where it beats the
         node's best chain split the policy allows by ``dag_min_gain`` (or is pinned or held)."""
-        legal = chain_bits[:, 1:] & HARD_BITS == 0
+        legal = chain_bits[:, 1:] & (HARD_BITS | ABSENT) == 0
         chain_best = np.where(legal, chain_score[:, 1:], math.inf).min(axis=1, initial=math.inf)
         for slot in slots:
             split = (slot.ks > 0) & (slot.bits & (HARD_BITS | ABSENT) == 0)
@@ -236,7 +247,7 @@ class PlanTable:
         for dag in dag_cuts:
             cloud = np.array([dag.cloud_ms.get(node, math.nan) for node in request.names])
             score, bits = request.dag(dag, np.nan_to_num(cloud))
-            absent = np.isnan(cloud)
+            absent = np.isnan(cloud) | request.raw_only
             gap = math.inf
             if not dag.pinned and f"{SPLIT}:{dag.key}" not in keep:
                 # within noise of a chain cut: not worth a new cut's cold sessions on both sides
@@ -286,6 +297,8 @@ class _Request:
         self.fixed_ms = self.waiting + out.decode_ms + calibrated.request_ms
         self.radio = power.radio_alpha_w_per_mbps * up + power.radio_beta_w
         self.suffix = table.cloud_suffix[self.index]
+        self.absent = np.where(table.node_absent[self.index], ABSENT, 0).astype(np.uint8)
+        self.raw_only = table.node_raw_only[self.index]
         self.needs_energy = goal is not Objective.LATENCY or table.constraints.energy_budget_j is not None
 
     def chain(self, c: int) -> tuple[np.ndarray, np.ndarray]:
@@ -303,7 +316,10 @@ class _Request:
             energy += p.idle_w * (self.waiting + self.suffix + decode)
             energy += p.active_w * (self.edge + encode + self.run.output.decode_ms + self.calibrated.request_ms)
             energy /= 1e3
-        return self._score(total, energy), self._bits(total, energy, self.table.chain_bits)
+        bits = self._bits(total, energy, self.table.chain_bits) | self.absent
+        if c:
+            bits |= np.where(self.raw_only, ABSENT, 0).astype(np.uint8)[:, None]
+        return self._score(total, energy), bits
 
     def dag(self, dag: DagCut, cloud: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score and constraint bits (nodes,) of one DAG cut on every node."""
@@ -602,7 +618,8 @@ class QuickDecision:
         return self.request.table.codecs[slot.codec - 1].name
 
     def _in_chain(self, k: int) -> list[int]:
-        return [1 + j * self.width + k for j in range(self.request.m)]
+        positions = [1 + j * self.width + k for j in range(self.request.m)]
+        return [i for i in positions if self.bits[i] & ABSENT == 0]
 
     def _in_slots(self, wanted: Callable[[_Slot], bool], k: int | None = None) -> list[int]:
         positions = []

@@ -182,3 +182,35 @@ def test_a_decision_stands_only_where_a_fresh_one_is_the_same() -> None:
             assert abs(new.score - old.score) <= before._reuse_bound[0] * (1 + 1e-9) + 1e-9
     assert stood > 200, stood  # the property is not vacuous
     assert checked > stood
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_node_offering_some_cuts_is_planned_at_those_only(seed: int) -> None:
+    """An engine hosting some exported suffixes (NodeSegments.cuts): its other
+    chain plans, its lossy codec plans and its DAG cuts are no candidates, every
+    other candidate is what the unrestricted table lists, and the winner is the
+    best feasible one left."""
+    rng = random.Random(1000 + seed)
+    checked = 0
+    while checked < 100:
+        case = random_case(rng)
+        if not case["nodes"]:
+            continue
+        checked += 1
+        restricted = rng.choice(case["nodes"]).node
+        n = case["costs"].n
+        cuts = frozenset(k for k in range(n) if rng.random() < 0.4)
+        full = new_decision(case, frozenset())
+        case["profiles"] = [replace(p, cuts=cuts) if p.node == restricted else p for p in case["profiles"]]
+        new = new_decision(case, frozenset())
+        kept = [c for c in full.candidates
+                if c.node != restricted or (not c.codec and not c.cut_key and c.k in cuts)]
+        # the other nodes' DAG cuts are offered against their own chain plans: unchanged
+        assert [seen(c) for c in new.candidates] == [seen(c) for c in kept]
+        assert all(c.k in cuts and not c.codec and not c.cut_key for c in new.candidates if c.node == restricted)
+        feasible = [c.score for c in kept if c.feasible]
+        if feasible:
+            assert new.winner is not None and new.winner.score <= min(feasible) * (1 + 1e-9)
+        for k in range(n):
+            on_node = [c for c in new.plans(f"split:{k}" if k else "remote") if c.node == restricted]
+            assert bool(on_node) == (k in cuts)
