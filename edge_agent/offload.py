@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import grpc
@@ -36,7 +37,11 @@ LIVENESS_MIN_S = 1.0
 LIVENESS_MAX_S = 5.0
 
 
-class NodeHung(Exception):
+class NodeFailed(Exception):
+    """A call the node could not run, or whose answer is no reply: the request retries or falls back."""
+
+
+class NodeHung(NodeFailed):
     """The node answered neither a call nor an empty probe in time: it is marked down."""
 
 
@@ -53,6 +58,12 @@ class NodeState:
 
 
 class CloudNodeClient:
+    """A ``tandem`` node (cloud-node). Other kinds (oip_node) keep this
+    interface: the planner and the fallback see only what it reports."""
+
+    kind = "tandem"
+    probe_directions = (True, False)  # uplink, downlink: the node echoes and sends probe bytes
+
     def __init__(self, address: str, *, max_message_mb: int, link_override: Link | None = None,
                  idle_probe_s: float = IDLE_PROBE_S, credentials: grpc.ChannelCredentials | None = None,
                  node_name: str | None = None, discovered: bool = False) -> None:
@@ -109,7 +120,7 @@ class CloudNodeClient:
 
     async def _alive(self, timeout_s: float) -> bool:
         try:
-            await self.stub.Probe(pb.ProbeRequest(), timeout=timeout_s)
+            await self._probe(pb.ProbeRequest(), timeout_s)
             return True
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.CancelledError):
             return False
@@ -136,10 +147,34 @@ class CloudNodeClient:
         finally:
             call.cancel()  # no-op once done; otherwise nobody is waiting for it any more
 
+    async def _probe(self, request: pb.ProbeRequest, timeout_s: float) -> None:
+        await self.stub.Probe(request, timeout=timeout_s)
+
     async def _timed_probe(self, request: pb.ProbeRequest, timeout_s: float) -> float:
         start = time.perf_counter()
-        await self.stub.Probe(request, timeout=timeout_s)
+        await self._probe(request, timeout_s)
         return (time.perf_counter() - start) * 1e3
+
+    def call(self, method: str, request, *, timeout_s: float, metadata) -> Awaitable[pb.RunReply]:
+        """RunModel or RunPartition on the node (the pipeline's own messages)."""
+        return getattr(self.stub, method)(request, timeout=timeout_s, metadata=metadata)
+
+    def offered_cuts(self, model: str) -> frozenset[int] | None:
+        """The chain cuts (0: the whole model) the node runs for ``model``; None: any."""
+        return None
+
+    def facts(self, model: str, digest: str) -> tuple[bool, str]:
+        """Whether the node can plan ``model`` (this copy), and why not or whence its figures."""
+        if not self.state.reachable:
+            return False, f"unreachable: {self.state.error}"
+        info = self.state.models.get(model)
+        if info is None:
+            return False, "does not serve it"
+        if info.digest != digest:
+            return False, "serves another copy of it (its digest differs from the device's)"
+        if self.profile(model, digest) is None:
+            return False, "has not published a profile of it yet"
+        return True, "compute from the profile the node measured and published; queue as the node reports it; link probed"
 
     async def _probe_bandwidth(self) -> None:
         """Bandwidth each way from transfers of doubling size, 16 KiB up,
@@ -151,7 +186,7 @@ class CloudNodeClient:
         queue that drops a large burst makes large ones look slow."""
         assert self.estimator is not None
         try:
-            for uplink in (True, False):
+            for uplink in self.probe_directions:
                 rates = []
                 size = PROBE_START_BYTES
                 while size <= PROBE_MAX_BYTES:

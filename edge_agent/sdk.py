@@ -139,6 +139,15 @@ class CandidateView:
 
 
 @dataclass(frozen=True)
+class NodeView:
+    address: str
+    kind: str               # tandem (a cloud-node) or oip (Triton, KServe, MLServer)
+    planned: bool           # its plans are among the candidates
+    note: str               # why not, or where its compute, queue and link figures came from
+    cuts: tuple[int, ...]   # the chain cuts it runs (0: the whole model); empty: any
+
+
+@dataclass(frozen=True)
 class Explanation:
     model: str
     winner: str
@@ -156,6 +165,7 @@ class Explanation:
     plans_unavailable: str = ""  # why only LOCAL can run (the model could not be profiled yet)
     profile_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input shapes planned for
     profile_source: str = ""     # "measured at this shape", or how the figures were rescaled and from what
+    nodes: tuple[NodeView, ...] = ()  # every node in the agent's table, for this model
 
     @classmethod
     def from_message(cls, m: pb.Explanation) -> "Explanation":
@@ -173,6 +183,7 @@ class Explanation:
             power={"idle_w": m.power.idle_w, "active_w": m.power.active_w, "source": m.power.source},
             plans_unavailable=m.plans_unavailable,
             profile_shapes={spec.name: tuple(spec.shape) for spec in m.profile.inputs}, profile_source=m.profile.source,
+            nodes=tuple(NodeView(n.address, n.kind, n.planned, n.note, tuple(n.cuts)) for n in m.nodes),
         )
 
     def candidate(self, plan: str) -> CandidateView:

@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind
 
 from devices.power_fit import PowerFigures
 from edge_agent.generation import Generation, Generator
-from edge_agent.offload import CloudNodeClient, NodeHung
+from edge_agent.offload import CloudNodeClient, NodeFailed
 from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
 from partitioner.costmodel import (
@@ -200,6 +200,7 @@ class _Table:
     profiles: dict[str, ModelProfile]    # node -> the published profile its row came from
     errors: CodecErrors | None           # the codec errors its codec options came from
     service_ms: dict[str, float]         # node -> its whole-model time at these shapes (queue estimates)
+    cuts: dict[str, frozenset[int] | None]  # node -> the chain cuts it offers (None: any)
 
 
 @dataclass(frozen=True)
@@ -390,7 +391,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         # equal the first wins, so equal nodes take turns.
         planned = sorted((n for n in self._planned_nodes(policy) if n.state.reachable), key=lambda n: (n.inflight, n.last_sent))
         published = [(node, node.profile(model.name, model.digest)) for node in planned]
-        table = self._plan_table(model, encoding, view, shapes, policy, adaptive, published)
+        table = self._plan_table(model, encoding, view, shapes, policy, adaptive, published,
+                                 {node.address: node.offered_cuts(model.name) for node, _ in published})
         nodes = []
         for node, profile in published:
             service_ms = table.service_ms.get(node.address)
@@ -419,34 +421,39 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         return decision, table.plans.costs, calibration
 
     def _plan_table(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]],
-                    policy: Policy, adaptive: bool, published: list) -> _Table:
+                    policy: Policy, adaptive: bool, published: list, cuts: dict[str, frozenset[int] | None]) -> _Table:
         """The model's PlanTable for these shapes, codec and policy over the
-        nodes' published profiles: built again only when one of them changes."""
+        nodes' published profiles and the cuts each offers: built again only
+        when one of them changes."""
         errors = self.book.codec_errors(model.name)[0] if adaptive else None
         key = (model.name, encoding, describe(shapes), view.basis, view.method, adaptive, policy.constraints,
                policy.max_output_error)
         known = self._tables.get(key)
         profiles = {node.address: profile for node, profile in published if profile is not None}
         if known is None or known.errors is not errors or any(
-                known.profiles.get(address) is not profile for address, profile in profiles.items()):
+                known.profiles.get(address) is not profile for address, profile in profiles.items()) or any(
+                known.cuts.get(address) != cuts.get(address) for address in profiles):
             if len(self._tables) > 256:  # request sizes vary: keep the cache bounded
                 self._tables.clear()
             known = self._tables[key] = self._build_table(model, encoding, view, shapes, policy, errors,
-                                                          {**(known.profiles if known else {}), **profiles})
+                                                          {**(known.profiles if known else {}), **profiles},
+                                                          {**(known.cuts if known else {}), **cuts})
         return known
 
     def _build_table(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]],
-                     policy: Policy, errors: CodecErrors | None, profiles: dict[str, ModelProfile]) -> _Table:
+                     policy: Policy, errors: CodecErrors | None, profiles: dict[str, ModelProfile],
+                     cuts: dict[str, frozenset[int] | None]) -> _Table:
         costs = self._model_costs(model, encoding, view, shapes)
         segments, service_ms = [], {}
         for address, published in profiles.items():
             if published.num_segments != view.profile.num_segments:
                 continue
             cloud_profile = self.book.rescale(model, published, shapes).profile
-            segments.append(NodeSegments(address, cloud_profile.segment_ms, cloud_profile.run_overhead_ms))
+            segments.append(NodeSegments(address, cloud_profile.segment_ms, cloud_profile.run_overhead_ms,
+                                         cuts.get(address)))
             service_ms[address] = cloud_profile.whole_ms
         codecs = self._codec_options(model, view, shapes, errors, costs.n, policy) if errors is not None else ()
-        return _Table(PlanTable(costs, segments, policy.constraints, codecs), profiles, errors, service_ms)
+        return _Table(PlanTable(costs, segments, policy.constraints, codecs), profiles, errors, service_ms, cuts)
 
     def _codec_options(self, model: OnnxModel, view: AtShape, shapes: dict[str, tuple[int, ...]],
                        errors: CodecErrors, n: int, policy: Policy) -> list[CodecOption]:
@@ -490,7 +497,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if len(self._dag_cache) > 256:  # shapes and links vary: keep both caches bounded
                 self._dag_cache.clear()
             clouds = [CloudOption(now.node, now.link, now.queue_ms, table.segments(now.node).segment_ms,
-                                  table.segments(now.node).overhead_ms) for now in nodes]
+                                  table.segments(now.node).overhead_ms) for now in nodes
+                      if table.segments(now.node).cuts is None]  # a node hosting chosen suffixes runs no DAG cut
             self._dag_cache[key] = self._solve_dag_cuts(model, shapes, calibration.apply(table.costs), clouds, objective,
                                                         policy, encoding, wanted, offload_ms=calibration.offload_ms)
         return self._dag_cache[key]
@@ -565,11 +573,10 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         node.last_sent = time.monotonic()
         try:
             with tracing.span("network", kind=SpanKind.CLIENT, **{"rpc.method": method, "server.address": node.address}):
-                call = asyncio.ensure_future(getattr(node.stub, method)(request, timeout=timeout_s,
-                                                                        metadata=tracing.outgoing()))
+                call = asyncio.ensure_future(node.call(method, request, timeout_s=timeout_s, metadata=tracing.outgoing()))
                 check_after_s = max(expected_ms * WATCH_FACTOR / 1e3, node.liveness_timeout_s())
                 reply = await node.unless_hung(call, check_after_s)
-        except NodeHung as exc:
+        except NodeFailed as exc:
             raise CloudFailed(f"{node.address} {method}: {exc}") from None
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
@@ -773,6 +780,18 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         else:
             self.metrics.observe_prediction(kind, reply.predicted.total_ms, reply.measured.total_ms)
 
+    def _no_node_for(self, model: OnnxModel, pinned: str, k: int | str | None) -> str:
+        """Why no node can run a pinned cloud plan: none reachable serves the
+        model, or those that do host other cuts only (engines hosting exported suffixes)."""
+        serving = [n for n in self.nodes if n.facts(model.name, model.digest)[0]]
+        if not serving:
+            return f"plan {pinned} needs a cloud node serving {model.name} and none is reachable"
+        offers = "; ".join(f"{n.address} runs {', '.join('remote' if c == 0 else f'split:{c}' for c in sorted(cuts))}"
+                           for n in serving if (cuts := n.offered_cuts(model.name)) is not None)
+        if offers and all(n.offered_cuts(model.name) is not None and k not in n.offered_cuts(model.name) for n in serving):
+            return f"plan {pinned}: no node hosts that part of {model.name} ({offers})"
+        return f"plan {pinned} has no node that can run it now"
+
     def _pick(self, model: OnnxModel, decision: Decisions, pinned: str, key: tuple) -> tuple[Candidate, str, str]:
         """(candidate to run, why, fallback reason if a pinned cloud plan has no node)."""
         if not pinned:
@@ -792,7 +811,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         candidate = find_pinned(decision, kind, k, node)
         if candidate is None:
             local = find_pinned(decision, "local", None, "")
-            return local, f"pinned by the caller: {pinned}", f"plan {pinned} needs a cloud node serving {model.name} and none is reachable"
+            return local, f"pinned by the caller: {pinned}", self._no_node_for(model, pinned, 0 if kind == "remote" else k)
         if candidate.hard_violation:
             # The device owner's hard limits (privacy floor, memory) bind apps too.
             raise NoFeasiblePlan(f"plan {pinned} breaks the device policy: {'; '.join(candidate.violations)}")
@@ -952,7 +971,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             link=pb.LinkOverride(uplink_mbps=used.uplink_mbps, downlink_mbps=used.downlink_mbps, rtt_ms=used.rtt_ms) if used else None,
             device=self.device_name,
             profile=self._profile_basis(model, shapes),
+            nodes=[self._node_facts(node, model) for node in self.nodes],
         )
+
+    @staticmethod
+    def _node_facts(node: CloudNodeClient, model: OnnxModel) -> pb.NodeFacts:
+        planned, note = node.facts(model.name, model.digest)
+        cuts = node.offered_cuts(model.name)
+        return pb.NodeFacts(address=node.address, kind=node.kind, planned=planned, note=note,
+                            cuts=sorted(cuts) if cuts is not None else [])
 
     def _codec_note(self, model: OnnxModel, policy: Policy) -> str:
         """What explain says of the per-request codec: the budget and where errors were measured, or why none is offered."""

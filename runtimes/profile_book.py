@@ -215,6 +215,13 @@ class ProfileBook:
             entries = list(self._state[name].entries.values())
         return entries[0].planned if entries else None
 
+    def measured_here(self, name: str) -> ModelProfile | None:
+        """This host's first measured profile of ``name`` (not the board's
+        prediction): what a node that publishes no profile is predicted from."""
+        with self._lock:
+            entries = list(self._state[name].entries.values()) if name in self._state else []
+        return entries[0].measured if entries else None
+
     def unavailable(self, name: str) -> str:
         with self._lock:
             state = self._state[name]

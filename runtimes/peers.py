@@ -1,0 +1,118 @@
+"""Real third-party servers Tandem interoperates with, started on loopback for
+tests and benchmarks: NVIDIA Triton (the build the ``nvidia-pytriton`` wheel
+bundles, CPU, serving ONNX through onnxruntime in its Python backend).
+
+pytriton pins numpy < 2, so it lives in a virtualenv of its own
+(``make peers`` builds ``.venv-triton``; ``TANDEM_TRITON_PYTHON`` names
+another interpreter) and runs ``tests/peers/pytriton_onnx.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRITON_SCRIPT = ROOT / "tests" / "peers" / "pytriton_onnx.py"
+TRITON_START_TIMEOUT_S = 180.0  # Triton loads every model's Python stub at start
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer cannot run on this machine; the message says what is missing."""
+
+
+def triton_python() -> Path:
+    named = os.environ.get("TANDEM_TRITON_PYTHON")
+    python = Path(named) if named else ROOT / ".venv-triton" / "bin" / "python"
+    if not python.exists() or not (named or (ROOT / ".venv-triton" / ".installed").exists()):
+        raise PeerUnavailable(f"no Triton virtualenv at {python} (make peers builds it; TANDEM_TRITON_PYTHON names "
+                              "another interpreter with nvidia-pytriton, onnxruntime and onnx)")
+    return python
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TritonPeer:
+    """A Triton serving ``repository`` (the layout offload-tune export-suffixes writes)."""
+
+    def __init__(self, repository: Path) -> None:
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="tandem-triton-")
+        self.log_path = Path(self._tmp.name) / "triton.log"
+        self._log = open(self.log_path, "wb")
+        # its own session, so a kill reaches the tritonserver child and its backend stubs too
+        self.process = subprocess.Popen(
+            [str(triton_python()), str(TRITON_SCRIPT), "--repository", str(repository),
+             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+             "--workspace", str(Path(self._tmp.name) / "workspace")],
+            stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
+            env={**os.environ, "PYTRITON_HOME": str(Path(self._tmp.name) / "home")})
+        self.address = f"127.0.0.1:{self.grpc_port}"
+        self._shm_before = set(Path("/dev/shm").glob("psm_*"))
+        self._killed = False
+
+    def wait_ready(self, timeout_s: float = TRITON_START_TIMEOUT_S) -> "TritonPeer":
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if selector.select(timeout=0.5):
+                    line = self.process.stdout.readline().decode(errors="replace")
+                    if line.startswith("READY"):
+                        return self
+                    if not line:  # stdout closed: it exited
+                        break
+        self.stop()
+        raise RuntimeError(f"Triton did not start within {timeout_s:.0f} s (exit {self.process.returncode}):\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def _signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Die abruptly, server and backends, as a crashed host would."""
+        self._signal(signal.SIGKILL)
+        self._killed = True
+        self.process.wait()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal(signal.SIGKILL)  # whatever of the group is left
+        self.process.wait()
+        # A killed pytriton leaves its models' shared memory behind: its own named by its pid,
+        # its proxies' by multiprocessing (psm_*, no pid: those that appeared while it ran).
+        leftovers = set(Path("/dev/shm").glob(f"pytrtion{self.process.pid}-*"))
+        if self._killed:
+            leftovers |= set(Path("/dev/shm").glob("psm_*")) - self._shm_before
+        for segment in leftovers:
+            segment.unlink(missing_ok=True)
+        self.process.stdout.close()
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "TritonPeer":
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
