@@ -1,6 +1,6 @@
 """A fleet on loopback: one agent, 1-3 cloud nodes, TLS off and on, and discovery speed.
 
-    python -m bench.fleet [--clients 8] [--requests 40] [--json bench/results/fleet.json]
+    python -m bench.fleet [--clients 8] [--requests 80] [--only throughput|discovery|kinds ...] [--json FILE]
 
 Side by side in one run:
   1. requests/s and p50/p99 latency (as the app sees them) of REMOTE mobilenet
@@ -10,7 +10,10 @@ Side by side in one run:
      per request;
   2. time from a node's advert (its ready file: the advert is registered
      before it) to the first request the agent sends it, over DNS-SD on
-     loopback, plaintext and TLS (TLS adds the certificate check).
+     loopback, plaintext and TLS (TLS adds the certificate check);
+  3. the same load REMOTE and SPLIT (split:8) through an agent whose node is
+     a cloud-node, and through one whose node is a real Triton (oip://,
+     serving the suffixes offload-tune exported), plaintext.
 Every daemon runs on this one machine: with two cores, more nodes add
 choice, not compute, and the figures say so.
 """
@@ -34,8 +37,11 @@ from rich.table import Table
 
 from edge_agent.sdk import EdgeClient
 from modelzoo.build import build_all
+from offload_tune.export import export_repository
 from pki import certs
 from runtimes import launch
+from runtimes.onnx_exec import OnnxModel
+from runtimes.peers import PeerUnavailable, TritonPeer
 
 LOOPBACK = "127.0.0.1"
 
@@ -55,12 +61,12 @@ def make_pki(directory: Path, nodes: int) -> dict[str, list[str]]:
     return out
 
 
-def load(agent: launch.Daemon, x: np.ndarray, clients: int, requests: int) -> dict:
-    """``requests`` REMOTE requests from ``clients`` threads sharing one channel (as an app would)."""
+def load(agent: launch.Daemon, x: np.ndarray, clients: int, requests: int, plan: str = "remote") -> dict:
+    """``requests`` requests pinned to ``plan`` from ``clients`` threads sharing one channel (as an app would)."""
     with EdgeClient(agent.address, timeout=60) as client:
         def one(_: int) -> tuple[float, str]:
             start = time.perf_counter()
-            result = client.infer("mobilenet", {"input": x}, plan="remote")
+            result = client.infer("mobilenet", {"input": x}, plan=plan)
             return (time.perf_counter() - start) * 1e3, result.node or "local"
 
         with ThreadPoolExecutor(clients) as pool:
@@ -93,6 +99,23 @@ def throughput(models: Path, pki: dict[str, list[str]], args) -> list[dict]:
     return rows
 
 
+def engines(models: Path, repository: Path, args) -> list[dict]:
+    """REMOTE and split:8 through an agent on a cloud-node, then through one on a Triton."""
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    export_repository(OnnxModel("mobilenet", models / "mobilenet.onnx"), repository, [8])
+    rows = []
+    with ExitStack() as stack:
+        node = stack.enter_context(launch.cloud_node(models))
+        triton = stack.enter_context(TritonPeer(repository))
+        for kind, address in (("tandem", node.address), ("oip (Triton)", f"oip://{triton.address}")):
+            with launch.edge_agent(models, [address], "--max-concurrency", "8") as agent:
+                for plan in ("remote", "split:8"):
+                    alone = load(agent, x, 1, args.requests // 2, plan)
+                    rows.append({"node": kind, "plan": plan, "sequential_p50_ms": alone["p50_ms"],
+                                 **load(agent, x, args.clients, args.requests, plan)})
+    return rows
+
+
 def first_request_after_advert(models: Path, pki: dict[str, list[str]], tls: bool) -> float:
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
     browse = ["--discovery", "true", "--discover-plaintext", "true", "--discovery-interfaces", LOOPBACK, "--refresh-s", "0.2"]
@@ -117,33 +140,58 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--json", type=Path, default=Path("bench/results/fleet.json"))
+    parser.add_argument("--only", nargs="+", choices=["throughput", "discovery", "kinds"],
+                        default=["throughput", "discovery", "kinds"], help="the parts to run (default: all)")
     args = parser.parse_args()
     console = Console(width=120)
     with tempfile.TemporaryDirectory(prefix="tandem-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         build_all(tmp / "models")
         pki = make_pki(tmp / "pki", 3)
-        with console.status("throughput through one agent"):
-            rows = throughput(tmp / "models", pki, args)
-        with console.status("advert to first request"):
-            discovery = {"plaintext_ms": first_request_after_advert(tmp / "models", pki, False),
-                         "tls_ms": first_request_after_advert(tmp / "models", pki, True)}
-    table = Table(title=f"REMOTE mobilenet through one agent ({platform.node()}, {os.cpu_count()} CPUs, "
-                        f"{args.clients} clients, {args.requests} requests)")
-    for column in ("nodes", "TLS", "alone p50 ms", "req/s", "p50 ms", "p99 ms", "served by (requests)"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(str(r["nodes"]), "on" if r["tls"] else "off", f"{r['sequential_p50_ms']:.2f}",
-                      f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", ", ".join(f"{n[-5:]}: {c}" for n, c in sorted(r["served_by"].items())))
-    console.print(table)
-    tls_cost = {n: next(r["sequential_p50_ms"] for r in rows if r["nodes"] == n and r["tls"])
-                - next(r["sequential_p50_ms"] for r in rows if r["nodes"] == n and not r["tls"]) for n in (1, 2, 3)}
-    console.print("TLS cost per request (difference of one-at-a-time p50s): " + ", ".join(f"{n} node(s) {ms:+.2f} ms" for n, ms in tls_cost.items()))
-    console.print(f"advert to first request: plaintext {discovery['plaintext_ms']:.0f} ms, TLS {discovery['tls_ms']:.0f} ms")
+        rows, discovery, kinds = [], {}, []
+        if "throughput" in args.only:
+            with console.status("throughput through one agent"):
+                rows = throughput(tmp / "models", pki, args)
+        if "discovery" in args.only:
+            with console.status("advert to first request"):
+                discovery = {"plaintext_ms": first_request_after_advert(tmp / "models", pki, False),
+                             "tls_ms": first_request_after_advert(tmp / "models", pki, True)}
+        if "kinds" in args.only:
+            try:
+                with console.status("a cloud-node and a Triton side by side"):
+                    kinds = engines(tmp / "models", tmp / "repository", args)
+            except PeerUnavailable as exc:
+                console.print(f"Triton rows skipped: {exc}")
+    tls_cost = {}
+    if rows:
+        table = Table(title=f"REMOTE mobilenet through one agent ({platform.node()}, {os.cpu_count()} CPUs, "
+                            f"{args.clients} clients, {args.requests} requests)")
+        for column in ("nodes", "TLS", "alone p50 ms", "req/s", "p50 ms", "p99 ms", "served by (requests)"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            table.add_row(str(r["nodes"]), "on" if r["tls"] else "off", f"{r['sequential_p50_ms']:.2f}",
+                          f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.1f}",
+                          f"{r['p99_ms']:.1f}", ", ".join(f"{n[-5:]}: {c}" for n, c in sorted(r["served_by"].items())))
+        console.print(table)
+        tls_cost = {n: next(r["sequential_p50_ms"] for r in rows if r["nodes"] == n and r["tls"])
+                    - next(r["sequential_p50_ms"] for r in rows if r["nodes"] == n and not r["tls"]) for n in (1, 2, 3)}
+        console.print("TLS cost per request (difference of one-at-a-time p50s): "
+                      + ", ".join(f"{n} node(s) {ms:+.2f} ms" for n, ms in tls_cost.items()))
+    if discovery:
+        console.print(f"advert to first request: plaintext {discovery['plaintext_ms']:.0f} ms, TLS {discovery['tls_ms']:.0f} ms")
+    if kinds:
+        table = Table(title=f"mobilenet through one agent, by node kind ({args.clients} clients, {args.requests} requests)")
+        for column in ("node", "plan", "alone p50 ms", "req/s", "p50 ms", "p99 ms", "served by (requests)"):
+            table.add_column(column, justify="right")
+        for r in kinds:
+            table.add_row(r["node"], r["plan"], f"{r['sequential_p50_ms']:.2f}", f"{r['requests_per_s']:.1f}",
+                          f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                          ", ".join(f"{n[-5:]}: {c}" for n, c in sorted(r["served_by"].items())))
+        console.print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": {"node": platform.node(), "cpus": os.cpu_count()}, "throughput": rows,
-                                     "tls_cost_p50_ms": tls_cost, "advert_to_first_request": discovery}, indent=2))
+                                     "tls_cost_p50_ms": tls_cost, "advert_to_first_request": discovery,
+                                     "node_kinds": kinds}, indent=2))
     console.print(f"wrote {args.json}")
     return 0
 

@@ -17,6 +17,7 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from edge_agent.offload import CloudNodeClient
+from edge_agent.openai_node import OpenAiNodeClient
 from partitioner.costmodel import Link, Objective, Power
 from partitioner.llm_routing import (
     GenerationShape,
@@ -232,15 +233,24 @@ class Generator:
             return None
         info = node.state.models.get(model)
         local_digest = self.llms.digests.get(model)
-        if info is None or info.kind != "gguf" or (local_digest and info.digest != local_digest):
+        # a tandem node must hold the same file (it continues from token ids); an openai
+        # node runs whatever model the map names, and continues at text level
+        same_file = node.kind == "openai" or not local_digest or info is None or info.digest == local_digest
+        if info is None or info.kind != "gguf" or not same_file:
             return None
         return next((load for load in node.state.llm if load.model == model), None)
 
-    def decide(self, model: str, shape: GenerationShape, objective: Objective, link: Link | None = None) -> LlmDecision:
+    def decide(self, model: str, shape: GenerationShape, objective: Objective, link: Link | None = None, *,
+               by_text: bool = True) -> LlmDecision:
+        """``by_text`` False: only nodes that take token ids (tandem nodes), for
+        requests an OpenAI-compatible server cannot take (log-probabilities,
+        a continuation from token ids) or could not be finished from here."""
         engine = self.llms.engines.get(model)
         local = LlmSpeed(engine.prompt_tok_s, engine.gen_tok_s) if engine and engine.gen_tok_s > 0 else None
         nodes = []
         for node in self.nodes:
+            if node.kind == "openai" and (not by_text or engine is None):
+                continue
             load = self._node_load(node, model)
             if load is None or load.gen_tok_s <= 0 or load.prompt_tok_s <= 0 or node.link is None:
                 continue
@@ -293,7 +303,8 @@ class Generator:
         engine.validate(tokens, sampling, request.generated_token_ids)
         shape = GenerationShape(prompt_tokens=len(tokens), max_tokens=sampling.max_tokens,
                                 prompt_bytes=request.ByteSize())
-        decision = self.decide(request.model, shape, objective)
+        decision = self.decide(request.model, shape, objective,
+                               by_text=not (request.logprobs or request.generated_token_ids or request.prompt_token_ids))
         candidate, why = self._pick(decision, request.plan)
         if candidate.kind != "local" and self.failover_held >= self.settings.failover_places:
             # refused or kept here before it is accepted, never after: its failover would have no place
@@ -327,9 +338,10 @@ class Generator:
     async def _remote(self, engine: LlmEngine, node: CloudNodeClient, request: pb.GenerateRequest, tokens: list[int],
                       sampling: Sampling, started: float, predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
         place = FailoverPlace(self)
+        then_device = self._text_then_device if isinstance(node, OpenAiNodeClient) else self._remote_then_device
         try:
-            async with contextlib.aclosing(self._remote_then_device(engine, node, request, tokens, sampling, started,
-                                                                    predicted, place)) as chunks:
+            async with contextlib.aclosing(then_device(engine, node, request, tokens, sampling, started,
+                                                       predicted, place)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
@@ -362,6 +374,42 @@ class Generator:
             return
         async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch, reserved=True):
             place.release()  # it runs: the place it held is no longer needed
+            yield chunk
+
+    async def _text_then_device(self, engine: LlmEngine, node: OpenAiNodeClient, request: pb.GenerateRequest,
+                                tokens: list[int], sampling: Sampling, started: float, predicted: dict,
+                                place: "FailoverPlace") -> AsyncIterator[pb.GenerateChunk]:
+        """An OpenAI-compatible server's stream; if it breaks, the device
+        tokenizes the text streamed so far and generates the rest after it, so
+        the app's text has no piece lost or repeated."""
+        texts: list[str] = []
+        broke: list[str] = []
+        with tracing.span("network", kind=SpanKind.CLIENT, **{"server.address": node.address}):
+            async with contextlib.aclosing(node.stream(request.model, request, sampling, texts, broke,
+                                                       stall_s=self.settings.stall_s, prompt_tokens=len(tokens))) as chunks:
+                async for chunk in chunks:
+                    if chunk.HasField("done"):
+                        for key, value in predicted.items():
+                            setattr(chunk.done, key, value)
+                    yield chunk
+        self.budget.spend(time.monotonic(), len(texts))
+        if not broke:
+            return
+        generated = engine.tokenize_text("".join(texts))
+        logger.warning("generation on %s broke after %d pieces, continuing on the device: %s",
+                       node.address, len(texts), broke[0])
+        switch = dict(switched=True, switched_at_token=len(texts), switch_reason=broke[0])
+        if len(generated) >= sampling.max_tokens:
+            summary = pb.GenerateSummary(finish_reason="length", prompt_tokens=len(tokens), completion_tokens=len(texts),
+                                         ran=pb.PLAN_REMOTE, node=node.address, **predicted, **switch)
+            yield pb.GenerateChunk(done=summary)
+            return
+        index = len(texts)  # the app's numbering goes on from the server's pieces
+        async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch, reserved=True):
+            place.release()
+            if chunk.HasField("token"):
+                chunk.token.index = index
+                index += 1
             yield chunk
 
     async def _from_node(self, node: CloudNodeClient, forward: pb.GenerateRequest, generated: list[int],

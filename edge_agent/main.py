@@ -23,8 +23,9 @@ from edge_agent.discovery import Browser
 from edge_agent.fleet import NodeTable, Trust
 from edge_agent.generation import Generator, LlmSettings
 from edge_agent.http_api import ApiKeys, HttpApi
-from edge_agent.offload import CloudNodeClient, refresh_all
-from edge_agent.oip_node import OipNodeClient, parse_node_address
+from edge_agent.offload import CloudNodeClient, parse_node_address, refresh_all
+from edge_agent.oip_node import OipNodeClient
+from edge_agent.openai_node import OpenAiNodeClient
 from edge_agent.power import PowerMonitor
 from edge_agent.server import EdgeAgentService
 from partitioner.costmodel import Constraints, Link, Objective
@@ -59,8 +60,10 @@ logger = logging.getLogger(__name__)
 class AgentConfig:
     listen: str = field(default="127.0.0.1:50051", metadata={"help": "HOST:PORT or unix:PATH for apps (port 0: any free port)"})
     models: Path = field(default=Path("models"), metadata={"help": "directory of .onnx models this device can run"})
-    cloud: tuple[str, ...] = field(default=(), metadata={"help": "cloud node HOST:PORT (a cloud-node), or oip://HOST:PORT "
-                                                                 "(Triton, KServe, MLServer over KServe v2 gRPC)"})
+    cloud: tuple[str, ...] = field(default=(), metadata={"help": "cloud node HOST:PORT (a cloud-node), oip://HOST:PORT "
+                                                                 "(Triton, KServe, MLServer over KServe v2 gRPC) or "
+                                                                 "openai+http://HOST:PORT/v1 (vLLM, llama.cpp server, "
+                                                                 "Ollama: LLMs)"})
     device: str = field(default="host", metadata={"help": "device profile for power figures: host, pi4, pi5, jetson-nano, jetson-orin-nano"})
     objective: str = field(default="latency", metadata={"help": "default objective: latency, energy or weighted"})
     weight_latency: float = field(default=0.5, metadata={"help": "weighted objective: share of latency, 0..1"})
@@ -79,6 +82,8 @@ class AgentConfig:
     llm_max_queue: int = field(default=8, metadata={"help": "local generations waiting for a slot before RESOURCE_EXHAUSTED"})
     llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
     llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core; match a CPU quota)"})
+    llm_remote_model: str = field(default="", metadata={"help": "the model id openai nodes run for this device's LLM, "
+                                                                 "a bigger one if you like (default: the same name)"})
     llm_allow_remote: bool = field(default=True, metadata={"help": "false: prompts never leave the device"})
     llm_remote_tokens_per_hour: int | None = field(default=None, metadata={"help": "cap on tokens generated in the cloud per hour"})
     llm_stall_s: float = field(default=5.0, metadata={"help": "a cloud stream silent this long is finished on the device, s"})
@@ -292,14 +297,20 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
             logger.info("discovered nodes are not used: this agent runs plaintext, so they cannot be authenticated "
                         "(TLS files, or discover_plaintext = true in a lab)")
 
+    llms = await asyncio.to_thread(LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
+                                   threads=config.llm_threads or None, max_queue=config.llm_max_queue)
+    # what openai nodes are asked to run for each device LLM
+    remote_llms = {name: config.llm_remote_model or name for name in llms.engines}
+
     def make_client(address: str, *, node_name: str | None = None, discovered: bool = False) -> CloudNodeClient:
         kind, address = parse_node_address(address)
         common = dict(max_message_mb=config.max_message_mb, link_override=config.link_override(),
                       idle_probe_s=config.probe_idle_s, credentials=trust.credentials if trust else None,
                       node_name=node_name, discovered=discovered)
         if kind == "oip":
-            return OipNodeClient(address, models=store.models, host_profile=book.measured_here,
-                                 **common)
+            return OipNodeClient(address, models=store.models, host_profile=book.measured_here, **common)
+        if kind == "openai":
+            return OpenAiNodeClient(address, models=remote_llms, **common)
         return CloudNodeClient(address, **common)
 
     nodes = [make_client(a) for a in config.cloud]
@@ -313,8 +324,6 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         else:
             logger.warning("cloud node %s unreachable at start (%s); will keep trying", node.address, state.error)
 
-    llms = await asyncio.to_thread(LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
-                                   threads=config.llm_threads or None, max_queue=config.llm_max_queue)
     generator = Generator(
         llms, nodes, power_of(device),
         LlmSettings(allow_remote=policies.llm.allow_remote, remote_tokens_per_hour=policies.llm.remote_tokens_per_hour,

@@ -74,14 +74,8 @@ class CloudNodeClient:
         self.idle_probe_s = idle_probe_s
         self.link_override = link_override
         self.discovered = discovered
-        options = channel_options(max_message_mb)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            if node_name:
-                options.append(("grpc.ssl_target_name_override", node_name))
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
-        self.stub = pb_grpc.CloudNodeStub(self._channel)
+        self._channel = self._open_channel(address, max_message_mb, credentials, node_name)
+        self.stub = pb_grpc.CloudNodeStub(self._channel) if self._channel is not None else None
         self.state = NodeState()
         self.estimator: LinkEstimator | None = None
         self._last_probe = 0.0
@@ -93,6 +87,16 @@ class CloudNodeClient:
         self._liveness: asyncio.Future[bool] | None = None  # the probe callers share while it runs
         self.last_sent = 0.0  # monotonic time of this agent's last request to it
         self.closed = False   # left the table: no more refreshes
+
+    @staticmethod
+    def _open_channel(address: str, max_message_mb: int, credentials: grpc.ChannelCredentials | None,
+                      node_name: str | None) -> grpc.aio.Channel | None:
+        options = channel_options(max_message_mb)
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        if node_name:
+            options.append(("grpc.ssl_target_name_override", node_name))
+        return grpc.aio.secure_channel(address, credentials, options=options)
 
     @property
     def link(self) -> Link | None:
@@ -291,6 +295,21 @@ class CloudNodeClient:
         (None: cancelled at once, as at the agent's own shutdown)."""
         self.closed = True
         await self._channel.close(grace=grace_s)
+
+
+def parse_node_address(text: str) -> tuple[str, str]:
+    """(kind, address) of a --cloud entry: HOST:PORT is a cloud-node (tandem),
+    oip://HOST:PORT a KServe v2 gRPC server (Triton, KServe, MLServer),
+    openai+http(s)://HOST:PORT/v1 an OpenAI-compatible server (its base URL)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return "tandem", text
+    if scheme in ("tandem", "oip") and rest:
+        return scheme, rest
+    if scheme in ("openai+http", "openai+https") and rest:
+        return "openai", text.removeprefix("openai+")
+    raise ValueError(f"cloud node {text!r}: write HOST:PORT (a cloud-node), oip://HOST:PORT (Triton, KServe, "
+                     "MLServer) or openai+http://HOST:PORT/v1 (an OpenAI-compatible server)")
 
 
 async def refresh_all(nodes: list[CloudNodeClient], **kwargs) -> None:

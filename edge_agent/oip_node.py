@@ -395,13 +395,3 @@ class OipNodeClient(CloudNodeClient):
                 self.speed = min(max(self.speed, 0.01), 100.0)
                 self.speed_samples += 1
         return cloud_ms
-
-
-def parse_node_address(text: str) -> tuple[str, str]:
-    """(kind, HOST:PORT) of a --cloud entry: oip://HOST:PORT, else a tandem node."""
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return "tandem", text
-    if scheme not in ("oip", "tandem"):
-        raise ValueError(f"--cloud {text}: the scheme must be oip:// (Triton, KServe, MLServer) or none (a cloud-node)")
-    return scheme, rest

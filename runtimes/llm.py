@@ -227,6 +227,11 @@ class LlmEngine:
             tokens.append(self.llm.token_eos())
         return tokens
 
+    def tokenize_text(self, text: str) -> list[int]:
+        """Text a model generated (another model's, at a failover) as this
+        model's tokens, to continue after it: no BOS, special tokens as text."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+
     def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         if self._template is None:
             raise GenerationError(f"model {self.name} has no chat template; send a prompt instead of messages")

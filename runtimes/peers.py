@@ -1,6 +1,7 @@
 """Real third-party servers Tandem interoperates with, started on loopback for
 tests and benchmarks: NVIDIA Triton (the build the ``nvidia-pytriton`` wheel
-bundles, CPU, serving ONNX through onnxruntime in its Python backend).
+bundles, CPU, serving ONNX through onnxruntime in its Python backend) and
+llama-cpp-python's OpenAI-compatible server.
 
 pytriton pins numpy < 2, so it lives in a virtualenv of its own
 (``make peers`` builds ``.venv-triton``; ``TANDEM_TRITON_PYTHON`` names
@@ -14,8 +15,10 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +115,70 @@ class TritonPeer:
         self._tmp.cleanup()
 
     def __enter__(self) -> "TritonPeer":
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LlamaServerPeer:
+    """llama-cpp-python's own OpenAI-compatible server (``python -m
+    llama_cpp.server``, its [server] extra) serving a GGUF as ``alias``."""
+
+    def __init__(self, model: Path, *, alias: str, threads: int = 1, ctx: int = 2048) -> None:
+        try:
+            import llama_cpp.server  # noqa: F401 -- only to say what is missing
+        except ImportError as exc:
+            raise PeerUnavailable(f"llama-cpp-python's server is not installed ({exc}): "
+                                  "pip install 'llama-cpp-python[server]'") from None
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._tmp = tempfile.TemporaryDirectory(prefix="tandem-llama-server-")
+        self.log_path = Path(self._tmp.name) / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
+             "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(threads), "--n_ctx", str(ctx),
+             "--verbose", "False"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> "LlamaServerPeer":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=1.0) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server did not start within {timeout_s:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "LlamaServerPeer":
         return self.wait_ready()
 
     def __exit__(self, *exc: object) -> None:
