@@ -56,6 +56,44 @@ from runtimes.tls import TlsFiles, channel_credentials, tls_from_config, warn_pl
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One [[nodes]] table: a cloud node of any kind, with its own TLS files and key."""
+
+    address: str                      # HOST:PORT (cloud-node), oip://HOST:PORT or openai+http(s)://HOST:PORT/v1
+    tls_ca: Path | None = None        # the CA its certificate is signed by (default: the agent's tls_ca)
+    tls_cert: Path | None = None      # this device's certificate for mutual TLS (with tls_key)
+    tls_key: Path | None = None
+    tls_name: str = ""                # the name in its certificate, when the address's host is not
+    api_key_file: Path | None = None  # a file holding the bearer token it wants (first line)
+    slots: int = 1                    # openai: generations the server runs at once (llama.cpp's server: 1)
+    max_concurrency: int = 1          # oip: requests the server runs at once (its model instances)
+    plaintext: bool = False           # without TLS although the agent has TLS files: nothing authenticates it
+
+    def api_key(self) -> str | None:
+        if self.api_key_file is None:
+            return None
+        try:
+            lines = self.api_key_file.read_text().split()
+        except OSError as exc:
+            raise ValueError(f"node {self.address}: api_key_file {self.api_key_file}: {exc.strerror}") from None
+        if not lines:
+            raise ValueError(f"node {self.address}: api_key_file {self.api_key_file} is empty")
+        return lines[0]
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Its own TLS credentials (None: the agent's)."""
+        if self.tls_ca is None:
+            if self.tls_cert or self.tls_key:
+                raise ValueError(f"node {self.address}: tls_cert and tls_key need its tls_ca")
+            return None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(f"node {self.address}: give tls_cert and tls_key together, or neither")
+        read = [p.read_bytes() if p else None for p in (self.tls_ca, self.tls_cert, self.tls_key)]
+        return grpc.ssl_channel_credentials(root_certificates=read[0], private_key=read[2], certificate_chain=read[1])
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     listen: str = field(default="127.0.0.1:50051", metadata={"help": "HOST:PORT or unix:PATH for apps (port 0: any free port)"})
@@ -73,6 +111,9 @@ class AgentConfig:
     privacy_min_local: int = field(default=0, metadata={"help": "segments that must run on the device (hard; >0 forbids REMOTE)"})
     encoding: str = field(default="raw", metadata={"help": "codec for tensors sent to nodes: raw, fp16 or int8"})
     hysteresis_margin: float = field(default=0.1, metadata={"help": "change plan only when the new one is predicted this much better (0.1 = 10 %)"})
+    nodes: tuple[NodeSpec, ...] = field(default=(), metadata={
+        "help": "a cloud node with its own settings: address (as --cloud), tls_ca, tls_cert, tls_key, tls_name, "
+                "api_key_file, slots (openai), max_concurrency (oip), plaintext"})
     cloud_timeout_s: float = field(default=10.0, metadata={"help": "longest wait for one cloud call before falling back, s"})
     uplink_mbps: float | None = field(default=None, metadata={"help": "assume this uplink instead of measuring it, Mbit/s"})
     downlink_mbps: float | None = field(default=None, metadata={"help": "assume this downlink instead of measuring it, Mbit/s"})
@@ -140,6 +181,11 @@ class AgentConfig:
 
     def validate(self) -> None:
         self.tls()  # TLS files, or plaintext said out loud
+        for address in (*self.cloud, *(n.address for n in self.nodes)):
+            try:
+                parse_node_address(address)
+            except ValueError as exc:
+                raise config_loader.ConfigError(str(exc)) from None
         check_log_settings(self.log_level, self.log_format)
         if self.ort_spinning not in ("auto", "on", "off"):
             raise config_loader.ConfigError(f"ort_spinning must be auto, on or off, got {self.ort_spinning!r}")
@@ -290,7 +336,10 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         ca_pem, cert_pem, key_pem = tls.load()
         trust = Trust(ca_pem, cert_pem, key_pem, channel_credentials(ca_pem, cert_pem, key_pem))
     else:
-        plain = [*config.cloud, *(["discovered nodes"] if config.discovery and config.discover_plaintext else [])]
+        plain = [*config.cloud, *(n.address for n in config.nodes if n.tls_ca is None),
+                 *(["discovered nodes"] if config.discovery and config.discover_plaintext else [])]
+    if trust is not None and (plain_nodes := [n.address for n in config.nodes if n.plaintext]):
+        warn_plaintext("edge-agent's link to these nodes", ", ".join(plain_nodes))
         if plain:
             warn_plaintext("edge-agent's link to cloud nodes", ", ".join(plain))
         if config.discovery and not config.discover_plaintext:
@@ -302,18 +351,24 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     # what openai nodes are asked to run for each device LLM
     remote_llms = {name: config.llm_remote_model or name for name in llms.engines}
 
-    def make_client(address: str, *, node_name: str | None = None, discovered: bool = False) -> CloudNodeClient:
+    def make_client(address: str, *, node_name: str | None = None, discovered: bool = False,
+                    spec: NodeSpec | None = None) -> CloudNodeClient:
         kind, address = parse_node_address(address)
+        spec = spec or NodeSpec(address)
         common = dict(max_message_mb=config.max_message_mb, link_override=config.link_override(),
-                      idle_probe_s=config.probe_idle_s, credentials=trust.credentials if trust else None,
-                      node_name=node_name, discovered=discovered)
+                      idle_probe_s=config.probe_idle_s, node_name=node_name or spec.tls_name or None,
+                      credentials=None if spec.plaintext else spec.credentials() or (trust.credentials if trust else None),
+                      discovered=discovered)
         if kind == "oip":
-            return OipNodeClient(address, models=store.models, host_profile=book.measured_here, **common)
+            return OipNodeClient(address, models=store.models, host_profile=book.measured_here, api_key=spec.api_key(),
+                                 max_concurrency=spec.max_concurrency, **common)
         if kind == "openai":
-            return OpenAiNodeClient(address, models=remote_llms, **common)
+            return OpenAiNodeClient(address, models=remote_llms, api_key=spec.api_key(), slots=spec.slots,
+                                    ca_file=spec.tls_ca,
+                                    client_cert=(spec.tls_cert, spec.tls_key) if spec.tls_cert else None, **common)
         return CloudNodeClient(address, **common)
 
-    nodes = [make_client(a) for a in config.cloud]
+    nodes = [make_client(a) for a in config.cloud] + [make_client(spec.address, spec=spec) for spec in config.nodes]
     table = NodeTable(nodes, trust=trust, plaintext_ok=config.discover_plaintext, make_client=make_client, forget_after_s=config.forget_after_s,
                       drain_grace_s=config.cloud_timeout_s)
     await refresh_all(nodes, measure_link=True)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 
@@ -58,13 +60,23 @@ class OpenAiNodeClient(CloudNodeClient):
     probe_directions = ()  # LLM requests and replies are small: the RTT is what the link costs them
 
     def __init__(self, base_url: str, *, models: Mapping[str, str], api_key: str | None = None, slots: int = 1,
-                 **kwargs) -> None:
+                 ca_file: Path | None = None, client_cert: tuple[Path, Path] | None = None, **kwargs) -> None:
         """``models``: device LLM name -> the server's model id.
-        ``slots``: generations the server runs at once (llama.cpp's server: 1)."""
+        ``slots``: generations the server runs at once (llama.cpp's server: 1).
+        ``ca_file``, ``client_cert``: an https server's CA, and this device's
+        certificate and key where it asks for one (else the system's CAs)."""
+        kwargs.pop("credentials", None)  # gRPC's: TLS here is the HTTP client's
         super().__init__(base_url, **kwargs)
         self.models = dict(models)
         self.slots = slots
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0)
+        http_client = None
+        if ca_file is not None or client_cert is not None:
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            if client_cert is not None:
+                context.load_cert_chain(*map(str, client_cert))
+            http_client = openai.DefaultAsyncHttpxClient(verify=context)
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0,
+                                         http_client=http_client)
         self.speeds: dict[str, StreamSpeed] = {}
         self.active: dict[str, int] = {}
 

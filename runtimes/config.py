@@ -35,8 +35,26 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
+def _table(name: str, kind: type, value: Any) -> Any:
+    """A TOML table as the dataclass ``kind`` (each key one of its fields, coerced by its type)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be TOML tables ([[{name}]]), got {value!r}")
+    fields = typing.get_type_hints(kind)
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name}: unknown keys {unknown}; known: {sorted(fields)}")
+    try:
+        return kind(**{key: _coerce(f"{name}.{key}", fields[key], item) for key, item in value.items()})
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     kind, is_list = _base_type(hint)
+    if dataclasses.is_dataclass(kind):
+        items = value if is_list else [value]
+        tables = tuple(_table(name, kind, item) for item in (items if isinstance(items, list) else [items]))
+        return tables if is_list else tables[0]
     if is_list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
@@ -73,8 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str
     """One flag per field. A boolean is a switch (``--plaintext``) that also
     takes a value (``--plaintext false``)."""
     parser.add_argument("--config", type=Path, help="TOML file with these settings (flags override it)")
+    tables = []
     for f in dataclasses.fields(cls):
         kind, is_list = _base_type(typing.get_type_hints(cls)[f.name])
+        if dataclasses.is_dataclass(kind):  # tables: in the TOML file only
+            tables.append(f"[[{f.name}]]: {f.metadata.get('help', '')}")
+            continue
         flag = "--" + f.name.replace("_", "-")
         extra = f.metadata.get("flags", ())
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
@@ -90,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str
             parser.add_argument(flag, *extra, dest=f.name, default=None, help=help_text)
     parser.epilog = (f"Every setting is also a key of the --config TOML file (its name with underscores: "
                      f"max_queue) and an environment variable ({env_prefix}_MAX_QUEUE); "
-                     "flags override the environment, which overrides the file.")
+                     "flags override the environment, which overrides the file."
+                     + "".join(f" In the file only: {text}." for text in tables))
 
 
 def load(cls: type[C], args: argparse.Namespace | None = None, *, env_prefix: str, environ: dict[str, str] | None = None) -> C:
@@ -111,7 +134,7 @@ def load(cls: type[C], args: argparse.Namespace | None = None, *, env_prefix: st
         values.update(table)
     for name in names:
         key = f"{env_prefix}_{name.upper()}"
-        if key in environ:
+        if key in environ and not dataclasses.is_dataclass(_base_type(hints[name])[0]):
             values[name] = environ[key]
     if args is not None:
         for name in names:

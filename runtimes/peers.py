@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -125,7 +126,7 @@ class LlamaServerPeer:
     """llama-cpp-python's own OpenAI-compatible server (``python -m
     llama_cpp.server``, its [server] extra) serving a GGUF as ``alias``."""
 
-    def __init__(self, model: Path, *, alias: str, threads: int = 1, ctx: int = 2048) -> None:
+    def __init__(self, model: Path, *, alias: str, threads: int = 1, ctx: int = 2048, api_key: str | None = None) -> None:
         try:
             import llama_cpp.server  # noqa: F401 -- only to say what is missing
         except ImportError as exc:
@@ -139,7 +140,7 @@ class LlamaServerPeer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
              "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(threads), "--n_ctx", str(ctx),
-             "--verbose", "False"],
+             "--verbose", "False", *(["--api_key", api_key] if api_key else [])],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 120.0) -> "LlamaServerPeer":
@@ -151,6 +152,8 @@ class LlamaServerPeer:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=1.0) as reply:
                     if reply.status == 200:
                         return self
+            except urllib.error.HTTPError:
+                return self  # it answers (401 without its key)
             except OSError:
                 time.sleep(0.2)
         self.stop()

@@ -65,3 +65,26 @@ def test_a_boolean_flag_is_a_switch_that_also_takes_a_value(argv: list[str], exp
     args = parser.parse_args(["--plaintext", *argv])  # a switch followed by another flag
     config = config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT", environ={})
     assert config.plaintext is True and config.discovery is expected
+
+
+def test_node_tables_are_read_from_the_file_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('plaintext = true\n[[nodes]]\naddress = "oip://10.0.0.5:8001"\nmax_concurrency = 4\n'
+                    '[[nodes]]\naddress = "openai+http://10.0.0.6:8000/v1"\nslots = 2\n')
+    config = config_loader.load(AgentConfig, argparse.Namespace(config=path), env_prefix="TANDEM_AGENT", environ={})
+    assert [(n.address, n.max_concurrency, n.slots) for n in config.nodes] == [
+        ("oip://10.0.0.5:8001", 4, 1), ("openai+http://10.0.0.6:8000/v1", 1, 2)]
+    path.write_text('plaintext = true\n[[nodes]]\naddress = "oip://10.0.0.5:8001"\nmax_conurrency = 4\n')
+    with pytest.raises(config_loader.ConfigError, match=r"nodes: unknown keys \['max_conurrency'\]"):
+        config_loader.load(AgentConfig, argparse.Namespace(config=path), env_prefix="TANDEM_AGENT", environ={})
+    path.write_text('plaintext = true\n[[nodes]]\nslots = 4\n')
+    with pytest.raises(config_loader.ConfigError, match="address"):
+        config_loader.load(AgentConfig, argparse.Namespace(config=path), env_prefix="TANDEM_AGENT", environ={})
+
+
+def test_a_cloud_address_of_no_known_kind_is_refused_by_name() -> None:
+    parser = argparse.ArgumentParser()
+    config_loader.add_arguments(parser, AgentConfig, env_prefix="TANDEM_AGENT")
+    args = parser.parse_args(["--plaintext", "--cloud", "grpc://10.0.0.5:8001"])
+    with pytest.raises(config_loader.ConfigError, match="grpc://10.0.0.5:8001.*oip://HOST:PORT"):
+        config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT", environ={})

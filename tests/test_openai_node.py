@@ -100,3 +100,28 @@ def test_a_server_killed_mid_stream_is_finished_on_the_device(tmp_path: Path) ->
             assert summary.completion_tokens == done.done.completion_tokens == len(before) + len(after)
     finally:
         server.stop()
+
+
+def test_a_node_table_with_a_key_file_reaches_a_server_that_wants_one(tmp_path: Path) -> None:
+    """[[nodes]] in the agent's TOML: the key from api_key_file as a bearer
+    token; with the wrong key the server refuses and the node is not planned."""
+    try:
+        server = LlamaServerPeer(find_smollm2(), alias="smollm2", api_key="sesame").wait_ready()
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        for key, works in (("sesame", True), ("wrong", False)):
+            (tmp_path / "key").write_text(f"{key}\n")
+            (tmp_path / "agent.toml").write_text(
+                f'[[nodes]]\naddress = "openai+{server.base_url}"\napi_key_file = "{tmp_path / "key"}"\nslots = 1\n')
+            (tmp_path / "empty").mkdir(exist_ok=True)
+            with launch.edge_agent(tmp_path / "empty", [], "--config", str(tmp_path / "agent.toml"), "--llm", "smollm2") \
+                    as agent, sdk.EdgeClient(agent.address) as client:
+                nodes = {c.node for c in client.explain("smollm2", prompt_tokens=8, max_tokens=8).candidates}
+                assert (server.base_url in nodes) == works, agent.log()
+                if works:
+                    assert client.generate_text(PROMPT, max_tokens=8, plan="remote").summary.ran == "remote"
+                else:
+                    assert "AuthenticationError" in agent.log()
+    finally:
+        server.stop()
