@@ -117,7 +117,9 @@ class OipNodeClient(CloudNodeClient):
         self.speed_samples = 0
         self._predicted: dict[str, tuple[object, float, ModelProfile]] = {}  # model -> (host profile, speed, scaled)
         self.queue_source = "this agent's calls in flight (no statistics asked yet)"
-        self._stats: dict[str, tuple[int, int]] = {}  # model name -> (requests, queue ns) at the last refresh
+        self._stats: dict[str, tuple[int, int, int]] = {}  # entry -> (requests, queue ns, compute ns) at the last refresh
+        self._calls: dict[str, tuple[int, int]] = {}  # entry -> this agent's calls since then (all, at the profiled shape)
+        self.speed_source = ""  # what measured the speed: statistics, or round trip minus the link
         self.queue_ms = 0.0
 
     # ------------------------------------------------------------ probing --
@@ -250,9 +252,13 @@ class OipNodeClient(CloudNodeClient):
 
     async def _read_statistics(self, deployments: dict[str, Deployment], timeout_s: float) -> None:
         """Queue time per request since the last refresh, from the statistics
-        extension (Triton's); servers that refuse it leave the in-flight count."""
-        names = [name for deployment in deployments.values() for name, _ in deployment.suffixes.values()]
-        names += [model for model, deployment in deployments.items() if deployment.whole is not None]
+        extension (Triton's); servers that refuse it leave the in-flight count.
+        Where every request an entry ran since then was one of this agent's at
+        the shape this host profiled, its compute time measures the node's
+        speed too (better than a round trip, which carries the link's noise)."""
+        names = {name: (model, cut) for model, deployment in deployments.items()
+                 for cut, (name, _) in deployment.suffixes.items()}
+        names.update({model: (model, 0) for model, deployment in deployments.items() if deployment.whole is not None})
         if not names:
             return
         try:
@@ -264,14 +270,22 @@ class OipNodeClient(CloudNodeClient):
             self.queue_source = f"this agent's calls in flight (statistics refused: {exc.code().name})"
             return
         requests = queued_ns = 0
-        now: dict[str, tuple[int, int]] = {}
+        now: dict[str, tuple[int, int, int]] = {}
+        calls, self._calls = self._calls, {}
         for entry in stats.model_stats:
-            if entry.name in names:
-                count, queue_ns = entry.inference_stats.success.count, entry.inference_stats.queue.ns
-                before = self._stats.get(entry.name, (count, queue_ns))
-                requests += count - before[0]
-                queued_ns += queue_ns - before[1]
-                now[entry.name] = (count, queue_ns)
+            if entry.name not in names:
+                continue
+            inference = entry.inference_stats
+            count, queue_ns = inference.success.count, inference.queue.ns
+            compute_ns = inference.compute_input.ns + inference.compute_infer.ns + inference.compute_output.ns
+            before = self._stats.get(entry.name, (count, queue_ns, compute_ns))
+            ran = count - before[0]
+            requests += ran
+            queued_ns += queue_ns - before[1]
+            now[entry.name] = (count, queue_ns, compute_ns)
+            ours, at_profile = calls.get(entry.name, (0, 0))
+            if ran > 0 and ran == ours == at_profile:
+                self._observe_speed(*names[entry.name], (compute_ns - before[2]) / ran / 1e6, "statistics")
         self._stats = now
         if requests > 0:
             self.queue_ms = queued_ns / requests / 1e6
@@ -315,7 +329,7 @@ class OipNodeClient(CloudNodeClient):
             return False, f"hosts no entry matching the device's copy{refused}"
         if self.host_profile(model) is None:
             return False, "this host has no profile of it yet to scale"
-        speed = (f"measured from {self.speed_samples} calls as round trip minus the link" if self.speed_samples
+        speed = (f"measured from {self.speed_samples} samples, last by {self.speed_source}" if self.speed_samples
                  else "assumed equal to this host's until a call measures it")
         return True, (f"compute: this host's profile x {self.speed:.2f} ({speed}); queue: {self.queue_source}; "
                       f"link: RTT from ServerLive, uplink from a {LINK_PROBE_MODEL} request, downlink "
@@ -353,7 +367,8 @@ class OipNodeClient(CloudNodeClient):
         response = await self.stub.ModelInfer(infer, timeout=timeout_s, metadata=(*metadata, *self._auth))
         rpc_ms = (time.perf_counter() - start) * 1e3
         reply = pb.RunReply(outputs=self._outputs(response), node_id=self.state.node_id)
-        reply.compute_ms = self._learn_speed(request.model, cut, tensors, rpc_ms, infer.ByteSize(), response.ByteSize())
+        reply.compute_ms = self._learn_speed(request.model, cut, target[0], tensors, rpc_ms, infer.ByteSize(),
+                                             response.ByteSize())
         reply.load.CopyFrom(self._load())
         return reply
 
@@ -377,21 +392,33 @@ class OipNodeClient(CloudNodeClient):
                                      encoding=pb.ENCODING_RAW))
         return tensors
 
-    def _learn_speed(self, model: str, cut: int, tensors, rpc_ms: float, up_bytes: int, down_bytes: int) -> float:
+    def _learn_speed(self, model: str, cut: int, entry: str, tensors, rpc_ms: float, up_bytes: int,
+                     down_bytes: int) -> float:
         """The call's compute and queue time (its round trip minus the link's
-        predicted share), and what it says of the node's speed where this host
-        measured the same run (same cut, same shapes)."""
+        predicted share); where this host measured the same run (same cut,
+        same shapes) and no statistics do better, what it says of the node's speed."""
         link = self.estimator.link() if self.estimator else None
         link_ms = 0.0 if link is None else (link.rtt_ms + up_bytes * 8 / (link.uplink_mbps * 1e3)
                                             + down_bytes * 8 / (link.downlink_mbps * 1e3))
         cloud_ms = max(rpc_ms - link_ms, 0.0)
         host = self.host_profile(model)
-        if host is not None and cut < host.num_segments and \
-                {t.name: tuple(t.shape) for t in tensors} == {m.name: tuple(m.shape) for m in host.crossings[cut]}:
-            host_ms = sum(host.segment_ms[cut:]) + host.run_overhead_ms
-            if host_ms > 0:
-                ratio = max(cloud_ms - self.queue_ms, 0.0) / host_ms
-                self.speed = ratio if not self.speed_samples else self.speed + SPEED_SMOOTHING * (ratio - self.speed)
-                self.speed = min(max(self.speed, 0.01), 100.0)
-                self.speed_samples += 1
+        at_profile = host is not None and cut < host.num_segments and \
+            {t.name: tuple(t.shape) for t in tensors} == {m.name: tuple(m.shape) for m in host.crossings[cut]}
+        ours, profiled = self._calls.get(entry, (0, 0))
+        self._calls[entry] = (ours + 1, profiled + at_profile)
+        if at_profile and self.speed_source != "statistics":
+            self._observe_speed(model, cut, max(cloud_ms - self.queue_ms, 0.0), "round trip minus the link")
         return cloud_ms
+
+    def _observe_speed(self, model: str, cut: int, compute_ms: float, source: str) -> None:
+        host = self.host_profile(model)
+        if host is None or cut >= host.num_segments:
+            return
+        host_ms = sum(host.segment_ms[cut:]) + host.run_overhead_ms
+        if host_ms <= 0:
+            return
+        ratio = compute_ms / host_ms
+        self.speed = ratio if not self.speed_samples else self.speed + SPEED_SMOOTHING * (ratio - self.speed)
+        self.speed = min(max(self.speed, 0.01), 100.0)
+        self.speed_samples += 1
+        self.speed_source = source

@@ -49,7 +49,8 @@ def free_port() -> int:
 class TritonPeer:
     """A Triton serving ``repository`` (the layout offload-tune export-suffixes writes)."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, *, delay_ms: float = 0.0) -> None:
+        """``delay_ms``: added to every request's compute, for a slower server."""
         self.grpc_port, self.http_port = free_port(), free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="tandem-triton-")
         self.log_path = Path(self._tmp.name) / "triton.log"
@@ -58,7 +59,7 @@ class TritonPeer:
         self.process = subprocess.Popen(
             [str(triton_python()), str(TRITON_SCRIPT), "--repository", str(repository),
              "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-             "--workspace", str(Path(self._tmp.name) / "workspace")],
+             "--workspace", str(Path(self._tmp.name) / "workspace"), "--delay-ms", str(delay_ms)],
             stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
             env={**os.environ, "PYTRITON_HOME": str(Path(self._tmp.name) / "home")})
         self.address = f"127.0.0.1:{self.grpc_port}"

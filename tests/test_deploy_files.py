@@ -88,3 +88,15 @@ def test_a_cloud_address_of_no_known_kind_is_refused_by_name() -> None:
     args = parser.parse_args(["--plaintext", "--cloud", "grpc://10.0.0.5:8001"])
     with pytest.raises(config_loader.ConfigError, match="grpc://10.0.0.5:8001.*oip://HOST:PORT"):
         config_loader.load(AgentConfig, args, env_prefix="TANDEM_AGENT", environ={})
+
+
+def test_the_fleet_examples_parse_and_the_agent_config_loads() -> None:
+    """deploy/kubernetes is written on paper (no cluster here): each manifest is
+    at least valid YAML naming its kind, and the agent config pointing at them loads."""
+    yaml = pytest.importorskip("yaml")
+    for manifest in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        documents = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+        assert documents and all(d["apiVersion"] and d["kind"] and d["metadata"]["name"] for d in documents), manifest
+    config = config_loader.load(AgentConfig, argparse.Namespace(config=DEPLOY / "edge-agent-fleet.toml"),
+                                env_prefix="TANDEM_AGENT", environ={})
+    assert [n.address.partition("://")[0] for n in config.nodes] == ["oip", "openai+http"]

@@ -32,6 +32,7 @@ import signal
 import sys
 import sysconfig
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,9 @@ def tensors(values: Sequence[onnx.ValueInfoProto]) -> list[Tensor]:
     return out
 
 
-def make_infer(path: Path) -> InferFunc:
-    """An unbatched pytriton callable: a list of requests in, one dict of all outputs per request out."""
+def make_infer(path: Path, delay_s: float = 0.0) -> InferFunc:
+    """An unbatched pytriton callable: a list of requests in, one dict of all outputs per request out;
+    ``delay_s`` more per request, to stand for a slower (busier, older) server."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -92,6 +94,8 @@ def make_infer(path: Path) -> InferFunc:
     names = [o.name for o in session.get_outputs()]
 
     def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        if delay_s:
+            time.sleep(delay_s * len(requests))
         return [dict(zip(names, session.run(names, dict(request.items())))) for request in requests]
 
     return infer
@@ -104,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here (default: off)")
     parser.add_argument("--access-token", help="restrict pytriton's default endpoints to this token (default: none)")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="added to every request's compute (a slower server)")
     parser.add_argument("--workspace", type=Path, help="pytriton workspace (default: a new dir in $PYTRITON_HOME)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
@@ -139,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             graph = onnx.load(str(path), load_external_data=False).graph
             initializers = {i.name for i in graph.initializer}
             triton.bind(
-                model_name=name, model_version=version, infer_func=make_infer(path),
+                model_name=name, model_version=version, infer_func=make_infer(path, args.delay_ms / 1e3),
                 inputs=tensors([i for i in graph.input if i.name not in initializers]), outputs=tensors(graph.output),
                 config=ModelConfig(batching=False),
             )
