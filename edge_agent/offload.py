@@ -216,39 +216,39 @@ class CloudNodeClient:
             return
         self._last_probe = time.monotonic()
 
+    async def _rtt(self, timeout_s: float) -> float | None:
+        """The fastest of a few empty round trips (slower ones carry scheduling
+        noise, not the path); None when it answers none of them within its
+        liveness time: hung, not slow, and marked down."""
+        probe_s = self.liveness_timeout_s() if self.estimator is not None else timeout_s
+        try:
+            return min([await self._timed_probe(pb.ProbeRequest(), probe_s) for _ in range(3)])
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            self.mark_down(f"hung: no answer to an empty probe in {probe_s * 1e3:.0f} ms")
+            return None
+
+    async def _observe_link(self, rtt_ms: float, *, measure_link: bool) -> None:
+        """The RTT into the estimate; bandwidth probed on the first call, when
+        asked, or when the link carried nothing for idle_probe_s."""
+        if self.estimator is None:
+            self.estimator = LinkEstimator(uplink_mbps=10.0, downlink_mbps=10.0, rtt_ms=rtt_ms)
+            measure_link = True
+        self.estimator.observe_rtt(rtt_ms)
+        now = time.monotonic()
+        idle = (self.estimator.last_transfer is None or now - self.estimator.last_transfer > self.idle_probe_s) \
+            and now - self._last_probe > self.idle_probe_s
+        if measure_link or idle:
+            await self._probe_bandwidth()
+
     async def refresh(self, *, timeout_s: float = 2.0, measure_link: bool = False) -> NodeState:
-        """Status, RTT (empty probes), profiles of new models and, on the
-        first call, when asked, or when the link has been idle, bandwidth."""
+        """What the node says of itself now (``_fetch``), or it marked down with the reason."""
         generation = self._generation
         if self.closed:
             return self.state
         try:
-            # The fastest of a few empty round trips: slower ones carry scheduling noise, not the path.
-            # A node that answers none of them in its liveness time is hung, not slow.
-            probe_s = self.liveness_timeout_s() if self.estimator is not None else timeout_s
-            try:
-                rtt_ms = min([await self._timed_probe(pb.ProbeRequest(), probe_s) for _ in range(3)])
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                self.mark_down(f"hung: no answer to an empty probe in {probe_s * 1e3:.0f} ms")
-                return self.state
-            status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
-            if self.estimator is None:
-                self.estimator = LinkEstimator(uplink_mbps=10.0, downlink_mbps=10.0, rtt_ms=rtt_ms)
-                measure_link = True
-            self.estimator.observe_rtt(rtt_ms)
-            now = time.monotonic()
-            idle = (self.estimator.last_transfer is None or now - self.estimator.last_transfer > self.idle_probe_s) \
-                and now - self._last_probe > self.idle_probe_s
-            if measure_link or idle:
-                await self._probe_bandwidth()
-            for info in status.models:
-                # A model the node serves without a profile (it could not be
-                # measured there yet) is planned without this node until it has one.
-                if info.kind == "onnx" and info.digest not in self._profiles and not info.plans_unavailable:
-                    reply = await self.stub.GetProfile(pb.ProfileRequest(model=info.name), timeout=timeout_s)
-                    self._profiles[info.digest] = ModelProfile.from_json(reply.json)
+            fresh = await self._fetch(timeout_s, measure_link=measure_link)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.state.reachable:
                 # It answered the probes: a slow link busy with a large request
@@ -258,13 +258,30 @@ class CloudNodeClient:
             self.mark_down(f"{exc.code().name}: {exc.details()}")
             return self.state
         except ValueError as exc:  # a profile we cannot read: plan without this node
-            self.mark_down(f"unreadable profile: {exc}")
+            self.mark_down(f"unreadable reply: {exc}")
             return self.state
-        if generation == self._generation:
+        if fresh is not None and generation == self._generation:
             self.down_since = None
-            self.state = NodeState(reachable=True, node_id=status.node_id, load=status.load, llm=list(status.llm),
-                                   models={m.name: m for m in status.models})
+            self.state = fresh
         return self.state
+
+    async def _fetch(self, timeout_s: float, *, measure_link: bool) -> NodeState | None:
+        """Status, RTT (empty probes), profiles of new models and, on the
+        first call, when asked, or when the link has been idle, bandwidth;
+        None when the node is hung (marked down)."""
+        rtt_ms = await self._rtt(timeout_s)
+        if rtt_ms is None:
+            return None
+        status = await self.stub.Status(pb.StatusRequest(), timeout=timeout_s)
+        await self._observe_link(rtt_ms, measure_link=measure_link)
+        for info in status.models:
+            # A model the node serves without a profile (it could not be
+            # measured there yet) is planned without this node until it has one.
+            if info.kind == "onnx" and info.digest not in self._profiles and not info.plans_unavailable:
+                reply = await self.stub.GetProfile(pb.ProfileRequest(model=info.name), timeout=timeout_s)
+                self._profiles[info.digest] = ModelProfile.from_json(reply.json)
+        return NodeState(reachable=True, node_id=status.node_id, load=status.load, llm=list(status.llm),
+                         models={m.name: m for m in status.models})
 
     def observe_transfer(self, *, up_bytes: int, down_bytes: int, network_ms: float) -> None:
         if self.estimator is not None:

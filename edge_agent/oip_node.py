@@ -29,7 +29,6 @@ import grpc
 import numpy as np
 import onnx
 
-from edge_agent.link import LinkEstimator
 from edge_agent.offload import CloudNodeClient, NodeFailed, NodeState
 from partitioner.profile import ModelProfile
 from protos import codec
@@ -142,51 +141,24 @@ class OipNodeClient(CloudNodeClient):
         if estimator is not None and estimator.measured_up and not estimator.measured_down:
             estimator.downlink_mbps = estimator.uplink_mbps  # until replies measure it
 
-    async def refresh(self, *, timeout_s: float = 2.0, measure_link: bool = False) -> NodeState:
-        generation = self._generation
-        if self.closed:
-            return self.state
-        try:
-            probe_s = self.liveness_timeout_s() if self.estimator is not None else timeout_s
-            try:
-                rtt_ms = min([await self._timed_probe(pb.ProbeRequest(), probe_s) for _ in range(3)])
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                self.mark_down(f"hung: no answer to ServerLive in {probe_s * 1e3:.0f} ms")
-                return self.state
-            ready = await self.stub.ServerReady(messages.ServerReadyRequest(), timeout=timeout_s, metadata=self._auth)
-            if not ready.ready:
-                self.mark_down("the server says it is not ready")
-                return self.state
-            server = await self.stub.ServerMetadata(messages.ServerMetadataRequest(), timeout=timeout_s,
-                                                    metadata=self._auth)
-            if self.estimator is None:
-                self.estimator = LinkEstimator(uplink_mbps=10.0, downlink_mbps=10.0, rtt_ms=rtt_ms)
-                measure_link = True
-            self.estimator.observe_rtt(rtt_ms)
-            now = time.monotonic()
-            idle = (self.estimator.last_transfer is None or now - self.estimator.last_transfer > self.idle_probe_s) \
-                and now - self._last_probe > self.idle_probe_s
-            if measure_link or idle:
-                await self._probe_bandwidth()
-            hosted = await self._hosted(timeout_s)
-            deployments = {name: await self._deployment(model, hosted, timeout_s) for name, model in self.models.items()}
-            await self._read_statistics(deployments, timeout_s)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.state.reachable:
-                logger.info("metadata of %s timed out; keeping its last state", self.address)
-                return self.state
-            self.mark_down(f"{exc.code().name}: {exc.details()}")
-            return self.state
-        if generation == self._generation:
-            self.down_since = None
-            self.deployments = deployments
-            self.state = NodeState(
-                reachable=True, node_id=f"{server.name} {server.version}".strip(), load=self._load(),
-                models={name: pb.ModelInfo(name=name, digest=self.models[name].digest, kind="onnx")
-                        for name, deployment in deployments.items() if deployment.cuts})
-        return self.state
+    async def _fetch(self, timeout_s: float, *, measure_link: bool) -> NodeState | None:
+        """Liveness and readiness, the link, what it hosts (checked against the
+        device's copies) and its statistics; None when it is hung (marked down)."""
+        rtt_ms = await self._rtt(timeout_s)
+        if rtt_ms is None:
+            return None
+        ready = await self.stub.ServerReady(messages.ServerReadyRequest(), timeout=timeout_s, metadata=self._auth)
+        if not ready.ready:
+            self.mark_down("the server says it is not ready")
+            return None
+        server = await self.stub.ServerMetadata(messages.ServerMetadataRequest(), timeout=timeout_s, metadata=self._auth)
+        await self._observe_link(rtt_ms, measure_link=measure_link)
+        hosted = await self._hosted(timeout_s)
+        self.deployments = {name: await self._deployment(model, hosted, timeout_s) for name, model in self.models.items()}
+        await self._read_statistics(self.deployments, timeout_s)
+        return NodeState(reachable=True, node_id=f"{server.name} {server.version}".strip(), load=self._load(),
+                         models={name: pb.ModelInfo(name=name, digest=self.models[name].digest, kind="onnx")
+                                 for name, deployment in self.deployments.items() if deployment.cuts})
 
     async def _hosted(self, timeout_s: float) -> dict[str, str] | None:
         """Ready models by name -> version from the repository index; None where the server keeps none."""
