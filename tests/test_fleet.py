@@ -161,7 +161,7 @@ def device_channel(address: str, files: dict[str, Path], device: str) -> grpc.Ch
                                                private_key=files[device].with_suffix(".key").read_bytes(),
                                                certificate_chain=files[device].read_bytes())
     return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", "node-1"),
-                                                               ("grpc.max_send_message_length", 1 << 26)])
+                                                               ("grpc.max_send_message_length", 1 << 28)])
 
 
 def test_a_device_flooding_a_node_keeps_to_its_share_and_another_is_served_in_turn(tmp_path: Path,
@@ -172,14 +172,16 @@ def test_a_device_flooding_a_node_keeps_to_its_share_and_another_is_served_in_tu
         x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         return pb.ModelRequest(model="resnet", inputs=[codec.encode(x, "input")])
 
-    # One long request (batch 96, 55 MiB: its read and run outlast the calls
-    # below arriving, which batch 64 once did not on an idle machine) holds the
-    # node's one slot while every shorter call arrives, so who waits, who is
-    # refused and who goes next does not depend on timing. The shorter ones
-    # (batch 8) still take long enough each that their replies reach this
-    # process in the order the node served them.
-    long, small = request(96), request(8)
-    limits = ("--max-concurrency", "1", "--max-queue", "8", "--max-queue-per-device", "4")
+    # One long request holds the node's one slot while every shorter call
+    # arrives, so who waits, who is refused and who goes next does not depend
+    # on timing: batch 192 (110 MiB) on one onnxruntime thread, about 0.4 s of
+    # compute here after its read (batch 96 on every thread, about 0.1 s, was
+    # outlasted by the calls' arrival on an idle machine, 2 runs in 3). The
+    # shorter ones (batch 8) still take long enough each that their replies
+    # reach this process in the order the node served them.
+    long, small = request(192), request(8)
+    limits = ("--max-concurrency", "1", "--max-queue", "8", "--max-queue-per-device", "4", "--threads", "1",
+              "--max-message-mb", "256")
     with launch.cloud_node(model_dir, *tls_args(files, "node"), *limits) as node, \
             device_channel(node.address, files, "device") as kitchen, device_channel(node.address, files, "revoked") as hall:
         flooder, other = pb_grpc.CloudNodeStub(kitchen), pb_grpc.CloudNodeStub(hall)
