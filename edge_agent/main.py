@@ -62,6 +62,7 @@ class NodeSpec:
     """One [[nodes]] table: a cloud node of any kind, with its own TLS files and key."""
 
     address: str                      # HOST:PORT (cloud-node), oip://HOST:PORT or openai+http(s)://HOST:PORT/v1
+    kind: str = ""                    # tandem, oip or openai, for an address written without its scheme
     tls_ca: Path | None = None        # the CA its certificate is signed by (default: the agent's tls_ca)
     tls_cert: Path | None = None      # this device's certificate for mutual TLS (with tls_key)
     tls_key: Path | None = None
@@ -70,6 +71,23 @@ class NodeSpec:
     slots: int = 1                    # openai: generations the server runs at once (llama.cpp's server: 1)
     max_concurrency: int = 1          # oip: requests the server runs at once (its model instances)
     plaintext: bool = False           # without TLS although the agent has TLS files: nothing authenticates it
+
+    def target(self) -> str:
+        """The address in --cloud's form: the scheme from ``kind`` where the address has none."""
+        prefixes = {"tandem": "", "oip": "oip://", "openai": "openai+"}
+        if not self.kind:
+            return self.address
+        if self.kind not in prefixes:
+            raise ValueError(f"node {self.address}: kind must be tandem, oip or openai, got {self.kind!r}")
+        base_url = self.address.startswith(("http://", "https://"))  # an openai node's address without its prefix
+        if "://" in self.address and not (self.kind == "openai" and base_url):
+            said = parse_node_address(self.address)[0]
+            if said != self.kind:
+                raise ValueError(f"node {self.address}: its scheme says {said}, its kind {self.kind}")
+            return self.address
+        if self.kind == "openai" and not base_url:
+            raise ValueError(f"node {self.address}: an openai node's address is its base URL, http(s)://HOST:PORT/v1")
+        return prefixes[self.kind] + self.address
 
     def api_key(self) -> str | None:
         if self.api_key_file is None:
@@ -112,7 +130,7 @@ class AgentConfig:
     encoding: str = field(default="raw", metadata={"help": "codec for tensors sent to nodes: raw, fp16 or int8"})
     hysteresis_margin: float = field(default=0.1, metadata={"help": "change plan only when the new one is predicted this much better (0.1 = 10 %)"})
     nodes: tuple[NodeSpec, ...] = field(default=(), metadata={
-        "help": "a cloud node with its own settings: address (as --cloud), tls_ca, tls_cert, tls_key, tls_name, "
+        "help": "a cloud node with its own settings: address (as --cloud), kind, tls_ca, tls_cert, tls_key, tls_name, "
                 "api_key_file, slots (openai), max_concurrency (oip), plaintext"})
     cloud_timeout_s: float = field(default=10.0, metadata={"help": "longest wait for one cloud call before falling back, s"})
     uplink_mbps: float | None = field(default=None, metadata={"help": "assume this uplink instead of measuring it, Mbit/s"})
@@ -181,11 +199,11 @@ class AgentConfig:
 
     def validate(self) -> None:
         self.tls()  # TLS files, or plaintext said out loud
-        for address in (*self.cloud, *(n.address for n in self.nodes)):
-            try:
+        try:
+            for address in (*self.cloud, *(n.target() for n in self.nodes)):
                 parse_node_address(address)
-            except ValueError as exc:
-                raise config_loader.ConfigError(str(exc)) from None
+        except ValueError as exc:
+            raise config_loader.ConfigError(str(exc)) from None
         check_log_settings(self.log_level, self.log_format)
         if self.ort_spinning not in ("auto", "on", "off"):
             raise config_loader.ConfigError(f"ort_spinning must be auto, on or off, got {self.ort_spinning!r}")
@@ -368,7 +386,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
                                     client_cert=(spec.tls_cert, spec.tls_key) if spec.tls_cert else None, **common)
         return CloudNodeClient(address, **common)
 
-    nodes = [make_client(a) for a in config.cloud] + [make_client(spec.address, spec=spec) for spec in config.nodes]
+    nodes = [make_client(a) for a in config.cloud] + [make_client(spec.target(), spec=spec) for spec in config.nodes]
     table = NodeTable(nodes, trust=trust, plaintext_ok=config.discover_plaintext, make_client=make_client, forget_after_s=config.forget_after_s,
                       drain_grace_s=config.cloud_timeout_s)
     await refresh_all(nodes, measure_link=True)

@@ -77,6 +77,13 @@ def test_node_tables_are_read_from_the_file_and_checked(tmp_path: Path) -> None:
     path.write_text('plaintext = true\n[[nodes]]\naddress = "oip://10.0.0.5:8001"\nmax_conurrency = 4\n')
     with pytest.raises(config_loader.ConfigError, match=r"nodes: unknown keys \['max_conurrency'\]"):
         config_loader.load(AgentConfig, argparse.Namespace(config=path), env_prefix="TANDEM_AGENT", environ={})
+    path.write_text('plaintext = true\n[[nodes]]\naddress = "10.0.0.5:8001"\nkind = "oip"\n'
+                    '[[nodes]]\naddress = "http://10.0.0.6:8000/v1"\nkind = "openai"\n')
+    config = config_loader.load(AgentConfig, argparse.Namespace(config=path), env_prefix="TANDEM_AGENT", environ={})
+    assert [n.target() for n in config.nodes] == ["oip://10.0.0.5:8001", "openai+http://10.0.0.6:8000/v1"]
+    path.write_text('plaintext = true\n[[nodes]]\naddress = "oip://10.0.0.5:8001"\nkind = "openai"\n')
+    with pytest.raises(config_loader.ConfigError, match="its scheme says oip, its kind openai"):
+        config_loader.load(AgentConfig, argparse.Namespace(config=path), env_prefix="TANDEM_AGENT", environ={})
     path.write_text('plaintext = true\n[[nodes]]\nslots = 4\n')
     with pytest.raises(config_loader.ConfigError, match="address"):
         config_loader.load(AgentConfig, argparse.Namespace(config=path), env_prefix="TANDEM_AGENT", environ={})
