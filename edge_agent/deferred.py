@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtimes.onnx_exec import InputError
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -53,13 +55,19 @@ FETCHED_KEEP_S = 60.0  # a fetched result stays this long, for a fetch whose rep
 class QueueFull(Exception):
     """A bound of the queue would be passed; the message names it."""
 
+    status_code = "RESOURCE_EXHAUSTED"
+
 
 class KeyReused(ValueError):
     """An idempotency key already names a different request."""
 
+    status_code = "ALREADY_EXISTS"
+
 
 class UnknownRequest(KeyError):
     """No deferred request has this id (never, or its result expired)."""
+
+    status_code = "NOT_FOUND"
 
 
 @dataclass(frozen=True)
@@ -159,10 +167,10 @@ class DeferredStore:
         was submitted before with the same request. QueueFull names the bound
         that would be passed; KeyReused a key naming another request."""
         if not key:
-            raise ValueError("a deferred request needs an idempotency key")
+            raise InputError("a deferred request needs an idempotency key")
         now = self.clock()
         if deliver_by <= now:
-            raise ValueError("deliver_by has already passed")
+            raise InputError("deliver_by has already passed")
         if deliver_by - now > self.limits.max_wait_s:
             raise QueueFull(f"deliver_by is {deliver_by - now:.0f} s away; this queue keeps requests at most "
                             f"max_wait_s = {self.limits.max_wait_s:.0f} s")
@@ -261,9 +269,10 @@ class DeferredStore:
                 "SELECT COALESCE(SUM(state = 'done'), 0), COALESCE(SUM(state = 'failed'), 0) FROM requests").fetchone()
         return QueueStats(pending, size, max(now - oldest, 0.0) if oldest is not None else 0.0, done, failed)
 
-    def pending_models(self) -> set[str]:
+    def pending_ids(self) -> list[str]:
         with self._lock:
-            return {r[0] for r in self._db.execute("SELECT DISTINCT model FROM requests WHERE state = 'queued'")}
+            return [r[0] for r in self._db.execute(
+                "SELECT id FROM requests WHERE state IN (?, ?) ORDER BY created, id", PENDING)]
 
     def _row(self, query: str, *args: object) -> Deferred | None:
         row = self._db.execute(query.format(_COLUMNS), args).fetchone()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from devices.detect import detect_board
 from devices.power_fit import PowerFit
 from devices.profiles import get_device
 from edge_agent import oip
+from edge_agent.deferred import DeferredStore, QueueLimits
+from edge_agent.delivery import Deliveries
 from edge_agent.discovery import Browser
 from edge_agent.fleet import NodeTable, Trust
 from edge_agent.generation import Generator, LlmSettings
@@ -190,6 +193,13 @@ class AgentConfig:
     profile_memory_mb: float = field(default=0.0, metadata={"help": "largest estimated memory one profiling run may use, MiB; "
                                                                     "a shape needing more is refused by name (0: a quarter of the device's RAM or "
                                                                     "of what is free, whichever is less, at most 1024)"})
+    queue_file: Path | None = field(default=None, metadata={"help": "the deferred requests' SQLite file (default: "
+                                                                    "deferred.sqlite in $TANDEM_CACHE_DIR or ~/.cache/tandem)"})
+    queue_max_requests: int = field(default=1000, metadata={"help": "deferred requests waiting at once"})
+    queue_max_mb: float = field(default=256.0, metadata={"help": "their payloads together, MiB"})
+    queue_max_wait_s: float = field(default=86400.0, metadata={"help": "the furthest deliver_by accepted, s from now"})
+    result_ttl_s: float = field(default=86400.0, metadata={"help": "an unfetched deferred result (or failure) is kept "
+                                                                   "this long, s"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid} JSON here once serving"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
@@ -243,6 +253,11 @@ class AgentConfig:
         if self.http_listen.startswith("unix:"):
             raise error("http_listen takes HOST:PORT")
         get_device(self.device)
+
+    def queue(self) -> DeferredStore:
+        path = self.queue_file or Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem")) / "deferred.sqlite"
+        return DeferredStore(path, QueueLimits(max_requests=self.queue_max_requests, max_bytes=int(self.queue_max_mb * 2**20),
+                                               max_wait_s=self.queue_max_wait_s, result_ttl_s=self.result_ttl_s))
 
     def tls(self) -> TlsFiles | None:
         return tls_from_config(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, plaintext=self.plaintext,
@@ -411,6 +426,11 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         max_concurrency=config.max_concurrency, max_queue=config.max_queue, generator=generator,
         memory_bytes=memory_budget(config.request_memory_mb, device.memory_bytes),
     )
+    queue = config.queue()
+    service.deliveries = Deliveries(
+        queue, nodes, infer=service.serve_tensors, generate=service.generation,
+        serves_llm=lambda model: bool(generator.served_models().get(model)),  # the nodes serving it now
+        onnx_digest=lambda model: store.models[model].digest if model in store.models else None)
     server = grpc.aio.server(options=server_options(config.max_message_mb, stream_window_bytes=APP_STREAM_WINDOW_BYTES))
     add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service, read_when_admitted=("Infer",))
     regions = service.regions
@@ -444,9 +464,10 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
                                                       lambda fresh: reload_policy(fresh, segments, service))
     monitor = PowerMonitor(device, root=config.sysfs_root, window_s=config.power_window_s, apply=service.use_power)
     metering = asyncio.create_task(monitor.run())
+    delivering = asyncio.create_task(service.deliveries.run())
     signame = await wait_for_shutdown()
     logger.info("%s: draining for up to %.1f s", signame, config.grace_s)
-    for task in (refresher, metering):
+    for task in (refresher, metering, delivering):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -455,6 +476,7 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     health.enter_graceful_shutdown()
     await asyncio.gather(server.stop(config.grace_s), http.stop())
     service.close()
+    queue.close()
     metrics.stop()
     for node in nodes:
         await node.close()

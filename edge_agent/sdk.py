@@ -13,10 +13,12 @@ on the agent's own board.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import secrets
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -363,6 +365,49 @@ class Completion:
     summary: GenerationSummary
 
 
+@dataclass(frozen=True)
+class Deferral:
+    """A deferred request the agent has stored: fetch its result by ``id``."""
+
+    id: str
+    created: bool   # False: its idempotency key was submitted before, and this is that request
+    state: str      # queued, delivering, done, failed
+
+
+@dataclass(frozen=True)
+class DeferredResult:
+    id: str
+    state: str                       # queued, delivering, done, failed
+    infer: InferResult | None        # a done tensor request's reply
+    completion: Completion | None    # a done generation's text and usage
+    error_code: str                  # a failed one's gRPC status name (DEADLINE_EXCEEDED, ...)
+    error: str
+    attempts: int                    # deliveries started
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("done", "failed")
+
+    @classmethod
+    def from_message(cls, m: pb.DeferredResult) -> "DeferredResult":
+        kind = m.WhichOneof("result")
+        completion = None
+        if kind == "generate":
+            g = m.generate
+            completion = Completion(g.text, tuple(g.token_ids), GenerationSummary.from_message(g.summary))
+        return cls(m.id, m.state, InferResult.from_reply(m.infer) if kind == "infer" else None, completion,
+                   m.error_code, m.error, m.attempts)
+
+
+def _defer_request(request: pb.InferRequest | pb.GenerateRequest, deliver_by: float | datetime.datetime | None,
+                   idempotency_key: str | None) -> pb.DeferRequest:
+    if deliver_by is None:
+        raise ValueError("a deferred request needs deliver_by: when it must have run (a datetime or a unix time)")
+    when = deliver_by.timestamp() if isinstance(deliver_by, datetime.datetime) else float(deliver_by)
+    kind = "infer" if isinstance(request, pb.InferRequest) else "generate"
+    return pb.DeferRequest(**{kind: request}, deliver_by_unix_s=when, idempotency_key=idempotency_key or uuid.uuid4().hex)
+
+
 def _chunk(message: pb.GenerateChunk) -> Token | GenerationSummary:
     if message.HasField("token"):
         return Token(message.token.index, message.token.token_id, message.token.text)
@@ -404,7 +449,15 @@ class EdgeClient:
         self._shared = _SharedMemory(self._channel, timeout) if shared_memory else None
 
     def infer(self, model: str, inputs: dict[str, Any], *, objective: str | None = None, plan: str | None = None,
-              encoding: str | None = None, deadline: float | None = None) -> InferResult:
+              encoding: str | None = None, deadline: float | None = None, defer: bool = False,
+              deliver_by: float | datetime.datetime | None = None, idempotency_key: str | None = None
+              ) -> InferResult | Deferral:
+        """Run ``model`` now; or with ``defer``, have the agent store it and run
+        it when a node can take it, by ``deliver_by``: the Deferral's id then
+        fetches the result (``result``). The same ``idempotency_key`` twice is
+        one request (default: a new key each call)."""
+        if defer:
+            return self._defer(_infer_request(model, inputs, objective, plan, encoding), deliver_by, idempotency_key)
         if self._shared is not None:
             try:
                 with self._shared.call() as regions:
@@ -458,9 +511,40 @@ class EdgeClient:
         finally:
             call.cancel()  # a caller that stops iterating frees its slot on the agent
 
-    def generate_text(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        """The whole generation at once."""
+    def generate_text(self, prompt: str | None = None, *, defer: bool = False,
+                      deliver_by: float | datetime.datetime | None = None, idempotency_key: str | None = None,
+                      **kwargs: Any) -> Completion | Deferral:
+        """The whole generation at once; with ``defer``, stored and run when a
+        node can take it (as ``infer``'s), its text and usage kept."""
+        if defer:
+            request = _generate_request(prompt, kwargs.get("model"), kwargs.get("messages"), kwargs.get("max_tokens", 64),
+                                        kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0), kwargs.get("seed", 0),
+                                        kwargs.get("stop", ()), kwargs.get("objective"), kwargs.get("plan"))
+            return self._defer(request, deliver_by, idempotency_key)
         return _collect(list(self.generate(prompt, **kwargs)))
+
+    def _defer(self, request: pb.InferRequest | pb.GenerateRequest, deliver_by, idempotency_key: str | None) -> Deferral:
+        with _agent_errors():
+            reply = self._stub.Defer(_defer_request(request, deliver_by, idempotency_key), timeout=self.timeout)
+        return Deferral(reply.id, reply.created, reply.state)
+
+    def result(self, request_id: str, *, wait: float = 0.0) -> DeferredResult:
+        """A deferred request's state, and its result once it has one; ``wait``
+        seconds for it to end first (the agent waits at most 300)."""
+        with _agent_errors():
+            return DeferredResult.from_message(self._stub.Result(pb.ResultRequest(id=request_id, wait_s=wait),
+                                                                 timeout=wait + (self.timeout or 30.0)))
+
+    def results(self, request_ids: list[str] | tuple[str, ...] = (), *, deadline: float | None = None
+                ) -> Iterator[DeferredResult]:
+        """Each request's result as it ends (every pending one when none are named)."""
+        call = self._stub.Results(pb.ResultsRequest(ids=list(request_ids)), timeout=deadline)
+        try:
+            with _agent_errors():
+                for message in call:
+                    yield DeferredResult.from_message(message)
+        finally:
+            call.cancel()
 
     def close(self) -> None:
         if self._shared is not None:

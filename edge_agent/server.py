@@ -292,6 +292,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                  max_concurrency: int, max_queue: int, generator: Generator, memory_bytes: int) -> None:
         self.store = store
         self.regions = SharedMemory()  # what apps on this board registered, for Infer and OIP alike
+        self.deliveries = None  # the deferred queue (edge_agent.delivery.Deliveries), set once the service exists
         self.generator = generator
         self.book = book
         self.nodes = nodes
@@ -919,6 +920,26 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                          "tandem.switched": chunk.done.switched,
                                          "gen_ai.usage.output_tokens": chunk.done.completion_tokens})
                 yield chunk
+
+    async def Defer(self, request: pb.DeferRequest, context: grpc.aio.ServicerContext) -> pb.Deferral:
+        try:
+            return await self.deliveries.submit(request)
+        except Exception as exc:  # noqa: BLE001 -- every failure becomes a status; the agent stays up
+            await abort_for(context, exc)
+
+    async def Result(self, request: pb.ResultRequest, context: grpc.aio.ServicerContext) -> pb.DeferredResult:
+        try:
+            return await self.deliveries.result(request.id, request.wait_s)
+        except Exception as exc:  # noqa: BLE001
+            await abort_for(context, exc)
+
+    async def Results(self, request: pb.ResultsRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.DeferredResult]:
+        try:
+            async for result in self.deliveries.results(list(request.ids)):
+                yield result
+        except Exception as exc:  # noqa: BLE001
+            await abort_for(context, exc)
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.Explanation:
         policy = self.policies.for_model(request.model)

@@ -616,3 +616,67 @@ class ModelList(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     skipped: _containers.RepeatedCompositeFieldContainer[SkippedFile]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedFile, _Mapping]]] = ...) -> None: ...
+
+class DeferRequest(_message.Message):
+    __slots__ = ("infer", "generate", "deliver_by_unix_s", "idempotency_key")
+    INFER_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    DELIVER_BY_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    infer: InferRequest
+    generate: GenerateRequest
+    deliver_by_unix_s: float
+    idempotency_key: str
+    def __init__(self, infer: _Optional[_Union[InferRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., deliver_by_unix_s: _Optional[float] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class Deferral(_message.Message):
+    __slots__ = ("id", "created", "state")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    created: bool
+    state: str
+    def __init__(self, id: _Optional[str] = ..., created: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ResultRequest(_message.Message):
+    __slots__ = ("id", "wait_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    wait_s: float
+    def __init__(self, id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class ResultsRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GenerateResult(_message.Message):
+    __slots__ = ("text", "token_ids", "summary")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    summary: GenerateSummary
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
+
+class DeferredResult(_message.Message):
+    __slots__ = ("id", "state", "infer", "generate", "error_code", "error", "attempts")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INFER_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: str
+    infer: InferReply
+    generate: GenerateResult
+    error_code: str
+    error: str
+    attempts: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., infer: _Optional[_Union[InferReply, _Mapping]] = ..., generate: _Optional[_Union[GenerateResult, _Mapping]] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...

@@ -344,6 +344,21 @@ class EdgeAgentStub:
                 request_serializer=protos_dot_tandem__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=protos_dot_tandem__pb2.ModelList.FromString,
                 _registered_method=True)
+        self.Defer = channel.unary_unary(
+                '/tandem.v1.EdgeAgent/Defer',
+                request_serializer=protos_dot_tandem__pb2.DeferRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.Deferral.FromString,
+                _registered_method=True)
+        self.Result = channel.unary_unary(
+                '/tandem.v1.EdgeAgent/Result',
+                request_serializer=protos_dot_tandem__pb2.ResultRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.DeferredResult.FromString,
+                _registered_method=True)
+        self.Results = channel.unary_stream(
+                '/tandem.v1.EdgeAgent/Results',
+                request_serializer=protos_dot_tandem__pb2.ResultsRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.DeferredResult.FromString,
+                _registered_method=True)
 
 
 class EdgeAgentServicer:
@@ -373,6 +388,24 @@ class EdgeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Defer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Result(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Results(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -395,6 +428,21 @@ def add_EdgeAgentServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=protos_dot_tandem__pb2.ListModelsRequest.FromString,
                     response_serializer=protos_dot_tandem__pb2.ModelList.SerializeToString,
+            ),
+            'Defer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Defer,
+                    request_deserializer=protos_dot_tandem__pb2.DeferRequest.FromString,
+                    response_serializer=protos_dot_tandem__pb2.Deferral.SerializeToString,
+            ),
+            'Result': grpc.unary_unary_rpc_method_handler(
+                    servicer.Result,
+                    request_deserializer=protos_dot_tandem__pb2.ResultRequest.FromString,
+                    response_serializer=protos_dot_tandem__pb2.DeferredResult.SerializeToString,
+            ),
+            'Results': grpc.unary_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=protos_dot_tandem__pb2.ResultsRequest.FromString,
+                    response_serializer=protos_dot_tandem__pb2.DeferredResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -505,6 +553,87 @@ class EdgeAgent:
             '/tandem.v1.EdgeAgent/ListModels',
             protos_dot_tandem__pb2.ListModelsRequest.SerializeToString,
             protos_dot_tandem__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Defer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.EdgeAgent/Defer',
+            protos_dot_tandem__pb2.DeferRequest.SerializeToString,
+            protos_dot_tandem__pb2.Deferral.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Result(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.EdgeAgent/Result',
+            protos_dot_tandem__pb2.ResultRequest.SerializeToString,
+            protos_dot_tandem__pb2.DeferredResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Results(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.EdgeAgent/Results',
+            protos_dot_tandem__pb2.ResultsRequest.SerializeToString,
+            protos_dot_tandem__pb2.DeferredResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,7 +52,12 @@ def is_onnxruntime_input_error(exc: BaseException) -> bool:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a caller should see for ``exc``."""
+    """The status code and message a caller should see for ``exc``. An
+    exception may name its own status (``status_code``, a StatusCode name),
+    so modules that know no gRPC still say which one they mean."""
+    own = getattr(type(exc), "status_code", None)
+    if own is not None:
+        return grpc.StatusCode[own], str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     if isinstance(exc, (CodecError, InputError, GraphError, GenerationError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if is_onnxruntime_input_error(exc):

@@ -1,0 +1,95 @@
+"""Deferred requests through a real agent: accepted while no node can take
+them, delivered when one returns (results equal to running them directly),
+one request per idempotency key, bounds refused by name, deadlines recorded,
+and a kill -9 of the agent mid-queue loses and repeats nothing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent import sdk
+from runtimes import launch
+from runtimes.onnx_exec import OnnxModel
+from runtimes.peers import free_port
+
+RTOL = ATOL = 1e-5
+
+
+def image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
+
+
+def agent_for(model_dir: Path, node_port: int, queue: Path, *extra: str) -> launch.Daemon:
+    return launch.edge_agent(model_dir, [f"127.0.0.1:{node_port}"], "--queue-file", str(queue), "--refresh-s", "0.5",
+                             *extra)
+
+
+def wait_all(client: sdk.EdgeClient, ids: list[str]) -> dict[str, sdk.DeferredResult]:
+    ended = {r.id: r for r in client.results(ids, deadline=120)}
+    assert set(ended) == set(ids)
+    return ended
+
+
+def test_accepted_while_no_node_answers_and_delivered_when_one_returns(model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    model = OnnxModel("mobilenet", model_dir / "mobilenet.onnx")
+    with agent_for(model_dir, port, tmp_path / "q.sqlite") as agent, sdk.EdgeClient(agent.address) as client:
+        deferrals = [client.infer("mobilenet", {"input": image(i)}, plan="remote", defer=True,
+                                  deliver_by=time.time() + 300, idempotency_key=f"req-{i}") for i in range(4)]
+        assert all(d.created and d.state == "queued" for d in deferrals)
+        again = client.infer("mobilenet", {"input": image(0)}, plan="remote", defer=True,
+                             deliver_by=time.time() + 300, idempotency_key="req-0")
+        assert (again.id, again.created) == (deferrals[0].id, False)  # one request per key
+        assert client.result(deferrals[0].id).state == "queued"
+        with launch.cloud_node(model_dir, "--listen", f"127.0.0.1:{port}") as node:
+            results = wait_all(client, [d.id for d in deferrals])
+        for i, deferral in enumerate(deferrals):
+            result = results[deferral.id]
+            assert result.state == "done" and result.attempts == 1
+            assert (result.infer.plan, result.infer.node) == ("remote", node.address)
+            np.testing.assert_allclose(result.infer.outputs["logits"], model.run({"input": image(i)})["logits"],
+                                       rtol=RTOL, atol=ATOL)
+        assert client.result(deferrals[0].id).state == "done"  # fetched results stay a while
+
+
+def test_bounds_and_deadlines_are_refused_and_recorded_by_name(model_dir: Path, tmp_path: Path) -> None:
+    with agent_for(model_dir, free_port(), tmp_path / "q.sqlite", "--queue-max-requests", "2") as agent, \
+            sdk.EdgeClient(agent.address) as client:
+        soon = client.infer("mobilenet", {"input": image(0)}, defer=True, deliver_by=time.time() + 1.5)
+        client.infer("mobilenet", {"input": image(1)}, defer=True, deliver_by=time.time() + 300, idempotency_key="k1")
+        with pytest.raises(sdk.ResourceExhausted, match="max_requests = 2"):
+            client.infer("mobilenet", {"input": image(2)}, defer=True, deliver_by=time.time() + 300)
+        with pytest.raises(sdk.ResourceExhausted, match="max_wait_s"):
+            client.infer("mobilenet", {"input": image(3)}, defer=True, deliver_by=time.time() + 10 * 86400)
+        with pytest.raises(sdk.TandemError, match="already names another request"):
+            client.infer("mobilenet", {"input": image(4)}, defer=True, deliver_by=time.time() + 300, idempotency_key="k1")
+        with pytest.raises(sdk.NotFound):
+            client.result("no-such-id")
+        late = client.result(soon.id, wait=30)
+        assert (late.state, late.error_code) == ("failed", "DEADLINE_EXCEEDED")
+
+
+def test_a_kill_9_of_the_agent_mid_queue_delivers_every_request_once(model_dir: Path, tmp_path: Path) -> None:
+    port, queue = free_port(), tmp_path / "q.sqlite"
+    model = OnnxModel("mobilenet", model_dir / "mobilenet.onnx")
+    agent = agent_for(model_dir, port, queue).wait_ready()
+    try:
+        with sdk.EdgeClient(agent.address) as client:
+            ids = [client.infer("mobilenet", {"input": image(i)}, defer=True, deliver_by=time.time() + 300,
+                                idempotency_key=f"k{i}").id for i in range(6)]
+    finally:
+        agent.kill()
+        agent.stop()
+    with launch.cloud_node(model_dir, "--listen", f"127.0.0.1:{port}"), agent_for(model_dir, port, queue) as again, \
+            sdk.EdgeClient(again.address) as client:
+        assert [client.infer("mobilenet", {"input": image(i)}, defer=True, deliver_by=time.time() + 300,
+                             idempotency_key=f"k{i}").created for i in range(6)] == [False] * 6
+        results = wait_all(client, ids)
+    for i, request_id in enumerate(ids):
+        assert results[request_id].state == "done" and results[request_id].attempts == 1
+        np.testing.assert_allclose(results[request_id].infer.outputs["logits"],
+                                   model.run({"input": image(i)})["logits"], rtol=RTOL, atol=ATOL)
