@@ -74,22 +74,50 @@ def test_bounds_and_deadlines_are_refused_and_recorded_by_name(model_dir: Path, 
 
 
 def test_a_kill_9_of_the_agent_mid_queue_delivers_every_request_once(model_dir: Path, tmp_path: Path) -> None:
+    """Six queued while the node is down; the node returns, and once two are
+    done the agent is killed -9, a third perhaps on its way to the node. After
+    the restart every one is done once: the two finished before keep the
+    result they had (not computed again), the rest are delivered."""
     port, queue = free_port(), tmp_path / "q.sqlite"
     model = OnnxModel("mobilenet", model_dir / "mobilenet.onnx")
     agent = agent_for(model_dir, port, queue).wait_ready()
-    try:
-        with sdk.EdgeClient(agent.address) as client:
-            ids = [client.infer("mobilenet", {"input": image(i)}, defer=True, deliver_by=time.time() + 300,
-                                idempotency_key=f"k{i}").id for i in range(6)]
-    finally:
-        agent.kill()
-        agent.stop()
-    with launch.cloud_node(model_dir, "--listen", f"127.0.0.1:{port}"), agent_for(model_dir, port, queue) as again, \
-            sdk.EdgeClient(again.address) as client:
-        assert [client.infer("mobilenet", {"input": image(i)}, defer=True, deliver_by=time.time() + 300,
-                             idempotency_key=f"k{i}").created for i in range(6)] == [False] * 6
-        results = wait_all(client, ids)
+    with launch.cloud_node(model_dir, "--listen", f"127.0.0.1:{port}") as node:
+        try:
+            with sdk.EdgeClient(agent.address) as client:
+                ids = [client.infer("mobilenet", {"input": image(i)}, plan="remote", defer=True,
+                                    deliver_by=time.time() + 300, idempotency_key=f"k{i}").id for i in range(6)]
+                first = [client.result(ids[i], wait=60) for i in range(2)]
+        finally:
+            agent.kill()
+            agent.stop()
+        assert [r.state for r in first] == ["done", "done"]
+        with agent_for(model_dir, port, queue) as again, sdk.EdgeClient(again.address) as client:
+            assert [client.infer("mobilenet", {"input": image(i)}, plan="remote", defer=True,
+                                 deliver_by=time.time() + 300, idempotency_key=f"k{i}").created
+                    for i in range(6)] == [False] * 6
+            results = wait_all(client, ids)
     for i, request_id in enumerate(ids):
-        assert results[request_id].state == "done" and results[request_id].attempts == 1
-        np.testing.assert_allclose(results[request_id].infer.outputs["logits"],
-                                   model.run({"input": image(i)})["logits"], rtol=RTOL, atol=ATOL)
+        result = results[request_id]
+        assert result.state == "done" and result.infer.node == node.address
+        np.testing.assert_allclose(result.infer.outputs["logits"], model.run({"input": image(i)})["logits"],
+                                   rtol=RTOL, atol=ATOL)
+    for before in first:
+        assert results[before.id].attempts == 1 and results[before.id].infer.measured == before.infer.measured
+    assert sum(results[i].attempts for i in ids) <= 7  # at most the one in flight at the kill went twice
+
+
+def test_a_deferred_generation_is_kept_whole_with_its_usage(model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with agent_for(model_dir, port, tmp_path / "q.sqlite", "--llm", "smollm2") as agent, \
+            sdk.EdgeClient(agent.address) as client:
+        expected = client.generate_text("The three primary colors are", model="smollm2", max_tokens=24, plan="local")
+        deferral = client.generate_text("The three primary colors are", model="smollm2", max_tokens=24, plan="remote",
+                                        defer=True, deliver_by=time.time() + 300)
+        assert client.result(deferral.id).state == "queued"  # no node serves it yet
+        with launch.cloud_node(model_dir, "--listen", f"127.0.0.1:{port}", "--llm", "smollm2") as node:
+            result = client.result(deferral.id, wait=120)
+        assert result.state == "done"
+        completion = result.completion
+        assert completion.text == expected.text and completion.token_ids == expected.token_ids
+        assert (completion.summary.ran, completion.summary.node) == ("remote", node.address)
+        assert completion.summary.completion_tokens == 24 and completion.summary.prompt_tokens > 0
