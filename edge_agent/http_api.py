@@ -15,6 +15,7 @@ import hmac
 import logging
 import math
 import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,13 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from edge_agent import openai_api
+from edge_agent import oip, openai_api
 from edge_agent.oip_http import InferenceRoutes
 from edge_agent.server import OBJECTIVE_BY_NAME
 from protos import tandem_pb2 as pb
 from runtimes import tracing
 from runtimes.admission import Overloaded, TooLarge
+from runtimes.model_store import decode_all
 from runtimes.rpc import bounded, status_for
 from runtimes.shared_memory import RegionExists, RegionInUse, SharedMemory
 
@@ -38,10 +40,12 @@ logger = logging.getLogger(__name__)
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.FAILED_PRECONDITION: 503,
-    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+               413: "invalid_request_error",
                429: "rate_limit_error"}
 
 
@@ -98,6 +102,26 @@ def error_status(exc: BaseException) -> tuple[int, str, dict[str, str]]:
     return HTTP_STATUS.get(code, 500), bounded(message), headers
 
 
+def deferred_json(result: pb.DeferredResult) -> dict[str, Any]:
+    """A deferred request as JSON: a generation's text and usage, or a tensor
+    request's outputs as KServe v2 JSON tensors, with what Tandem did."""
+    reply: dict[str, Any] = {"id": result.id, "object": "tandem.deferred", "state": result.state,
+                             "attempts": result.attempts}
+    if result.state == "failed":
+        status = HTTP_STATUS.get(grpc.StatusCode.__members__.get(result.error_code), 500)
+        reply["error"] = openai_error(status, result.error)["error"] | {"code": result.error_code}
+    elif result.HasField("generate"):
+        summary = result.generate.summary
+        reply["result"] = {"text": result.generate.text, "finish_reason": summary.finish_reason,
+                           "usage": openai_api.usage(summary), "tandem": openai_api.tandem_facts(summary)}
+    elif result.HasField("infer"):
+        outputs = decode_all(result.infer.outputs)
+        reply["result"] = {"outputs": [{"name": name, "datatype": oip.datatype_of(array.dtype), "shape": list(array.shape),
+                                        "data": array.ravel().tolist()} for name, array in outputs.items()],
+                           "tandem": oip.reply_parameters(result.infer)}
+    return reply
+
+
 def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     code = "model_not_found" if status == 404 else "invalid_api_key" if status == 401 else None
     return {"error": {"message": message, "type": OPENAI_TYPE.get(status, "server_error"), "param": param, "code": code}}
@@ -141,6 +165,7 @@ class HttpApi:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/tandem/requests/{id}", self.deferred)
         self.inference.add_to(app)
         return app
 
@@ -194,6 +219,17 @@ class HttpApi:
              "tandem": {"on_device": name in self.service.generator.llms.engines, "nodes": nodes}}
             for name, nodes in sorted(served.items())]})
 
+    async def deferred(self, request: web.Request) -> web.Response:
+        """A deferred request's state, and its result once it has one; ``?wait=S``
+        waits up to S seconds for it to end."""
+        try:
+            wait_s = float(request.query.get("wait", "0"))
+        except ValueError:
+            raise openai_api.BadRequest("wait: seconds, a number", "wait") from None
+        if not 0 <= wait_s < float("inf"):
+            raise openai_api.BadRequest("wait: seconds, 0 or more", "wait")
+        return web.json_response(deferred_json(await self.service.deliveries.result(request.match_info["id"], wait_s)))
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, openai_api.ChatRequest)
 
@@ -206,6 +242,13 @@ class HttpApi:
         generate = openai_api.generate_request(body, objective)
         if not generate.max_tokens:  # OpenAI's default: as many as the context leaves
             generate.max_tokens = self.service.generator.room(generate)
+        if body.tandem.defer:
+            deferral = await self.service.deliveries.submit(pb.DeferRequest(
+                generate=generate, deliver_by_unix_s=body.tandem.deliver_by,
+                idempotency_key=body.tandem.idempotency_key or uuid.uuid4().hex))
+            return web.json_response({"id": deferral.id, "object": "tandem.deferred", "created": deferral.created,
+                                      "state": deferral.state, "url": f"/v1/tandem/requests/{deferral.id}"},
+                                     status=202 if deferral.created else 200)
         headers = {key.lower(): value for key, value in request.headers.items()}
         with tracing.serving(f"POST {request.path}", list(headers.items()), **{"gen_ai.request.model": body.model}):
             generation = await self.service.generation(generate)

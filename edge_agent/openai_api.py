@@ -14,6 +14,7 @@ import contextlib
 import json
 import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -52,6 +53,17 @@ class TandemOptions(_Body):
     """What the openai client's ``extra_body={"tandem": {...}}`` sends."""
     plan: str = ""                                   # "local", "remote" or "remote@HOST:PORT"
     objective: Literal["latency", "energy", "weighted"] | None = None
+    defer: bool = False                              # store it and run it when a node can take it
+    deliver_by: float | None = Field(default=None, allow_inf_nan=False)  # unix time it must have run by
+    idempotency_key: str = ""                        # the same key twice is one request (default: a new one)
+
+    @model_validator(mode="after")
+    def _deferral(self):
+        if self.defer and self.deliver_by is None:
+            raise ValueError("tandem.deliver_by: a deferred request needs one (unix seconds)")
+        if not self.defer and (self.deliver_by is not None or self.idempotency_key):
+            raise ValueError("tandem.deliver_by: only with tandem.defer = true")
+        return self
 
 
 class _Generation(_Body):
@@ -83,6 +95,8 @@ class _Generation(_Body):
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: needs stream = true")
+        if self.tandem.defer and self.stream:
+            raise ValueError("stream: a deferred request is not streamed; fetch /v1/tandem/requests/{id} instead")
         return self
 
     def stops(self) -> list[str]:
@@ -162,8 +176,14 @@ def parse(model: type[_Body], body: bytes) -> Any:
 
 def generate_request(body: ChatRequest | CompletionRequest, objective: int) -> pb.GenerateRequest:
     """The pipeline's request for an OpenAI body. A seed is drawn when none is
-    given and sampling is random, as OpenAI's own server does."""
-    seed = body.seed if body.seed is not None else secrets.randbits(32)
+    given and sampling is random, as OpenAI's own server does; a deferred
+    request's comes from its idempotency key, so a retry is the same request."""
+    if body.seed is not None:
+        seed = body.seed
+    elif body.tandem.defer and body.tandem.idempotency_key:
+        seed = zlib.crc32(body.tandem.idempotency_key.encode())
+    else:
+        seed = secrets.randbits(32)
     request = pb.GenerateRequest(model=body.model, temperature=body.temperature, top_p=body.top_p,
                                  seed=seed & 0xFFFFFFFF, stop=body.stops(), plan=body.tandem.plan, objective=objective)
     if isinstance(body, ChatRequest):

@@ -5,7 +5,10 @@ and a kill -9 of the agent mid-queue loses and repeats nothing."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +124,43 @@ def test_a_deferred_generation_is_kept_whole_with_its_usage(model_dir: Path, tmp
         assert completion.text == expected.text and completion.token_ids == expected.token_ids
         assert (completion.summary.ran, completion.summary.node) == ("remote", node.address)
         assert completion.summary.completion_tokens == 24 and completion.summary.prompt_tokens > 0
+
+
+def test_the_http_api_defers_a_completion_and_serves_its_result(model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with agent_for(model_dir, port, tmp_path / "q.sqlite", "--llm", "smollm2", "--http-listen", "127.0.0.1:0") as agent:
+        url = agent.ready["http"]
+        body = {"model": "smollm2", "prompt": "The three primary colors are", "max_tokens": 16, "temperature": 0,
+                "tandem": {"defer": True, "deliver_by": time.time() + 300, "idempotency_key": "http-1"}}
+        first = post_json(f"{url}/v1/completions", body)
+        again = post_json(f"{url}/v1/completions", body)
+        assert (first["status"], again["status"]) == (202, 200) and first["id"] == again["id"]
+        assert get_json(f"{url}/v1/tandem/requests/{first['id']}")["state"] == "queued"
+        with launch.cloud_node(model_dir, "--listen", f"127.0.0.1:{port}", "--llm", "smollm2"):
+            done = get_json(f"{url}/v1/tandem/requests/{first['id']}?wait=120")
+        assert done["state"] == "done" and done["result"]["usage"]["completion_tokens"] == 16
+        with sdk.EdgeClient(agent.address) as client:
+            assert done["result"]["text"] == client.generate_text("The three primary colors are", model="smollm2",
+                                                                   max_tokens=16, plan="local").text
+        assert get_json(f"{url}/v1/tandem/requests/nope", ok=False)["error"]["type"] == "invalid_request_error"
+        body["stream"] = True
+        assert post_json(f"{url}/v1/completions", body, ok=False)["status"] == 400
+
+
+def post_json(url: str, body: dict, ok: bool = True) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return {**json.loads(reply.read()), "status": reply.status}
+    except urllib.error.HTTPError as exc:
+        assert not ok, exc.read()
+        return {**json.loads(exc.read()), "status": exc.code}
+
+
+def get_json(url: str, ok: bool = True) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=180) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        assert not ok, exc.read()
+        return json.loads(exc.read())
