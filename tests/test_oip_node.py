@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,9 +68,21 @@ def node_view(client: sdk.EdgeClient, model: str, address: str) -> sdk.NodeView:
     return next(n for n in client.explain(model).nodes if n.address == address)
 
 
+def wait_planned(client: sdk.EdgeClient, address: str, model: str = "mobilenet", tries: int = 300) -> None:
+    """Readiness, not a sleep: until the agent plans on that server (a refresh
+    that timed out on a busy machine is retried every refresh_s)."""
+    for _ in range(tries):
+        if node_view(client, model, address).planned:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the agent never planned {model} on {address}: {node_view(client, model, address).note}")
+
+
 def test_remote_and_every_exported_split_through_triton_equal_onnxruntime(agent, triton, model_dir: Path) -> None:
     x = image()
     with sdk.EdgeClient(agent.address) as client:
+        for name in EXPORTED:
+            wait_planned(client, triton.address, name)
         for name, cuts in EXPORTED.items():
             expected = OnnxModel(name, model_dir / f"{name}.onnx").run({"input": x})
             for plan in ["remote", *(f"split:{k}" for k in cuts)]:
@@ -81,6 +94,7 @@ def test_remote_and_every_exported_split_through_triton_equal_onnxruntime(agent,
 
 def test_only_what_triton_hosts_and_matches_the_device_is_planned(agent, triton) -> None:
     with sdk.EdgeClient(agent.address) as client:
+        wait_planned(client, triton.address)
         explained = client.explain("mobilenet")
         node = next(n for n in explained.nodes if n.address == triton.address)
         assert (node.kind, node.planned, node.cuts) == ("oip", True, (0, 3, 8))
@@ -100,6 +114,7 @@ def test_predictions_follow_what_calls_measured(agent, triton) -> None:
     measures it (round trip minus the link), and the node's predicted compute
     is this host's profile scaled by the speed explain reports."""
     with sdk.EdgeClient(agent.address) as client:
+        wait_planned(client, triton.address, "resnet")
         for _ in range(5):
             assert not client.infer("resnet", {"input": image()}, plan="remote").fell_back
         node = node_view(client, "resnet", triton.address)
@@ -136,6 +151,7 @@ def test_a_killed_triton_loses_no_request(model_dir: Path, tmp_path: Path) -> No
     try:
         with launch.edge_agent(model_dir, [f"oip://{peer.address}"]) as agent, \
                 sdk.EdgeClient(agent.address, timeout=30) as client:
+            wait_planned(client, peer.address)
             assert not client.infer("mobilenet", {"input": inputs[0]}, plan="split:8").fell_back
 
             def send(i: int) -> sdk.InferResult:
@@ -160,6 +176,7 @@ def test_the_plan_follows_what_the_calls_measured(model_dir: Path, cloud: launch
     with TritonPeer(export(model_dir, tmp_path / "repo"), delay_ms=200) as slow, \
             launch.edge_agent(model_dir, [cloud.address, f"oip://{slow.address}"]) as agent, \
             sdk.EdgeClient(agent.address) as client:
+        wait_planned(client, slow.address)
         before = next(c for c in client.explain("mobilenet").candidates if c.plan == "remote" and c.node == slow.address)
         assert before.predicted["cloud_ms"] < 150  # this host runs mobilenet in well under 200 ms
         for _ in range(3):  # measured only by calls: send it some

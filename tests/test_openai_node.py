@@ -5,6 +5,7 @@ streamed, and what such a server cannot take stays on the device."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,17 @@ from runtimes.peers import LlamaServerPeer, PeerUnavailable
 
 PROMPT = "Once upon a time"
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def wait_planned(client: sdk.EdgeClient, base_url: str, tries: int = 300) -> None:
+    """Readiness, not a sleep: until the agent plans generations on that server
+    (its refresh has measured it; a busy machine can take a few rounds)."""
+    for _ in range(tries):
+        if any(c.plan == "remote" and c.node == base_url
+               for c in client.explain("smollm2", prompt_tokens=8, max_tokens=8).candidates):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the agent never planned on {base_url}")
 
 
 def start_server(alias: str = "smollm2") -> LlamaServerPeer:
@@ -49,6 +61,7 @@ def test_greedy_remote_equals_the_server_called_directly(agent, server: LlamaSer
     chat = direct.chat.completions.create(model="the-bigger-model", messages=MESSAGES, max_tokens=32, temperature=0.0)
     text = direct.completions.create(model="the-bigger-model", prompt=PROMPT, max_tokens=32, temperature=0.0)
     with sdk.EdgeClient(agent.address) as client:
+        wait_planned(client, server.base_url)
         for result, expected in ((client.generate_text(messages=MESSAGES, max_tokens=32, plan="remote"), chat.choices[0].message.content),
                                  (client.generate_text(PROMPT, max_tokens=32, plan="remote"), text.choices[0].text)):
             assert result.text == expected
@@ -79,6 +92,7 @@ def test_a_server_killed_mid_stream_is_finished_on_the_device(tmp_path: Path) ->
     try:
         with launch.edge_agent(tmp_path, [f"openai+{server.base_url}"], "--llm", "smollm2") as agent, \
                 sdk.EdgeClient(agent.address) as client:
+            wait_planned(client, server.base_url)
             pieces, summary = [], None
             for chunk in client.generate(PROMPT, max_tokens=48, plan="remote"):
                 if isinstance(chunk, sdk.Token):
@@ -117,11 +131,11 @@ def test_a_node_table_with_a_key_file_reaches_a_server_that_wants_one(tmp_path: 
             (tmp_path / "empty").mkdir(exist_ok=True)
             with launch.edge_agent(tmp_path / "empty", [], "--config", str(tmp_path / "agent.toml"), "--llm", "smollm2") \
                     as agent, sdk.EdgeClient(agent.address) as client:
-                nodes = {c.node for c in client.explain("smollm2", prompt_tokens=8, max_tokens=8).candidates}
-                assert (server.base_url in nodes) == works, agent.log()
                 if works:
+                    wait_planned(client, server.base_url)
                     assert client.generate_text(PROMPT, max_tokens=8, plan="remote").summary.ran == "remote"
                 else:
-                    assert "AuthenticationError" in agent.log()
+                    nodes = {c.node for c in client.explain("smollm2", prompt_tokens=8, max_tokens=8).candidates}
+                    assert server.base_url not in nodes and "AuthenticationError" in agent.log()
     finally:
         server.stop()
