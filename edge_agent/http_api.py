@@ -209,8 +209,12 @@ class HttpApi:
     # -------------------------------------------------------------- routes --
 
     async def health(self, request: web.Request) -> web.Response:
+        cloud = self.service.cloud_fields()
         return web.json_response({"status": "ok", "models": sorted(self.service.store.models),
-                                  "llms": sorted(self.service.generator.served_models())})
+                                  "llms": sorted(self.service.generator.served_models()),
+                                  "cloud": {"state": cloud["connectivity"], "reason": cloud["connectivity_reason"]},
+                                  "deferred": {"pending": cloud["deferred_pending"],
+                                               "oldest_age_s": cloud["deferred_oldest_age_s"]}})
 
     async def models(self, request: web.Request) -> web.Response:
         served = self.service.generator.served_models()

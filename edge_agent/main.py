@@ -26,11 +26,12 @@ from edge_agent.discovery import Browser
 from edge_agent.fleet import NodeTable, Trust
 from edge_agent.generation import Generator, LlmSettings
 from edge_agent.http_api import ApiKeys, HttpApi
-from edge_agent.offload import CloudNodeClient, parse_node_address, refresh_all
+from edge_agent.offload import CloudNodeClient, has_route, parse_node_address, refresh_all
 from edge_agent.oip_node import OipNodeClient
 from edge_agent.openai_node import OpenAiNodeClient
 from edge_agent.power import PowerMonitor
 from edge_agent.server import EdgeAgentService
+from partitioner.connectivity import NodeReach, cloud_state
 from partitioner.costmodel import Constraints, Link, Objective
 from partitioner.planning import power_of
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse
@@ -303,12 +304,14 @@ class AgentConfig:
         return Link(uplink_mbps=self.uplink_mbps, downlink_mbps=self.downlink_mbps, rtt_ms=self.rtt_ms)
 
 
-async def refresh_loop(table: NodeTable, browser: Browser | None, every_s: float, metrics: Metrics) -> None:
+async def refresh_loop(table: NodeTable, browser: Browser | None, every_s: float, metrics: Metrics,
+                       service: EdgeAgentService) -> None:
     """Status and RTT of every node, health-checking discovered ones out of the table."""
     while True:
         await asyncio.sleep(every_s)
         try:
             await refresh_all(list(table.nodes))
+            await judge_cloud(table.nodes, service, metrics)
             for name in await table.prune():
                 if browser is not None:
                     browser.forget(name)
@@ -322,6 +325,23 @@ async def refresh_loop(table: NodeTable, browser: Browser | None, every_s: float
             logger.info("a node left the table during a refresh")  # its channel closed under the call
         except Exception:  # noqa: BLE001 -- one bad round must not end the refreshing for good
             logger.exception("node refresh failed; trying again in %.1f s", every_s)
+
+
+async def judge_cloud(nodes: list[CloudNodeClient], service: EdgeAgentService, metrics: Metrics) -> None:
+    """The cloud's state after a refresh (online, degraded, offline, and whether
+    the device has a route at all), logged when it changes; out of offline,
+    the deferred queue is told to look for work."""
+    for node in nodes:
+        node.routed = node.state.reachable or await asyncio.to_thread(has_route, node.address)
+    state = cloud_state([NodeReach(node.state.reachable, node.routed) for node in nodes])
+    before = service.cloud
+    service.cloud = state
+    if state.state is not before.state:
+        log = logger.warning if state.offline else logger.info
+        log("cloud %s: %s", state.state.value, state.reason)
+    metrics.set_cloud(state.state.value)
+    if not state.offline:
+        service.deliveries.wake()
 
 
 # Settings SIGHUP applies at once: the policy (file and the flags under it)
@@ -431,6 +451,12 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         queue, nodes, infer=service.serve_tensors, generate=service.generation,
         serves_llm=lambda model: bool(generator.served_models().get(model)),  # the nodes serving it now
         onnx_digest=lambda model: store.models[model].digest if model in store.models else None)
+
+    def deferred_now() -> tuple[int, float]:
+        stats = queue.stats()
+        return stats.pending, stats.oldest_age_s
+
+    metrics.watch_deferred(deferred_now)
     server = grpc.aio.server(options=server_options(config.max_message_mb, stream_window_bytes=APP_STREAM_WINDOW_BYTES))
     add_service(server, pb_grpc.add_EdgeAgentServicer_to_server, service, read_when_admitted=("Infer",))
     regions = service.regions
@@ -458,7 +484,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         logger.info("HTTP API (OpenAI /v1, KServe v2 /v2) on %s%s", http_url, "" if http.keys.required else ", no API keys")
     logger.info("edge agent (%s) serving %d models on %s; requests may hold %.0f MiB at once", device.name,
                 len(store.models), address, service.memory.limit_bytes / 2**20)
-    refresher = asyncio.create_task(refresh_loop(table, browser, config.refresh_s, metrics))
+    await judge_cloud(table.nodes, service, metrics)
+    refresher = asyncio.create_task(refresh_loop(table, browser, config.refresh_s, metrics, service))
     if load is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_settings, [config], load, RELOADABLE,
                                                       lambda fresh: reload_policy(fresh, segments, service))

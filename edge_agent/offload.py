@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
+import urllib.parse
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
@@ -87,6 +90,7 @@ class CloudNodeClient:
         self._liveness: asyncio.Future[bool] | None = None  # the probe callers share while it runs
         self.last_sent = 0.0  # monotonic time of this agent's last request to it
         self.closed = False   # left the table: no more refreshes
+        self.routed = True    # this host has a route to it (checked while it does not answer)
 
     @staticmethod
     def _open_channel(address: str, max_message_mb: int, credentials: grpc.ChannelCredentials | None,
@@ -312,6 +316,27 @@ class CloudNodeClient:
         (None: cancelled at once, as at the agent's own shutdown)."""
         self.closed = True
         await self._channel.close(grace=grace_s)
+
+
+def has_route(address: str) -> bool:
+    """Whether this host has a route to ``address``'s host (HOST:PORT or a
+    URL). A UDP socket's connect picks a route without sending anything, and
+    fails with ENETUNREACH or EHOSTUNREACH when there is none; a name that no
+    longer resolves counts as no route too (no DNS, no uplink)."""
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 0, type=socket.SOCK_DGRAM)
+    except (OSError, ValueError):
+        return False
+    for family, kind, proto, _, where in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.connect(where)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    return True  # a route exists; this error is something else
+    return False
 
 
 def parse_node_address(text: str) -> tuple[str, str]:

@@ -168,6 +168,10 @@ class Explanation:
     profile_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input shapes planned for
     profile_source: str = ""     # "measured at this shape", or how the figures were rescaled and from what
     nodes: tuple[NodeView, ...] = ()  # every node in the agent's table, for this model
+    connectivity: str = ""       # online, degraded or offline: the cloud as the agent sees it
+    connectivity_reason: str = ""
+    deferred_pending: int = 0    # deferred requests waiting for a node
+    deferred_oldest_age_s: float = 0.0
 
     @classmethod
     def from_message(cls, m: pb.Explanation) -> "Explanation":
@@ -186,6 +190,8 @@ class Explanation:
             plans_unavailable=m.plans_unavailable,
             profile_shapes={spec.name: tuple(spec.shape) for spec in m.profile.inputs}, profile_source=m.profile.source,
             nodes=tuple(NodeView(n.address, n.kind, n.planned, n.note, tuple(n.cuts)) for n in m.nodes),
+            connectivity=m.connectivity, connectivity_reason=m.connectivity_reason,
+            deferred_pending=m.deferred_pending, deferred_oldest_age_s=m.deferred_oldest_age_s,
         )
 
     def candidate(self, plan: str) -> CandidateView:

@@ -21,6 +21,7 @@ from edge_agent.generation import Generation, Generator
 from edge_agent.offload import CloudNodeClient, NodeFailed
 from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
+from partitioner.connectivity import cloud_state
 from partitioner.costmodel import (
     Candidate,
     CloudOption,
@@ -293,6 +294,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.store = store
         self.regions = SharedMemory()  # what apps on this board registered, for Infer and OIP alike
         self.deliveries = None  # the deferred queue (edge_agent.delivery.Deliveries), set once the service exists
+        self.cloud = cloud_state([])  # online, degraded or offline, judged after each refresh of the nodes
         self.generator = generator
         self.book = book
         self.nodes = nodes
@@ -786,7 +788,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         model, or those that do host other cuts only (engines hosting exported suffixes)."""
         serving = [n for n in self.nodes if n.facts(model.name, model.digest)[0]]
         if not serving:
-            return f"plan {pinned} needs a cloud node serving {model.name} and none is reachable"
+            offline = f" (offline: {self.cloud.reason})" if self.cloud.offline else ""
+            return f"plan {pinned} needs a cloud node serving {model.name} and none is reachable{offline}"
         offers = "; ".join(f"{n.address} runs {', '.join('remote' if c == 0 else f'split:{c}' for c in sorted(cuts))}"
                            for n in serving if (cuts := n.offered_cuts(model.name)) is not None)
         if offers and all(n.offered_cuts(model.name) is not None and k not in n.offered_cuts(model.name) for n in serving):
@@ -964,7 +967,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                 return pb.Explanation(model=model.name, objective=OBJECTIVE_TO_PB[objective], feasible=True,
                                       why=f"LOCAL: {unplanned.reason}", plans_unavailable=unplanned.reason,
                                       winner=pb.Plan(kind=pb.PLAN_LOCAL, cut_index=model.num_segments, label="local"),
-                                      device=self.device_name)
+                                      device=self.device_name, **self.cloud_fields())
         except Exception as exc:  # noqa: BLE001
             await abort_for(context, exc)
         current = self._current.get((model.name, objective, encoding, adaptive))
@@ -993,7 +996,15 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             device=self.device_name,
             profile=self._profile_basis(model, shapes),
             nodes=[self._node_facts(node, model) for node in self.nodes],
+            **self.cloud_fields(),
         )
+
+    def cloud_fields(self) -> dict:
+        """The cloud's state and the deferred queue's, as Explanation fields (and health's)."""
+        queue = self.deliveries.store.stats() if self.deliveries is not None else None
+        return dict(connectivity=self.cloud.state.value, connectivity_reason=self.cloud.reason,
+                    deferred_pending=queue.pending if queue else 0,
+                    deferred_oldest_age_s=queue.oldest_age_s if queue else 0.0)
 
     @staticmethod
     def _node_facts(node: CloudNodeClient, model: OnnxModel) -> pb.NodeFacts:
@@ -1047,6 +1058,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                              energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations)
                 for c in decision.candidates
             ],
+            **self.cloud_fields(),
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ModelList:

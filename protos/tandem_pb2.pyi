@@ -534,7 +534,7 @@ class Candidate(_message.Message):
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration", "power", "plans_unavailable", "profile", "nodes")
+    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration", "power", "plans_unavailable", "profile", "nodes", "connectivity", "connectivity_reason", "deferred_pending", "deferred_oldest_age_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     WINNER_FIELD_NUMBER: _ClassVar[int]
@@ -551,6 +551,10 @@ class Explanation(_message.Message):
     PLANS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIVITY_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIVITY_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_PENDING_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_OLDEST_AGE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     winner: Plan
@@ -567,7 +571,11 @@ class Explanation(_message.Message):
     plans_unavailable: str
     profile: ProfiledShape
     nodes: _containers.RepeatedCompositeFieldContainer[NodeFacts]
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., power: _Optional[_Union[PowerFigures, _Mapping]] = ..., plans_unavailable: _Optional[str] = ..., profile: _Optional[_Union[ProfiledShape, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeFacts, _Mapping]]] = ...) -> None: ...
+    connectivity: str
+    connectivity_reason: str
+    deferred_pending: int
+    deferred_oldest_age_s: float
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., power: _Optional[_Union[PowerFigures, _Mapping]] = ..., plans_unavailable: _Optional[str] = ..., profile: _Optional[_Union[ProfiledShape, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeFacts, _Mapping]]] = ..., connectivity: _Optional[str] = ..., connectivity_reason: _Optional[str] = ..., deferred_pending: _Optional[int] = ..., deferred_oldest_age_s: _Optional[float] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("address", "kind", "planned", "note", "cuts")

@@ -69,6 +69,11 @@ class Metrics:
         self.uplink = Gauge("tandem_link_uplink_mbps", "Estimated uplink bandwidth to a node, Mbit/s", ["node"], registry=r)
         self.downlink = Gauge("tandem_link_downlink_mbps", "Estimated downlink bandwidth from a node, Mbit/s", ["node"], registry=r)
         self.rtt = Gauge("tandem_link_rtt_seconds", "Estimated round-trip time to a node, seconds", ["node"], registry=r)
+        self.connectivity = Gauge("tandem_connectivity", "The cloud as the agent sees it: 1 for the state it is in",
+                                  ["state"], registry=r)
+        self.deferred_pending = Gauge("tandem_deferred_pending", "Deferred requests waiting for a node", registry=r)
+        self.deferred_age = Gauge("tandem_deferred_oldest_age_seconds", "Age of the oldest deferred request waiting",
+                                  registry=r)
         self.llm_tok_s = Gauge("tandem_llm_tokens_per_second", "Generation speed of the last finished generation, tokens/s, "
                                "by model and side (local, remote, node)", ["model", "side"], registry=r)
         self.llm_tokens = Counter("tandem_llm_tokens_total", "Completion tokens generated, by model", ["model"], registry=r)
@@ -115,6 +120,15 @@ class Metrics:
     def in_flight(self) -> contextlib.AbstractContextManager:
         """Count the enclosed block as an in-flight request."""
         return self.inflight.track_inprogress()
+
+    def set_cloud(self, state: str) -> None:
+        for name in ("online", "degraded", "offline"):
+            self.connectivity.labels(name).set(1.0 if name == state else 0.0)
+
+    def watch_deferred(self, stats: Callable[[], tuple[int, float]]) -> None:
+        """The deferred queue's depth and oldest age, read at each scrape."""
+        self.deferred_pending.set_function(lambda: stats()[0])
+        self.deferred_age.set_function(lambda: stats()[1])
 
     def set_link(self, node: str, *, uplink_mbps: float, downlink_mbps: float, rtt_ms: float) -> None:
         self.uplink.labels(node).set(uplink_mbps)

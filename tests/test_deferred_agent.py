@@ -164,3 +164,34 @@ def get_json(url: str, ok: bool = True) -> dict:
     except urllib.error.HTTPError as exc:
         assert not ok, exc.read()
         return json.loads(exc.read())
+
+
+def test_offline_is_seen_and_said_and_cloud_plans_cost_nothing_while_it_lasts(model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with agent_for(model_dir, port, tmp_path / "q.sqlite", "--http-listen", "127.0.0.1:0",
+                   "--metrics-listen", "127.0.0.1:0") as agent, sdk.EdgeClient(agent.address) as client:
+        explained = client.explain("mobilenet")
+        assert (explained.connectivity, explained.connectivity_reason) == ("offline", "none of the 1 nodes answers")
+        client.infer("mobilenet", {"input": image(0)}, defer=True, deliver_by=time.time() + 300)
+        assert client.explain("mobilenet").deferred_pending == 1
+        pinned = client.infer("mobilenet", {"input": image(0)}, plan="remote")
+        assert pinned.fell_back and "offline: none of the 1 nodes answers" in pinned.fallback_reason
+        assert pinned.measured["network_ms"] == 0  # no cloud call was tried
+        planned = client.infer("mobilenet", {"input": image(0)})
+        assert (planned.planned, planned.fell_back) == ("local", False)
+        health = get_json(f"{agent.ready['http']}/health")
+        assert health["cloud"]["state"] == "offline" and health["deferred"]["pending"] == 1
+        with launch.cloud_node(model_dir, "--listen", f"127.0.0.1:{port}") as node:
+            for _ in range(300):  # bounded: the probes find it within a refresh or two
+                if client.explain("mobilenet").connectivity == "online":
+                    break
+                time.sleep(0.1)
+            assert client.explain("mobilenet").connectivity == "online"
+            assert client.infer("mobilenet", {"input": image(0)}, plan="remote").node == node.address
+            for _ in range(300):
+                if client.explain("mobilenet").deferred_pending == 0:
+                    break
+                time.sleep(0.1)
+            assert client.explain("mobilenet").deferred_pending == 0  # the queue drained once it was back
+            metrics = urllib.request.urlopen(agent.ready["metrics"], timeout=10).read().decode()
+            assert 'tandem_connectivity{state="online"} 1.0' in metrics and "tandem_deferred_pending 0.0" in metrics
