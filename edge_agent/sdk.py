@@ -414,6 +414,16 @@ def _defer_request(request: pb.InferRequest | pb.GenerateRequest, deliver_by: fl
     return pb.DeferRequest(**{kind: request}, deliver_by_unix_s=when, idempotency_key=idempotency_key or uuid.uuid4().hex)
 
 
+def _generate_request_of(prompt: str | None, kwargs: dict[str, Any]) -> pb.GenerateRequest:
+    """generate()'s keyword arguments as the request it would send, for a deferred one."""
+    unknown = set(kwargs) - {"model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "objective", "plan"}
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments for a deferred generation: {sorted(unknown)}")
+    return _generate_request(prompt, kwargs.get("model"), kwargs.get("messages"), kwargs.get("max_tokens", 64),
+                             kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0), kwargs.get("seed", 0),
+                             kwargs.get("stop", ()), kwargs.get("objective"), kwargs.get("plan"))
+
+
 def _chunk(message: pb.GenerateChunk) -> Token | GenerationSummary:
     if message.HasField("token"):
         return Token(message.token.index, message.token.token_id, message.token.text)
@@ -523,10 +533,7 @@ class EdgeClient:
         """The whole generation at once; with ``defer``, stored and run when a
         node can take it (as ``infer``'s), its text and usage kept."""
         if defer:
-            request = _generate_request(prompt, kwargs.get("model"), kwargs.get("messages"), kwargs.get("max_tokens", 64),
-                                        kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0), kwargs.get("seed", 0),
-                                        kwargs.get("stop", ()), kwargs.get("objective"), kwargs.get("plan"))
-            return self._defer(request, deliver_by, idempotency_key)
+            return self._defer(_generate_request_of(prompt, kwargs), deliver_by, idempotency_key)
         return _collect(list(self.generate(prompt, **kwargs)))
 
     def _defer(self, request: pb.InferRequest | pb.GenerateRequest, deliver_by, idempotency_key: str | None) -> Deferral:
@@ -573,8 +580,12 @@ class AsyncEdgeClient:
         self.timeout = timeout
 
     async def infer(self, model: str, inputs: dict[str, Any], *, objective: str | None = None, plan: str | None = None,
-                    encoding: str | None = None, deadline: float | None = None) -> InferResult:
+                    encoding: str | None = None, deadline: float | None = None, defer: bool = False,
+                    deliver_by: float | datetime.datetime | None = None, idempotency_key: str | None = None
+                    ) -> InferResult | Deferral:
         request = _infer_request(model, inputs, objective, plan, encoding)
+        if defer:
+            return await self._defer(request, deliver_by, idempotency_key)
         with _agent_errors():
             return InferResult.from_reply(await self._stub.Infer(request, timeout=deadline or self.timeout, metadata=outgoing()))
 
@@ -607,8 +618,33 @@ class AsyncEdgeClient:
         finally:
             call.cancel()
 
-    async def generate_text(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+    async def generate_text(self, prompt: str | None = None, *, defer: bool = False,
+                            deliver_by: float | datetime.datetime | None = None, idempotency_key: str | None = None,
+                            **kwargs: Any) -> Completion | Deferral:
+        if defer:
+            return await self._defer(_generate_request_of(prompt, kwargs), deliver_by, idempotency_key)
         return _collect([chunk async for chunk in self.generate(prompt, **kwargs)])
+
+    async def _defer(self, request: pb.InferRequest | pb.GenerateRequest, deliver_by, idempotency_key: str | None
+                     ) -> Deferral:
+        with _agent_errors():
+            reply = await self._stub.Defer(_defer_request(request, deliver_by, idempotency_key), timeout=self.timeout)
+        return Deferral(reply.id, reply.created, reply.state)
+
+    async def result(self, request_id: str, *, wait: float = 0.0) -> DeferredResult:
+        with _agent_errors():
+            return DeferredResult.from_message(await self._stub.Result(
+                pb.ResultRequest(id=request_id, wait_s=wait), timeout=wait + (self.timeout or 30.0)))
+
+    async def results(self, request_ids: list[str] | tuple[str, ...] = (), *, deadline: float | None = None
+                      ) -> AsyncIterator[DeferredResult]:
+        call = self._stub.Results(pb.ResultsRequest(ids=list(request_ids)), timeout=deadline)
+        try:
+            with _agent_errors():
+                async for message in call:
+                    yield DeferredResult.from_message(message)
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         await self._channel.close()

@@ -5,6 +5,7 @@ and a kill -9 of the agent mid-queue loses and repeats nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -57,6 +58,14 @@ def test_accepted_while_no_node_answers_and_delivered_when_one_returns(model_dir
             np.testing.assert_allclose(result.infer.outputs["logits"], model.run({"input": image(i)})["logits"],
                                        rtol=RTOL, atol=ATOL)
         assert client.result(deferrals[0].id).state == "done"  # fetched results stay a while
+
+        async def through_the_async_client() -> list[str]:
+            async with sdk.AsyncEdgeClient(agent.address) as twin:
+                one = await twin.result(deferrals[1].id)
+                streamed = [r.id async for r in twin.results([d.id for d in deferrals[:2]], deadline=30)]
+                return [one.state, *streamed]
+
+        assert asyncio.run(through_the_async_client()) == ["done", deferrals[0].id, deferrals[1].id]
 
 
 def test_bounds_and_deadlines_are_refused_and_recorded_by_name(model_dir: Path, tmp_path: Path) -> None:
