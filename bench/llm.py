@@ -1,6 +1,6 @@
 """LLM path: Tandem against bare llama-cpp-python and against itself under load.
 
-    python -m bench.llm [--tokens 128] [--json bench/results/llm.json]
+    python -m bench.llm [--tokens 128] [--only prefix] [--json bench/results/llm.json]
 
 Side by side in one run, on the packaged SmolLM2 GGUF:
   1. generation tokens/s: bare ``Llama.generate`` vs the agent's LOCAL plan through the SDK;
@@ -9,7 +9,9 @@ Side by side in one run, on the packaged SmolLM2 GGUF:
   3. streaming through the agent (REMOTE over loopback) vs the cloud node called directly:
      time between tokens and time to first token, as the client sees them;
   4. cloud-node aggregate tokens/s at 1, 2, 4, 8 concurrent streams vs 8 requests one after
-     another, with time to first token under that load.
+     another, with time to first token under that load;
+  5. a multi-turn chat (system prompt and history resent every turn): time to first token per
+     turn, an engine without the prefix cache against one with it (``--only prefix`` runs this alone).
 Greedy decoding throughout, so every configuration generates the same tokens.
 """
 
@@ -35,8 +37,10 @@ from edge_agent.sdk import EdgeClient, Token
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
-from runtimes.llm import find_smollm2
+from runtimes.kv_cache import PrefixCache
+from runtimes.llm import DoneEvent, LlmEngine, Request, Sampling, find_smollm2
 
+PREFIX_CACHE_BYTES = 64 << 20  # the agent's default llm_prefix_cache_mb
 PROMPT = "Write a long story about a robot who learns to paint. Once upon a time"
 REPEATS = 5  # single streams on 2 shared cores vary by about 1 ms per token run to run
 OPENAI_LOCAL = "agent LOCAL (OpenAI SSE, openai client)"
@@ -113,12 +117,87 @@ def load_test(stub: pb_grpc.CloudNodeStub, tokens: int) -> dict:
     return {"concurrent": rows, "sequential_8_tok_s": total / (time.perf_counter() - start)}
 
 
+SYSTEM = ("You are a patient teacher. You explain science to children in plain words, with one example from "
+          "everyday life, and you never use jargon without saying what it means.")
+QUESTIONS = ("Why is the sky blue?", "And why are sunsets red?", "What makes a rainbow?", "Why do stars twinkle?",
+             "Why is the sea salty?", "Can you sum up everything in three sentences?")
+
+
+def chat_turn(engine: LlmEngine, messages: list[dict[str, str]], max_tokens: int) -> tuple[list[int], str, DoneEvent]:
+    done, tokens, text = threading.Event(), [], []
+    summary: list[DoneEvent] = []
+
+    def emit(event) -> None:
+        if isinstance(event, DoneEvent):
+            summary.append(event)
+            done.set()
+        else:
+            tokens.append(event.token_id)
+            text.append(event.text)
+
+    engine.submit(Request(engine.tokenize_chat(messages), Sampling(max_tokens=max_tokens), emit))
+    done.wait(300)
+    return tokens, "".join(text), summary[0]
+
+
+def prefix_reuse(max_tokens: int, repeats: int = 3) -> dict:
+    """TTFT per turn of one chat, cold engine and cached engine turn by turn (each repeat starts with an empty cache)."""
+    cold = LlmEngine("smollm2", find_smollm2(), slots=1)
+    warm = LlmEngine("smollm2", find_smollm2(), slots=1, prefix_cache_bytes=PREFIX_CACHE_BYTES)
+    rows, identical = [], True
+    try:
+        for repeat in range(repeats):
+            warm.prefix_cache = PrefixCache(PREFIX_CACHE_BYTES)
+            messages = [{"role": "system", "content": SYSTEM}]
+            for turn, question in enumerate(QUESTIONS, start=1):
+                messages.append({"role": "user", "content": question})
+                cold_tokens, _, cold_done = chat_turn(cold, messages, max_tokens)
+                warm_tokens, text, warm_done = chat_turn(warm, messages, max_tokens)
+                identical &= cold_tokens == warm_tokens
+                rows.append({"repeat": repeat, "turn": turn, "prompt_tokens": warm_done.prompt_tokens,
+                             "cached_tokens": warm_done.cached_tokens, "cold_ttft_ms": cold_done.ttft_ms,
+                             "cached_ttft_ms": warm_done.ttft_ms})
+                messages.append({"role": "assistant", "content": text})
+    finally:
+        cold.close()
+        warm.close()
+    turns = []
+    for turn in range(1, len(QUESTIONS) + 1):
+        mine = [r for r in rows if r["turn"] == turn]
+        turns.append({"turn": turn, "prompt_tokens": mine[0]["prompt_tokens"], "cached_tokens": mine[-1]["cached_tokens"],
+                      "cold_ttft_ms": statistics.median(r["cold_ttft_ms"] for r in mine),
+                      "cached_ttft_ms": statistics.median(r["cached_ttft_ms"] for r in mine)})
+    return {"turns": turns, "identical_greedy_tokens": identical, "repeats": repeats, "runs": rows}
+
+
+def print_prefix(console: Console, result: dict, max_tokens: int) -> None:
+    table = Table(title=f"multi-turn chat, {max_tokens} tokens a turn, greedy, median of {result['repeats']}: "
+                        f"time to first token without and with the prefix cache")
+    for column in ("turn", "prompt tokens", "from the cache", "cold TTFT ms", "cached TTFT ms", "cached / cold"):
+        table.add_column(column, justify="right")
+    for row in result["turns"]:
+        table.add_row(str(row["turn"]), str(row["prompt_tokens"]), str(row["cached_tokens"]), f"{row['cold_ttft_ms']:.1f}",
+                      f"{row['cached_ttft_ms']:.1f}", f"{row['cached_ttft_ms'] / row['cold_ttft_ms']:.2f}")
+    console.print(table)
+    console.print(f"greedy answers identical with and without the cache: {result['identical_greedy_tokens']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--json", type=Path, default=Path("bench/results/llm.json"))
+    parser.add_argument("--only", choices=["prefix"], help="run only this part")
     args = parser.parse_args()
     console = Console(width=120)
+    if args.only == "prefix":
+        with console.status("multi-turn chat, cold and cached ..."):
+            result = prefix_reuse(args.tokens)
+        print_prefix(console, result, args.tokens)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": {"node": platform.node(), "cpus": os.cpu_count()},
+                                         "prefix_reuse": result}, indent=2))
+        console.print(f"wrote {args.json}")
+        return 0
     threads = os.cpu_count() or 1
     report: dict = {"machine": {"node": platform.node(), "cpus": threads, "python": platform.python_version()},
                     "tokens": args.tokens, "prompt": PROMPT}
@@ -178,8 +257,11 @@ def main() -> int:
         load_table.add_row("8 one after another", f"{sequential:.1f}", "1.00x", "", "")
         console.print(load_table)
 
+    with console.status("multi-turn chat, cold and cached ..."):
+        prefix = prefix_reuse(args.tokens)
+    print_prefix(console, prefix, args.tokens)
     report.update(single=single, local_vs_bare=local_ratio, remote_added_ms_per_token=added_ms,
-                  openai_added_ms_per_token=http_ms, load=load)
+                  openai_added_ms_per_token=http_ms, load=load, prefix_reuse=prefix)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {args.json}")

@@ -145,6 +145,8 @@ class AgentConfig:
     llm_max_queue: int = field(default=8, metadata={"help": "local generations waiting for a slot before RESOURCE_EXHAUSTED"})
     llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
     llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core; match a CPU quota)"})
+    llm_prefix_cache_mb: float = field(default=64.0, metadata={"help": "KV states of recent prompts and chats kept to "
+                                                                       "start the next from, MiB (0: off)"})
     llm_remote_model: str = field(default="", metadata={"help": "the model id openai nodes run for this device's LLM, "
                                                                  "a bigger one if you like (default: the same name)"})
     llm_allow_remote: bool = field(default=True, metadata={"help": "false: prompts never leave the device"})
@@ -400,7 +402,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
                         "(TLS files, or discover_plaintext = true in a lab)")
 
     llms = await asyncio.to_thread(LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
-                                   threads=config.llm_threads or None, max_queue=config.llm_max_queue)
+                                   threads=config.llm_threads or None, max_queue=config.llm_max_queue,
+                                   prefix_cache_bytes=int(config.llm_prefix_cache_mb * 2**20))
     # what openai nodes are asked to run for each device LLM
     remote_llms = {name: config.llm_remote_model or name for name in llms.engines}
 

@@ -36,6 +36,7 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from runtimes.admission import Overloaded
+from runtimes.kv_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class DoneEvent:
     queue_ms: float                # submit -> prefill start
     prompt_eval_ms: float
     error: str = ""
+    cached_tokens: int = 0         # prompt tokens whose KV came from the prefix cache
 
 
 Event = TokenEvent | DoneEvent
@@ -141,6 +143,7 @@ class _Sequence:
         self.first_token_at: float | None = None
         self.prompt_eval_ms = 0.0
         self.emitted_this_run = 0
+        self.reused = 0  # prompt tokens whose KV came from the prefix cache
 
 
 def check_sampling(sampling: Sampling, generated: Sequence[int] = ()) -> None:
@@ -159,7 +162,9 @@ class LlmEngine:
     """A GGUF model served to many requests through one continuous-batching loop."""
 
     def __init__(self, name: str, path: Path, *, slots: int = 4, ctx_per_seq: int = 2048, threads: int | None = None,
-                 max_queue: int = 16, unified_kv: bool = False) -> None:
+                 max_queue: int = 16, unified_kv: bool = False, prefix_cache_bytes: int = 0) -> None:
+        """``prefix_cache_bytes``: KV states of recent prompts and generations
+        kept for reuse (runtimes.kv_cache; 0: none)."""
         if slots < 1 or max_queue < 0 or ctx_per_seq < 16:
             raise ValueError("slots must be >= 1, max_queue >= 0, ctx_per_seq >= 16")
         self.name = name
@@ -190,6 +195,7 @@ class LlmEngine:
         self._n_batch = params.n_batch
         self._batch = llama_cpp.llama_batch_init(max(self._n_batch, slots), 0, 1)
         self._template = self._chat_formatter()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and not unified_kv else None
         self._vocab = self.llm._model.vocab
         self._n_vocab = self.llm.n_vocab()
 
@@ -421,7 +427,35 @@ class LlmEngine:
             return
         waited_ms = (seq.started - request.submitted) * 1e3
         self.queue_delay_ms += 0.2 * (waited_ms - self.queue_delay_ms)
+        self._restore(seq)
         self._prefilling.append(seq)
+
+    def _restore(self, seq: _Sequence) -> None:
+        """Start from the longest cached prefix of the prompt, leaving at least
+        its last token to evaluate (its logits give the first new token)."""
+        if self.prefix_cache is None:
+            return
+        prompt = seq.request.prompt_tokens
+        found = self.prefix_cache.longest(prompt, at_most=len(prompt) - 1)
+        if found is None:
+            return
+        length, state = found
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), seq.seq_id) != len(state):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)  # a state that did not load: cold
+            return
+        seq.prefilled = seq.reused = length
+
+    def _save(self, seq: _Sequence, length: int) -> None:
+        """The sequence's KV state, holding its first ``length`` tokens, into the prefix cache."""
+        if self.prefix_cache is None or length <= seq.reused:
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq.seq_id)
+        if size > self.prefix_cache.max_bytes:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, seq.seq_id)
+        self.prefix_cache.put(seq.tokens[:length], bytes(buffer[:written]))
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         """Evaluate one batch-sized chunk of a prompt. Running streams get a
@@ -438,8 +472,10 @@ class LlmEngine:
             seq.prompt_eval_ms += (time.perf_counter() - start) * 1e3
             if not last:
                 return
-            speed = len(prompt) / max(seq.prompt_eval_ms / 1e3, 1e-6)
-            self.prompt_tok_s = speed if not self.prompt_tok_s else self.prompt_tok_s + 0.2 * (speed - self.prompt_tok_s)
+            if not seq.reused:  # a prefill that started from a cached state says nothing of the speed
+                speed = len(prompt) / max(seq.prompt_eval_ms / 1e3, 1e-6)
+                self.prompt_tok_s = speed if not self.prompt_tok_s else self.prompt_tok_s + 0.2 * (speed - self.prompt_tok_s)
+            self._save(seq, len(prompt))
             # A continuation replays the tokens already generated one decode
             # at a time, as they were first computed: batching them would
             # change the floating-point sums, and greedy choices with them.
@@ -566,6 +602,7 @@ class LlmEngine:
     def _finish(self, seq: _Sequence, reason: str, error: str = "") -> None:
         if reason in ("length", "stop"):
             self._flush(seq)
+            self._save(seq, seq.n_past)  # the next turn of a chat resends all of it
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
         self._active.pop(seq.seq_id, None)
@@ -582,5 +619,6 @@ class LlmEngine:
             tokens_per_s=tokens_per_s,
             queue_ms=(seq.started - seq.request.submitted) * 1e3,
             prompt_eval_ms=seq.prompt_eval_ms,
+            cached_tokens=seq.reused,
             error=error,
         ))

@@ -43,12 +43,13 @@ class LlmStore:
 
     @classmethod
     def load(cls, entries: Sequence[str], *, slots: int, ctx_per_seq: int, threads: int | None, max_queue: int,
-             unified_kv: bool = False) -> "LlmStore":
+             unified_kv: bool = False, prefix_cache_bytes: int = 0) -> "LlmStore":
         engines = {}
         for entry in entries:
             name, path = resolve(entry)
             engine = engines[name] = LlmEngine(name, path, slots=slots, ctx_per_seq=ctx_per_seq, threads=threads,
-                                               max_queue=max_queue, unified_kv=unified_kv)
+                                               max_queue=max_queue, unified_kv=unified_kv,
+                                               prefix_cache_bytes=prefix_cache_bytes)
             engine.warm_up()
             logger.info("LLM %s from %s: %d slots x %d tokens; prompt %.0f tok/s, generation %.0f tok/s",
                         name, path, slots, ctx_per_seq, engine.prompt_tok_s, engine.gen_tok_s)

@@ -104,3 +104,31 @@ def test_logprobs_are_llama_cpp_pythons_own() -> None:
     for token, top in zip(ours.tokens, expected["top_logprobs"]):
         assert token.logprobs.top[0][0] == token.token_id  # greedy: the chosen one is the most likely
         assert {piece.decode(): lp for _, piece, lp in token.logprobs.top} == pytest.approx(top, abs=1e-4)
+
+
+def chat_turn(engine: LlmEngine, messages: list[dict[str, str]], max_tokens: int = 48) -> Collector:
+    out = Collector()
+    engine.submit(Request(engine.tokenize_chat(messages), Sampling(max_tokens=max_tokens), out))
+    assert out.done.wait(120)
+    return out
+
+
+def test_a_multi_turn_chat_reuses_its_history_and_answers_as_a_cold_run() -> None:
+    """Each turn resends the system prompt and the history: with the prefix
+    cache the engine evaluates only what is new, and every greedy answer is
+    token for token the one an engine without it gives."""
+    warm = LlmEngine("smollm2", find_smollm2(), slots=1, ctx_per_seq=2048, prefix_cache_bytes=64 << 20)
+    cold = LlmEngine("smollm2", find_smollm2(), slots=1, ctx_per_seq=2048)
+    try:
+        messages = [{"role": "system", "content": "You are a patient teacher who explains science to children."}]
+        for question in ("Why is the sky blue?", "And why are sunsets red?", "Can you say that in one sentence?"):
+            messages.append({"role": "user", "content": question})
+            with_cache, without = chat_turn(warm, messages), chat_turn(cold, messages)
+            assert [t.token_id for t in with_cache.tokens] == [t.token_id for t in without.tokens]
+            assert with_cache.text == without.text and without.summary.cached_tokens == 0
+            messages.append({"role": "assistant", "content": with_cache.text})
+        assert with_cache.summary.cached_tokens > with_cache.summary.prompt_tokens // 2  # the history came from the cache
+        assert warm.prefix_cache.hits >= 2 and warm.prefix_cache.bytes <= 64 << 20
+    finally:
+        warm.close()
+        cold.close()
