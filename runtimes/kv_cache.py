@@ -1,6 +1,6 @@
-"""Prefix reuse for llama.cpp: the KV state of recent prompts (and of the
-generations that followed them), so a chat that resends its system prompt
-and history evaluates only what is new.
+"""Prefix reuse for llama.cpp: the KV state of recent prompts, so a chat that
+resends its system prompt and history evaluates only what is new since the
+last prompt (its previous answer and the new message).
 
 A state is one sequence's KV cache as ``llama_state_seq_get_data`` gives it
 (about 23 KB per token for SmolLM2 Q4_1, measured: DESIGN.md). Loading it into

@@ -447,7 +447,11 @@ class LlmEngine:
         seq.prefilled = seq.reused = length
 
     def _save(self, seq: _Sequence, length: int) -> None:
-        """The sequence's KV state, holding its first ``length`` tokens, into the prefix cache."""
+        """The sequence's KV state, holding its first ``length`` tokens, into the
+        prefix cache. Only a prompt's, as prefilled: the KV of tokens generated
+        one decode step at a time differs in the last bits from the same tokens
+        prefilled in a batch (a cold run of the next turn), and a greedy near-tie
+        can turn on them (seen: bench.llm --only prefix, 1 answer in 18)."""
         if self.prefix_cache is None or length <= seq.reused:
             return
         size = llama_cpp.llama_state_seq_get_size(self._ctx, seq.seq_id)
@@ -602,7 +606,6 @@ class LlmEngine:
     def _finish(self, seq: _Sequence, reason: str, error: str = "") -> None:
         if reason in ("length", "stop"):
             self._flush(seq)
-            self._save(seq, seq.n_past)  # the next turn of a chat resends all of it
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
         self._active.pop(seq.seq_id, None)
