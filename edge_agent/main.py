@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import grpc
 
 from devices.detect import detect_board
 from devices.power_fit import PowerFit
-from devices.profiles import get_device
+from devices.profiles import cache_root, get_device
 from edge_agent import oip
 from edge_agent.deferred import DeferredStore, QueueLimits
 from edge_agent.delivery import Deliveries
@@ -258,7 +257,7 @@ class AgentConfig:
         get_device(self.device)
 
     def queue(self) -> DeferredStore:
-        path = self.queue_file or Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem")) / "deferred.sqlite"
+        path = self.queue_file or cache_root() / "deferred.sqlite"
         return DeferredStore(path, QueueLimits(max_requests=self.queue_max_requests, max_bytes=int(self.queue_max_mb * 2**20),
                                                max_wait_s=self.queue_max_wait_s, result_ttl_s=self.result_ttl_s))
 

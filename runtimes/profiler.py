@@ -38,6 +38,7 @@ import onnxruntime as ort
 import psutil
 
 from devices.limits import cpu_cgroup, cpu_quota
+from devices.profiles import cache_root
 from partitioner import shapes as shape_rules
 from partitioner.graph import expose_tensors, suffix_model
 from partitioner.planning import CodecErrors, CodecSpeed
@@ -56,7 +57,7 @@ MIN_TRACED_SHARE = 0.9
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem")) / "profiles"
+    return cache_root() / "profiles"
 
 
 def host_key(threads: int | None, spinning: bool | None = None) -> str:
