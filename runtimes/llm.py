@@ -459,7 +459,7 @@ class LlmEngine:
             return
         buffer = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, seq.seq_id)
-        self.prefix_cache.put(seq.tokens[:length], bytes(buffer[:written]))
+        self.prefix_cache.put(seq.tokens[:length], ctypes.string_at(buffer, written))  # one copy, not a list of ints
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         """Evaluate one batch-sized chunk of a prompt. Running streams get a
