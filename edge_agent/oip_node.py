@@ -27,13 +27,12 @@ from functools import cached_property
 
 import grpc
 import numpy as np
-import onnx
 
 from edge_agent.offload import CloudNodeClient, NodeFailed, NodeState
 from partitioner.profile import ModelProfile
 from protos import codec
 from protos import tandem_pb2 as pb
-from protos.oip import DTYPES, datatype_or_none, messages, parse_suffix_name, services, typed_array
+from protos.oip import DTYPES, datatype_or_none, messages, onnx_tensor, parse_suffix_name, services, typed_array
 from runtimes.onnx_exec import OnnxModel
 
 logger = logging.getLogger(__name__)
@@ -50,6 +49,7 @@ class Deployment:
     whole: str | None = None                                      # version serving the whole model, None: not hosted
     suffixes: dict[int, tuple[str, str]] = field(default_factory=dict)  # cut -> (model name, version)
     notes: tuple[str, ...] = ()                                   # entries refused, each with the reason
+    by_tensors: dict[tuple[str, ...], int] = field(default_factory=dict)  # a cut's crossing tensors -> the cut
 
     @cached_property
     def cuts(self) -> frozenset[int]:
@@ -84,13 +84,7 @@ def _spec_tensors(specs) -> list[tuple[str, str | None, tuple[int | None, ...] |
 
 
 def _boundary_tensors(model: OnnxModel, names) -> list[tuple[str, str | None, tuple[int | None, ...] | None]]:
-    tensors = []
-    for name in names:
-        value = model.graph.boundary(name).type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in value.shape.dim) \
-            if value.HasField("shape") else None
-        tensors.append((name, datatype_or_none(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.elem_type))), dims))
-    return tensors
+    return [(name, *onnx_tensor(model.graph.boundary(name))) for name in names]
 
 
 class OipNodeClient(CloudNodeClient):
@@ -196,7 +190,7 @@ class OipNodeClient(CloudNodeClient):
                 whole = version
         for note in notes:
             logger.warning("oip node %s: %s (not planned)", self.address, note)
-        return Deployment(whole, suffixes, tuple(notes))
+        return Deployment(whole, suffixes, tuple(notes), {tuple(model.cut(k).tensors): k for k in suffixes})
 
     async def _check(self, model: OnnxModel, cut: int, name: str, version: str, timeout_s: float) -> str | None:
         """'' when the entry's metadata matches the device's copy, else why not; None: no such model."""
@@ -257,7 +251,8 @@ class OipNodeClient(CloudNodeClient):
             now[entry.name] = (count, queue_ns, compute_ns)
             ours, at_profile = calls.get(entry.name, (0, 0))
             if ran > 0 and ran == ours == at_profile:
-                self._observe_speed(*names[entry.name], (compute_ns - before[2]) / ran / 1e6, "statistics")
+                model, cut = names[entry.name]
+                self._observe_speed(self.host_profile(model), cut, (compute_ns - before[2]) / ran / 1e6, "statistics")
         self._stats = now
         if requests > 0:
             self.queue_ms = queued_ns / requests / 1e6
@@ -323,8 +318,7 @@ class OipNodeClient(CloudNodeClient):
             target = None if deployment.whole is None else (request.model, deployment.whole)
         else:
             tensors = request.tensors
-            cut = next((k for k, _ in deployment.suffixes.items()
-                        if tuple(self.models[request.model].cut(k).tensors) == tuple(request.cut)), None)
+            cut = deployment.by_tensors.get(tuple(request.cut))
             target = deployment.suffixes.get(cut) if cut is not None else None
         if target is None:
             raise NodeFailed(f"hosts no {'model ' + request.model if method == 'RunModel' else 'suffix for this cut'}")
@@ -379,11 +373,11 @@ class OipNodeClient(CloudNodeClient):
         ours, profiled = self._calls.get(entry, (0, 0))
         self._calls[entry] = (ours + 1, profiled + at_profile)
         if at_profile and self.speed_source != "statistics":
-            self._observe_speed(model, cut, max(cloud_ms - self.queue_ms, 0.0), "round trip minus the link")
+            self._observe_speed(host, cut, max(cloud_ms - self.queue_ms, 0.0), "round trip minus the link")
         return cloud_ms
 
-    def _observe_speed(self, model: str, cut: int, compute_ms: float, source: str) -> None:
-        host = self.host_profile(model)
+    def _observe_speed(self, host: ModelProfile | None, cut: int, compute_ms: float, source: str) -> None:
+        """One measured run of this host's profile from ``cut`` on, taken ``compute_ms`` there."""
         if host is None or cut >= host.num_segments:
             return
         host_ms = sum(host.segment_ms[cut:]) + host.run_overhead_ms

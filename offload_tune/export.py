@@ -21,12 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 from google.protobuf import text_format
 
 from partitioner.graph import suffix_model
-from protos.oip import datatype_or_none, model_config, suffix_name
+from protos.oip import model_config, onnx_tensor, suffix_name
 from runtimes.onnx_exec import OnnxModel
 
 logger = logging.getLogger(__name__)
@@ -51,17 +50,15 @@ class Exported:
 def _tensor_configs(values: Iterable[onnx.ValueInfoProto], kind: type, what: str) -> list:
     configs = []
     for value in values:
-        tensor = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise ExportError(f"{what} {value.name!r} is not a tensor")
-        datatype = datatype_or_none(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))) \
-            if tensor.elem_type else None
+        datatype, dims = onnx_tensor(value)
         if datatype is None:
             raise ExportError(f"{what} {value.name!r} has an element type the Open Inference Protocol cannot carry")
-        if not tensor.HasField("shape"):
+        if dims is None:
             raise ExportError(f"{what} {value.name!r} has no known rank; a Triton config needs one")
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-        configs.append(kind(name=value.name, data_type=model_config.DataType.Value(f"TYPE_{datatype}"), dims=dims))
+        configs.append(kind(name=value.name, data_type=model_config.DataType.Value(f"TYPE_{datatype}"),
+                            dims=[-1 if d is None else d for d in dims]))
     return configs
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import onnx
 
 # tritonclient.grpc's package __init__ imports its client, which needs the
 # `packaging` module; the generated modules themselves need only protobuf.
@@ -20,7 +21,7 @@ from tritonclient.grpc import service_pb2 as messages
 from tritonclient.grpc import service_pb2_grpc as services
 
 __all__ = ["messages", "services", "model_config", "DTYPES", "DATATYPES", "CONTENTS_FIELD", "datatype_or_none",
-           "typed_array", "suffix_name", "parse_suffix_name"]
+           "onnx_tensor", "typed_array", "suffix_name", "parse_suffix_name"]
 
 # OIP datatypes as numpy dtypes; on the wire every tensor is little-endian.
 # BYTES (strings) and BF16 have no numpy counterpart Tandem's models take.
@@ -44,6 +45,17 @@ CONTENTS_FIELD = {
 def datatype_or_none(dtype: np.dtype) -> str | None:
     """The OIP datatype of a numpy dtype, None where the protocol has none."""
     return DATATYPES.get(np.dtype(dtype).newbyteorder("="))
+
+
+def onnx_tensor(value: onnx.ValueInfoProto) -> tuple[str | None, tuple[int | None, ...] | None]:
+    """An ONNX tensor's OIP datatype (None where the protocol has none) and
+    dims (None where one is dynamic; no tuple where the rank is unknown)."""
+    tensor = value.type.tensor_type
+    datatype = datatype_or_none(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))) \
+        if tensor.elem_type else None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim) \
+        if tensor.HasField("shape") else None
+    return datatype, dims
 
 
 def typed_array(what: str, datatype: str, contents: messages.InferTensorContents, count: int) -> np.ndarray:
