@@ -97,16 +97,18 @@ class OpenAiNodeClient(CloudNodeClient):
         return (time.perf_counter() - start) * 1e3, {model.id for model in listing.data}
 
     async def refresh(self, *, timeout_s: float = 2.0, measure_link: bool = False) -> NodeState:
-        generation = self._generation
-        if self.closed:
-            return self.state
         if any(self.active.values()):
             # A stream in progress shows the server alive; and llama.cpp's server, by
             # default, interrupts a running generation for any new request, a probe included.
             self.state.llm = self._loads(self.state.models)
             return self.state
+        return await super().refresh(timeout_s=timeout_s, measure_link=measure_link)
+
+    async def _fetch(self, timeout_s: float, *, measure_link: bool) -> NodeState | None:
+        """The models it serves (GET /models, which times the RTT too) and, for
+        a model not measured yet, its speeds; None when it failed (marked down)."""
+        probe_s = self.liveness_timeout_s() if self.estimator is not None else timeout_s
         try:
-            probe_s = self.liveness_timeout_s() if self.estimator is not None else timeout_s
             listings = [await self._timed_listing(probe_s) for _ in range(3)]
             rtt_ms, served = min(ms for ms, _ in listings), listings[-1][1]
             if self.estimator is None:
@@ -117,17 +119,13 @@ class OpenAiNodeClient(CloudNodeClient):
                     self.speeds[name] = await self._measure(remote, timeout_s=max(timeout_s, 30.0))
         except openai.APITimeoutError:
             self.mark_down(f"hung: no answer to GET /models in {probe_s * 1e3:.0f} ms")
-            return self.state
+            return None
         except openai.APIError as exc:
             self.mark_down(f"{type(exc).__name__}: {exc}")
-            return self.state
-        if generation == self._generation:
-            self.down_since = None
-            hosted = {name: remote for name, remote in self.models.items() if remote in served and name in self.speeds}
-            self.state = NodeState(
-                reachable=True, node_id="an OpenAI-compatible server", load=pb.NodeLoad(max_concurrency=self.slots),
-                models={name: pb.ModelInfo(name=name, kind="gguf") for name in hosted}, llm=self._loads(hosted))
-        return self.state
+            return None
+        hosted = [name for name, remote in self.models.items() if remote in served and name in self.speeds]
+        return NodeState(reachable=True, node_id="an OpenAI-compatible server", load=pb.NodeLoad(max_concurrency=self.slots),
+                         models={name: pb.ModelInfo(name=name, kind="gguf") for name in hosted}, llm=self._loads(hosted))
 
     def _loads(self, models) -> list[pb.LlmLoad]:
         return [pb.LlmLoad(model=name, slots=self.slots, active=self.active.get(name, 0),
@@ -164,13 +162,6 @@ class OpenAiNodeClient(CloudNodeClient):
 
     def profile(self, model: str, digest: str) -> None:
         return None
-
-    def llm_facts(self, model: str) -> str:
-        speed = self.speeds.get(model)
-        if speed is None:
-            return f"{self.address}: not measured yet"
-        return (f"{self.address} as {self.models.get(model)}: prefill {speed.prompt_tok_s:.0f} tokens/s, decode "
-                f"{speed.gen_tok_s:.1f} tokens/s, measured over {speed.streams} streams")
 
     async def stream(self, model: str, request: pb.GenerateRequest, sampling: Sampling, texts: list[str],
                      broke: list[str], *, stall_s: float, prompt_tokens: int) -> AsyncIterator[pb.GenerateChunk]:
