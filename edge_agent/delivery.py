@@ -101,10 +101,9 @@ class Deliveries:
     async def results(self, ids: list[str]) -> AsyncIterator[pb.DeferredResult]:
         """Each request's result as it ends, in the order they end."""
         waiting = list(dict.fromkeys(ids)) or await asyncio.to_thread(self.store.pending_ids)
-        for request_id in waiting:  # an unknown id fails the call before anything streams
-            await asyncio.to_thread(self.store.get, request_id)
         while waiting:
             async with self._ended:
+                # every id is read before any result is yielded: an unknown one fails the call first
                 rows = [await asyncio.to_thread(self.store.get, i) for i in waiting]
                 ended = [row for row in rows if row.ended]
                 if not ended:

@@ -52,9 +52,9 @@ def _table(name: str, kind: type, value: Any) -> Any:
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     kind, is_list = _base_type(hint)
     if dataclasses.is_dataclass(kind):
-        items = value if is_list else [value]
-        tables = tuple(_table(name, kind, item) for item in (items if isinstance(items, list) else [items]))
-        return tables if is_list else tables[0]
+        if not is_list:
+            return _table(name, kind, value)
+        return tuple(_table(name, kind, item) for item in (value if isinstance(value, list) else [value]))
     if is_list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
