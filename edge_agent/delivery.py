@@ -3,6 +3,12 @@ file at once, delivered through the agent's one pipeline when a node that
 serves their model is reachable (the plan decided then), oldest first and one
 at a time (live requests keep their latency while the queue drains), and
 their results kept for the app to fetch or stream.
+
+A tensor request whose cloud plan finds no node that answers goes back into
+the queue rather than running on the device: it was deferred to wait for the
+cloud, and an outage that began after it was taken must not change that. A
+generation that loses its node mid-stream finishes on the device, as a live
+one does (its text so far is not thrown away).
 """
 
 from __future__ import annotations
@@ -186,7 +192,7 @@ class Deliveries:
         ask = Ask(request.model, lambda model: decode_all(request.inputs), request.plan, request.objective,
                   request.encoding)
         outputs, reply = await self._infer("tandem.EdgeAgent/Defer", _Stored(request), lambda _: ask, remaining, None,
-                                           label="Deferred")
+                                           label="Deferred", fall_back=False)
         reply.outputs.extend(encode_all(outputs, pb.ENCODING_RAW))
         return reply.SerializeToString()
 

@@ -60,7 +60,7 @@ from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import BadReply, InputError, OnnxModel
 from runtimes.profile_book import ProfileBook, Unplanned, shape_specs
-from runtimes.rpc import APP_STREAM_WINDOW_BYTES, NoFeasiblePlan, Unread, abort_for
+from runtimes.rpc import APP_STREAM_WINDOW_BYTES, NoFeasiblePlan, NoNodeLeft, Unread, abort_for
 from runtimes.shared_memory import Lease, SharedMemory, peer_is_local
 
 logger = logging.getLogger(__name__)
@@ -617,10 +617,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def _offload(self, time_remaining: Callable[[], float | None], model: OnnxModel, candidate: Candidate,
                        decision: Decisions | None, costs: ModelCosts, feeds: dict[str, np.ndarray], encoding: int,
-                       stages: Stages) -> tuple[dict[str, np.ndarray], str | None, str]:
+                       stages: Stages, *, fall_back: bool = True) -> tuple[dict[str, np.ndarray], str | None, str]:
         """Run a SPLIT or REMOTE plan, on another node if the first fails, else
-        finish locally. Returns the outputs, the fallback reason (None if a
-        node answered) and the node that answered."""
+        finish locally (without ``fall_back``: raise NoNodeLeft). Returns the
+        outputs, the fallback reason (None if a node answered) and the node
+        that answered."""
         split = candidate.kind == "split"
         cut = self._cut(model, candidate)
         encoding = candidate.encoding or encoding
@@ -679,6 +680,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         except (codec.CodecError, InputError) as exc:
             failures.append(str(exc))
         reason = "; ".join(failures)
+        if not fall_back:
+            raise NoNodeLeft(reason)
         stages.encode_ms = stages.cloud_ms = stages.decode_ms = 0.0
         stages.network_ms = (time.perf_counter() - attempt) * 1e3
         logger.warning("%s %s falling back to LOCAL: %s", model.name, candidate.label, reason)
@@ -727,13 +730,16 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def serve_tensors(self, method: str, call: Unread, ask_of: Callable[[object], Ask],
                             time_remaining: Callable[[], float | None], metadata: Sequence[tuple[str, str]] | None,
-                            *, label: str | None = None) -> tuple[dict[str, np.ndarray], pb.InferReply]:
+                            *, label: str | None = None, fall_back: bool = True
+                            ) -> tuple[dict[str, np.ndarray], pb.InferReply]:
         """One tensor request by any protocol (Tandem's Infer, OIP's ModelInfer
         over gRPC or REST): admitted, read, planned and run the same way.
         ``ask_of`` turns the protocol's message into an ``Ask``; ``time_remaining``
         gives the caller's deadline (seconds left, None for none); ``label``
         names the method in the metrics (by default the gRPC method's own
-        name: Infer, ModelInfer). Returns the outputs and the reply without
+        name: Infer, ModelInfer). Without ``fall_back`` a cloud plan that no
+        node runs fails with NoNodeLeft instead of running on the device (a
+        deferred request goes back to wait for one). Returns the outputs and the reply without
         them, for the protocol to encode."""
         label = label or method.rpartition("/")[2]
         try:
@@ -743,7 +749,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     tracing.record("queue", arrived)
                     model, feeds, (objective, encoding, adaptive), pinned = await self._read(call, held, ask_of)
                     outputs, reply = await self._infer(time_remaining, model, feeds, objective, encoding, pinned,
-                                                       arrived, adaptive=adaptive, queued_ms=queued_ms)
+                                                       arrived, adaptive=adaptive, queued_ms=queued_ms,
+                                                       fall_back=fall_back)
                 span.set_attributes({"tandem.model": model.name, "tandem.plan": reply.plan.label,
                                      "tandem.planned": reply.planned.label, "tandem.fell_back": reply.fell_back,
                                      "tandem.node": reply.node})
@@ -823,7 +830,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def _infer(self, time_remaining: Callable[[], float | None], model: OnnxModel, feeds: dict[str, np.ndarray],
                      objective: Objective, encoding: int, pinned: str, arrived: float, *,
-                     adaptive: bool = False, queued_ms: float = 0.0) -> tuple[dict[str, np.ndarray], pb.InferReply]:
+                     adaptive: bool = False, queued_ms: float = 0.0, fall_back: bool = True
+                     ) -> tuple[dict[str, np.ndarray], pb.InferReply]:
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         if not self.book.prepared(model, shapes):  # a new exact shape: its shape inference off the event loop
             await asyncio.to_thread(self.book.prepare, model, shapes)
@@ -838,6 +846,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         except NotPlanned as unplanned:
             return await self._infer_unplanned(model, feeds, pinned, unplanned.reason, arrived)
         candidate, why, fallback_reason = self._pick(model, decision, pinned, (model.name, objective, encoding, adaptive))
+        if fallback_reason and not fall_back:
+            raise NoNodeLeft(fallback_reason)
         if "@" not in pinned:
             candidate = share_load(decision, candidate, {n.address: (n.inflight, n.last_sent) for n in self.nodes})
         planned = self._plan(candidate, model, encoding)
@@ -851,7 +861,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         else:
             # a plan pinned to one node runs there or locally, never elsewhere
             retry_on = decision if "@" not in pinned else None
-            outputs, reason, answered = await self._offload(time_remaining, model, candidate, retry_on, costs, feeds, encoding, stages)
+            outputs, reason, answered = await self._offload(time_remaining, model, candidate, retry_on, costs, feeds,
+                                                            encoding, stages, fall_back=fall_back)
             planned.tensor_encodings.extend(pb.TensorEncoding(tensor=name, encoding=e) for name, e in stages.sent)
             if reason is not None:
                 fallback_reason = reason

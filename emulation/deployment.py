@@ -47,12 +47,13 @@ def pinned(argv: list[str], cpu: int) -> list[str]:
 
 
 class Deployment:
-    def __init__(self, bed: Testbed, models: Path, quota: CpuQuota | None, *agent_args: str, timeout_s: float = 120) -> None:
+    def __init__(self, bed: Testbed, models: Path, quota: CpuQuota | None, *agent_args: str, timeout_s: float = 120,
+                 node_args: tuple[str, ...] = ()) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="tandem-emu-")
         one_core = ["--threads", "1"] if pinning_available() else []
         self.node = launch.Daemon(
             "cloud_node.main", ["--listen", f"{bed.address('cloud')}:0", "--models", str(models), *one_core,
-                             *launch.lab_defaults((), announce="--advertise")],
+                             *launch.lab_defaults(node_args, announce="--advertise"), *node_args],
             wrap=lambda argv: pinned(bed.wrap("cloud", argv), CLOUD_CPU), check_health=False,
         ).wait_ready()
 

@@ -172,6 +172,17 @@ class Testbed(Teardown):
         self._shape(self.cloud_ns, self.cloud_dev, downlink_mbps)
         self.uplink_mbps, self.downlink_mbps = uplink_mbps, downlink_mbps
 
+    def set_link(self, up: bool, *, silent: bool = True) -> None:
+        """Cut the link or restore it. ``silent``: the cloud's end goes down,
+        so the edge's interface loses its carrier but keeps its route; every
+        packet either way is dropped without a word, and open TCP connections
+        retransmit into nothing, as on a radio link that lost its signal. Not
+        silent: the edge's own interface goes down and its route with it, so
+        sends fail at once with "network is unreachable", as when a board's
+        modem detaches."""
+        ns, dev = (self.cloud_ns, self.cloud_dev) if silent else (self.edge_ns, self.edge_dev)
+        _check(["ip", "-n", ns, "link", "set", dev, "up" if up else "down"])
+
     def _shape(self, ns: str, dev: str, mbps: float | None) -> None:
         if mbps is None:
             # Deleting fails harmlessly when no root qdisc was set.
