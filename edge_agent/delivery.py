@@ -1,8 +1,14 @@
 """Deferred requests from acceptance to result: accepted into the queue's
 file at once, delivered through the agent's one pipeline when a node that
 serves their model is reachable (the plan decided then), oldest first and one
-at a time (live requests keep their latency while the queue drains), and
-their results kept for the app to fetch or stream.
+at a time, and their results kept for the app to fetch or stream.
+
+While apps' requests run (LiveTraffic), the drain yields: each delivery starts
+in a gap between them, and deliveries take at most ``drain_share`` of the
+time (after one that took t seconds, the next waits t * (1 - share) / share).
+Time is wall time: a delivery waiting on a slow uplink counts although the
+device is idle then, which errs toward the live requests. With no app
+request for LIVE_WINDOW_S the queue drains at full speed.
 
 A tensor request whose cloud plan finds no node that answers goes back into
 the queue rather than running on the device: it was deferred to wait for the
@@ -25,6 +31,7 @@ from edge_agent.deferred import Deferred, DeferredStore
 from edge_agent.offload import CloudNodeClient
 from edge_agent.server import Ask, encode_all
 from protos import tandem_pb2 as pb
+from runtimes.admission import LiveTraffic
 from runtimes.model_store import decode_all
 from runtimes.onnx_exec import InputError
 from runtimes.rpc import status_for
@@ -33,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 1.0   # how often the queue looks for a node when nothing woke it
 MAX_WAIT_S = 300.0   # the longest a Result call waits for its request to end
+LIVE_WINDOW_S = 1.0  # an app's request began this recently: the device is in use, the drain paces itself
+QUIET_MAX_WAIT_S = 2.0  # the longest a delivery waits for a gap between apps' requests
 
 
 class _Stored:
@@ -60,12 +69,16 @@ def result_message(row: Deferred) -> pb.DeferredResult:
 class Deliveries:
     def __init__(self, store: DeferredStore, nodes: list[CloudNodeClient], *,
                  infer: Callable, generate: Callable, serves_llm: Callable[[str], bool],
-                 onnx_digest: Callable[[str], str | None]) -> None:
+                 onnx_digest: Callable[[str], str | None], traffic: LiveTraffic | None = None,
+                 drain_share: float = 1.0) -> None:
         """``infer(method, call, ask_of, time_remaining, metadata)`` and
         ``generate(request)``: the agent's pipeline (EdgeAgentService's
         serve_tensors and generation); ``serves_llm(model)``: a reachable node
         serves this LLM; ``onnx_digest(model)``: the device's copy of a tensor
-        model (None: no such model here)."""
+        model (None: no such model here); ``traffic``: apps' requests, which
+        the drain yields to, taking at most ``drain_share`` of the time."""
+        if not 0 < drain_share <= 1:
+            raise ValueError(f"drain_share must be in (0, 1], got {drain_share}")
         self.store = store
         self.nodes = nodes
         self._infer = infer
@@ -75,6 +88,9 @@ class Deliveries:
         self._wake = asyncio.Event()
         self._ended = asyncio.Condition()
         self.delivering: str | None = None
+        self._traffic = traffic or LiveTraffic()
+        self._drain_share = drain_share
+        self._last_took_s = 0.0
 
     # ------------------------------------------------------------- serving --
 
@@ -157,13 +173,23 @@ class Deliveries:
                 logger.warning("%d deferred requests passed their deliver_by undelivered", len(expired))
                 await self._announce()
             await asyncio.to_thread(self.store.purge)
+            await self._make_room()
             row = await asyncio.to_thread(self.store.take, self.deliverable)
             if row is None:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=IDLE_CHECK_S)
                 continue
+            started = time.monotonic()
             await self._deliver(row)
+            self._last_took_s = time.monotonic() - started
+
+    async def _make_room(self) -> None:
+        """Pace the drain while apps' requests run (see the module's doc)."""
+        if self._last_took_s and self._drain_share < 1 and self._traffic.recent(LIVE_WINDOW_S):
+            await asyncio.sleep(self._last_took_s * (1 - self._drain_share) / self._drain_share)
+            await self._traffic.quiet(QUIET_MAX_WAIT_S)
+        self._last_took_s = 0.0
 
     async def _deliver(self, row: Deferred) -> None:
         self.delivering = row.id
@@ -192,14 +218,14 @@ class Deliveries:
         ask = Ask(request.model, lambda model: decode_all(request.inputs), request.plan, request.objective,
                   request.encoding)
         outputs, reply = await self._infer("tandem.EdgeAgent/Defer", _Stored(request), lambda _: ask, remaining, None,
-                                           label="Deferred", fall_back=False)
+                                           label="Deferred", deferred=True)
         reply.outputs.extend(encode_all(outputs, pb.ENCODING_RAW))
         return reply.SerializeToString()
 
     async def _run_generate(self, row: Deferred) -> bytes:
         request = pb.GenerateRequest.FromString(row.payload)
         text, tokens, summary = [], [], pb.GenerateSummary()
-        async with contextlib.aclosing(await self._generate(request)) as chunks:
+        async with contextlib.aclosing(await self._generate(request, deferred=True)) as chunks:
             async for chunk in chunks:
                 if chunk.HasField("token"):
                     text.append(chunk.token.text)

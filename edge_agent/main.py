@@ -200,6 +200,8 @@ class AgentConfig:
     queue_max_requests: int = field(default=1000, metadata={"help": "deferred requests waiting at once"})
     queue_max_mb: float = field(default=256.0, metadata={"help": "their payloads together, MiB"})
     queue_max_wait_s: float = field(default=86400.0, metadata={"help": "the furthest deliver_by accepted, s from now"})
+    queue_drain_share: float = field(default=0.2, metadata={
+        "help": "while apps' requests run, deferred deliveries take at most this share of the time (1: no pacing)"})
     result_ttl_s: float = field(default=86400.0, metadata={"help": "an unfetched deferred result (or failure) is kept "
                                                                    "this long, s"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
@@ -224,6 +226,8 @@ class AgentConfig:
             raise error(f"objective must be latency, energy or weighted, got {self.objective!r}")
         if not 0.0 <= self.weight_latency <= 1.0:
             raise error(f"weight_latency must be within 0..1, got {self.weight_latency}")
+        if not 0.0 < self.queue_drain_share <= 1.0:
+            raise error(f"queue_drain_share must be within (0, 1], got {self.queue_drain_share}")
         if self.encoding not in codec.ENCODING_BY_NAME:
             raise error(f"encoding must be one of {sorted(codec.ENCODING_BY_NAME)}, got {self.encoding!r}")
         for name in ("slo_ms", "energy_budget_j", "memory_limit_mb", "uplink_mbps", "downlink_mbps"):
@@ -452,7 +456,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     service.deliveries = Deliveries(
         queue, nodes, infer=service.serve_tensors, generate=service.generation,
         serves_llm=lambda model: bool(generator.served_models().get(model)),  # the nodes serving it now
-        onnx_digest=lambda model: store.models[model].digest if model in store.models else None)
+        onnx_digest=lambda model: store.models[model].digest if model in store.models else None,
+        traffic=service.traffic, drain_share=config.queue_drain_share)
 
     def deferred_now() -> tuple[int, float]:
         stats = queue.stats()

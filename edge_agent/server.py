@@ -53,7 +53,7 @@ from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import tracing
-from runtimes.admission import Admission, Holding, MemoryBudget, Overloaded, large, run_cancellable
+from runtimes.admission import Admission, Holding, LiveTraffic, MemoryBudget, Overloaded, large, run_cancellable
 from runtimes.heap import Trimmer
 from runtimes.llm_serving import operation_of, relay
 from runtimes.metrics import Metrics
@@ -308,6 +308,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue,
                                    on_idle=lambda: self.trimmer.when_idle(self.admission.idle))
         self.memory = MemoryBudget(memory_bytes, retry_after_ms=lambda: self.admission.hold_ms)
+        self.traffic = LiveTraffic()  # apps' requests, which the deferred queue's drain yields to
         self._expected_running_bytes = 0  # what the recent requests held running, decaying
         metrics.set_queue("onnx", lambda: self.admission.queued)
         metrics.watch_llms(generator.llms.engines)
@@ -730,27 +731,29 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     async def serve_tensors(self, method: str, call: Unread, ask_of: Callable[[object], Ask],
                             time_remaining: Callable[[], float | None], metadata: Sequence[tuple[str, str]] | None,
-                            *, label: str | None = None, fall_back: bool = True
+                            *, label: str | None = None, deferred: bool = False
                             ) -> tuple[dict[str, np.ndarray], pb.InferReply]:
         """One tensor request by any protocol (Tandem's Infer, OIP's ModelInfer
         over gRPC or REST): admitted, read, planned and run the same way.
         ``ask_of`` turns the protocol's message into an ``Ask``; ``time_remaining``
         gives the caller's deadline (seconds left, None for none); ``label``
         names the method in the metrics (by default the gRPC method's own
-        name: Infer, ModelInfer). Without ``fall_back`` a cloud plan that no
-        node runs fails with NoNodeLeft instead of running on the device (a
-        deferred request goes back to wait for one). Returns the outputs and the reply without
+        name: Infer, ModelInfer). A ``deferred`` request's delivery is not
+        live traffic (the queue's drain yields to that), and a cloud plan of
+        one that no node runs fails with NoNodeLeft instead of running on the
+        device: it goes back to wait for a node. Returns the outputs and the reply without
         them, for the protocol to encode."""
         label = label or method.rpartition("/")[2]
         try:
-            with tracing.serving(method, metadata) as span, self.metrics.in_flight():
+            live = contextlib.nullcontext() if deferred else self.traffic.running()
+            with tracing.serving(method, metadata) as span, self.metrics.in_flight(), live:
                 arrived = time.perf_counter()
                 async with self.memory.hold(QUEUED_CALL_BYTES) as held, self.admission.slot() as queued_ms:
                     tracing.record("queue", arrived)
                     model, feeds, (objective, encoding, adaptive), pinned = await self._read(call, held, ask_of)
                     outputs, reply = await self._infer(time_remaining, model, feeds, objective, encoding, pinned,
                                                        arrived, adaptive=adaptive, queued_ms=queued_ms,
-                                                       fall_back=fall_back)
+                                                       fall_back=not deferred)
                 span.set_attributes({"tandem.model": model.name, "tandem.plan": reply.plan.label,
                                      "tandem.planned": reply.planned.label, "tandem.fell_back": reply.fell_back,
                                      "tandem.node": reply.node})
@@ -899,23 +902,26 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             constraints_met=True, reason=reason,
         )
 
-    async def generation(self, request: pb.GenerateRequest) -> Generation:
+    async def generation(self, request: pb.GenerateRequest, *, deferred: bool = False) -> Generation:
         """A generation routed by the planner, its chunks counted in the metrics:
-        what every frontend (gRPC Generate, the OpenAI HTTP API) streams."""
+        what every frontend (gRPC Generate, the OpenAI HTTP API) streams.
+        A ``deferred`` one's delivery is not live traffic."""
         objective, _, _ = request_options(request.objective, pb.ENCODING_UNSPECIFIED, self.policies.for_model(request.model))
         generation = await self.generator.generate(request, objective)
 
         async def observed(chunks: AsyncIterator[pb.GenerateChunk]) -> AsyncIterator[pb.GenerateChunk]:
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    if chunk.HasField("done"):
-                        done = chunk.done
-                        side = pb.PlanKind.Name(done.ran).removeprefix("PLAN_").lower()
-                        self.metrics.observe_llm(request.model, side, tokens=done.completion_tokens, tok_s=done.tokens_per_s,
-                                                 operation=operation_of(request), ttft_ms=done.ttft_ms,
-                                                 total_ms=done.total_ms)
-                        self.metrics.observe_request("Generate", side, "fallback" if done.switched else "ok")
-                    yield chunk
+            live = contextlib.nullcontext() if deferred else self.traffic.running()
+            with live:
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        if chunk.HasField("done"):
+                            done = chunk.done
+                            side = pb.PlanKind.Name(done.ran).removeprefix("PLAN_").lower()
+                            self.metrics.observe_llm(request.model, side, tokens=done.completion_tokens,
+                                                     tok_s=done.tokens_per_s, operation=operation_of(request),
+                                                     ttft_ms=done.ttft_ms, total_ms=done.total_ms)
+                            self.metrics.observe_request("Generate", side, "fallback" if done.switched else "ok")
+                        yield chunk
 
         generation.chunks = observed(generation.chunks)
         return generation

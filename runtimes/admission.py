@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -237,3 +238,36 @@ async def run_cancellable(pool: Executor, fn: Callable[..., T], *args: Any, shri
         with contextlib.suppress(Exception):
             await future
         raise
+
+
+class LiveTraffic:
+    """Apps' requests running now and when the last one began: what
+    background work (the deferred queue's drain) yields to."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.in_flight = 0
+        self._clock = clock
+        self._last_began = -math.inf
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        self.in_flight += 1
+        self._last_began = self._clock()
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._quiet.set()
+
+    def recent(self, window_s: float) -> bool:
+        """Whether a request runs now or began within ``window_s``."""
+        return self.in_flight > 0 or self._clock() - self._last_began < window_s
+
+    async def quiet(self, max_wait_s: float) -> None:
+        """Until no request runs, or ``max_wait_s``: a device that is never idle still gets its background work done."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._quiet.wait(), max_wait_s)

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from runtimes.admission import MIB, Admission, MemoryBudget, Overloaded, TooLarge
+from runtimes.admission import MIB, Admission, LiveTraffic, MemoryBudget, Overloaded, TooLarge
 
 
 def test_a_call_the_budget_cannot_take_now_is_refused_with_the_figures() -> None:
@@ -142,3 +142,24 @@ def test_a_cancelled_waiter_leaves_the_line_and_a_cancelled_grant_passes_the_slo
         return order
 
     assert asyncio.run(scenario()) == ["first", "last"]
+
+
+def test_live_traffic_says_when_the_device_is_in_use_and_when_a_gap_comes() -> None:
+    now = [100.0]
+    traffic = LiveTraffic(clock=lambda: now[0])
+    assert not traffic.recent(1.0)
+
+    async def scenario() -> None:
+        with traffic.running():
+            assert traffic.recent(1.0) and traffic.in_flight == 1
+            waiting = asyncio.ensure_future(traffic.quiet(max_wait_s=30))
+            await asyncio.sleep(0.01)
+            assert not waiting.done()  # a request runs: no gap yet
+            now[0] += 5.0
+            assert traffic.recent(1.0)  # running for long still counts
+        await asyncio.wait_for(waiting, 1)  # the gap comes as soon as it ends
+        now[0] += 0.5
+        assert traffic.recent(1.0) and not traffic.recent(0.25)
+        await asyncio.wait_for(traffic.quiet(max_wait_s=30), 1)  # nothing runs: at once
+
+    asyncio.run(scenario())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,43 @@ def test_a_collapsing_link_moves_the_plan_back_to_the_device_within_a_few_reques
                     break
             assert plans[-1] == "local", plans
             assert len(plans) <= 4, plans
+        finally:
+            deployment.close()
+
+
+def wait_connectivity(client, state: str, within_s: float = 20.0) -> None:
+    for _ in range(int(within_s / 0.1)):  # bounded: the agent probes every 0.5 s here
+        if client.explain("mobilenet").connectivity == state:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the agent never said {state}: {client.explain('mobilenet').connectivity_reason}")
+
+
+def test_a_silent_outage_skips_the_cloud_and_queues_deferred_work_until_the_link_returns(
+        model_dir: Path, image: np.ndarray, tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    inputs = [rng.standard_normal(image.shape).astype(np.float32) for _ in range(3)]
+    with Testbed(uplink_mbps=100, downlink_mbps=100) as bed, CpuQuota(cpus_like("pi4")) as quota:
+        deployment = Deployment(bed, model_dir, quota, "--queue-file", str(tmp_path / "queue.sqlite"))
+        try:
+            client = deployment.client
+            assert client.infer("mobilenet", {"input": image}).plan != "local"  # online, this device offloads
+            bed.set_link(False)  # packets vanish: no reset, no unreachable
+            ids = [client.infer("mobilenet", {"input": x}, plan="remote", defer=True, deliver_by=time.time() + 600,
+                                idempotency_key=f"outage-{i}").id for i, x in enumerate(inputs)]
+            wait_connectivity(client, "offline")
+            result = client.infer("mobilenet", {"input": image})
+            assert (result.plan, result.fell_back) == ("local", False)  # no cloud attempt paid for
+            np.testing.assert_allclose(result.outputs["logits"], direct(model_dir, image), rtol=1e-5, atol=1e-5)
+            assert all(client.result(i).state in ("queued", "delivering") for i in ids)
+            bed.set_link(True)
+            done = {r.id: r for r in client.results(ids, deadline=120)}
+            for request_id, x in zip(ids, inputs):
+                delivered = done[request_id]
+                assert delivered.state == "done", delivered.error
+                # it waited for the cloud: never run on the device, even if an attempt met the outage
+                assert (delivered.infer.plan, delivered.infer.fell_back) == ("remote", False)
+                np.testing.assert_allclose(delivered.infer.outputs["logits"], direct(model_dir, x), rtol=1e-5, atol=1e-5)
         finally:
             deployment.close()
 
