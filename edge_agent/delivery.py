@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 1.0   # how often the queue looks for a node when nothing woke it
 MAX_WAIT_S = 300.0   # the longest a Result call waits for its request to end
-LIVE_WINDOW_S = 1.0  # an app's request began this recently: the device is in use, the drain paces itself
+LIVE_WINDOW_S = 1.0  # an app's request ran this recently: the device is in use, the drain paces itself
 QUIET_MAX_WAIT_S = 2.0  # the longest a delivery waits for a gap between apps' requests
 
 

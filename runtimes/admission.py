@@ -241,31 +241,31 @@ async def run_cancellable(pool: Executor, fn: Callable[..., T], *args: Any, shri
 
 
 class LiveTraffic:
-    """Apps' requests running now and when the last one began: what
-    background work (the deferred queue's drain) yields to."""
+    """Apps' requests running now and when one last ran: what background
+    work (the deferred queue's drain) yields to."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.in_flight = 0
         self._clock = clock
-        self._last_began = -math.inf
+        self._last_ran = -math.inf
         self._quiet = asyncio.Event()
         self._quiet.set()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         self.in_flight += 1
-        self._last_began = self._clock()
         self._quiet.clear()
         try:
             yield
         finally:
             self.in_flight -= 1
+            self._last_ran = self._clock()
             if not self.in_flight:
                 self._quiet.set()
 
     def recent(self, window_s: float) -> bool:
-        """Whether a request runs now or began within ``window_s``."""
-        return self.in_flight > 0 or self._clock() - self._last_began < window_s
+        """Whether a request runs now or ended within ``window_s``."""
+        return self.in_flight > 0 or self._clock() - self._last_ran < window_s
 
     async def quiet(self, max_wait_s: float) -> None:
         """Until no request runs, or ``max_wait_s``: a device that is never idle still gets its background work done."""
