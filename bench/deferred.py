@@ -90,10 +90,12 @@ def phase_table(title: str, phases: dict[str, dict], base: str) -> Table:
     return table
 
 
-def wait_all(address: str, ids: list[str], done: threading.Event) -> None:
+def wait_all(address: str, ids: list[str], done: threading.Event, results: dict) -> None:
+    """Each request's result as it ends, into ``results`` (a fetched result is
+    forgotten soon after: the stream is the one place to read them)."""
     with EdgeClient(address, timeout=900) as watcher:
-        for _ in watcher.results(ids, deadline=900):
-            pass
+        for result in watcher.results(ids, deadline=900):
+            results[result.id] = result
     done.set()
 
 
@@ -131,7 +133,8 @@ def loopback(args: argparse.Namespace, models: Path, tmp: Path, console: Console
         with launch.cloud_node(models, "--listen", f"127.0.0.1:{port}"):
             drained = threading.Event()
             started = time.perf_counter()
-            watcher = threading.Thread(target=wait_all, args=(agent.address, ids, drained))
+            ended: dict = {}
+            watcher = threading.Thread(target=wait_all, args=(agent.address, ids, drained, ended))
             watcher.start()
             with console.status("live requests while the queue drains"):
                 during = live(client, x, 1, until=drained)
@@ -139,7 +142,7 @@ def loopback(args: argparse.Namespace, models: Path, tmp: Path, console: Console
             drain_s = time.perf_counter() - started
             with console.status("live requests, queue empty, node up"):
                 after = live(client, x, args.live)
-        results = [client.result(i) for i in ids]
+        results = [ended[i] for i in ids]
     phases = {"node down, queue waiting": summary(idle), "queue draining": summary(during),
               "queue empty, node up": summary(after)}
     console.print(phase_table(f"live LOCAL mobilenet while {args.queued} deferred REMOTE requests wait and drain "
@@ -209,7 +212,8 @@ def outage(args: argparse.Namespace, models: Path, tmp: Path, console: Console) 
             bed.set_link(True)
             up_at = time.monotonic() - watch.started_at
             drained = threading.Event()
-            watcher = threading.Thread(target=wait_all, args=(address, ids, drained))
+            ended: dict = {}
+            watcher = threading.Thread(target=wait_all, args=(address, ids, drained, ended))
             watcher.start()
             with console.status("link back: live LOCAL while the queue drains"):
                 during = live(client, x, 1, until=drained)
@@ -219,7 +223,7 @@ def outage(args: argparse.Namespace, models: Path, tmp: Path, console: Console) 
                 after = live(client, x, args.live)
             watch.stop.set()
             runs = node_runs(bed, metrics_url) - runs_before
-            results = [client.result(i) for i in ids]
+            results = [ended[i] for i in ids]
         finally:
             deployment.close()
     online_at = watch.first("online", up_at)
