@@ -94,7 +94,8 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    finish_reason: str             # "stop" (end of text or a stop string), "length", "cancelled", "error"
+    finish_reason: str             # "stop" (end of text or a stop string), "length", "cancelled", "error",
+                                   # "handoff" (the engine is handing its work over: see LlmEngine.hand_off)
     prompt_tokens: int
     completion_tokens: int         # tokens streamed, continuation included
     ttft_ms: float                 # submit -> first token of this run
@@ -102,7 +103,9 @@ class DoneEvent:
     queue_ms: float                # submit -> prefill start
     prompt_eval_ms: float
     error: str = ""
-    cached_tokens: int = 0         # prompt tokens whose KV came from the prefix cache
+    cached_tokens: int = 0         # prompt tokens whose KV came from the prefix cache (or a handed-over state)
+    state: bytes | None = None     # "handoff": the sequence's KV state (llama_state_seq_get_data), if it had one
+    state_tokens: int = 0          # the positions it holds: the first state_tokens of prompt + completion
 
 
 Event = TokenEvent | DoneEvent
@@ -115,6 +118,10 @@ class Request:
     emit: Callable[[Event], None]
     generated: list[int] = field(default_factory=list)   # tokens already streamed (failover continuation)
     reserved: bool = False  # its place was reserved when it was accepted (a failover): not refused for a full queue
+    # A sequence state another engine of the same model handed over (DoneEvent.state):
+    # its first ``state_tokens`` positions hold prompt + generated, so they are not evaluated again.
+    state: bytes | None = None
+    state_tokens: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -143,7 +150,7 @@ class _Sequence:
         self.first_token_at: float | None = None
         self.prompt_eval_ms = 0.0
         self.emitted_this_run = 0
-        self.reused = 0  # prompt tokens whose KV came from the prefix cache
+        self.reused = 0  # positions whose KV came from the prefix cache or a handed-over state
 
 
 def check_sampling(sampling: Sampling, generated: Sequence[int] = ()) -> None:
@@ -207,6 +214,7 @@ class LlmEngine:
         self._active: dict[int, _Sequence] = {}
         self._wake = threading.Condition()
         self._stop = False
+        self._handing_off = False
         self.queue_delay_ms = 0.0          # EWMA of measured waits before prefill
         self.prompt_tok_s = 0.0            # EWMA of measured prefill speed
         self._step_ms: dict[int, float] = {}  # batch size -> EWMA of one decode step's time
@@ -370,6 +378,15 @@ class LlmEngine:
             return sum(seq.n_past for seq in sequences) / (self.slots * self.ctx_per_seq)
         return 0.0
 
+    def hand_off(self) -> None:
+        """From now on every generation ends with finish_reason "handoff" at
+        its next step, a running one carrying its sequence's KV state, so
+        another engine of the same model can go on from it without evaluating
+        its tokens again (a node that is shutting down)."""
+        with self._wake:
+            self._handing_off = True
+            self._wake.notify()
+
     def close(self) -> None:
         with self._wake:
             self._stop = True
@@ -392,12 +409,19 @@ class LlmEngine:
                 if self._stop:
                     break
                 self._drop_cancelled_waiting()
+                handed_over = list(self._waiting) if self._handing_off else []
+                if handed_over:
+                    self._waiting.clear()
                 admitted = []
                 while self._free and self._waiting:
                     admitted.append((self._free.pop(), self._waiting.popleft()))
+            for request in handed_over:  # not started: nothing to hand over but the request itself
+                request.emit(DoneEvent("handoff", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
             for seq_id, request in admitted:
                 self._start(seq_id, request)
             self._reap_cancelled()
+            if self._handing_off:
+                self._hand_over()
             if self._prefilling:
                 self._prefill_chunk(self._prefilling[0])
             if self._active:
@@ -431,20 +455,39 @@ class LlmEngine:
         self._prefilling.append(seq)
 
     def _restore(self, seq: _Sequence) -> None:
-        """Start from the longest cached prefix of the prompt, leaving at least
-        its last token to evaluate (its logits give the first new token)."""
+        """Start from a handed-over state, else from the longest cached prefix
+        of the prompt, leaving at least the last token to evaluate (its logits
+        give the next one)."""
+        prompt, handed = seq.request.prompt_tokens, seq.request.state
+        if handed is not None:
+            keep = min(seq.request.state_tokens, len(seq.tokens) - 1)
+            if self._load_state(seq.seq_id, handed, keep):
+                seq.reused, seq.prefilled = keep, min(keep, len(prompt))
+                return
+            logger.warning("%s: a handed-over state of %d bytes did not load; evaluating its %d tokens",
+                           self.name, len(handed), len(seq.tokens))
         if self.prefix_cache is None:
             return
-        prompt = seq.request.prompt_tokens
         found = self.prefix_cache.longest(prompt, at_most=len(prompt) - 1)
-        if found is None:
-            return
-        length, state = found
+        if found is not None and self._load_state(seq.seq_id, found[1], found[0]):
+            seq.prefilled = seq.reused = found[0]
+
+    def _load_state(self, seq_id: int, state: bytes, keep: int) -> bool:
+        """``state`` into ``seq_id``, keeping its first ``keep`` positions; on
+        failure the sequence is left empty (evaluated cold)."""
         buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), seq.seq_id) != len(state):
-            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)  # a state that did not load: cold
-            return
-        seq.prefilled = seq.reused = length
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), seq_id) == len(state) \
+                and llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id) + 1 >= keep \
+                and llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
+            return True
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        return False
+
+    def _state_of(self, seq_id: int) -> bytes:
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, seq_id)
+        return ctypes.string_at(buffer, written)  # one copy, not a list of ints
 
     def _save(self, seq: _Sequence, length: int) -> None:
         """The sequence's KV state, holding its first ``length`` tokens, into the
@@ -454,12 +497,9 @@ class LlmEngine:
         can turn on them (seen: bench.llm --only prefix, 1 answer in 18)."""
         if self.prefix_cache is None or length <= seq.reused:
             return
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq.seq_id)
-        if size > self.prefix_cache.max_bytes:
+        if llama_cpp.llama_state_seq_get_size(self._ctx, seq.seq_id) > self.prefix_cache.max_bytes:
             return
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, seq.seq_id)
-        self.prefix_cache.put(seq.tokens[:length], ctypes.string_at(buffer, written))  # one copy, not a list of ints
+        self.prefix_cache.put(seq.tokens[:length], self._state_of(seq.seq_id))
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         """Evaluate one batch-sized chunk of a prompt. Running streams get a
@@ -470,9 +510,11 @@ class LlmEngine:
             start = time.perf_counter()
             chunk = prompt[seq.prefilled: seq.prefilled + self._n_batch]
             last = seq.prefilled + len(chunk) == len(prompt)
-            self._fill([(token, seq.prefilled + i, seq.seq_id, last and i == len(chunk) - 1) for i, token in enumerate(chunk)])
-            self._decode()
-            seq.prefilled += len(chunk)
+            if chunk:  # none left when a handed-over state holds the whole prompt
+                self._fill([(token, seq.prefilled + i, seq.seq_id, last and i == len(chunk) - 1)
+                            for i, token in enumerate(chunk)])
+                self._decode()
+                seq.prefilled += len(chunk)
             seq.prompt_eval_ms += (time.perf_counter() - start) * 1e3
             if not last:
                 return
@@ -484,6 +526,8 @@ class LlmEngine:
             # at a time, as they were first computed: batching them would
             # change the floating-point sums, and greedy choices with them.
             for i, token in enumerate(seq.request.generated):
+                if len(prompt) + i < seq.reused:
+                    continue  # in the handed-over state already
                 self._fill([(token, len(prompt) + i, seq.seq_id, True)])
                 self._decode()
         except Exception as exc:  # noqa: BLE001 -- this request fails; others go on
@@ -603,7 +647,15 @@ class LlmEngine:
             seq.emitted_this_run += 1
         seq.pending.clear()
 
-    def _finish(self, seq: _Sequence, reason: str, error: str = "") -> None:
+    def _hand_over(self) -> None:
+        """End every sequence with "handoff": a running one with its KV state
+        (its held-back tokens are not streamed: the next engine samples them again)."""
+        for seq in list(self._active.values()):
+            self._finish(seq, "handoff", state=self._state_of(seq.seq_id))
+        while self._prefilling:
+            self._finish(self._prefilling.popleft(), "handoff")
+
+    def _finish(self, seq: _Sequence, reason: str, error: str = "", state: bytes | None = None) -> None:
         if reason in ("length", "stop"):
             self._flush(seq)
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
@@ -624,4 +676,6 @@ class LlmEngine:
             prompt_eval_ms=seq.prompt_eval_ms,
             cached_tokens=seq.reused,
             error=error,
+            state=state,
+            state_tokens=seq.n_past if state is not None else 0,
         ))

@@ -132,3 +132,54 @@ def test_a_multi_turn_chat_reuses_its_history_and_answers_as_a_cold_run() -> Non
     finally:
         warm.close()
         cold.close()
+
+
+class HandOffAfter(Collector):
+    """Tells ``engine`` to hand off once ``tokens`` have streamed."""
+
+    def __init__(self, engine: LlmEngine, tokens: int) -> None:
+        super().__init__()
+        self.engine, self.after = engine, tokens
+
+    def __call__(self, event: Event) -> None:
+        super().__call__(event)
+        if isinstance(event, TokenEvent) and len(self.tokens) == self.after:
+            self.engine.hand_off()
+
+
+def test_a_handed_over_state_goes_on_as_the_first_engine_would_have(engine: LlmEngine) -> None:
+    sampling = Sampling(max_tokens=40)
+    prompt = engine.tokenize_prompt("The three primary colours are")
+    reference = run(engine, "The three primary colours are", sampling)
+    leaving = LlmEngine("smollm2", find_smollm2(), slots=1, ctx_per_seq=512)
+    try:
+        first = HandOffAfter(leaving, 12)
+        leaving.submit(Request(prompt, sampling, first))
+        assert first.done.wait(120)
+        handed = first.summary
+        assert handed.finish_reason == "handoff" and handed.state
+        # the state holds the prompt and at least what streamed before the last token
+        assert handed.state_tokens >= len(prompt) + len(first.tokens) - 1
+        late = Collector()  # a request arriving after the hand-off is handed back at once, with no state
+        leaving.submit(Request(prompt, sampling, late))
+        assert late.done.wait(60) and late.summary.finish_reason == "handoff" and late.summary.state is None
+    finally:
+        leaving.close()
+    streamed = [t.token_id for t in first.tokens]
+    rest = Collector()
+    engine.submit(Request(prompt, sampling, rest, generated=streamed, state=handed.state,
+                          state_tokens=handed.state_tokens))
+    assert rest.done.wait(120)
+    assert rest.summary.cached_tokens == len(prompt) + len(streamed) - 1  # only the last streamed token evaluated
+    assert streamed + [t.token_id for t in rest.tokens] == [t.token_id for t in reference.tokens]
+    assert first.text + rest.text == reference.text
+
+
+def test_a_state_that_does_not_load_is_evaluated_from_the_tokens(engine: LlmEngine) -> None:
+    sampling = Sampling(max_tokens=12)
+    reference = run(engine, "Water boils at", sampling)
+    out = Collector()
+    engine.submit(Request(engine.tokenize_prompt("Water boils at"), sampling, out, state=b"not a llama.cpp state" * 50,
+                          state_tokens=4))
+    assert out.done.wait(120) and out.summary.cached_tokens == 0
+    assert [t.token_id for t in out.tokens] == [t.token_id for t in reference.tokens]
