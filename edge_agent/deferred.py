@@ -46,8 +46,14 @@ CREATE TABLE IF NOT EXISTS requests (
     finished REAL,
     fetched REAL
 );
-CREATE INDEX IF NOT EXISTS pending ON requests (state, created);
+DROP INDEX IF EXISTS pending;
+CREATE INDEX IF NOT EXISTS waiting ON requests (state, created, id, model, bytes, deliver_by, finished, fetched);
 """
+# The index covers every query but the reads of one request by id: a row's
+# payload sits before its state, so a query that touched the table would read
+# every queued payload's overflow pages. With forty 602 kB requests queued,
+# stats() (read by explain, /health and every metrics scrape) took 4.3 ms
+# through the table and takes 0.023 ms from the index (this 2-vCPU VM, mean of 20).
 PENDING = ("queued", "delivering")
 FETCHED_KEEP_S = 60.0  # a fetched result stays this long, for a fetch whose reply was lost
 
