@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,14 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     if advert is not None:  # agents stop planning on this node first
         await advert.close()
     health.enter_graceful_shutdown()
-    await server.stop(config.grace_s)
+    # Generations are handed over (their KV states kept for the devices to
+    # fetch) before the server stops taking calls: FetchState is a new call.
+    drain_ends = time.monotonic() + config.grace_s
+    service.hand_off()
+    if not await service.handed_over.settled(config.grace_s):
+        logger.warning("drain: %d generations still running, %d bytes of handed-over state never fetched",
+                       service.handed_over.generating, service.handed_over.kept_bytes)
+    await server.stop(max(drain_ends - time.monotonic(), 0.0))  # tensor calls had the drain too
     service.close()
     metrics.stop()
     if traces is not None:

@@ -16,13 +16,14 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
+from cloud_node.handoff import STATE_CHUNK_BYTES, HandedOver
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import tracing
 from runtimes.admission import Admission, Overloaded, run_cancellable
 from runtimes.heap import Trimmer
-from runtimes.llm import TokenEvent
+from runtimes.llm import DoneEvent, TokenEvent
 from runtimes.llm_serving import LlmStore, checked, operation_of, prompt_tokens, relay, sampling_of, stream, summary_of, token_chunk
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
@@ -62,6 +63,7 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                                    on_idle=lambda: self.trimmer.when_idle(self.admission.idle))
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="cloud-compute")
         self.metrics = metrics
+        self.handed_over = HandedOver()
         # Queue depths are read at each scrape, so they are exact whenever Prometheus looks.
         metrics.set_queue("onnx", lambda: self.admission.queued)
         metrics.watch_llms(llms.engines)
@@ -151,6 +153,14 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()
+        self.handed_over.generating += 1
+        try:
+            async for chunk in self._generated(request, started):
+                yield chunk
+        finally:
+            self.handed_over.generating -= 1
+
+    async def _generated(self, request: pb.GenerateRequest, started: float) -> AsyncIterator[pb.GenerateChunk]:
         with self._observed("Generate"):
             engine = self.llms.get(request.model)
             events = stream(engine, prompt_tokens(engine, request), sampling_of(request), request.generated_token_ids)
@@ -159,6 +169,9 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                     if isinstance(event, TokenEvent):
                         yield token_chunk(event)
                         continue
+                    if event.finish_reason == "handoff":
+                        yield pb.GenerateChunk(handoff=self._hand_over(request.model, event))
+                        return
                     done = checked(event)
                     # A continuation's completion count includes the tokens another side generated.
                     generated_here = done.completion_tokens - len(request.generated_token_ids)
@@ -167,6 +180,31 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                                              operation=operation_of(request), ttft_ms=summary.ttft_ms,
                                              total_ms=summary.total_ms)
                     yield pb.GenerateChunk(done=summary)
+
+    def _hand_over(self, model: str, done: DoneEvent) -> pb.Handoff:
+        handle = self.handed_over.keep(done.state) if done.state else None
+        if done.state and handle is None:
+            logger.warning("no room to keep a %d-byte state of %s: its device will evaluate the tokens", len(done.state),
+                           model)
+        return pb.Handoff(handle=handle or "", completion_tokens=done.completion_tokens,
+                          state_tokens=done.state_tokens if handle else 0, state_bytes=len(done.state) if handle else 0,
+                          model_digest=self.llms.digests[model])
+
+    def hand_off(self) -> None:
+        """Every LLM hands its generations over: the node is shutting down."""
+        for engine in self.llms.engines.values():
+            engine.hand_off()
+
+    async def FetchState(self, request: pb.StateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StateChunk]:
+        if not request.take:
+            self.handed_over.release(request.handle)
+            return
+        try:
+            state = self.handed_over.take(request.handle)
+        except Exception as exc:  # noqa: BLE001
+            await abort_for(context, exc)
+        for start in range(0, len(state), STATE_CHUNK_BYTES):
+            yield pb.StateChunk(data=state[start:start + STATE_CHUNK_BYTES])
 
     async def GetProfile(self, request: pb.ProfileRequest, context: grpc.aio.ServicerContext) -> pb.ModelProfileMsg:
         try:

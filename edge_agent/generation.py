@@ -28,6 +28,7 @@ from partitioner.llm_routing import (
     LlmSpeed,
     estimated_prompt_bytes,
     expected_queue_ms,
+    resume_from_state,
     route_generation,
 )
 from partitioner.policy import LlmLimits
@@ -47,6 +48,9 @@ LOGPROB_SLACK = 1e-3
 # about 4 characters per token in English ("a helpful rule of thumb", OpenAI's
 # tokenizer guide, platform.openai.com/tokenizer). Routing needs only its size.
 BYTES_PER_TOKEN = 4
+# Fetching a handed-over KV state may take twice its predicted time, within these bounds.
+FETCH_STATE_MIN_S = 1.0
+FETCH_STATE_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -323,9 +327,10 @@ class Generator:
         return Generation(app_view(chunks, started), predicted, candidate.node if candidate.kind != "local" else "")
 
     async def _local(self, engine: LlmEngine, tokens: list[int], sampling: Sampling, generated: list[int],
-                     started: float, predicted: dict, switch: dict | None = None,
-                     reserved: bool = False) -> AsyncIterator[pb.GenerateChunk]:
-        async with contextlib.aclosing(stream(engine, tokens, sampling, generated, reserved=reserved)) as events:
+                     started: float, predicted: dict, switch: dict | None = None, reserved: bool = False,
+                     state: bytes | None = None, state_tokens: int = 0) -> AsyncIterator[pb.GenerateChunk]:
+        async with contextlib.aclosing(stream(engine, tokens, sampling, generated, reserved=reserved, state=state,
+                                              state_tokens=state_tokens)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     yield token_chunk(event)
@@ -357,8 +362,10 @@ class Generator:
             logprobs=request.logprobs, top_logprobs=request.top_logprobs,
         )
         broke: list[str] = []
+        offers: list[pb.Handoff] = []
         async with contextlib.aclosing(self._from_node(node, forward, generated, sampling, predicted, broke,
-                                                       prompt_tokens=len(tokens), vocab=engine.llm.n_vocab())) as chunks:
+                                                       prompt_tokens=len(tokens), vocab=engine.llm.n_vocab(),
+                                                       offers=offers)) as chunks:
             async for chunk in chunks:
                 yield chunk
         if not broke:
@@ -366,13 +373,19 @@ class Generator:
         reason = broke[0]
         logger.warning("generation on %s broke after %d tokens, continuing on the device: %s",
                        node.address, len(generated), reason)
-        switch = dict(switched=True, switched_at_token=len(generated), switch_reason=reason)
         if len(generated) >= sampling.max_tokens:  # it broke after the last token: nothing is left to generate
+            for offer in offers:
+                node.release_state(offer.handle)
+            switch = dict(switched=True, switched_at_token=len(generated), switch_reason=reason)
             summary = pb.GenerateSummary(finish_reason="length", prompt_tokens=len(tokens), completion_tokens=len(generated),
                                          ran=pb.PLAN_REMOTE, node=node.address, **predicted, **switch)
             yield pb.GenerateChunk(done=summary)
             return
-        async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch, reserved=True):
+        state, state_tokens, resumed = await self._handed_state(engine, node, request.model, tokens, generated, offers)
+        switch = dict(switched=True, switched_at_token=len(generated), resumed_state_bytes=len(state or b""),
+                      switch_reason=f"{reason}; {resumed}" if resumed else reason)
+        async for chunk in self._local(engine, tokens, sampling, generated, started, predicted, switch, reserved=True,
+                                       state=state, state_tokens=state_tokens):
             place.release()  # it runs: the place it held is no longer needed
             yield chunk
 
@@ -414,10 +427,13 @@ class Generator:
 
     async def _from_node(self, node: CloudNodeClient, forward: pb.GenerateRequest, generated: list[int],
                          sampling: Sampling, predicted: dict, broke: list[str], *, prompt_tokens: int | None,
-                         vocab: int | None, callers_errors: bool = False) -> AsyncIterator[pb.GenerateChunk]:
+                         vocab: int | None, callers_errors: bool = False, offers: list[pb.Handoff] | None = None
+                         ) -> AsyncIterator[pb.GenerateChunk]:
         """One node's stream, every chunk checked: its tokens (appended to
         ``generated``), then its summary. If it breaks, the reason goes in
-        ``broke`` and the stream ends without a summary. ``callers_errors``:
+        ``broke`` and the stream ends without a summary; a node that hands the
+        generation over (it is shutting down) breaks it too, its offer of a
+        KV state going in ``offers`` (released when None). ``callers_errors``:
         the node is the only one to judge the request, so an INVALID_ARGUMENT
         before its first token is the caller's error, not a node failure."""
         before = len(generated)
@@ -432,6 +448,9 @@ class Generator:
                         return
                     if chunk is grpc.aio.EOF:
                         broke.append(f"{node.address} ended the stream without a summary")
+                        return
+                    if chunk.HasField("handoff"):
+                        self._handed_over(node, chunk.handoff, len(generated), broke, offers)
                         return
                     lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=prompt_tokens,
                                      max_tokens=sampling.max_tokens, vocab=vocab, logprobs=sampling.logprobs)
@@ -458,6 +477,52 @@ class Generator:
             finally:
                 call.cancel()
                 self.budget.spend(time.monotonic(), len(generated) - before)
+
+    @staticmethod
+    def _handed_over(node: CloudNodeClient, offer: pb.Handoff, streamed: int, broke: list[str],
+                     offers: list[pb.Handoff] | None) -> None:
+        if offer.completion_tokens != streamed:
+            broke.append(f"{node.address} handed the generation over after {offer.completion_tokens} tokens, "
+                         f"having streamed {streamed}")
+        else:
+            broke.append(f"{node.address} is shutting down and handed the generation over after {streamed} tokens")
+        node.mark_down(broke[-1])  # no new work for a node on its way out
+        if offers is not None and offer.handle and offer.completion_tokens == streamed:
+            offers.append(offer)
+        elif offer.handle:
+            node.release_state(offer.handle)
+
+    async def _handed_state(self, engine: LlmEngine, node: CloudNodeClient, model: str, tokens: list[int],
+                            generated: list[int], offers: list[pb.Handoff]) -> tuple[bytes | None, int, str]:
+        """The node's KV state to go on from, with the positions it holds, or
+        None when the device should evaluate the tokens itself; and why
+        (partitioner.llm_routing.resume_from_state decides by the measured link)."""
+        if not offers:
+            return None, 0, ""
+        offer = offers[0]
+        positions = len(tokens) + len(generated)
+        problem = ""
+        if offer.model_digest != self.llms.digests.get(model):
+            problem = "the node's copy of the model differs from the device's"
+        elif not 0 < offer.state_tokens <= positions:
+            problem = f"it says it holds {offer.state_tokens} positions of {positions}"
+        elif not 0 < offer.state_bytes <= engine.max_state_bytes(offer.state_tokens):
+            problem = f"{offer.state_bytes} bytes is not a state of {offer.state_tokens} tokens of {model}"
+        if problem:
+            node.release_state(offer.handle)
+            return None, 0, f"not using the node's KV state: {problem}"
+        choice = resume_from_state(offer.state_bytes, node.link, prompt_tokens=len(tokens), streamed_tokens=len(generated),
+                                   prompt_tok_s=engine.prompt_tok_s, decode_tok_s=engine.stream_tok_s(1))
+        if not choice.ship:
+            node.release_state(offer.handle)
+            return None, 0, choice.why
+        timeout_s = min(max(2 * choice.ship_ms / 1e3, FETCH_STATE_MIN_S), FETCH_STATE_MAX_S)
+        try:
+            state = await node.fetch_state(offer.handle, offer.state_bytes, timeout_s=timeout_s)
+        except (grpc.RpcError, ValueError) as exc:
+            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            return None, 0, f"{choice.why}, but the fetch failed ({details}): evaluating the tokens"
+        return state, offer.state_tokens, choice.why
 
     def _remote_only_route(self, request: pb.GenerateRequest, objective: Objective
                            ) -> tuple[Sampling, list[LlmCandidate], dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -38,6 +39,7 @@ IDLE_PROBE_S = 10.0  # probe a link that carried no request for this long
 LIVENESS_RTTS = 20
 LIVENESS_MIN_S = 1.0
 LIVENESS_MAX_S = 5.0
+RELEASE_TIMEOUT_S = 5.0  # telling a draining node a handed-over state is not wanted
 
 
 class NodeFailed(Exception):
@@ -91,6 +93,7 @@ class CloudNodeClient:
         self.last_sent = 0.0  # monotonic time of this agent's last request to it
         self.closed = False   # left the table: no more refreshes
         self.routed = True    # this host has a route to it (checked while it does not answer)
+        self._background: set[asyncio.Task] = set()  # calls nobody awaits (release_state)
 
     @staticmethod
     def _open_channel(address: str, max_message_mb: int, credentials: grpc.ChannelCredentials | None,
@@ -166,6 +169,32 @@ class CloudNodeClient:
     def call(self, method: str, request, *, timeout_s: float, metadata) -> Awaitable[pb.RunReply]:
         """RunModel or RunPartition on the node (the pipeline's own messages)."""
         return getattr(self.stub, method)(request, timeout=timeout_s, metadata=metadata)
+
+    async def fetch_state(self, handle: str, size: int, *, timeout_s: float) -> bytes:
+        """A handed-over generation's KV state (cloud_node.handoff), exactly
+        the ``size`` bytes the node offered; ValueError if it sends otherwise."""
+        parts, received = [], 0
+        async for chunk in self.stub.FetchState(pb.StateRequest(handle=handle, take=True), timeout=timeout_s):
+            received += len(chunk.data)
+            if received > size:
+                raise ValueError(f"{self.address} sent more than the {size} bytes of state it offered")
+            parts.append(chunk.data)
+        if received != size:
+            raise ValueError(f"{self.address} sent {received} of the {size} bytes of state it offered")
+        return b"".join(parts)
+
+    def release_state(self, handle: str) -> None:
+        """Tell the node a handed-over state will not be fetched, so its drain
+        need not wait for it (in the background; a failure only costs the
+        node its drain time)."""
+        async def release() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                async for _ in self.stub.FetchState(pb.StateRequest(handle=handle, take=False), timeout=RELEASE_TIMEOUT_S):
+                    pass
+
+        task = asyncio.ensure_future(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def offered_cuts(self, model: str) -> frozenset[int] | None:
         """The chain cuts (0: the whole model) the node runs for ``model``; None: any."""

@@ -353,6 +353,7 @@ class GenerationSummary:
     predicted_ttft_ms: float
     predicted_total_ms: float
     predicted_energy_j: float
+    resumed_state_bytes: int = 0  # after a node handed over: its KV state the device went on from (0: evaluated)
 
     @classmethod
     def from_message(cls, m: pb.GenerateSummary) -> "GenerationSummary":
@@ -360,7 +361,7 @@ class GenerationSummary:
         return cls(
             m.finish_reason, m.prompt_tokens, m.completion_tokens, m.ttft_ms, m.tokens_per_s, labels.get(m.ran, ""),
             m.node, m.switched, m.switched_at_token, m.switch_reason, m.queue_ms, m.total_ms, labels.get(m.planned, ""),
-            m.reason, m.predicted_ttft_ms, m.predicted_total_ms, m.predicted_energy_j,
+            m.reason, m.predicted_ttft_ms, m.predicted_total_ms, m.predicted_energy_j, m.resumed_state_bytes,
         )
 
 

@@ -55,6 +55,7 @@ prompt on the device and off the network, then to the node listed first in
 ``nodes``, the caller's own preference order.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -440,3 +441,41 @@ def expected_queue_ms(*, reported_ms: float, slots: int, active: int, queued: in
         return reported_ms
     typical_generation_ms = max_tokens * 1e3 / gen_tok_s
     return max(reported_ms, (queued + 1) / slots * typical_generation_ms)
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """How the device goes on from a generation a node handed over."""
+
+    ship: bool             # fetch the node's KV state (else evaluate the tokens here)
+    ship_ms: float         # predicted: RTT + the state over the downlink
+    evaluate_ms: float     # predicted: the prompt in batches, then each streamed token one decode at a time
+    why: str
+
+
+def resume_from_state(state_bytes: int, link: Link | None, *, prompt_tokens: int, streamed_tokens: int,
+                      prompt_tok_s: float, decode_tok_s: float) -> ResumeChoice:
+    """Fetch a handed-over KV state or evaluate its tokens on the device,
+    whichever is predicted to take less time. Loading KV over the network
+    beats recomputing it when the link moves the state faster than the
+    device can rebuild it (CacheGen, Liu et al., SIGCOMM'24, makes that
+    comparison for long contexts). Both ways the last streamed token is
+    evaluated on the device, so neither side counts it. With no measured
+    link or device speed there is nothing to compare: evaluate, which costs
+    no transfer and cannot fail on the link."""
+    _tokens("resume_from_state.prompt_tokens", prompt_tokens)
+    count("resume_from_state.streamed_tokens", streamed_tokens, "tokens")
+    count("resume_from_state.state_bytes", state_bytes, "bytes")
+    replayed = max(streamed_tokens - 1, 0)
+    evaluate_ms = (prompt_tokens / prompt_tok_s + replayed / decode_tok_s) * 1e3 \
+        if prompt_tok_s > 0 and decode_tok_s > 0 else math.inf
+    ship_ms = link.rtt_ms + 8 * state_bytes / (link.downlink_mbps * 1e3) if link is not None else math.inf
+    if math.isinf(ship_ms) or math.isinf(evaluate_ms):
+        missing = "link" if link is None else "device speed"
+        return ResumeChoice(False, ship_ms, evaluate_ms, f"no measured {missing} to compare: evaluating the tokens")
+    tokens = f"{prompt_tokens} prompt + {replayed} streamed tokens"
+    if ship_ms < evaluate_ms:
+        return ResumeChoice(True, ship_ms, evaluate_ms, f"fetching the node's KV state ({state_bytes / 1e6:.1f} MB, "
+                            f"predicted {ship_ms:.0f} ms) rather than evaluating {tokens} ({evaluate_ms:.0f} ms)")
+    return ResumeChoice(False, ship_ms, evaluate_ms, f"evaluating {tokens} ({evaluate_ms:.0f} ms) rather than fetching "
+                        f"the node's KV state ({state_bytes / 1e6:.1f} MB, predicted {ship_ms:.0f} ms)")

@@ -350,7 +350,7 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., piece: _Optional[bytes] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "ran", "node", "switched", "switched_at_token", "switch_reason", "queue_ms", "total_ms", "planned", "reason", "predicted_ttft_ms", "predicted_total_ms", "predicted_energy_j")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "ran", "node", "switched", "switched_at_token", "switch_reason", "queue_ms", "total_ms", "planned", "reason", "predicted_ttft_ms", "predicted_total_ms", "predicted_energy_j", "resumed_state_bytes")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -368,6 +368,7 @@ class GenerateSummary(_message.Message):
     PREDICTED_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -385,15 +386,46 @@ class GenerateSummary(_message.Message):
     predicted_ttft_ms: float
     predicted_total_ms: float
     predicted_energy_j: float
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., ran: _Optional[_Union[PlanKind, str]] = ..., node: _Optional[str] = ..., switched: _Optional[bool] = ..., switched_at_token: _Optional[int] = ..., switch_reason: _Optional[str] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., planned: _Optional[_Union[PlanKind, str]] = ..., reason: _Optional[str] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_total_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ...) -> None: ...
+    resumed_state_bytes: int
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., ran: _Optional[_Union[PlanKind, str]] = ..., node: _Optional[str] = ..., switched: _Optional[bool] = ..., switched_at_token: _Optional[int] = ..., switch_reason: _Optional[str] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., planned: _Optional[_Union[PlanKind, str]] = ..., reason: _Optional[str] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_total_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., resumed_state_bytes: _Optional[int] = ...) -> None: ...
+
+class Handoff(_message.Message):
+    __slots__ = ("handle", "completion_tokens", "state_tokens", "state_bytes", "model_digest")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    completion_tokens: int
+    state_tokens: int
+    state_bytes: int
+    model_digest: str
+    def __init__(self, handle: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., state_tokens: _Optional[int] = ..., state_bytes: _Optional[int] = ..., model_digest: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token", "done")
+    __slots__ = ("token", "done", "handoff")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_FIELD_NUMBER: _ClassVar[int]
     token: TokenChunk
     done: GenerateSummary
-    def __init__(self, token: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
+    handoff: Handoff
+    def __init__(self, token: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[GenerateSummary, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("handle", "take")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    TAKE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    take: bool
+    def __init__(self, handle: _Optional[str] = ..., take: _Optional[bool] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("kind", "cut_index", "cut", "node", "encoding", "label", "tensor_encodings", "output_error")

@@ -39,6 +39,11 @@ class CloudNodeStub:
                 request_serializer=protos_dot_tandem__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_tandem__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.FetchState = channel.unary_stream(
+                '/tandem.v1.CloudNode/FetchState',
+                request_serializer=protos_dot_tandem__pb2.StateRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.StateChunk.FromString,
+                _registered_method=True)
         self.RunPartition = channel.unary_unary(
                 '/tandem.v1.CloudNode/RunPartition',
                 request_serializer=protos_dot_tandem__pb2.PartitionRequest.SerializeToString,
@@ -71,6 +76,13 @@ class CloudNodeServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchState(self, request, context):
+        """A handed-over generation's KV state (Handoff), while the node drains.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -115,6 +127,11 @@ def add_CloudNodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_tandem__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_tandem__pb2.GenerateChunk.SerializeToString,
+            ),
+            'FetchState': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchState,
+                    request_deserializer=protos_dot_tandem__pb2.StateRequest.FromString,
+                    response_serializer=protos_dot_tandem__pb2.StateChunk.SerializeToString,
             ),
             'RunPartition': grpc.unary_unary_rpc_method_handler(
                     servicer.RunPartition,
@@ -169,6 +186,33 @@ class CloudNode:
             '/tandem.v1.CloudNode/Generate',
             protos_dot_tandem__pb2.GenerateRequest.SerializeToString,
             protos_dot_tandem__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.CloudNode/FetchState',
+            protos_dot_tandem__pb2.StateRequest.SerializeToString,
+            protos_dot_tandem__pb2.StateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_TOP_LOGPROBS = 20  # OpenAI's own bound on top_logprobs
+# A sequence state's bookkeeping beyond K and V: per cell its position and
+# sequence ids, per layer and stream a few headers. Generous bounds, used
+# only to refuse a peer's state that cannot be one of this model's.
+STATE_CELL_BYTES = 64
+STATE_HEADER_BYTES = 1 << 20
 
 
 def find_smollm2() -> Path:
@@ -377,6 +382,16 @@ class LlmEngine:
                 continue
             return sum(seq.n_past for seq in sequences) / (self.slots * self.ctx_per_seq)
         return 0.0
+
+    def max_state_bytes(self, positions: int) -> int:
+        """The most a sequence state of ``positions`` tokens can take here: K
+        and V of every layer in f16 (the context's default type) per token,
+        with room for cell metadata and headers. A peer's state larger than
+        this is not a state of this model."""
+        model = self.llm._model.model
+        head_dim = llama_cpp.llama_model_n_embd(model) // max(llama_cpp.llama_model_n_head(model), 1)
+        per_token = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
+        return positions * (per_token + STATE_CELL_BYTES) + STATE_HEADER_BYTES
 
     def hand_off(self) -> None:
         """From now on every generation ends with finish_reason "handoff" at

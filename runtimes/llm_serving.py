@@ -109,11 +109,12 @@ def sampling_of(request: pb.GenerateRequest) -> Sampling:
 
 
 async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, generated: Sequence[int] = (), *,
-                 reserved: bool = False) -> AsyncIterator[Event]:
+                 reserved: bool = False, state: bytes | None = None, state_tokens: int = 0) -> AsyncIterator[Event]:
     """Submit a generation and yield its events as they are produced. Leaving
     the iteration early (client gone, cancelled) cancels the generation, which
     frees its slot at the next decode step. ``reserved``: its place was kept
-    when it was accepted (a failover continuation), so a full queue takes it."""
+    when it was accepted (a failover continuation), so a full queue takes it;
+    ``state``: a handed-over KV state it goes on from (Request.state)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -123,7 +124,8 @@ async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, gener
         except RuntimeError:  # the loop is gone: nobody is listening any more
             pass
 
-    request = Request(prompt_tokens=prompt, sampling=sampling, emit=emit, generated=list(generated), reserved=reserved)
+    request = Request(prompt_tokens=prompt, sampling=sampling, emit=emit, generated=list(generated), reserved=reserved,
+                      state=state, state_tokens=state_tokens)
     engine.submit(request)
     finished = False
     try:

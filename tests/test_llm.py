@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +138,48 @@ def test_cloud_killed_mid_stream_the_app_sees_one_uninterrupted_stream(model_dir
     assert summary.switched and summary.ran == "local" and summary.planned == "remote"
     assert 5 <= summary.switched_at_token < len(tokens)
     assert summary.switch_reason
+
+
+def stream_draining(client: sdk.EdgeClient, node: launch.Daemon, after: int, **generate) -> tuple[list, object]:
+    """A generation's tokens and summary, ``node`` told to shut down (SIGTERM) once ``after`` tokens arrived."""
+    tokens, summary = [], None
+    for chunk in client.generate(**generate):
+        if isinstance(chunk, sdk.Token):
+            tokens.append(chunk)
+            if len(tokens) == after:
+                node.process.send_signal(signal.SIGTERM)
+        else:
+            summary = chunk
+    return tokens, summary
+
+
+@pytest.mark.parametrize("link", ["measured", "slow"])
+def test_a_node_shutting_down_hands_its_generation_over_and_the_device_goes_on_from_its_state_or_its_tokens(
+        model_dir: Path, client: sdk.EdgeClient, link: str) -> None:
+    """Loopback moves the node's KV state far faster than the device evaluates
+    the tokens: it is fetched. An operator's link of 0.05 Mbit/s makes the
+    transfer (MBs) far slower than evaluating: the tokens are evaluated.
+    Either way the app's stream is the uninterrupted greedy run."""
+    reference = client.generate_text(STORY, max_tokens=120, plan="local")
+    assert len(reference.token_ids) > 40
+    slow = ("--uplink-mbps", "0.05", "--downlink-mbps", "0.05", "--rtt-ms", "50") if link == "slow" else ()
+    node = launch.cloud_node(model_dir, "--llm", "smollm2", "--grace-s", "30").wait_ready()
+    try:
+        with launch.edge_agent(model_dir, [node.address], "--llm", "smollm2", *slow) as agent, \
+                sdk.EdgeClient(agent.address) as c:
+            tokens, summary = stream_draining(c, node, 20, prompt=STORY, max_tokens=120, plan="remote")
+        assert node.process.wait(timeout=60) == 0  # its drain ended: the state was fetched or released, not waited out
+    finally:
+        node.stop()
+    assert [t.index for t in tokens] == list(range(len(tokens)))            # none lost, none repeated
+    assert tuple(t.token_id for t in tokens) == reference.token_ids
+    assert "".join(t.text for t in tokens) == reference.text
+    assert summary.switched and summary.ran == "local" and 20 <= summary.switched_at_token < len(tokens)
+    assert "shutting down" in summary.switch_reason
+    if link == "measured":
+        assert summary.resumed_state_bytes > 23_040 * 20 and "fetching the node's KV state" in summary.switch_reason
+    else:
+        assert summary.resumed_state_bytes == 0 and "rather than fetching" in summary.switch_reason
 
 
 def generate_when_seen(client: sdk.EdgeClient, **kwargs) -> sdk.Completion:

@@ -21,6 +21,7 @@ from partitioner.llm_routing import (
     LlmPolicy,
     LlmSpeed,
     evaluate_generation,
+    resume_from_state,
     route_generation,
 )
 
@@ -378,3 +379,20 @@ def test_expected_queue_grows_with_the_line_when_all_slots_are_busy() -> None:
     assert expected_queue_ms(reported_ms=5.0, slots=4, active=4, queued=2, **line) == pytest.approx(600.0)
     # a reported wait longer than that estimate is kept
     assert expected_queue_ms(reported_ms=900.0, slots=4, active=4, queued=2, **line) == 900.0
+
+
+def test_a_handed_over_state_is_fetched_only_when_the_link_beats_evaluating_it() -> None:
+    state = 23_040 * 300  # SmolLM2-135M keeps 23,040 bytes of f16 K and V per token: 300 tokens
+    fast, slow = Link(100.0, 100.0, 10.0), Link(1.0, 1.0, 50.0)
+    speeds = dict(prompt_tokens=280, streamed_tokens=21, prompt_tok_s=400.0, decode_tok_s=40.0)
+    evaluate_ms = (280 / 400 + 20 / 40) * 1e3  # the last streamed token is evaluated either way
+    shipped = resume_from_state(state, fast, **speeds)
+    assert shipped.ship and shipped.ship_ms == pytest.approx(10 + 8 * state / 100e3)
+    assert shipped.evaluate_ms == pytest.approx(evaluate_ms) and "fetching" in shipped.why
+    kept = resume_from_state(state, slow, **speeds)
+    assert not kept.ship and kept.ship_ms == pytest.approx(50 + 8 * state / 1e3) and "evaluating" in kept.why
+    # nothing measured, nothing to compare: evaluate (no transfer to fail)
+    assert not resume_from_state(state, None, **speeds).ship
+    assert not resume_from_state(state, fast, **{**speeds, "prompt_tok_s": 0.0}).ship
+    with pytest.raises(ValueError):
+        resume_from_state(-1, fast, **speeds)
