@@ -19,7 +19,7 @@ app) on one core, the node on the other, as in emulation.deployment:
      cost nothing);
   3. the link comes back: live LOCAL requests while the queue drains;
   4. the queue empty: live LOCAL again.
-A thread reads the agent's connectivity every 100 ms: when it saw the outage and the return.
+A thread reads the agent's connectivity every 200 ms: when it saw the outage and the return.
 
 Then every deferred id is checked: delivered (and, with --outage, equal to
 onnxruntime on its own input), lost (never done), or taken again after an
@@ -102,7 +102,7 @@ def wait_all(address: str, ids: list[str], done: threading.Event, results: dict)
 class Connectivity(threading.Thread):
     """The agent's view of the cloud, read every ``period_s``: (seconds since start, state) at each change."""
 
-    def __init__(self, address: str, period_s: float = 0.1) -> None:
+    def __init__(self, address: str, period_s: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.address, self.period_s = address, period_s
         self.started_at = time.monotonic()

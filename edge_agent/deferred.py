@@ -28,32 +28,37 @@ from runtimes.onnx_exec import InputError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = """
+SCHEMA_VERSION = 2  # 2: the blobs last (1 had the payload in the middle of the row)
+TABLE = """
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
     idempotency_key TEXT NOT NULL UNIQUE,
     kind TEXT NOT NULL,                 -- infer | generate
     model TEXT NOT NULL,
-    payload BLOB NOT NULL,              -- the request, as the agent's own protobuf message
     bytes INTEGER NOT NULL,
     created REAL NOT NULL,              -- unix time: it must survive a restart
     deliver_by REAL NOT NULL,
     state TEXT NOT NULL,                -- queued | delivering | done | failed
     attempts INTEGER NOT NULL DEFAULT 0,
-    result BLOB,                        -- the reply, as the agent's own protobuf message
     error_code TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT '',
     finished REAL,
-    fetched REAL
+    fetched REAL,
+    payload BLOB NOT NULL,              -- the request, as the agent's own protobuf message
+    result BLOB                         -- the reply, as the agent's own protobuf message
 );
-DROP INDEX IF EXISTS pending;
+"""
+# The blobs come last and the index covers every query but a read by id:
+# reaching a column stored after a large blob walks the blob's overflow pages.
+# With forty 602 kB requests queued and the payload mid-row (version 1),
+# stats() (read by explain, /health and every metrics scrape) took 4.3 ms, and
+# each read of one request's state read its whole payload; from the index it
+# takes 0.023 ms (this 2-vCPU VM, mean of 20).
+SCHEMA = TABLE + """
 CREATE INDEX IF NOT EXISTS waiting ON requests (state, created, id, model, bytes, deliver_by, finished, fetched);
 """
-# The index covers every query but the reads of one request by id: a row's
-# payload sits before its state, so a query that touched the table would read
-# every queued payload's overflow pages. With forty 602 kB requests queued,
-# stats() (read by explain, /health and every metrics scrape) took 4.3 ms
-# through the table and takes 0.023 ms from the index (this 2-vCPU VM, mean of 20).
+_STORED = ("id, idempotency_key, kind, model, bytes, created, deliver_by, state, attempts, error_code, error, finished, "
+           "fetched, payload, result")
 PENDING = ("queued", "delivering")
 FETCHED_KEEP_S = 60.0  # a fetched result stays this long, for a fetch whose reply was lost
 
@@ -90,7 +95,7 @@ class Deferred:
     key: str
     kind: str
     model: str
-    payload: bytes
+    payload: bytes | None  # None where it was not read (get)
     created: float
     deliver_by: float
     state: str
@@ -114,6 +119,7 @@ class QueueStats:
 
 
 _COLUMNS = "id, idempotency_key, kind, model, payload, created, deliver_by, state, attempts, result, error_code, error"
+_COLUMNS_BUT_PAYLOAD = _COLUMNS.replace("payload", "NULL")
 
 
 class DeferredStore:
@@ -156,11 +162,28 @@ class DeferredStore:
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check: {check}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone():
+                self._migrate(db, version)
             db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError:
             db.close()
             raise
         return db
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        """A version-1 file into this layout, in one transaction (its index goes with the old table)."""
+        db.executescript(f"""
+            BEGIN IMMEDIATE;
+            ALTER TABLE requests RENAME TO requests_v{version};
+            {TABLE}
+            INSERT INTO requests ({_STORED}) SELECT {_STORED} FROM requests_v{version};
+            DROP TABLE requests_v{version};
+            PRAGMA user_version = {SCHEMA_VERSION};
+            COMMIT;
+        """)
+        logger.info("deferred queue %s: moved from layout %d to %d", self.path, version, SCHEMA_VERSION)
 
     def close(self) -> None:
         with self._lock:
@@ -259,8 +282,9 @@ class DeferredStore:
     # ------------------------------------------------------------ reading --
 
     def get(self, request_id: str) -> Deferred:
+        """The request's state and result; its payload is not read (None)."""
         with self._lock:
-            found = self._row("SELECT {} FROM requests WHERE id = ?", request_id)
+            found = self._row("SELECT {} FROM requests WHERE id = ?", request_id, columns=_COLUMNS_BUT_PAYLOAD)
         if found is None:
             raise UnknownRequest(f"no deferred request {request_id!r} (never submitted, or its result expired)")
         return found
@@ -280,6 +304,6 @@ class DeferredStore:
             return [r[0] for r in self._db.execute(
                 "SELECT id FROM requests WHERE state IN (?, ?) ORDER BY created, id", PENDING)]
 
-    def _row(self, query: str, *args: object) -> Deferred | None:
-        row = self._db.execute(query.format(_COLUMNS), args).fetchone()
+    def _row(self, query: str, *args: object, columns: str = _COLUMNS) -> Deferred | None:
+        row = self._db.execute(query.format(columns), args).fetchone()
         return None if row is None else Deferred(*row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -132,3 +133,37 @@ def test_an_unreadable_file_is_moved_aside_loudly_and_a_new_queue_starts(tmp_pat
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a database")
     queue.submit(key="k", kind="infer", model="m", payload=b"x", deliver_by=time.time() + 60)
     assert queue.stats().pending == 1
+
+
+# The first layout (stop 26): the payload in the middle of the row.
+LAYOUT_1 = """
+CREATE TABLE requests (
+    id TEXT PRIMARY KEY, idempotency_key TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, model TEXT NOT NULL,
+    payload BLOB NOT NULL, bytes INTEGER NOT NULL, created REAL NOT NULL, deliver_by REAL NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, result BLOB, error_code TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '', finished REAL, fetched REAL
+);
+CREATE INDEX pending ON requests (state, created);
+INSERT INTO requests (id, idempotency_key, kind, model, payload, bytes, created, deliver_by, state)
+    VALUES ('r1', 'k1', 'infer', 'm', x'0102', 2, 1000000.0, 1000060.0, 'queued');
+INSERT INTO requests (id, idempotency_key, kind, model, payload, bytes, created, deliver_by, state, result, finished)
+    VALUES ('r2', 'k2', 'infer', 'm', x'03', 1, 1000001.0, 1000060.0, 'done', x'0405', 1000002.0);
+"""
+
+
+def test_a_queue_file_of_the_first_layout_is_moved_to_this_one_with_nothing_lost(tmp_path: Path) -> None:
+    path = tmp_path / "deferred.sqlite"
+    with sqlite3.connect(path) as old:
+        old.executescript(LAYOUT_1)
+    old.close()
+    clock = Clock()
+    queue = DeferredStore(path, QueueLimits(), clock=clock)
+    done = queue.get("r2")
+    assert (done.state, done.result, done.payload) == ("done", b"\x04\x05", None)  # a read by id skips the payload
+    taken = queue.take(lambda model: True)
+    assert (taken.id, taken.payload, taken.attempts) == ("r1", b"\x01\x02", 1)
+    assert queue.stats().pending == 1 and queue.stats().done == 1
+    columns = [row[1] for row in queue._db.execute("PRAGMA table_info(requests)")]
+    assert columns[-2:] == ["payload", "result"]
+    queue.close()
+    assert DeferredStore(path, QueueLimits(), clock=clock).get("r1").state == "queued"  # reopened: already migrated
