@@ -184,6 +184,7 @@ def outage(args: argparse.Namespace, models: Path, tmp: Path, console: Console) 
     with Testbed(uplink_mbps=args.uplink, downlink_mbps=args.downlink) as bed, contextlib.ExitStack() as stack:
         quota = stack.enter_context(CpuQuota(cpus_like(args.board))) if args.board else None
         deployment = Deployment(bed, models, quota, "--queue-file", str(tmp / "q.sqlite"),
+                                "--queue-drain-share", str(args.drain_share),
                                 node_args=("--metrics-listen", f"{bed.address('cloud')}:9464"))
         try:
             client, address = deployment.client, deployment.agent.address
@@ -242,6 +243,7 @@ def outage(args: argparse.Namespace, models: Path, tmp: Path, console: Console) 
               "link back, queue empty": summary(after)}
     console.print(phase_table(f"live mobilenet while the link is down {args.outage:.0f} s and {args.queued} deferred "
                               f"REMOTE requests wait, then drain (up {args.uplink} / down {args.downlink} Mbit/s, "
+                              f"drain share {args.drain_share}, "
                               f"{platform.node()}{', device like a ' + args.board if args.board else ''})", phases, "link up, queue empty (idle)"))
     detect = None if offline_at is None else offline_at - down_at
     reconnect = None if online_at is None else online_at - up_at
@@ -254,7 +256,7 @@ def outage(args: argparse.Namespace, models: Path, tmp: Path, console: Console) 
             "plans_while_down": dict(Counter(plan for _, plan in plans)),
             "plans_while_up": dict(Counter(plan for _, plan in online_plans)), "board": args.board, "duplicate_key_created": again.created, "node_runs": dict(runs),
             "connectivity_changes": watch.changes, "outage_s": args.outage, "uplink_mbps": args.uplink,
-            "downlink_mbps": args.downlink, **tally(results, args.queued, console, drain_s, wrong)}
+            "downlink_mbps": args.downlink, "drain_share": args.drain_share, **tally(results, args.queued, console, drain_s, wrong)}
 
 
 def main() -> int:
@@ -264,6 +266,8 @@ def main() -> int:
     parser.add_argument("--outage", type=float, default=None, help="seconds the emulated link is down (root)")
     parser.add_argument("--uplink", type=float, default=10.0, help="with --outage: uplink Mbit/s")
     parser.add_argument("--downlink", type=float, default=30.0, help="with --outage: downlink Mbit/s")
+    parser.add_argument("--drain-share", type=float, default=0.2,
+                        help="with --outage: the agent's queue_drain_share (1: no pacing)")
     parser.add_argument("--board", choices=sorted(DEVICES), default=None,
                         help="with --outage: the device under a CPU quota that computes like this board")
     parser.add_argument("--json", type=Path, default=None,
