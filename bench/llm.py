@@ -1,6 +1,6 @@
 """LLM path: Tandem against bare llama-cpp-python and against itself under load.
 
-    python -m bench.llm [--tokens 128] [--only prefix] [--json bench/results/llm.json]
+    python -m bench.llm [--tokens 128] [--only prefix|handoff] [--json bench/results/llm.json]
 
 Side by side in one run, on the packaged SmolLM2 GGUF:
   1. generation tokens/s: bare ``Llama.generate`` vs the agent's LOCAL plan through the SDK;
@@ -11,16 +11,22 @@ Side by side in one run, on the packaged SmolLM2 GGUF:
   4. cloud-node aggregate tokens/s at 1, 2, 4, 8 concurrent streams vs 8 requests one after
      another, with time to first token under that load;
   5. a multi-turn chat (system prompt and history resent every turn): time to first token per
-     turn, an engine without the prefix cache against one with it (``--only prefix`` runs this alone).
+     turn, an engine without the prefix cache against one with it (``--only prefix`` runs this alone);
+  6. a node shutting down mid-generation (SIGTERM after HANDOFF_AT tokens of a long prompt): the
+     gap the app sees before the device's first token, when the agent fetches the node's KV state
+     (loopback) against when it evaluates the tokens (an agent told the link is 0.05 Mbit/s),
+     each on a fresh node and prompt (``--only handoff`` runs this alone).
 Greedy decoding throughout, so every configuration generates the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import tempfile
 import threading
@@ -39,6 +45,7 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
 from runtimes.kv_cache import PrefixCache
 from runtimes.llm import DoneEvent, LlmEngine, Request, Sampling, find_smollm2
+from runtimes.peers import free_port
 
 PREFIX_CACHE_BYTES = 64 << 20  # the agent's default llm_prefix_cache_mb
 PROMPT = "Write a long story about a robot who learns to paint. Once upon a time"
@@ -84,6 +91,70 @@ def node_stream(stub: pb_grpc.CloudNodeStub, tokens: int, prompt: str = PROMPT):
     for chunk in stub.Generate(pb.GenerateRequest(model="smollm2", prompt=prompt, max_tokens=tokens), timeout=600):
         if chunk.HasField("token"):
             yield chunk
+
+
+HANDOFF_AT = 32
+HANDOFF_PROMPT = ("Here are the notes from the field trip, which the class wrote together. " * 60
+                  + "Summarise the notes in one paragraph:")
+SLOW_LINK = ("--uplink-mbps", "0.05", "--downlink-mbps", "0.05", "--rtt-ms", "50")
+
+
+def wait_for_node(client: EdgeClient, within_s: float = 120.0) -> None:
+    """Until the agent plans the LLM on a node (it probes every 0.5 s here)."""
+    for _ in range(int(within_s / 0.2)):
+        if any(c.node for c in client.explain("smollm2", prompt_tokens=64, max_tokens=64).candidates):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the agent never saw the node")
+
+
+def handed_over_stream(models: Path, port: int, agent: EdgeClient, prompt: str, tokens: int) -> dict:
+    """One generation whose node (on ``port``) is told to shut down after
+    HANDOFF_AT tokens: the gap before the device's first token, and what the summary said."""
+    with launch.cloud_node(models, "--listen", f"127.0.0.1:{port}", "--llm", "smollm2", "--grace-s", "60") as node:
+        wait_for_node(agent)
+        arrivals, summary = [], None
+        for chunk in agent.generate(prompt, model="smollm2", max_tokens=tokens, plan="remote"):
+            if isinstance(chunk, Token):
+                arrivals.append(time.perf_counter())
+                if len(arrivals) == HANDOFF_AT:
+                    node.process.send_signal(signal.SIGTERM)
+            else:
+                summary = chunk
+    at = summary.switched_at_token  # the node sent a few more tokens before it saw the signal
+    return {"gap_ms": (arrivals[at] - arrivals[at - 1]) * 1e3, "switched_at": at, "tokens": len(arrivals),
+            "prompt_tokens": summary.prompt_tokens, "state_bytes": summary.resumed_state_bytes,
+            "why": summary.switch_reason}
+
+
+def handoff(tokens: int, repeats: int = 3) -> dict:
+    """Fetch the state (loopback) against evaluate (a 0.05 Mbit/s link override), alternating, fresh prompts."""
+    modes = {"fetch the node's KV state (loopback)": (), "evaluate the tokens (link said 0.05 Mbit/s)": SLOW_LINK}
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp, contextlib.ExitStack() as stack:
+        models = Path(tmp)
+        agents = {}
+        for mode, extra in modes.items():
+            port = free_port()
+            daemon = stack.enter_context(launch.edge_agent(models, [f"127.0.0.1:{port}"], "--llm", "smollm2",
+                                                           "--refresh-s", "0.5", *extra))
+            agents[mode] = (port, stack.enter_context(EdgeClient(daemon.address, timeout=600)))
+        for i in range(repeats):
+            for mode, (port, client) in agents.items():
+                # a new prompt each time: the agent's prefix cache must not hold it
+                runs[mode].append(handed_over_stream(models, port, client, f"Run {i}: {mode}. {HANDOFF_PROMPT}", tokens))
+    return {mode: {"gap_ms": statistics.median(r["gap_ms"] for r in rs), "runs": rs} for mode, rs in runs.items()}
+
+
+def print_handoff(console: Console, result: dict) -> None:
+    table = Table(title=f"a node shutting down after {HANDOFF_AT} tokens: the app's wait for the device's first token")
+    for column in ("how the device went on", "gap ms (median)", "prompt tokens", "state MB", "agent's reason"):
+        table.add_column(column, justify="left" if column in ("how the device went on", "agent's reason") else "right")
+    for mode, row in result.items():
+        last = row["runs"][-1]
+        table.add_row(mode, f"{row['gap_ms']:.0f}", str(last["prompt_tokens"]), f"{last['state_bytes'] / 1e6:.1f}",
+                      last["why"].partition("; ")[2])
+    console.print(table)
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -186,9 +257,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--json", type=Path, default=Path("bench/results/llm.json"))
-    parser.add_argument("--only", choices=["prefix"], help="run only this part")
+    parser.add_argument("--only", choices=["prefix", "handoff"], help="run only this part")
     args = parser.parse_args()
     console = Console(width=120)
+    if args.only == "handoff":
+        with console.status("nodes shutting down mid-generation ..."):
+            result = handoff(args.tokens)
+        print_handoff(console, result)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": {"node": platform.node(), "cpus": os.cpu_count()},
+                                         "handoff": result}, indent=2))
+        console.print(f"wrote {args.json}")
+        return 0
     if args.only == "prefix":
         with console.status("multi-turn chat, cold and cached ..."):
             result = prefix_reuse(args.tokens)
@@ -260,8 +340,11 @@ def main() -> int:
     with console.status("multi-turn chat, cold and cached ..."):
         prefix = prefix_reuse(args.tokens)
     print_prefix(console, prefix, args.tokens)
+    with console.status("nodes shutting down mid-generation ..."):
+        handed = handoff(args.tokens)
+    print_handoff(console, handed)
     report.update(single=single, local_vs_bare=local_ratio, remote_added_ms_per_token=added_ms,
-                  openai_added_ms_per_token=http_ms, load=load, prefix_reuse=prefix)
+                  openai_added_ms_per_token=http_ms, load=load, prefix_reuse=prefix, handoff=handed)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {args.json}")

@@ -338,6 +338,9 @@ class Generator:
                     summary = summary_of(checked(event), started=started, ran=pb.PLAN_LOCAL)
                     for key, value in {**predicted, **(switch or {})}.items():
                         setattr(summary, key, value)
+                    if state is not None and not event.cached_tokens:  # the engine evaluated the tokens after all
+                        summary.resumed_state_bytes = 0
+                        summary.switch_reason += "; the node's KV state did not load, so the tokens were evaluated"
                     yield pb.GenerateChunk(done=summary)
 
     async def _remote(self, engine: LlmEngine, node: CloudNodeClient, request: pb.GenerateRequest, tokens: list[int],

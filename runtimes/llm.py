@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import math
 import os
+import struct
 import threading
 import time
 from collections import deque
@@ -47,6 +48,35 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's own bound on top_logprobs
 # only to refuse a peer's state that cannot be one of this model's.
 STATE_CELL_BYTES = 64
 STATE_HEADER_BYTES = 1 << 20
+
+
+def restreamed(state: bytes, n_stream: int, prefix: bytes) -> bytes | None:
+    """A one-sequence state (llama_state_seq_get_data) framed for a context
+    with ``n_stream`` KV streams; None if it is not laid out as one. llama.cpp
+    keeps a stream per sequence slot unless the cache is unified, and refuses
+    a state written by a context with another count ("n_stream mismatch"),
+    although a sequence's cells sit in one stream and go to the reader's own
+    stream for it. The layout (src/llama-kv-cache.cpp, state_write): after
+    ``prefix`` (what this build writes first: LlmEngine measures it), the
+    stream count, then each stream's cell count and, where it is not 0, its
+    cells and their K and V. A state that is not what it seems is still
+    checked cell by cell when llama.cpp reads it."""
+    word = struct.calcsize("=I")
+    if not state.startswith(prefix) or len(state) < len(prefix) + 2 * word:
+        return None
+    (source,) = struct.unpack_from("=I", state, len(prefix))
+    if source == n_stream:
+        return state
+    first, empty = len(prefix) + word, 0
+    while empty < source and len(state) >= first + word and struct.unpack_from("=I", state, first)[0] == 0:
+        first, empty = first + word, empty + 1
+    header = prefix + struct.pack("=I", n_stream)
+    if empty == source:  # no cells at all
+        return header + bytes(word * n_stream)
+    after = source - empty - 1  # the empty streams after the one with cells: 0-counts at the end
+    if after and state[len(state) - word * after:] != bytes(word * after):
+        return None
+    return header + state[first:len(state) - word * after] + bytes(word * (n_stream - 1))
 
 
 def find_smollm2() -> Path:
@@ -200,6 +230,7 @@ class LlmEngine:
         # run of its own; a unified cache batches faster but greedy outputs
         # drift (measured: bench/llm, docs/benchmarks.md).
         params.kv_unified = unified_kv
+        self._n_stream = 1 if unified_kv else slots  # KV streams: what a sequence state's header counts
         self._ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context for {self.path}")
@@ -207,6 +238,7 @@ class LlmEngine:
         self._n_batch = params.n_batch
         self._batch = llama_cpp.llama_batch_init(max(self._n_batch, slots), 0, 1)
         self._template = self._chat_formatter()
+        self._state_prefix = self._measured_state_prefix()
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and not unified_kv else None
         self._vocab = self.llm._model.vocab
         self._n_vocab = self.llm.n_vocab()
@@ -490,6 +522,9 @@ class LlmEngine:
     def _load_state(self, seq_id: int, state: bytes, keep: int) -> bool:
         """``state`` into ``seq_id``, keeping its first ``keep`` positions; on
         failure the sequence is left empty (evaluated cold)."""
+        state = restreamed(state, self._n_stream, self._state_prefix) if self._state_prefix is not None else state
+        if state is None:
+            return False
         buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), seq_id) == len(state) \
                 and llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id) + 1 >= keep \
@@ -497,6 +532,19 @@ class LlmEngine:
             return True
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         return False
+
+    def _measured_state_prefix(self) -> bytes | None:
+        """What this build writes before a sequence state's stream count: an
+        empty sequence's state is that, the count and a 0 per stream. None
+        if it is not laid out so (then only states of as many streams load)."""
+        empty = self._state_of(0)
+        word = struct.calcsize("=I")
+        cut = len(empty) - word * (self._n_stream + 1)
+        if cut < 0 or empty[cut:] != struct.pack("=I", self._n_stream) + bytes(word * self._n_stream):
+            logger.warning("%s: sequence states of this llama.cpp are not laid out as expected; only states of "
+                           "contexts with %d KV streams will load", self.name, self._n_stream)
+            return None
+        return empty[:cut]
 
     def _state_of(self, seq_id: int) -> bytes:
         size = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)

@@ -151,7 +151,8 @@ def test_a_handed_over_state_goes_on_as_the_first_engine_would_have(engine: LlmE
     sampling = Sampling(max_tokens=40)
     prompt = engine.tokenize_prompt("The three primary colours are")
     reference = run(engine, "The three primary colours are", sampling)
-    leaving = LlmEngine("smollm2", find_smollm2(), slots=1, ctx_per_seq=512)
+    # another slot count than ``engine``: llama.cpp's state header counts KV streams (one per slot)
+    leaving = LlmEngine("smollm2", find_smollm2(), slots=3, ctx_per_seq=512)
     try:
         first = HandOffAfter(leaving, 12)
         leaving.submit(Request(prompt, sampling, first))
