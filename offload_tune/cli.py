@@ -54,7 +54,7 @@ from offload_tune.scenario import (
 from partitioner.costmodel import Candidate, Decision
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse, policy_from_values, render
 from partitioner.profile import ModelProfile
-from runtimes.llm import find_smollm2
+from runtimes.llm import PACKAGED_LLMS
 from runtimes.model_store import load_failure_reason
 
 DEFAULT_BANDWIDTHS = [0.25, 1.0, 5.85, 18.88, 50.0, 100.0]
@@ -505,8 +505,8 @@ COMMANDS = {"export-suffixes": export_command, "profile": profile_command, "link
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "model", None) == "smollm2":  # as the daemons' --llm names it
-        args.model = str(find_smollm2())
+    if getattr(args, "model", None) in PACKAGED_LLMS:  # as the daemons' --llm names them
+        args.model = str(PACKAGED_LLMS[args.model]())
     try:
         return COMMANDS[args.command](args)
     except ToolError as exc:

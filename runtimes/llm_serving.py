@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from protos import tandem_pb2 as pb
-from runtimes.llm import DoneEvent, Event, GenerationError, LlmEngine, Request, Sampling, TokenEvent, find_smollm2
+from runtimes.llm import PACKAGED_LLMS, DoneEvent, Event, GenerationError, LlmEngine, Request, Sampling, TokenEvent
 from runtimes.onnx_exec import file_digest
 from runtimes.rpc import UnknownModel, abort_for
 
@@ -25,10 +25,11 @@ MAX_STOP_LENGTH = 256
 
 
 def resolve(entry: str) -> tuple[str, Path]:
-    """(name, path) of an ``--llm`` entry: "smollm2" (the packaged model), a
-    GGUF path (named by its stem) or NAME=PATH."""
-    if entry == "smollm2":
-        return "smollm2", find_smollm2()
+    """(name, path) of an ``--llm`` entry: a packaged model ("smollm2" for
+    SmolLM2-135M-Instruct, "gemma3-270m" for Gemma 3 270M), a GGUF path
+    (named by its stem) or NAME=PATH."""
+    if entry in PACKAGED_LLMS:
+        return entry, PACKAGED_LLMS[entry]()
     name, sep, path = entry.partition("=")
     path_obj = Path(path if sep else entry)
     if not path_obj.is_file():
