@@ -1,6 +1,6 @@
 """LLM path: Tandem against bare llama-cpp-python and against itself under load.
 
-    python -m bench.llm [--tokens 128] [--only prefix|handoff] [--json bench/results/llm.json]
+    python -m bench.llm [--tokens 128] [--only prefix|handoff|quality] [--json bench/results/llm.json]
 
 Side by side in one run, on the packaged SmolLM2 GGUF:
   1. generation tokens/s: bare ``Llama.generate`` vs the agent's LOCAL plan through the SDK;
@@ -15,7 +15,12 @@ Side by side in one run, on the packaged SmolLM2 GGUF:
   6. a node shutting down mid-generation (SIGTERM after HANDOFF_AT tokens of a long prompt): the
      gap the app sees before the device's first token, when the agent fetches the node's KV state
      (loopback) against when it evaluates the tokens (an agent told the link is 0.05 Mbit/s),
-     each on a fresh node and prompt (``--only handoff`` runs this alone).
+     each on a fresh node and prompt (``--only handoff`` runs this alone);
+  7. two tiers: the device's SmolLM2-135M and the cloud's Gemma 3 270M on the labelled set of
+     offload_tune.quality_tasks (greedy, in-process engines): accuracy of each, how well the
+     device's confidence ranks its own answers (AUROC), and on the test split the accuracy of
+     routing by the threshold calibrated on the other split, with the cloud calls it saves
+     (``--only quality`` runs this alone).
 Greedy decoding throughout, so every configuration generates the same tokens.
 """
 
@@ -31,6 +36,7 @@ import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -40,11 +46,13 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_agent.sdk import EdgeClient, Token
+from offload_tune.quality_tasks import KINDS, labelled_set, split
+from partitioner.quality import choose_threshold, confidence, isotonic, routed
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
 from runtimes.kv_cache import PrefixCache
-from runtimes.llm import DoneEvent, LlmEngine, Request, Sampling, find_smollm2
+from runtimes.llm import PACKAGED_LLMS, DoneEvent, LlmEngine, Request, Sampling, find_smollm2
 from runtimes.peers import free_port
 
 PREFIX_CACHE_BYTES = 64 << 20  # the agent's default llm_prefix_cache_mb
@@ -157,6 +165,87 @@ def print_handoff(console: Console, result: dict) -> None:
     console.print(table)
 
 
+QUALITY_MAX_TOKENS = 12  # the longest answer (six copied words) fits
+
+
+def answers(engine: LlmEngine, items: list) -> list[dict]:
+    """Greedy completions of every item, up to the first newline, with each token's log-probability."""
+    def one(item) -> dict:
+        tokens, finished, done = [], threading.Event(), []
+
+        def emit(event) -> None:
+            if isinstance(event, DoneEvent):
+                done.append(event)
+                finished.set()
+            else:
+                tokens.append(event)
+
+        engine.submit(Request(engine.tokenize_prompt(item.prompt),
+                              Sampling(max_tokens=QUALITY_MAX_TOKENS, stop=("\n",), logprobs=0), emit))
+        finished.wait()
+        text = "".join(t.text for t in tokens)
+        return {"text": text, "correct": item.correct(text), "logprobs": [t.logprobs.logprob for t in tokens]}
+
+    with ThreadPoolExecutor(engine.slots) as pool:
+        return list(pool.map(one, items))
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float:
+    """The chance a right answer scores above a wrong one (ties half)."""
+    right = [s for s, y in zip(scores, labels) if y]
+    wrong = [s for s, y in zip(scores, labels) if not y]
+    if not right or not wrong:
+        return float("nan")
+    return sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong))
+
+
+def quality() -> dict:
+    items = labelled_set()
+    runs = {}
+    for tier, name in (("device", "smollm2"), ("cloud", "gemma3-270m")):
+        engine = LlmEngine(name, PACKAGED_LLMS[name](), slots=4, ctx_per_seq=512)
+        try:
+            runs[tier] = dict(zip((i.prompt for i in items), answers(engine, items)))
+        finally:
+            engine.close()
+    calibration_items, test_items = split(items)
+
+    def labels(tier: str, part: list) -> list[bool]:
+        return [runs[tier][i.prompt]["correct"] for i in part]
+
+    def confidences(part: list) -> list[float]:
+        return [confidence(runs["device"][i.prompt]["logprobs"]) for i in part]
+
+    calibration = isotonic(confidences(calibration_items), labels("device", calibration_items))
+    chosen = choose_threshold([calibration.probability(c) for c in confidences(calibration_items)],
+                              labels("device", calibration_items), labels("cloud", calibration_items))
+    test = routed([calibration.probability(c) for c in confidences(test_items)], labels("device", test_items),
+                  labels("cloud", test_items), chosen.threshold)
+    by_kind = {kind: {tier: statistics.mean(runs[tier][i.prompt]["correct"] for i in items if i.kind == kind)
+                      for tier in runs} for kind in KINDS}
+    return {"items": len(items), "by_kind": by_kind, "calibration": calibration.to_dict(),
+            "threshold": chosen.threshold, "on_calibration": chosen.__dict__, "on_test": test.__dict__,
+            "test_auroc": auroc(confidences(test_items), labels("device", test_items)),
+            "answers": {tier: list(run.values()) for tier, run in runs.items()}}
+
+
+def print_quality(console: Console, result: dict) -> None:
+    table = Table(title=f"two tiers on {result['items']} labelled prompts (greedy): accuracy")
+    for column in ("kind", "device SmolLM2-135M", "cloud Gemma 3 270M"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, row in result["by_kind"].items():
+        table.add_row(kind, f"{row['device']:.3f}", f"{row['cloud']:.3f}")
+    console.print(table)
+    test = result["on_test"]
+    routed_vs_cloud = test["routed_accuracy"] / test["cloud_accuracy"] if test["cloud_accuracy"] else float("nan")
+    console.print(f"test split ({result['items'] // 2} prompts): device-only {test['device_accuracy']:.3f}, "
+                  f"cloud-only {test['cloud_accuracy']:.3f}, routed {test['routed_accuracy']:.3f} "
+                  f"({routed_vs_cloud * 100:.1f} % of cloud-only; target >= 95 %) with "
+                  f"{(1 - test['cloud_share']) * 100:.1f} % fewer cloud calls (target >= 40 %); threshold "
+                  f"{result['threshold']:.3f} on the calibrated probability; the device's confidence ranks its "
+                  f"answers with AUROC {result['test_auroc']:.3f}")
+
+
 def median_of(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
@@ -257,25 +346,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--json", type=Path, default=Path("bench/results/llm.json"))
-    parser.add_argument("--only", choices=["prefix", "handoff"], help="run only this part")
+    parser.add_argument("--only", choices=["prefix", "handoff", "quality"], help="run only this part")
     args = parser.parse_args()
     console = Console(width=120)
-    if args.only == "handoff":
-        with console.status("nodes shutting down mid-generation ..."):
-            result = handoff(args.tokens)
-        print_handoff(console, result)
+    parts = {"quality": ("the labelled set on both tiers", quality, print_quality),
+             "handoff": ("nodes shutting down mid-generation", lambda: handoff(args.tokens), print_handoff),
+             "prefix": ("multi-turn chat, cold and cached", lambda: prefix_reuse(args.tokens),
+                        lambda c, r: print_prefix(c, r, args.tokens))}
+    if args.only is not None:
+        status, run, show = parts[args.only]
+        with console.status(f"{status} ..."):
+            result = run()
+        show(console, result)
+        key = {"prefix": "prefix_reuse"}.get(args.only, args.only)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": {"node": platform.node(), "cpus": os.cpu_count()},
-                                         "handoff": result}, indent=2))
-        console.print(f"wrote {args.json}")
-        return 0
-    if args.only == "prefix":
-        with console.status("multi-turn chat, cold and cached ..."):
-            result = prefix_reuse(args.tokens)
-        print_prefix(console, result, args.tokens)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": {"node": platform.node(), "cpus": os.cpu_count()},
-                                         "prefix_reuse": result}, indent=2))
+                                         key: result}, indent=2))
         console.print(f"wrote {args.json}")
         return 0
     threads = os.cpu_count() or 1
@@ -343,8 +429,12 @@ def main() -> int:
     with console.status("nodes shutting down mid-generation ..."):
         handed = handoff(args.tokens)
     print_handoff(console, handed)
+    with console.status("the labelled set on both tiers ..."):
+        tiers = quality()
+    print_quality(console, tiers)
     report.update(single=single, local_vs_bare=local_ratio, remote_added_ms_per_token=added_ms,
-                  openai_added_ms_per_token=http_ms, load=load, prefix_reuse=prefix, handoff=handed)
+                  openai_added_ms_per_token=http_ms, load=load, prefix_reuse=prefix, handoff=handed,
+                  quality=tiers)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {args.json}")

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,17 +111,21 @@ def test_stop_strings_end_the_stream_before_the_stop_text(client: sdk.EdgeClient
         assert stop not in result.text and full.startswith(result.text)
 
 
-def stream_killing(client: sdk.EdgeClient, node: launch.Daemon, after: int, **generate) -> tuple[list, object]:
-    """A generation's tokens and summary, with ``node`` killed once ``after`` tokens arrived."""
+def stream_until(client: sdk.EdgeClient, after: int, then: Callable[[], None], **generate) -> tuple[list, object]:
+    """A generation's tokens and summary, ``then()`` called once ``after`` tokens arrived."""
     tokens, summary = [], None
     for chunk in client.generate(**generate):
         if isinstance(chunk, sdk.Token):
             tokens.append(chunk)
             if len(tokens) == after:
-                node.kill()
+                then()
         else:
             summary = chunk
     return tokens, summary
+
+
+def stream_killing(client: sdk.EdgeClient, node: launch.Daemon, after: int, **generate) -> tuple[list, object]:
+    return stream_until(client, after, node.kill, **generate)
 
 
 def test_cloud_killed_mid_stream_the_app_sees_one_uninterrupted_stream(model_dir: Path, client: sdk.EdgeClient) -> None:
@@ -140,19 +145,6 @@ def test_cloud_killed_mid_stream_the_app_sees_one_uninterrupted_stream(model_dir
     assert summary.switch_reason
 
 
-def stream_draining(client: sdk.EdgeClient, node: launch.Daemon, after: int, **generate) -> tuple[list, object]:
-    """A generation's tokens and summary, ``node`` told to shut down (SIGTERM) once ``after`` tokens arrived."""
-    tokens, summary = [], None
-    for chunk in client.generate(**generate):
-        if isinstance(chunk, sdk.Token):
-            tokens.append(chunk)
-            if len(tokens) == after:
-                node.process.send_signal(signal.SIGTERM)
-        else:
-            summary = chunk
-    return tokens, summary
-
-
 @pytest.mark.parametrize("link", ["measured", "slow"])
 def test_a_node_shutting_down_hands_its_generation_over_and_the_device_goes_on_from_its_state_or_its_tokens(
         model_dir: Path, client: sdk.EdgeClient, link: str) -> None:
@@ -167,7 +159,8 @@ def test_a_node_shutting_down_hands_its_generation_over_and_the_device_goes_on_f
     try:
         with launch.edge_agent(model_dir, [node.address], "--llm", "smollm2", *slow) as agent, \
                 sdk.EdgeClient(agent.address) as c:
-            tokens, summary = stream_draining(c, node, 20, prompt=STORY, max_tokens=120, plan="remote")
+            tokens, summary = stream_until(c, 20, lambda: node.process.send_signal(signal.SIGTERM), prompt=STORY,
+                                           max_tokens=120, plan="remote")
         assert node.process.wait(timeout=60) == 0  # its drain ended: the state was fetched or released, not waited out
     finally:
         node.stop()
