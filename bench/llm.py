@@ -36,7 +36,6 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -46,8 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_agent.sdk import EdgeClient, Token
-from offload_tune.quality_tasks import KINDS, labelled_set, split
-from partitioner.quality import choose_threshold, confidence, isotonic, routed
+from offload_tune.quality import calibrate, measure
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
@@ -165,68 +163,19 @@ def print_handoff(console: Console, result: dict) -> None:
     console.print(table)
 
 
-QUALITY_MAX_TOKENS = 12  # the longest answer (six copied words) fits
-
-
-def answers(engine: LlmEngine, items: list) -> list[dict]:
-    """Greedy completions of every item, up to the first newline, with each token's log-probability."""
-    def one(item) -> dict:
-        tokens, finished, done = [], threading.Event(), []
-
-        def emit(event) -> None:
-            if isinstance(event, DoneEvent):
-                done.append(event)
-                finished.set()
-            else:
-                tokens.append(event)
-
-        engine.submit(Request(engine.tokenize_prompt(item.prompt),
-                              Sampling(max_tokens=QUALITY_MAX_TOKENS, stop=("\n",), logprobs=0), emit))
-        finished.wait()
-        text = "".join(t.text for t in tokens)
-        return {"text": text, "correct": item.correct(text), "logprobs": [t.logprobs.logprob for t in tokens]}
-
-    with ThreadPoolExecutor(engine.slots) as pool:
-        return list(pool.map(one, items))
-
-
-def auroc(scores: list[float], labels: list[bool]) -> float:
-    """The chance a right answer scores above a wrong one (ties half)."""
-    right = [s for s, y in zip(scores, labels) if y]
-    wrong = [s for s, y in zip(scores, labels) if not y]
-    if not right or not wrong:
-        return float("nan")
-    return sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong))
-
-
 def quality() -> dict:
-    items = labelled_set()
-    runs = {}
-    for tier, name in (("device", "smollm2"), ("cloud", "gemma3-270m")):
-        engine = LlmEngine(name, PACKAGED_LLMS[name](), slots=4, ctx_per_seq=512)
-        try:
-            runs[tier] = dict(zip((i.prompt for i in items), answers(engine, items)))
-        finally:
+    """What offload-tune calibrate-llm measures (offload_tune.quality), with every answer kept."""
+    engines = [LlmEngine(name, PACKAGED_LLMS[name](), slots=4, ctx_per_seq=512) for name in ("smollm2", "gemma3-270m")]
+    try:
+        items, device, cloud = measure(*engines)
+    finally:
+        for engine in engines:
             engine.close()
-    calibration_items, test_items = split(items)
-
-    def labels(tier: str, part: list) -> list[bool]:
-        return [runs[tier][i.prompt]["correct"] for i in part]
-
-    def confidences(part: list) -> list[float]:
-        return [confidence(runs["device"][i.prompt]["logprobs"]) for i in part]
-
-    calibration = isotonic(confidences(calibration_items), labels("device", calibration_items))
-    chosen = choose_threshold([calibration.probability(c) for c in confidences(calibration_items)],
-                              labels("device", calibration_items), labels("cloud", calibration_items))
-    test = routed([calibration.probability(c) for c in confidences(test_items)], labels("device", test_items),
-                  labels("cloud", test_items), chosen.threshold)
-    by_kind = {kind: {tier: statistics.mean(runs[tier][i.prompt]["correct"] for i in items if i.kind == kind)
-                      for tier in runs} for kind in KINDS}
-    return {"items": len(items), "by_kind": by_kind, "calibration": calibration.to_dict(),
-            "threshold": chosen.threshold, "on_calibration": chosen.__dict__, "on_test": test.__dict__,
-            "test_auroc": auroc(confidences(test_items), labels("device", test_items)),
-            "answers": {tier: list(run.values()) for tier, run in runs.items()}}
+    policy = calibrate(items, device, cloud, device_model="smollm2", cloud_model="gemma3-270m")
+    return {"items": len(items), "by_kind": policy.accuracy_by_kind, "calibration": policy.calibration.to_dict(),
+            "threshold": policy.threshold, "on_calibration": policy.on_calibration.__dict__,
+            "on_test": policy.on_test.__dict__, "test_auroc": policy.test_auroc,
+            "answers": {"device": [a.__dict__ for a in device], "cloud": [a.__dict__ for a in cloud]}}
 
 
 def print_quality(console: Console, result: dict) -> None:

@@ -32,10 +32,11 @@ from partitioner.llm_routing import (
     route_generation,
 )
 from partitioner.policy import LlmLimits
+from partitioner.quality import QualityPolicy
 from protos import tandem_pb2 as pb
 from runtimes import tracing
 from runtimes.admission import Overloaded
-from runtimes.llm import GenerationError, LlmEngine, Sampling, TokenEvent, check_sampling
+from runtimes.llm import DoneEvent, GenerationError, LlmEngine, Sampling, TokenEvent, check_sampling
 from runtimes.llm_serving import LlmStore, checked, prompt_tokens, sampling_of, stream, summary_of, token_chunk
 from runtimes.rpc import NoFeasiblePlan, NoNodeLeft, UnknownModel
 
@@ -62,6 +63,8 @@ class LlmSettings:
     # Cloud streams at once, each holding a place to finish on the device if
     # its node fails: beyond the device's own queue, a failover is never refused.
     failover_places: int = 16
+    cloud_model: str = ""                     # the bigger LLM the nodes serve (tier cloud and auto)
+    quality: QualityPolicy | None = None      # when tier auto trusts the device's answer
 
 
 class RemoteBudget:
@@ -165,6 +168,15 @@ def predicted_fields(candidate: LlmCandidate, why: str) -> dict:
     """What the summary says was planned and predicted, as GenerateSummary fields."""
     return dict(planned=KIND[candidate.kind], reason=why, predicted_ttft_ms=candidate.ttft_ms,
                 predicted_total_ms=candidate.total_ms, predicted_energy_j=candidate.energy_j)
+
+
+def own_logprobs(chunk: pb.GenerateChunk, asked: int) -> pb.GenerateChunk:
+    """A token chunk with the log-probabilities the app asked for (-1: none, else that many alternatives)."""
+    if asked < 0:
+        chunk.token.ClearField("logprob")
+        chunk.token.piece = b""
+        del chunk.token.top_logprobs[:]
+    return chunk
 
 
 def parse_llm_plan(label: str) -> tuple[str, str]:
@@ -291,6 +303,10 @@ class Generator:
         """Validate and route (errors raise here, or at the first chunk when a
         queue is full), then stream."""
         started = time.perf_counter()
+        if request.tier:
+            tiered = self._tiered(request, objective, started)
+            if tiered is not None:
+                return tiered
         if not request.model:
             if len(self.llms.engines) != 1:
                 raise GenerationError(f"name the model: LLMs on this device are {sorted(self.llms.engines)}")
@@ -325,6 +341,91 @@ class Generator:
             node = self._node(candidate.node)
             chunks = self._remote(engine, node, request, tokens, sampling, started, predicted)
         return Generation(app_view(chunks, started), predicted, candidate.node if candidate.kind != "local" else "")
+
+    def _tiered(self, request: pb.GenerateRequest, objective: Objective, started: float) -> Generation | None:
+        """A request by tier: "device" and "cloud" become the model each tier
+        runs (None: route it as any request for that model); "auto" starts
+        on the device and is judged by its first tokens (_auto)."""
+        tier = request.tier
+        if tier not in ("device", "cloud", "auto"):
+            raise GenerationError(f"tier must be device, cloud or auto, got {tier!r}")
+        if request.model or request.plan:
+            raise GenerationError(f"a request names a tier or a model and plan, not both (tier {tier!r}, model "
+                                  f"{request.model!r}, plan {request.plan!r})")
+        device = self.settings.quality.device_model if self.settings.quality else next(iter(self.llms.engines), "")
+        if tier in ("device", "auto") and device not in self.llms.engines:
+            raise GenerationError(f"tier {tier} needs the device's LLM ({device or 'none'}) loaded here (--llm)")
+        if tier in ("cloud", "auto") and not self.settings.cloud_model:
+            raise GenerationError(f"tier {tier} needs llm_cloud_model: the bigger LLM the nodes serve")
+        if tier == "device":
+            request.model, request.plan = device, "local"
+            return None
+        if tier == "cloud":
+            request.model = self.settings.cloud_model
+            return None
+        if self.settings.quality is None:
+            raise GenerationError("tier auto needs llm_quality_file: the calibration offload-tune calibrate-llm writes")
+        if not self.serves(self.settings.cloud_model):
+            raise NoNodeLeft(f"tier auto: no reachable node serves {self.settings.cloud_model}")
+        request.model = device
+        return Generation(app_view(self._auto(request, objective, started), started), {}, "")
+
+    async def _auto(self, request: pb.GenerateRequest, objective: Objective,
+                    started: float) -> AsyncIterator[pb.GenerateChunk]:
+        """The device generates; its first tokens are held back until the
+        quality policy judges them. Trusted, they stream and the device goes
+        on; not, the device stops and the cloud model answers from the
+        prompt afresh (it has another vocabulary: nothing of the device's
+        carries over). The summary says which model answered and why."""
+        policy = self.settings.quality
+        engine = self.llms.engines[request.model]
+        tokens = prompt_tokens(engine, request)
+        asked = sampling_of(request)
+        engine.validate(tokens, asked)
+        held: list[TokenEvent] = []
+        done: DoneEvent | None = None
+        events = stream(engine, tokens, replace(asked, logprobs=max(asked.logprobs, 0)))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, DoneEvent):
+                    done = checked(event)
+                    break
+                held.append(event)
+                if len(held) >= policy.first_tokens:
+                    break
+            conf, probability, escalate = policy.judge([t.logprobs.logprob for t in held])
+            verdict = dict(tier="auto", confidence=conf if math.isfinite(conf) else 0.0,
+                           confidence_probability=probability, threshold=policy.threshold, escalated=escalate)
+            if not escalate:
+                for event in held:
+                    yield own_logprobs(token_chunk(event), asked.logprobs)
+                while done is None:
+                    event = await anext(events)
+                    if isinstance(event, DoneEvent):
+                        done = checked(event)
+                    else:
+                        yield own_logprobs(token_chunk(event), asked.logprobs)
+                summary = summary_of(done, started=started, ran=pb.PLAN_LOCAL)
+                summary.model, summary.reason = request.model, (
+                    f"tier auto: the device's answer is trusted (calibrated {probability:.2f} >= threshold "
+                    f"{policy.threshold:.2f})")
+                for key, value in verdict.items():
+                    setattr(summary, key, value)
+                yield pb.GenerateChunk(done=summary)
+                return
+        cloud = pb.GenerateRequest()
+        cloud.CopyFrom(request)
+        cloud.model, cloud.tier, cloud.plan = self.settings.cloud_model, "", ""
+        sampling, line, predicted = self._remote_only_route(cloud, objective)
+        async with contextlib.aclosing(self._remote_only(cloud, sampling, line, predicted)) as chunks:
+            async for chunk in chunks:
+                if chunk.HasField("done"):
+                    chunk.done.model, chunk.done.reason = cloud.model, (
+                        f"tier auto: the device's answer is not trusted (calibrated {probability:.2f} < threshold "
+                        f"{policy.threshold:.2f}): {cloud.model} answered")
+                    for key, value in verdict.items():
+                        setattr(chunk.done, key, value)
+                yield chunk
 
     async def _local(self, engine: LlmEngine, tokens: list[int], sampling: Sampling, generated: list[int],
                      started: float, predicted: dict, switch: dict | None = None, reserved: bool = False,

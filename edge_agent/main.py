@@ -34,6 +34,7 @@ from partitioner.connectivity import NodeReach, cloud_state
 from partitioner.costmodel import Constraints, Link, Objective
 from partitioner.planning import power_of
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse
+from partitioner.quality import QualityPolicy
 from partitioner.work import Machine
 from protos import codec
 from protos import tandem_pb2 as pb
@@ -148,6 +149,10 @@ class AgentConfig:
                                                                        "start the next from, MiB (0: off)"})
     llm_remote_model: str = field(default="", metadata={"help": "the model id openai nodes run for this device's LLM, "
                                                                  "a bigger one if you like (default: the same name)"})
+    llm_cloud_model: str = field(default="", metadata={"help": "the bigger LLM its nodes serve, for tier cloud and auto "
+                                                                "(e.g. gemma3-270m)"})
+    llm_quality_file: Path | None = field(default=None, metadata={
+        "help": "when tier auto trusts the device's answer: the JSON offload-tune calibrate-llm writes"})
     llm_allow_remote: bool = field(default=True, metadata={"help": "false: prompts never leave the device"})
     llm_remote_tokens_per_hour: int | None = field(default=None, metadata={"help": "cap on tokens generated in the cloud per hour"})
     llm_stall_s: float = field(default=5.0, metadata={"help": "a cloud stream silent this long is finished on the device, s"})
@@ -211,8 +216,21 @@ class AgentConfig:
     def spinning(self) -> bool | None:
         return {"auto": None, "on": True, "off": False}[self.ort_spinning]
 
+    def quality_policy(self) -> QualityPolicy | None:
+        if self.llm_quality_file is None:
+            return None
+        try:
+            return QualityPolicy.from_json(self.llm_quality_file.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise config_loader.ConfigError(f"llm_quality_file {self.llm_quality_file}: not a quality policy "
+                                            f"offload-tune calibrate-llm wrote: {exc}") from None
+
     def validate(self) -> None:
         self.tls()  # TLS files, or plaintext said out loud
+        policy = self.quality_policy()
+        if policy is not None and self.llm_cloud_model and policy.cloud_model != self.llm_cloud_model:
+            raise config_loader.ConfigError(f"llm_quality_file was calibrated against {policy.cloud_model}, but "
+                                            f"llm_cloud_model is {self.llm_cloud_model}")
         try:
             for address in (*self.cloud, *(n.target() for n in self.nodes)):
                 parse_node_address(address)
@@ -441,7 +459,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
     generator = Generator(
         llms, nodes, power_of(device),
         LlmSettings(allow_remote=policies.llm.allow_remote, remote_tokens_per_hour=policies.llm.remote_tokens_per_hour,
-                    slo_ms=config.slo_ms, stall_s=config.llm_stall_s, failover_places=config.llm_failover_places),
+                    slo_ms=config.slo_ms, stall_s=config.llm_stall_s, failover_places=config.llm_failover_places,
+                    cloud_model=config.llm_cloud_model, quality=config.quality_policy()),
         weight_latency=policies.default.weight_latency,
     )
     metrics = Metrics("edge-agent")

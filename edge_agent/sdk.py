@@ -354,6 +354,12 @@ class GenerationSummary:
     predicted_total_ms: float
     predicted_energy_j: float
     resumed_state_bytes: int = 0  # after a node handed over: its KV state the device went on from (0: evaluated)
+    model: str = ""               # the model that answered
+    tier: str = ""                # as asked
+    confidence: float = 0.0       # tier auto: the device's mean log-probability over its first tokens
+    confidence_probability: float = 0.0  # ... calibrated: the chance its answer is right
+    threshold: float = 0.0        # ... below which the cloud model answers
+    escalated: bool = False       # ... and whether it did
 
     @classmethod
     def from_message(cls, m: pb.GenerateSummary) -> "GenerationSummary":
@@ -362,6 +368,7 @@ class GenerationSummary:
             m.finish_reason, m.prompt_tokens, m.completion_tokens, m.ttft_ms, m.tokens_per_s, labels.get(m.ran, ""),
             m.node, m.switched, m.switched_at_token, m.switch_reason, m.queue_ms, m.total_ms, labels.get(m.planned, ""),
             m.reason, m.predicted_ttft_ms, m.predicted_total_ms, m.predicted_energy_j, m.resumed_state_bytes,
+            m.model, m.tier, m.confidence, m.confidence_probability, m.threshold, m.escalated,
         )
 
 
@@ -417,12 +424,13 @@ def _defer_request(request: pb.InferRequest | pb.GenerateRequest, deliver_by: fl
 
 def _generate_request_of(prompt: str | None, kwargs: dict[str, Any]) -> pb.GenerateRequest:
     """generate()'s keyword arguments as the request it would send, for a deferred one."""
-    unknown = set(kwargs) - {"model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "objective", "plan"}
+    unknown = set(kwargs) - {"model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "objective", "plan",
+                             "tier"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments for a deferred generation: {sorted(unknown)}")
     return _generate_request(prompt, kwargs.get("model"), kwargs.get("messages"), kwargs.get("max_tokens", 64),
                              kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0), kwargs.get("seed", 0),
-                             kwargs.get("stop", ()), kwargs.get("objective"), kwargs.get("plan"))
+                             kwargs.get("stop", ()), kwargs.get("objective"), kwargs.get("plan"), kwargs.get("tier"))
 
 
 def _chunk(message: pb.GenerateChunk) -> Token | GenerationSummary:
@@ -433,14 +441,14 @@ def _chunk(message: pb.GenerateChunk) -> Token | GenerationSummary:
 
 def _generate_request(prompt: str | None, model: str | None, messages: list[dict[str, str]] | None, max_tokens: int,
                       temperature: float, top_p: float, seed: int, stop: list[str] | tuple[str, ...],
-                      objective: str | None, plan: str | None) -> pb.GenerateRequest:
+                      objective: str | None, plan: str | None, tier: str | None = None) -> pb.GenerateRequest:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of latency, energy, weighted; got {objective!r}")
     return pb.GenerateRequest(
         model=model or "", prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
-        objective=OBJECTIVES[objective], plan=plan or "",
+        objective=OBJECTIVES[objective], plan=plan or "", tier=tier or "",
     )
 
 
@@ -516,10 +524,13 @@ class EdgeClient:
     def generate(self, prompt: str | None = None, *, model: str | None = None, messages: list[dict[str, str]] | None = None,
                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop: list[str] | tuple[str, ...] = (), objective: str | None = None, plan: str | None = None,
-                 deadline: float | None = None) -> Iterator[Token | GenerationSummary]:
+                 deadline: float | None = None, tier: str | None = None) -> Iterator[Token | GenerationSummary]:
         """Stream a generation: ``Token`` chunks, then one ``GenerationSummary``.
-        ``model`` may be left out when the agent has a single LLM."""
-        request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
+        ``model`` may be left out when the agent has a single LLM; ``tier``
+        ("device", "cloud" or "auto") instead of a model lets the agent choose
+        by tier (the summary's ``model`` says which answered)."""
+        request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan,
+                                    tier)
         call = self._stub.Generate(request, timeout=deadline, metadata=outgoing())
         try:
             with _agent_errors():
@@ -609,8 +620,9 @@ class AsyncEdgeClient:
                        messages: list[dict[str, str]] | None = None, max_tokens: int = 64, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int = 0, stop: list[str] | tuple[str, ...] = (),
                        objective: str | None = None, plan: str | None = None,
-                       deadline: float | None = None) -> AsyncIterator[Token | GenerationSummary]:
-        request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan)
+                       deadline: float | None = None, tier: str | None = None) -> AsyncIterator[Token | GenerationSummary]:
+        request = _generate_request(prompt, model, messages, max_tokens, temperature, top_p, seed, stop, objective, plan,
+                                    tier)
         call = self._stub.Generate(request, timeout=deadline, metadata=outgoing())
         try:
             with _agent_errors():

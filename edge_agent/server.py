@@ -916,6 +916,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     async for chunk in chunks:
                         if chunk.HasField("done"):
                             done = chunk.done
+                            done.model = done.model or request.model  # a tier request's model was chosen by now
+                            done.tier = request.tier
                             side = pb.PlanKind.Name(done.ran).removeprefix("PLAN_").lower()
                             self.metrics.observe_llm(request.model, side, tokens=done.completion_tokens,
                                                      tok_s=done.tokens_per_s, operation=operation_of(request),

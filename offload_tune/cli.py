@@ -36,7 +36,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from offload_tune import llm_table
+from offload_tune import llm_table, quality
 from offload_tune.export import ExportError, export_repository
 from offload_tune.plot import plot_sweep
 from offload_tune.scenario import (
@@ -54,7 +54,7 @@ from offload_tune.scenario import (
 from partitioner.costmodel import Candidate, Decision
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse, policy_from_values, render
 from partitioner.profile import ModelProfile
-from runtimes.llm import PACKAGED_LLMS
+from runtimes.llm import PACKAGED_LLMS, LlmEngine
 from runtimes.model_store import load_failure_reason
 
 DEFAULT_BANDWIDTHS = [0.25, 1.0, 5.85, 18.88, 50.0, 100.0]
@@ -406,6 +406,43 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_llm_command(args: argparse.Namespace) -> int:
+    """Both tiers on the labelled set, in-process on this host: the calibration
+    and threshold the agent routes ``tier: auto`` by, and what they give."""
+    engines = []
+    try:
+        for name in (args.device_model, args.cloud_model):
+            try:
+                path = PACKAGED_LLMS[name]() if name in PACKAGED_LLMS else Path(name)
+                engines.append(LlmEngine(Path(path).stem if name not in PACKAGED_LLMS else name, Path(path),
+                                         slots=args.slots, ctx_per_seq=512))
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ToolError(f"{name}: {exc}") from None
+        with Progress(console=err, transient=True, disable=args.json) as bar:
+            task = bar.add_task("both tiers on the labelled set", total=2 * args.items)
+            items, device, cloud = quality.measure(*engines, size=args.items, progress=lambda: bar.advance(task))
+    finally:
+        for engine in engines:
+            engine.close()
+    policy = quality.calibrate(items, device, cloud, device_model=engines[0].name, cloud_model=engines[1].name,
+                               quality_target=args.quality_target)
+    text = policy.to_json()
+    write_atomically(Path(args.output), lambda tmp: tmp.write_text(text))
+    test = policy.on_test
+    if args.json:
+        print(policy.to_json())
+    else:
+        table = Table("kind", f"device {policy.device_model}", f"cloud {policy.cloud_model}")
+        for kind, row in policy.accuracy_by_kind.items():
+            table.add_row(kind, f"{row['device']:.3f}", f"{row['cloud']:.3f}")
+        out.print(table)
+        out.print(f"test half: device {test.device_accuracy:.3f}, cloud {test.cloud_accuracy:.3f}, routed "
+                  f"{test.routed_accuracy:.3f} with {(1 - test.cloud_share) * 100:.0f} % fewer cloud calls; "
+                  f"threshold {policy.threshold:.3f}, AUROC {policy.test_auroc:.3f}", highlight=False)
+    err.print(f"wrote {args.output}")
+    return 0
+
+
 # --- arguments --------------------------------------------------------------------
 
 
@@ -489,6 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--quiet", action="store_true", help="do not print the policy")
     policy.add_argument("--json", action="store_true", help="print what was written as JSON (file, policy text, cuts per model)")
 
+    calibrate = commands.add_parser("calibrate-llm", help="when tier auto trusts the device's answer: both LLMs on "
+                                    "a labelled set, an isotonic calibration and a threshold (--llm-quality-file)")
+    calibrate.add_argument("--device-model", default="smollm2", help="the device's LLM: a packaged name or a .gguf")
+    calibrate.add_argument("--cloud-model", default="gemma3-270m", help="the cloud tier's LLM")
+    calibrate.add_argument("-o", "--output", required=True, help="quality policy to write (JSON)")
+    calibrate.add_argument("--items", type=int, default=400, help="labelled prompts (half calibrate, half test)")
+    calibrate.add_argument("--quality-target", type=float, default=0.95,
+                           help="routed accuracy kept, as a share of the cloud model's own")
+    calibrate.add_argument("--slots", type=int, default=4, help="prompts evaluated together per model")
+    calibrate.add_argument("--json", action="store_true", help="print the policy written")
     export = commands.add_parser("export-suffixes",
                                  help="a Triton/KServe model repository: the model and one model per SPLIT suffix")
     export.add_argument("model", help="an .onnx file")
@@ -499,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"export-suffixes": export_command, "profile": profile_command, "link": link_command, "sweep": sweep_command, "explain": explain_command,
+COMMANDS = {"calibrate-llm": calibrate_llm_command, "export-suffixes": export_command, "profile": profile_command, "link": link_command, "sweep": sweep_command, "explain": explain_command,
             "write-policy": write_policy_command}
 
 

@@ -18,11 +18,13 @@ test split, never seen by the choice, says what it gives.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 FIRST_TOKENS = 4  # the confidence reads this many generated tokens (fewer if the answer is shorter)
+POLICY_FORMAT = 1
 
 
 def confidence(logprobs: Sequence[float], first: int = FIRST_TOKENS) -> float:
@@ -108,3 +110,40 @@ def choose_threshold(probabilities: Sequence[float], device_correct: Sequence[bo
         if route.routed_accuracy >= quality_target * route.cloud_accuracy:
             return route
     return routed(probabilities, device_correct, cloud_correct, candidates[-1])
+
+
+@dataclass(frozen=True)
+class QualityPolicy:
+    """What the agent routes ``tier: auto`` by, with what it was measured on."""
+
+    device_model: str
+    cloud_model: str
+    first_tokens: int
+    calibration: Calibration
+    threshold: float
+    on_calibration: Route
+    on_test: Route
+    test_auroc: float
+    accuracy_by_kind: dict[str, dict[str, float]]
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["calibration"] = self.calibration.to_dict()
+        return json.dumps({"format": POLICY_FORMAT, **data}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> QualityPolicy:
+        data = json.loads(text)
+        if data.get("format") != POLICY_FORMAT:
+            raise ValueError(f"a quality policy of format {data.get('format')!r}; this agent reads format {POLICY_FORMAT}")
+        return cls(device_model=str(data["device_model"]), cloud_model=str(data["cloud_model"]),
+                   first_tokens=int(data["first_tokens"]), calibration=Calibration.from_dict(data["calibration"]),
+                   threshold=float(data["threshold"]), on_calibration=Route(**data["on_calibration"]),
+                   on_test=Route(**data["on_test"]), test_auroc=float(data["test_auroc"]),
+                   accuracy_by_kind=data["accuracy_by_kind"])
+
+    def judge(self, logprobs: Sequence[float]) -> tuple[float, float, bool]:
+        """(confidence, calibrated probability, escalate) for the device's first tokens."""
+        conf = confidence(logprobs, self.first_tokens)
+        probability = self.calibration.probability(conf)
+        return conf, probability, probability < self.threshold

@@ -292,7 +292,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "objective", "plan", "prompt_token_ids", "generated_token_ids", "logprobs", "top_logprobs")
+    __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "objective", "plan", "prompt_token_ids", "generated_token_ids", "logprobs", "top_logprobs", "tier")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +307,7 @@ class GenerateRequest(_message.Message):
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -321,7 +322,8 @@ class GenerateRequest(_message.Message):
     generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: bool
     top_logprobs: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., objective: _Optional[_Union[Objective, str]] = ..., plan: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    tier: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., objective: _Optional[_Union[Objective, str]] = ..., plan: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("index", "token_id", "text", "logprob", "piece", "top_logprobs")
@@ -350,7 +352,7 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., piece: _Optional[bytes] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "ran", "node", "switched", "switched_at_token", "switch_reason", "queue_ms", "total_ms", "planned", "reason", "predicted_ttft_ms", "predicted_total_ms", "predicted_energy_j", "resumed_state_bytes")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "ran", "node", "switched", "switched_at_token", "switch_reason", "queue_ms", "total_ms", "planned", "reason", "predicted_ttft_ms", "predicted_total_ms", "predicted_energy_j", "resumed_state_bytes", "model", "tier", "confidence", "confidence_probability", "threshold", "escalated")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +371,12 @@ class GenerateSummary(_message.Message):
     PREDICTED_TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     RESUMED_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ESCALATED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -387,7 +395,13 @@ class GenerateSummary(_message.Message):
     predicted_total_ms: float
     predicted_energy_j: float
     resumed_state_bytes: int
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., ran: _Optional[_Union[PlanKind, str]] = ..., node: _Optional[str] = ..., switched: _Optional[bool] = ..., switched_at_token: _Optional[int] = ..., switch_reason: _Optional[str] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., planned: _Optional[_Union[PlanKind, str]] = ..., reason: _Optional[str] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_total_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., resumed_state_bytes: _Optional[int] = ...) -> None: ...
+    model: str
+    tier: str
+    confidence: float
+    confidence_probability: float
+    threshold: float
+    escalated: bool
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., ran: _Optional[_Union[PlanKind, str]] = ..., node: _Optional[str] = ..., switched: _Optional[bool] = ..., switched_at_token: _Optional[int] = ..., switch_reason: _Optional[str] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., planned: _Optional[_Union[PlanKind, str]] = ..., reason: _Optional[str] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_total_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., resumed_state_bytes: _Optional[int] = ..., model: _Optional[str] = ..., tier: _Optional[str] = ..., confidence: _Optional[float] = ..., confidence_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., escalated: _Optional[bool] = ...) -> None: ...
 
 class Handoff(_message.Message):
     __slots__ = ("handle", "completion_tokens", "state_tokens", "state_bytes", "model_digest")

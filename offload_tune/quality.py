@@ -1,0 +1,86 @@
+"""Measure both LLM tiers on the labelled set and calibrate when the device's
+answer is trusted: what ``offload-tune calibrate-llm`` writes and the agent
+loads (``llm_quality_file``) to route ``tier: auto`` generations."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from offload_tune.quality_tasks import KINDS, Item, labelled_set, split
+from partitioner.quality import FIRST_TOKENS, QualityPolicy, choose_threshold, confidence, isotonic, routed
+from runtimes.llm import DoneEvent, LlmEngine, Request, Sampling
+
+MAX_TOKENS = 12  # the longest answer in the set (six copied words) fits
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    correct: bool
+    logprobs: tuple[float, ...]
+
+
+def answer_all(engine: LlmEngine, items: list[Item], progress: Callable[[], None] | None = None) -> list[Answer]:
+    """Greedy completions of every item up to its first newline, with each token's log-probability."""
+    def one(item: Item) -> Answer:
+        tokens, finished = [], threading.Event()
+
+        def emit(event) -> None:
+            if isinstance(event, DoneEvent):
+                finished.set()
+            else:
+                tokens.append(event)
+
+        engine.submit(Request(engine.tokenize_prompt(item.prompt),
+                              Sampling(max_tokens=MAX_TOKENS, stop=("\n",), logprobs=0), emit))
+        finished.wait()
+        if progress is not None:
+            progress()
+        text = "".join(t.text for t in tokens)
+        return Answer(text, item.correct(text), tuple(t.logprobs.logprob for t in tokens))
+
+    with ThreadPoolExecutor(engine.slots) as pool:
+        return list(pool.map(one, items))
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float:
+    """The chance a right answer scores above a wrong one (ties half); nan without both."""
+    right = [s for s, y in zip(scores, labels) if y]
+    wrong = [s for s, y in zip(scores, labels) if not y]
+    if not right or not wrong:
+        return float("nan")
+    return sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong))
+
+
+def calibrate(items: list[Item], device: list[Answer], cloud: list[Answer], *, device_model: str, cloud_model: str,
+              quality_target: float = 0.95, first_tokens: int = FIRST_TOKENS) -> QualityPolicy:
+    """Isotonic calibration and the threshold on one half of the items, judged on the other."""
+    by_prompt = {item.prompt: (d, c) for item, d, c in zip(items, device, cloud)}
+    calibration_items, test_items = split(items)
+
+    def columns(part: list[Item]) -> tuple[list[float], list[bool], list[bool]]:
+        rows = [by_prompt[i.prompt] for i in part]
+        return ([confidence(d.logprobs, first_tokens) for d, _ in rows], [d.correct for d, _ in rows],
+                [c.correct for _, c in rows])
+
+    confs, device_right, cloud_right = columns(calibration_items)
+    calibration = isotonic(confs, device_right)
+    chosen = choose_threshold([calibration.probability(c) for c in confs], device_right, cloud_right,
+                              quality_target=quality_target)
+    test_confs, test_device, test_cloud = columns(test_items)
+    on_test = routed([calibration.probability(c) for c in test_confs], test_device, test_cloud, chosen.threshold)
+    by_kind = {kind: {"device": statistics.mean(by_prompt[i.prompt][0].correct for i in items if i.kind == kind),
+                      "cloud": statistics.mean(by_prompt[i.prompt][1].correct for i in items if i.kind == kind)}
+               for kind in KINDS}
+    return QualityPolicy(device_model, cloud_model, first_tokens, calibration, chosen.threshold, chosen, on_test,
+                         auroc(test_confs, test_device), by_kind)
+
+
+def measure(device: LlmEngine, cloud: LlmEngine, *, size: int = 400,
+            progress: Callable[[], None] | None = None) -> tuple[list[Item], list[Answer], list[Answer]]:
+    items = labelled_set(size)
+    return items, answer_all(device, items, progress), answer_all(cloud, items, progress)
