@@ -1,6 +1,6 @@
 """LLM path: Tandem against bare llama-cpp-python and against itself under load.
 
-    python -m bench.llm [--tokens 128] [--only prefix|handoff|quality] [--json bench/results/llm.json]
+    python -m bench.llm [--tokens 128] [--only prefix|handoff|quality|ceiling] [--json bench/results/llm.json]
 
 Side by side in one run, on the packaged SmolLM2 GGUF:
   1. generation tokens/s: bare ``Llama.generate`` vs the agent's LOCAL plan through the SDK;
@@ -20,7 +20,10 @@ Side by side in one run, on the packaged SmolLM2 GGUF:
      offload_tune.quality_tasks (greedy, in-process engines): accuracy of each, how well the
      device's confidence ranks its own answers (AUROC), and on the test split the accuracy of
      routing by the threshold calibrated on the other split, with the cloud calls it saves
-     (``--only quality`` runs this alone).
+     (``--only quality`` runs this alone);
+  8. the ceiling: llama.cpp's own batched decode at 1, 2, 4 and 8 sequences through the low-level
+     API with nothing of ours in the loop, beside the node's aggregate at as many streams, for
+     both KV layouts (``--only ceiling`` runs this alone).
 Greedy decoding throughout, so every configuration generates the same tokens.
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -39,6 +43,7 @@ import time
 from pathlib import Path
 
 import grpc
+import llama_cpp
 import openai
 from llama_cpp import Llama
 from rich.console import Console
@@ -226,6 +231,81 @@ def load_test(stub: pb_grpc.CloudNodeStub, tokens: int) -> dict:
     return {"concurrent": rows, "sequential_8_tok_s": total / (time.perf_counter() - start)}
 
 
+def llama_ceiling(streams: int, tokens: int, *, unified: bool) -> dict:
+    """llama.cpp's own batched decode on this machine, nothing of ours in the loop:
+    every prompt prefilled in one batch, then ``tokens`` greedy steps of one batch
+    holding every sequence (llama.cpp's C greedy sampler), through the low-level
+    API on the same GGUF; aggregate tokens/s over the whole run, as the node's."""
+    threads = os.cpu_count() or 1
+    llm = Llama(model_path=str(find_smollm2()), n_ctx=64, n_threads=threads, n_threads_batch=threads, verbose=False)
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_seq_max, params.n_ctx, params.kv_unified = streams, streams * 2048, unified
+    params.n_batch = params.n_ubatch = 512
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    samplers = [llama_cpp.llama_sampler_init_greedy() for _ in range(streams)]
+    prompts = [llm.tokenize(f"{PROMPT} (story {i})".encode(), add_bos=False, special=True) for i in range(streams)]
+
+    def fill(entries: list[tuple[int, int, int, bool]]) -> None:
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(entries)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    try:
+        start = time.perf_counter()
+        fill([(t, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, t in enumerate(p)])
+        ends = list(itertools.accumulate(len(p) for p in prompts))
+        last = [llama_cpp.llama_sampler_sample(samplers[s], ctx, ends[s] - 1) for s in range(streams)]
+        positions = [len(p) for p in prompts]
+        for _ in range(tokens - 1):
+            fill([(last[s], positions[s], s, True) for s in range(streams)])
+            last = [llama_cpp.llama_sampler_sample(samplers[s], ctx, s) for s in range(streams)]
+            positions = [pos + 1 for pos in positions]
+        wall = time.perf_counter() - start
+    finally:
+        for sampler in samplers:
+            llama_cpp.llama_sampler_free(sampler)
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llm.close()
+    return {"streams": streams, "tokens": streams * tokens, "wall_s": wall, "aggregate_tok_s": streams * tokens / wall}
+
+
+def ceiling(tokens: int) -> dict:
+    """The node's aggregate at 1, 2, 4 and 8 streams beside llama.cpp's own, both KV layouts, in one run."""
+    result = {}
+    for layout, unified in (("per-stream KV caches (default)", False), ("unified KV cache", True)):
+        extra = ("--llm-unified-kv", "true") if unified else ()
+        with tempfile.TemporaryDirectory(prefix="tandem-bench-") as models, \
+                launch.cloud_node(Path(models), "--llm", "smollm2", "--llm-slots", "8", *extra) as node, \
+                grpc.insecure_channel(node.address) as channel:
+            stub = pb_grpc.CloudNodeStub(channel)
+            timed_stream(node_stream(stub, 8))  # warm
+            rows = []
+            for streams in (1, 2, 4, 8):
+                bare = llama_ceiling(streams, tokens, unified=unified)
+                ours = concurrency(stub, streams, tokens)
+                rows.append({"streams": streams, "llama_cpp_tok_s": bare["aggregate_tok_s"],
+                             "node_tok_s": ours["aggregate_tok_s"],
+                             "node_vs_ceiling": ours["aggregate_tok_s"] / bare["aggregate_tok_s"]})
+        result[layout] = rows
+    return result
+
+
+def print_ceiling(console: Console, result: dict) -> None:
+    for layout, rows in result.items():
+        table = Table(title=f"cloud node against llama.cpp's own batched decode, {layout}")
+        for column in ("streams", "llama.cpp tokens/s", "node tokens/s", "node / llama.cpp"):
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(str(row["streams"]), f"{row['llama_cpp_tok_s']:.1f}", f"{row['node_tok_s']:.1f}",
+                          f"{row['node_vs_ceiling']:.2f} (target >= 0.90)")
+        console.print(table)
+
+
 SYSTEM = ("You are a patient teacher. You explain science to children in plain words, with one example from "
           "everyday life, and you never use jargon without saying what it means.")
 QUESTIONS = ("Why is the sky blue?", "And why are sunsets red?", "What makes a rainbow?", "Why do stars twinkle?",
@@ -295,10 +375,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--json", type=Path, default=Path("bench/results/llm.json"))
-    parser.add_argument("--only", choices=["prefix", "handoff", "quality"], help="run only this part")
+    parser.add_argument("--only", choices=["prefix", "handoff", "quality", "ceiling"], help="run only this part")
     args = parser.parse_args()
     console = Console(width=120)
     parts = {"quality": ("the labelled set on both tiers", quality, print_quality),
+             "ceiling": ("the node against llama.cpp's own batched decode", lambda: ceiling(args.tokens), print_ceiling),
              "handoff": ("nodes shutting down mid-generation", lambda: handoff(args.tokens), print_handoff),
              "prefix": ("multi-turn chat, cold and cached", lambda: prefix_reuse(args.tokens),
                         lambda c, r: print_prefix(c, r, args.tokens))}
@@ -381,9 +462,12 @@ def main() -> int:
     with console.status("the labelled set on both tiers ..."):
         tiers = quality()
     print_quality(console, tiers)
+    with console.status("the node against llama.cpp's own batched decode ..."):
+        bounds = ceiling(args.tokens)
+    print_ceiling(console, bounds)
     report.update(single=single, local_vs_bare=local_ratio, remote_added_ms_per_token=added_ms,
                   openai_added_ms_per_token=http_ms, load=load, prefix_reuse=prefix, handoff=handed,
-                  quality=tiers)
+                  quality=tiers, ceiling=bounds)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {args.json}")
