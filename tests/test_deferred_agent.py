@@ -131,7 +131,10 @@ def test_a_deferred_generation_is_kept_whole_with_its_usage(model_dir: Path, tmp
         assert result.state == "done"
         completion = result.completion
         assert completion.text == expected.text and completion.token_ids == expected.token_ids
-        assert (completion.summary.ran, completion.summary.node) == ("remote", node.address)
+        summary = completion.summary
+        # delivered to the node; one that stalled there under load (llm_stall_s) finishes on the device, as a live one
+        assert summary.planned == "remote"
+        assert (summary.ran, summary.node) == ("remote", node.address) or (summary.switched and summary.switch_reason)
         assert completion.summary.completion_tokens == 24 and completion.summary.prompt_tokens > 0
 
 
