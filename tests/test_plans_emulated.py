@@ -119,13 +119,14 @@ def test_a_silent_outage_skips_the_cloud_and_queues_deferred_work_until_the_link
     rng = np.random.default_rng(11)
     inputs = [rng.standard_normal(image.shape).astype(np.float32) for _ in range(3)]
     with Testbed(uplink_mbps=100, downlink_mbps=100) as bed, CpuQuota(cpus_like("pi4")) as quota:
-        deployment = Deployment(bed, model_dir, quota, "--queue-file", str(tmp_path / "queue.sqlite"))
+        # int8 by default makes offloading win clearly online (as in the first test); the deferred requests ask for raw
+        deployment = Deployment(bed, model_dir, quota, "--queue-file", str(tmp_path / "queue.sqlite"), "--encoding", "int8")
         try:
             client = deployment.client
             assert client.infer("mobilenet", {"input": image}).plan != "local"  # online, this device offloads
             bed.set_link(False)  # packets vanish: no reset, no unreachable
-            ids = [client.infer("mobilenet", {"input": x}, plan="remote", defer=True, deliver_by=time.time() + 600,
-                                idempotency_key=f"outage-{i}").id for i, x in enumerate(inputs)]
+            ids = [client.infer("mobilenet", {"input": x}, plan="remote", encoding="raw", defer=True,
+                                deliver_by=time.time() + 600, idempotency_key=f"outage-{i}").id for i, x in enumerate(inputs)]
             wait_connectivity(client, "offline")
             result = client.infer("mobilenet", {"input": image})
             assert (result.plan, result.fell_back) == ("local", False)  # no cloud attempt paid for
