@@ -55,7 +55,7 @@ from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
 from runtimes.kv_cache import PrefixCache
-from runtimes.llm import PACKAGED_LLMS, DoneEvent, LlmEngine, Request, Sampling, find_smollm2
+from runtimes.llm import PACKAGED_LLMS, DoneEvent, LlmEngine, Sampling, find_smollm2
 from runtimes.peers import free_port
 
 PREFIX_CACHE_BYTES = 64 << 20  # the agent's default llm_prefix_cache_mb
@@ -313,20 +313,8 @@ QUESTIONS = ("Why is the sky blue?", "And why are sunsets red?", "What makes a r
 
 
 def chat_turn(engine: LlmEngine, messages: list[dict[str, str]], max_tokens: int) -> tuple[list[int], str, DoneEvent]:
-    done, tokens, text = threading.Event(), [], []
-    summary: list[DoneEvent] = []
-
-    def emit(event) -> None:
-        if isinstance(event, DoneEvent):
-            summary.append(event)
-            done.set()
-        else:
-            tokens.append(event.token_id)
-            text.append(event.text)
-
-    engine.submit(Request(engine.tokenize_chat(messages), Sampling(max_tokens=max_tokens), emit))
-    done.wait(300)
-    return tokens, "".join(text), summary[0]
+    tokens, done = engine.complete(engine.tokenize_chat(messages), Sampling(max_tokens=max_tokens), timeout_s=300)
+    return [t.token_id for t in tokens], "".join(t.text for t in tokens), done
 
 
 def prefix_reuse(max_tokens: int, repeats: int = 3) -> dict:

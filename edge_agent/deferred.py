@@ -57,8 +57,6 @@ CREATE TABLE IF NOT EXISTS requests (
 SCHEMA = TABLE + """
 CREATE INDEX IF NOT EXISTS waiting ON requests (state, created, id, model, bytes, deliver_by, finished, fetched);
 """
-_STORED = ("id, idempotency_key, kind, model, bytes, created, deliver_by, state, attempts, error_code, error, finished, "
-           "fetched, payload, result")
 PENDING = ("queued", "delivering")
 FETCHED_KEEP_S = 60.0  # a fetched result stays this long, for a fetch whose reply was lost
 
@@ -173,16 +171,22 @@ class DeferredStore:
         return db
 
     def _migrate(self, db: sqlite3.Connection, version: int) -> None:
-        """A version-1 file into this layout, in one transaction (its index goes with the old table)."""
-        db.executescript(f"""
-            BEGIN IMMEDIATE;
-            ALTER TABLE requests RENAME TO requests_v{version};
-            {TABLE}
-            INSERT INTO requests ({_STORED}) SELECT {_STORED} FROM requests_v{version};
-            DROP TABLE requests_v{version};
-            PRAGMA user_version = {SCHEMA_VERSION};
-            COMMIT;
-        """)
+        """A version-1 file into this layout, in one transaction (its index
+        goes with the old table); every column keeps its name, so the rows
+        move by name."""
+        old = f"requests_v{version}"
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(f"ALTER TABLE requests RENAME TO {old}")
+            db.execute(TABLE)
+            columns = ", ".join(row[1] for row in db.execute("PRAGMA table_info(requests)"))
+            db.execute(f"INSERT INTO requests ({columns}) SELECT {columns} FROM {old}")
+            db.execute(f"DROP TABLE {old}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         logger.info("deferred queue %s: moved from layout %d to %d", self.path, version, SCHEMA_VERSION)
 
     def close(self) -> None:

@@ -585,13 +585,12 @@ class Generator:
     @staticmethod
     def _handed_over(node: CloudNodeClient, offer: pb.Handoff, streamed: int, broke: list[str],
                      offers: list[pb.Handoff] | None) -> None:
-        if offer.completion_tokens != streamed:
-            broke.append(f"{node.address} handed the generation over after {offer.completion_tokens} tokens, "
-                         f"having streamed {streamed}")
-        else:
-            broke.append(f"{node.address} is shutting down and handed the generation over after {streamed} tokens")
+        counted_right = offer.completion_tokens == streamed
+        broke.append(f"{node.address} is shutting down and handed the generation over after {streamed} tokens"
+                     if counted_right else f"{node.address} handed the generation over after "
+                     f"{offer.completion_tokens} tokens, having streamed {streamed}")
         node.mark_down(broke[-1])  # no new work for a node on its way out
-        if offers is not None and offer.handle and offer.completion_tokens == streamed:
+        if counted_right and offers is not None and offer.handle:
             offers.append(offer)
         elif offer.handle:
             node.release_state(offer.handle)

@@ -745,8 +745,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         them, for the protocol to encode."""
         label = label or method.rpartition("/")[2]
         try:
-            live = contextlib.nullcontext() if deferred else self.traffic.running()
-            with tracing.serving(method, metadata) as span, self.metrics.in_flight(), live:
+            with tracing.serving(method, metadata) as span, self.metrics.in_flight(), \
+                    self.traffic.running(counted=not deferred):
                 arrived = time.perf_counter()
                 async with self.memory.hold(QUEUED_CALL_BYTES) as held, self.admission.slot() as queued_ms:
                     tracing.record("queue", arrived)
@@ -910,8 +910,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         generation = await self.generator.generate(request, objective)
 
         async def observed(chunks: AsyncIterator[pb.GenerateChunk]) -> AsyncIterator[pb.GenerateChunk]:
-            live = contextlib.nullcontext() if deferred else self.traffic.running()
-            with live:
+            with self.traffic.running(counted=not deferred):
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         if chunk.HasField("done"):

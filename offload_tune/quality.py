@@ -5,14 +5,13 @@ loads (``llm_quality_file``) to route ``tier: auto`` generations."""
 from __future__ import annotations
 
 import statistics
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from offload_tune.quality_tasks import KINDS, Item, labelled_set, split
 from partitioner.quality import FIRST_TOKENS, QualityPolicy, choose_threshold, confidence, isotonic, routed
-from runtimes.llm import DoneEvent, LlmEngine, Request, Sampling
+from runtimes.llm import LlmEngine, Sampling
 
 MAX_TOKENS = 12  # the longest answer in the set (six copied words) fits
 
@@ -27,17 +26,8 @@ class Answer:
 def answer_all(engine: LlmEngine, items: list[Item], progress: Callable[[], None] | None = None) -> list[Answer]:
     """Greedy completions of every item up to its first newline, with each token's log-probability."""
     def one(item: Item) -> Answer:
-        tokens, finished = [], threading.Event()
-
-        def emit(event) -> None:
-            if isinstance(event, DoneEvent):
-                finished.set()
-            else:
-                tokens.append(event)
-
-        engine.submit(Request(engine.tokenize_prompt(item.prompt),
-                              Sampling(max_tokens=MAX_TOKENS, stop=("\n",), logprobs=0), emit))
-        finished.wait()
+        tokens, _ = engine.complete(engine.tokenize_prompt(item.prompt),
+                                    Sampling(max_tokens=MAX_TOKENS, stop=("\n",), logprobs=0))
         if progress is not None:
             progress()
         text = "".join(t.text for t in tokens)

@@ -252,7 +252,12 @@ class LiveTraffic:
         self._quiet.set()
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
+    def running(self, *, counted: bool = True) -> Iterator[None]:
+        """The enclosed request, counted unless it is not an app's (``counted``
+        False: a deferred request's delivery, which is the background work)."""
+        if not counted:
+            yield
+            return
         self.in_flight += 1
         self._quiet.clear()
         try:

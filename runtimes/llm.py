@@ -388,9 +388,11 @@ class LlmEngine:
         remaining = [seq.max_total - seq.completion for seq in list(self._active.values())]
         return max(self.queue_delay_ms, 1e3 * min(remaining, default=1) / speed)
 
-    def warm_up(self, *, prompt_tokens: int = 32, max_tokens: int = 16) -> DoneEvent:
-        """One real generation, so the speed figures are measured before the
-        first request needs them (blocking)."""
+    def complete(self, prompt_tokens: list[int], sampling: Sampling, *,
+                 timeout_s: float | None = None) -> tuple[list[TokenEvent], DoneEvent]:
+        """One generation, waited for (from a thread that is not the decode
+        loop's): its tokens and how it ended. TimeoutError after ``timeout_s``."""
+        tokens: list[TokenEvent] = []
         done: list[DoneEvent] = []
         finished = threading.Event()
 
@@ -398,11 +400,19 @@ class LlmEngine:
             if isinstance(event, DoneEvent):
                 done.append(event)
                 finished.set()
+            else:
+                tokens.append(event)
 
+        self.submit(Request(prompt_tokens=prompt_tokens, sampling=sampling, emit=emit))
+        if not finished.wait(timeout_s):
+            raise TimeoutError(f"{self.name}: no end to a generation in {timeout_s} s")
+        return tokens, done[0]
+
+    def warm_up(self, *, prompt_tokens: int = 32, max_tokens: int = 16) -> DoneEvent:
+        """One real generation, so the speed figures are measured before the
+        first request needs them (blocking)."""
         filler = self.tokenize_prompt("Tandem measures how fast this device runs the model. " * 8)[:prompt_tokens]
-        self.submit(Request(prompt_tokens=filler, sampling=Sampling(max_tokens=max_tokens), emit=emit))
-        finished.wait()
-        return done[0]
+        return self.complete(filler, Sampling(max_tokens=max_tokens))[1]
 
     def stream_tok_s(self, batch: int = 1) -> float:
         """Measured tokens/s of one stream decoding alongside ``batch - 1``
