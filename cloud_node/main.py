@@ -64,6 +64,9 @@ class NodeConfig:
     llm_ctx_per_seq: int = field(default=2048, metadata={"help": "context tokens per generation (prompt + output)"})
     llm_unified_kv: bool = field(default=False, metadata={"help": "share one KV cache between streams: faster batching, "
                                                                    "but greedy outputs may differ from a stream run alone"})
+    llm_batched_verify: bool = field(default=False, metadata={
+        "help": "check a device's draft in one decode call: fewer calls, but greedy near-ties may go another way "
+                "than in a plain generation (default: one step per position, token for token the same)"})
     llm_threads: int = field(default=0, metadata={"help": "llama.cpp threads (0: every core)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
     ready_file: Path | None = field(default=None, metadata={"help": "write {address, pid, metrics URL} JSON here once serving"})
@@ -146,6 +149,7 @@ async def serve(config: NodeConfig, load: Callable[[], NodeConfig] | None = None
     llms = await asyncio.to_thread(
         LlmStore.load, config.llm, slots=config.llm_slots, ctx_per_seq=config.llm_ctx_per_seq,
         threads=config.llm_threads or None, max_queue=config.llm_max_queue, unified_kv=config.llm_unified_kv,
+        batched_verify=config.llm_batched_verify,
     )
     metrics = Metrics("cloud-node")
     # Under TLS the node is its certificate's name: agents verify that name.

@@ -23,8 +23,19 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import tracing
 from runtimes.admission import Admission, Overloaded, run_cancellable
 from runtimes.heap import Trimmer
-from runtimes.llm import DoneEvent, TokenEvent
-from runtimes.llm_serving import LlmStore, checked, operation_of, prompt_tokens, relay, sampling_of, stream, summary_of, token_chunk
+from runtimes.llm import DoneEvent, GenerationError, Round, RoundEvent, TokenEvent, whole_characters
+from runtimes.llm_serving import (
+    LlmStore,
+    RoundSession,
+    checked,
+    operation_of,
+    prompt_tokens,
+    relay,
+    sampling_of,
+    stream,
+    summary_of,
+    token_chunk,
+)
 from runtimes.metrics import Metrics
 from runtimes.model_store import ModelStore, decode_all
 from runtimes.onnx_exec import OnnxModel
@@ -35,6 +46,7 @@ from runtimes.tls import caller_key
 logger = logging.getLogger(__name__)
 
 MAX_PROBE_BYTES = 16 * 1024 * 1024
+MAX_DRAFT_BYTES = 4096  # one round's drafted text: far more than any useful draft
 
 
 def _decode_run_encode(model: OnnxModel, tensors, reply_encoding: int, run,
@@ -180,6 +192,62 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
                                              operation=operation_of(request), ttft_ms=summary.ttft_ms,
                                              total_ms=summary.total_ms)
                     yield pb.GenerateChunk(done=summary)
+
+    async def Verify(self, steps: AsyncIterator[pb.VerifyStep], context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[pb.VerifyReply]:
+        """Check a device's drafts round by round; each reply carries this
+        model's tokens for the round, so the stream is this model's greedy
+        generation, however good the drafts."""
+        started = time.perf_counter()
+        self.handed_over.generating += 1
+        session: RoundSession | None = None
+        try:
+            with self._observed("Verify"):
+                first = await anext(aiter(steps), None)
+                if first is None or not first.HasField("start"):
+                    raise GenerationError("a Verify stream begins with its generation (start)")
+                request = first.start
+                engine = self.llms.get(request.model)
+                session = RoundSession(engine, prompt_tokens(engine, request), sampling_of(request), rounds="verify")
+                reply = await self._verified(session, request, started)  # the first token
+                yield reply
+                if reply.HasField("done"):
+                    return
+                async for step in steps:
+                    if not step.HasField("draft") or len(step.draft) > MAX_DRAFT_BYTES:
+                        raise GenerationError(f"after start a Verify stream sends drafts of at most {MAX_DRAFT_BYTES} bytes")
+                    text = whole_characters(step.draft).decode("utf-8", errors="replace")
+                    session.send(Round(draft=tuple(engine.tokenize_text(text))))
+                    reply = await self._verified(session, request, started)
+                    yield reply
+                    if reply.HasField("done"):
+                        return
+                raise GenerationError("the Verify stream ended before its generation did")
+        except Exception as exc:  # noqa: BLE001 -- mapped to a status; the daemon stays up
+            await abort_for(context, exc)
+        finally:
+            if session is not None:
+                session.close()
+            self.handed_over.generating -= 1
+
+    async def _verified(self, session: RoundSession, request: pb.GenerateRequest, started: float) -> pb.VerifyReply:
+        """The reply to one round: its streamed tokens, then how it ended."""
+        reply = pb.VerifyReply()
+        while True:
+            event = await session.next_event()
+            if isinstance(event, TokenEvent):
+                reply.tokens.append(token_chunk(event).token)
+            elif isinstance(event, RoundEvent):
+                reply.pieces, reply.drafted, reply.accepted, reply.step_ms = (event.pieces, event.drafted, event.accepted,
+                                                                              event.step_ms)
+                return reply
+            else:
+                done = event if event.finish_reason == "handoff" else checked(event)
+                reply.done.CopyFrom(summary_of(done, started=started, ran=pb.PLAN_REMOTE, node=self.node_id))
+                self.metrics.observe_llm(request.model, "node", tokens=done.completion_tokens, tok_s=done.tokens_per_s,
+                                         operation=operation_of(request), ttft_ms=done.ttft_ms,
+                                         total_ms=reply.done.total_ms)
+                return reply
 
     def _hand_over(self, model: str, done: DoneEvent) -> pb.Handoff:
         handle = self.handed_over.keep(done.state) if done.state else None

@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanKind
 
 from edge_agent.offload import CloudNodeClient
 from edge_agent.openai_node import OpenAiNodeClient
+from edge_agent.speculative import Rounds, speculate
 from partitioner.costmodel import Link, Objective, Power
 from partitioner.llm_routing import (
     GenerationShape,
@@ -33,6 +34,7 @@ from partitioner.llm_routing import (
 )
 from partitioner.policy import LlmLimits
 from partitioner.quality import QualityPolicy
+from partitioner.speculation import AcceptanceEstimate, Drafting, best_draft
 from protos import tandem_pb2 as pb
 from runtimes import tracing
 from runtimes.admission import Overloaded
@@ -42,7 +44,7 @@ from runtimes.rpc import NoFeasiblePlan, NoNodeLeft, UnknownModel
 
 logger = logging.getLogger(__name__)
 
-KIND = {"local": pb.PLAN_LOCAL, "remote": pb.PLAN_REMOTE}
+KIND = {"local": pb.PLAN_LOCAL, "remote": pb.PLAN_REMOTE, "speculative": pb.PLAN_SPLIT}
 # A log-probability is at most 0; float32 rounding of a certain token's may come out just above.
 LOGPROB_SLACK = 1e-3
 # A prompt's tokens, guessed from its text where no tokenizer is at hand:
@@ -65,6 +67,9 @@ class LlmSettings:
     failover_places: int = 16
     cloud_model: str = ""                     # the bigger LLM the nodes serve (tier cloud and auto)
     quality: QualityPolicy | None = None      # when tier auto trusts the device's answer
+    # Share of the device's drafted tokens a node's model accepts, before any round
+    # is measured: an even guess, worth 8 drafted tokens, that the first rounds replace.
+    draft_acceptance_prior: float = 0.5
 
 
 class RemoteBudget:
@@ -214,6 +219,8 @@ class Generator:
         self.weight_latency = weight_latency
         self.budget = RemoteBudget(settings.remote_tokens_per_hour)
         self.failover_held = 0  # cloud streams now holding a failover place
+        self.acceptance: dict[str, AcceptanceEstimate] = {}   # by the model that checks the drafts
+        self.verify_ms: dict[str, dict[int, float]] = {}      # by node: its decode calls timed in replies
 
     def use_limits(self, limits: LlmLimits, *, weight_latency: float) -> None:
         """A reloaded policy's LLM limits; tokens already spent in the cloud still count."""
@@ -257,10 +264,13 @@ class Generator:
         return next((load for load in node.state.llm if load.model == model), None)
 
     def decide(self, model: str, shape: GenerationShape, objective: Objective, link: Link | None = None, *,
-               by_text: bool = True) -> LlmDecision:
+               by_text: bool = True, drafter: LlmEngine | None = None) -> LlmDecision:
         """``by_text`` False: only nodes that take token ids (tandem nodes), for
         requests an OpenAI-compatible server cannot take (log-probabilities,
-        a continuation from token ids) or could not be finished from here."""
+        a continuation from token ids) or could not be finished from here.
+        ``drafter``: the device's model can draft for this one (a greedy
+        request for a model the device has no copy of): tandem nodes are
+        also candidates for draft-and-verify decoding."""
         engine = self.llms.engines.get(model)
         local = LlmSpeed(engine.prompt_tok_s, engine.gen_tok_s) if engine and engine.gen_tok_s > 0 else None
         nodes = []
@@ -276,13 +286,39 @@ class Generator:
             speed = LlmSpeed(load.prompt_tok_s, load.next_stream_tok_s or load.gen_tok_s)
             queue_ms = expected_queue_ms(reported_ms=load.queue_delay_ms, slots=max(load.slots, 1), active=load.active,
                                          queued=load.queued, max_tokens=shape.max_tokens, gen_tok_s=speed.gen_tok_s)
-            nodes.append(LlmNode(node=node.address, link=link or node.link, queue_ms=queue_ms, speed=speed))
+            nodes.append(LlmNode(node=node.address, link=link or node.link, queue_ms=queue_ms, speed=speed,
+                                 drafting=self._drafting(drafter, node, load, model) if node.kind == "tandem" else None))
         if local is None and not nodes:
             raise UnknownModel(f"unknown model {model!r}: not on this device and no reachable node serves it")
         policy = LlmPolicy(allow_remote=self.settings.allow_remote, remote_tokens_left=self.budget.left(time.monotonic()),
                            slo_ms=self.settings.slo_ms)
         return route_generation(shape, local, nodes, self.power, objective=objective,
                                 weight_latency=self.weight_latency, policy=policy)
+
+    def _drafting(self, drafter: LlmEngine | None, node: CloudNodeClient, load: pb.LlmLoad, model: str) -> Drafting | None:
+        """What a round with ``node`` costs and yields, from the node's timed
+        decode calls (its status, then its replies) and the acceptance seen."""
+        if drafter is None or drafter.gen_tok_s <= 0:
+            return None
+        measured = {n: ms for n, ms in enumerate(load.step_ms, start=1) if ms > 0}
+        measured.update(self.verify_ms.get(node.address, {}))
+        if not measured:
+            return None
+        acceptance = self.acceptance.get(model)
+        return Drafting(draft_ms=1e3 / drafter.gen_tok_s, verify_ms=measured,
+                        acceptance=acceptance.value if acceptance else self.settings.draft_acceptance_prior,
+                        batched=load.batched_verify)
+
+    def drafter_for(self, request: pb.GenerateRequest) -> LlmEngine | None:
+        """The device's LLM, if it can draft for this request: greedy, plain
+        text out, no token ids in (the drafts cross as text)."""
+        if (request.temperature > 0 or request.logprobs or request.prompt_token_ids or request.generated_token_ids
+                or request.model in self.llms.engines):
+            return None
+        return self.llms.engines.get(self._device_model())
+
+    def _device_model(self) -> str:
+        return self.settings.quality.device_model if self.settings.quality else next(iter(self.llms.engines), "")
 
     def _pick(self, decision: LlmDecision, pinned: str) -> tuple[LlmCandidate, str]:
         if pinned:
@@ -317,7 +353,11 @@ class Generator:
                                f"LLMs here: {sorted(self.llms.engines)}")
         if engine is None:
             sampling, line, predicted = self._remote_only_route(request, objective)
-            return Generation(app_view(self._remote_only(request, sampling, line, predicted), started), predicted, line[0].node)
+            if line[0].kind == "speculative":
+                chunks = self._speculative(request, sampling, line[0], started, predicted)
+            else:
+                chunks = self._remote_only(request, sampling, line, predicted)
+            return Generation(app_view(chunks, started), predicted, line[0].node)
         tokens = prompt_tokens(engine, request)
         sampling = sampling_of(request)
         engine.validate(tokens, sampling, request.generated_token_ids)
@@ -352,7 +392,7 @@ class Generator:
         if request.model or request.plan:
             raise GenerationError(f"a request names a tier or a model and plan, not both (tier {tier!r}, model "
                                   f"{request.model!r}, plan {request.plan!r})")
-        device = self.settings.quality.device_model if self.settings.quality else next(iter(self.llms.engines), "")
+        device = self._device_model()
         if tier in ("device", "auto") and device not in self.llms.engines:
             raise GenerationError(f"tier {tier} needs the device's LLM ({device or 'none'}) loaded here (--llm)")
         if tier in ("cloud", "auto") and not self.settings.cloud_model:
@@ -417,7 +457,9 @@ class Generator:
         cloud.CopyFrom(request)
         cloud.model, cloud.tier, cloud.plan = self.settings.cloud_model, "", ""
         sampling, line, predicted = self._remote_only_route(cloud, objective)
-        async with contextlib.aclosing(self._remote_only(cloud, sampling, line, predicted)) as chunks:
+        chunks = (self._speculative(cloud, sampling, line[0], started, predicted) if line[0].kind == "speculative"
+                  else self._remote_only(cloud, sampling, line, predicted))
+        async with contextlib.aclosing(chunks) as chunks:
             async for chunk in chunks:
                 if chunk.HasField("done"):
                     chunk.done.model, chunk.done.reason = cloud.model, (
@@ -512,13 +554,22 @@ class Generator:
         self.budget.spend(time.monotonic(), len(texts))
         if not broke:
             return
-        generated = engine.tokenize_text("".join(texts))
         logger.warning("generation on %s broke after %d pieces, continuing on the device: %s",
                        node.address, len(texts), broke[0])
-        switch = dict(switched=True, switched_at_token=len(texts), switch_reason=broke[0])
+        async for chunk in self._device_after_text(engine, tokens, sampling, texts, broke[0], started, predicted,
+                                                   node.address, place):
+            yield chunk
+
+    async def _device_after_text(self, engine: LlmEngine, tokens: list[int], sampling: Sampling, texts: list[str],
+                                 reason: str, started: float, predicted: dict, node: str, place: "FailoverPlace"
+                                 ) -> AsyncIterator[pb.GenerateChunk]:
+        """The device's model goes on after the text another model streamed
+        (``texts``, piece by piece), numbering its tokens after those pieces."""
+        generated = engine.tokenize_text("".join(texts))
+        switch = dict(switched=True, switched_at_token=len(texts), switch_reason=reason)
         if len(generated) >= sampling.max_tokens:
             summary = pb.GenerateSummary(finish_reason="length", prompt_tokens=len(tokens), completion_tokens=len(texts),
-                                         ran=pb.PLAN_REMOTE, node=node.address, **predicted, **switch)
+                                         ran=pb.PLAN_REMOTE, node=node, **predicted, **switch)
             yield pb.GenerateChunk(done=summary)
             return
         index = len(texts)  # the app's numbering goes on from the server's pieces
@@ -527,7 +578,56 @@ class Generator:
             if chunk.HasField("token"):
                 chunk.token.index = index
                 index += 1
+            else:
+                chunk.done.model = engine.name
             yield chunk
+
+    async def _speculative(self, request: pb.GenerateRequest, sampling: Sampling, candidate: LlmCandidate,
+                           started: float, predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
+        """The device drafts, ``candidate``'s node checks (edge_agent.speculative);
+        if the node fails, the device's model finishes after the text streamed."""
+        drafter = self.llms.engines[self._device_model()]
+        node = self._node(candidate.node)
+        prompt = prompt_tokens(drafter, request)
+        start = pb.GenerateRequest(model=request.model, prompt=request.prompt, messages=request.messages,
+                                   max_tokens=sampling.max_tokens, stop=list(sampling.stop))
+        estimate = self.acceptance.setdefault(request.model, AcceptanceEstimate(self.settings.draft_acceptance_prior))
+        timed = self.verify_ms.setdefault(node.address, {})
+
+        def next_k(reply: pb.VerifyReply) -> int:
+            load = self._node_load(node, request.model)
+            if reply.drafted and reply.step_ms > 0 and load is not None:
+                estimate.add(reply.drafted, reply.accepted)
+                # one decode call of drafted + 1 tokens, or a plain step per token streamed
+                size, ms = (reply.drafted + 1, reply.step_ms) if load.batched_verify else (1, reply.step_ms / (reply.accepted + 1))
+                timed[size] = ms if size not in timed else timed[size] + 0.2 * (ms - timed[size])
+            drafting = self._drafting(drafter, node, load, request.model) if load is not None else None
+            return best_draft(drafting, node.link.rtt_ms).k if drafting and node.link else candidate.draft_tokens
+
+        place = FailoverPlace(self)
+        seen, broke = Rounds(), []
+        try:
+            async with contextlib.aclosing(speculate(drafter, prompt, node, start, candidate.draft_tokens, next_k,
+                                                     self.settings.stall_s, seen, broke)) as chunks:
+                async for chunk in chunks:
+                    if chunk.HasField("done"):
+                        summary = chunk.done
+                        summary.ran, summary.node, summary.model = pb.PLAN_SPLIT, node.address, request.model
+                        summary.draft_rounds, summary.drafted_tokens = seen.rounds, seen.drafted
+                        summary.accepted_tokens = seen.accepted
+                        for key, value in predicted.items():
+                            setattr(summary, key, value)
+                    yield chunk
+            self.budget.spend(time.monotonic(), len(seen.texts))
+            if not broke:
+                return
+            logger.warning("draft-and-verify with %s broke after %d tokens, continuing on the device: %s",
+                           node.address, len(seen.texts), broke[0])
+            async for chunk in self._device_after_text(drafter, prompt, sampling, seen.texts, broke[0], started,
+                                                       predicted, node.address, place):
+                yield chunk
+        finally:
+            place.release()
 
     async def _from_node(self, node: CloudNodeClient, forward: pb.GenerateRequest, generated: list[int],
                          sampling: Sampling, predicted: dict, broke: list[str], *, prompt_tokens: int | None,
@@ -636,7 +736,7 @@ class Generator:
         check_sampling(sampling, request.generated_token_ids)
         shape = GenerationShape(prompt_tokens=guessed_prompt_tokens(request), max_tokens=sampling.max_tokens,
                                 prompt_bytes=request.ByteSize())
-        decision = self.decide(request.model, shape, objective)
+        decision = self.decide(request.model, shape, objective, drafter=self.drafter_for(request))
         first, why = self._pick(decision, request.plan)
         digest = self._digest(first.node, request.model)
         line = [first, *sorted((c for c in decision.candidates if c.kind == "remote" and c is not first

@@ -341,7 +341,7 @@ class GenerationSummary:
     completion_tokens: int
     ttft_ms: float
     tokens_per_s: float
-    ran: str            # where the last token came from: "local" or "remote"
+    ran: str            # where the last token came from: "local", "remote" or "speculative" (drafted here, checked there)
     node: str
     switched: bool      # the stream moved from the cloud to the device
     switched_at_token: int
@@ -360,15 +360,19 @@ class GenerationSummary:
     confidence_probability: float = 0.0  # ... calibrated: the chance its answer is right
     threshold: float = 0.0        # ... below which the cloud model answers
     escalated: bool = False       # ... and whether it did
+    draft_rounds: int = 0         # speculative: rounds of drafts the node checked
+    drafted_tokens: int = 0       # ... their tokens, in the node's vocabulary
+    accepted_tokens: int = 0      # ... those that stood
 
     @classmethod
     def from_message(cls, m: pb.GenerateSummary) -> "GenerationSummary":
-        labels = {pb.PLAN_LOCAL: "local", pb.PLAN_REMOTE: "remote"}
+        labels = {pb.PLAN_LOCAL: "local", pb.PLAN_REMOTE: "remote", pb.PLAN_SPLIT: "speculative"}
         return cls(
             m.finish_reason, m.prompt_tokens, m.completion_tokens, m.ttft_ms, m.tokens_per_s, labels.get(m.ran, ""),
             m.node, m.switched, m.switched_at_token, m.switch_reason, m.queue_ms, m.total_ms, labels.get(m.planned, ""),
             m.reason, m.predicted_ttft_ms, m.predicted_total_ms, m.predicted_energy_j, m.resumed_state_bytes,
             m.model, m.tier, m.confidence, m.confidence_probability, m.threshold, m.escalated,
+            m.draft_rounds, m.drafted_tokens, m.accepted_tokens,
         )
 
 

@@ -38,6 +38,18 @@ receives the stream, as in the tensor cost model: the chunks are small and a
 downlink radio model would be a second model for a few kilobytes. The device
 is assumed free for LOCAL; contention on it belongs in its measured speeds.
 
+SPECULATIVE on node n (``LlmNode.drafting`` given): the device drafts k
+tokens a round, the node checks them in one decode call (partitioner.
+speculation: k*, R(k*) and E(k*) tokens a round; d the device's draft step)::
+
+    first   = max(p / S_p,n * 1e3, k * d) + V(k)  the device drafts while the node prefills
+    ttft    = L.rtt + up + q_n + o_n + first + down_1
+    T       = ttft + (m / E - 1) * R
+    J       = [ P_tx * up + P_active * D + P_idle * (T - up - D) ] / 1e3,  D = (m / E) * k * d
+
+Its output is the node's own greedy generation, so it competes with REMOTE
+on that node on time and energy alone; it only applies to greedy requests.
+
 Objectives: LATENCY minimises T, ENERGY minimises J, WEIGHTED minimises
 ``w * T / T_ref + (1 - w) * J / J_ref``. The reference is the LOCAL candidate
 when the model is on the device, else the first node given (REMOTE on
@@ -62,6 +74,9 @@ from dataclasses import dataclass
 from partitioner import choice
 from partitioner.choice import TIE_REL_TOL, Objective, count, integer, non_negative, positive, set_field
 from partitioner.costmodel import LOCAL, REMOTE, Link, Power
+from partitioner.speculation import Drafting, best_draft
+
+SPECULATIVE = "speculative"
 
 __all__ = [
     "TIE_REL_TOL",
@@ -157,6 +172,7 @@ class LlmNode:
     link: Link  # measured link from the device to this node
     queue_ms: float  # the node's reported, measured queue delay, ms
     speed: LlmSpeed  # the node's measured speeds for this model
+    drafting: Drafting | None = None  # the device can draft for this node's model: a SPECULATIVE route too
 
     def __post_init__(self) -> None:
         if not isinstance(self.node, str) or not self.node:
@@ -200,7 +216,7 @@ class LlmPolicy:
 class LlmCandidate:
     """One route with its predictions and what rules it out."""
 
-    kind: str  # "local" | "remote"
+    kind: str  # "local" | "remote" | "speculative"
     node: str | None  # cloud node, None for local
     ttft_ms: float  # predicted time to first token, ms
     total_ms: float  # predicted time to the last of max_tokens tokens, ms
@@ -208,6 +224,7 @@ class LlmCandidate:
     score: float  # what the objective minimises
     violations: tuple[str, ...]  # human-readable, hard ones first
     hard_violation: bool  # True if any violation is of a hard constraint
+    draft_tokens: int = 0  # speculative: tokens the device drafts a round
 
     @property
     def label(self) -> str:
@@ -259,6 +276,24 @@ def _remote(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[float,
     return ttft, total, energy
 
 
+def _speculative(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[tuple[float, float, float], int]:
+    """((ttft, T, J), k) drafting on the device for one node, as in the module docstring."""
+    assert node.drafting is not None
+    link, speed, drafting = node.link, node.speed, node.drafting
+    plan = best_draft(drafting, link.rtt_ms)
+    up = shape.prompt_bytes * 8 / (link.uplink_mbps * 1e6) * 1e3
+    down_1 = shape.bytes_per_token * 8 / (link.downlink_mbps * 1e6) * 1e3
+    prefill = shape.prompt_tokens / speed.prompt_tok_s * 1e3
+    first = max(prefill, plan.k * drafting.draft_ms) + drafting.check_ms(plan.k)
+    ttft = link.rtt_ms + up + node.queue_ms + speed.overhead_ms + first + down_1
+    rounds = shape.max_tokens / plan.tokens_per_round
+    total = ttft + max(rounds - 1, 0.0) * plan.round_ms
+    drafting_ms = min(rounds * plan.k * drafting.draft_ms, total - up)
+    radio_w = power.radio_alpha_w_per_mbps * link.uplink_mbps + power.radio_beta_w
+    energy = (radio_w * up + power.active_w * drafting_ms + power.idle_w * (total - up - drafting_ms)) / 1e3
+    return (ttft, total, energy), plan.k
+
+
 _TTFT_SLO = choice.Soft("TTFT SLO", "first token", "TTFT SLO", "the quickest to first token", "ms")
 
 
@@ -267,10 +302,10 @@ def _violations(
 ) -> list[choice.Violation]:
     """Each constraint the route breaks, hard ones first."""
     found: list[choice.Violation] = []
-    if kind == REMOTE and not policy.allow_remote:
+    if kind != LOCAL and not policy.allow_remote:
         found.append(("remote not allowed", "remote execution not allowed", True))
     left = policy.remote_tokens_left
-    if kind == REMOTE and left is not None and shape.max_tokens > left:
+    if kind != LOCAL and left is not None and shape.max_tokens > left:
         found.append(("remote token cap", f"max_tokens {shape.max_tokens} > remote tokens left {left}", True))
     found += choice.SLO.breach(total_ms, policy.slo_ms)
     found += _TTFT_SLO.breach(ttft_ms, policy.ttft_slo_ms)
@@ -314,10 +349,13 @@ def _evaluate(
     objective = choice.objective(objective)
     checked_nodes, weight = _checked_inputs(shape, local, nodes, power, weight_latency, policy)
 
-    routes: list[tuple[str, str | None, tuple[float, float, float]]] = []
+    routes: list[tuple[str, str | None, tuple[float, float, float], int]] = []
     if local is not None:
-        routes.append((LOCAL, None, _local(shape, local, power)))
-    routes.extend((REMOTE, node.node, _remote(shape, node, power)) for node in checked_nodes)
+        routes.append((LOCAL, None, _local(shape, local, power), 0))
+    for node in checked_nodes:
+        routes.append((REMOTE, node.node, _remote(shape, node, power), 0))
+        if node.drafting is not None:
+            routes.append((SPECULATIVE, node.node, *_speculative(shape, node, power)))
 
     _, ref_total, ref_energy = routes[0][2]
     if objective is Objective.WEIGHTED and (ref_total <= 0 or ref_energy <= 0):
@@ -329,7 +367,7 @@ def _evaluate(
         )
 
     evaluated = []
-    for kind, node_name, (ttft, total, energy) in routes:
+    for kind, node_name, (ttft, total, energy), draft_tokens in routes:
         broken = _violations(policy, shape, kind, ttft, total, energy)
         candidate = LlmCandidate(
             kind=kind,
@@ -340,6 +378,7 @@ def _evaluate(
             score=choice.score(objective, weight, total, energy, ref_total, ref_energy),
             violations=tuple(message for _, message, _ in broken),
             hard_violation=any(hard for _, _, hard in broken),
+            draft_tokens=draft_tokens,
         )
         evaluated.append((candidate, tuple((name, hard) for name, _, hard in broken)))
     return objective, evaluated

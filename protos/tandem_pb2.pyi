@@ -210,7 +210,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LlmLoad(_message.Message):
-    __slots__ = ("model", "slots", "active", "queued", "max_queue", "queue_delay_ms", "prompt_tok_s", "gen_tok_s", "ctx_per_seq", "next_stream_tok_s", "batched_steps")
+    __slots__ = ("model", "slots", "active", "queued", "max_queue", "queue_delay_ms", "prompt_tok_s", "gen_tok_s", "ctx_per_seq", "next_stream_tok_s", "batched_steps", "step_ms", "batched_verify")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,8 @@ class LlmLoad(_message.Message):
     CTX_PER_SEQ_FIELD_NUMBER: _ClassVar[int]
     NEXT_STREAM_TOK_S_FIELD_NUMBER: _ClassVar[int]
     BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_VERIFY_FIELD_NUMBER: _ClassVar[int]
     model: str
     slots: int
     active: int
@@ -233,7 +235,9 @@ class LlmLoad(_message.Message):
     ctx_per_seq: int
     next_stream_tok_s: float
     batched_steps: int
-    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ..., next_stream_tok_s: _Optional[float] = ..., batched_steps: _Optional[int] = ...) -> None: ...
+    step_ms: _containers.RepeatedScalarFieldContainer[float]
+    batched_verify: bool
+    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., queue_delay_ms: _Optional[float] = ..., prompt_tok_s: _Optional[float] = ..., gen_tok_s: _Optional[float] = ..., ctx_per_seq: _Optional[int] = ..., next_stream_tok_s: _Optional[float] = ..., batched_steps: _Optional[int] = ..., step_ms: _Optional[_Iterable[float]] = ..., batched_verify: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "models", "load", "llm", "skipped")
@@ -352,7 +356,7 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., piece: _Optional[bytes] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "ran", "node", "switched", "switched_at_token", "switch_reason", "queue_ms", "total_ms", "planned", "reason", "predicted_ttft_ms", "predicted_total_ms", "predicted_energy_j", "resumed_state_bytes", "model", "tier", "confidence", "confidence_probability", "threshold", "escalated")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "ran", "node", "switched", "switched_at_token", "switch_reason", "queue_ms", "total_ms", "planned", "reason", "predicted_ttft_ms", "predicted_total_ms", "predicted_energy_j", "resumed_state_bytes", "model", "tier", "confidence", "confidence_probability", "threshold", "escalated", "draft_rounds", "drafted_tokens", "accepted_tokens")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -377,6 +381,9 @@ class GenerateSummary(_message.Message):
     CONFIDENCE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ESCALATED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -401,7 +408,10 @@ class GenerateSummary(_message.Message):
     confidence_probability: float
     threshold: float
     escalated: bool
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., ran: _Optional[_Union[PlanKind, str]] = ..., node: _Optional[str] = ..., switched: _Optional[bool] = ..., switched_at_token: _Optional[int] = ..., switch_reason: _Optional[str] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., planned: _Optional[_Union[PlanKind, str]] = ..., reason: _Optional[str] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_total_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., resumed_state_bytes: _Optional[int] = ..., model: _Optional[str] = ..., tier: _Optional[str] = ..., confidence: _Optional[float] = ..., confidence_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., escalated: _Optional[bool] = ...) -> None: ...
+    draft_rounds: int
+    drafted_tokens: int
+    accepted_tokens: int
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., ran: _Optional[_Union[PlanKind, str]] = ..., node: _Optional[str] = ..., switched: _Optional[bool] = ..., switched_at_token: _Optional[int] = ..., switch_reason: _Optional[str] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., planned: _Optional[_Union[PlanKind, str]] = ..., reason: _Optional[str] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_total_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., resumed_state_bytes: _Optional[int] = ..., model: _Optional[str] = ..., tier: _Optional[str] = ..., confidence: _Optional[float] = ..., confidence_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., escalated: _Optional[bool] = ..., draft_rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class Handoff(_message.Message):
     __slots__ = ("handle", "completion_tokens", "state_tokens", "state_bytes", "model_digest")
@@ -426,6 +436,30 @@ class GenerateChunk(_message.Message):
     done: GenerateSummary
     handoff: Handoff
     def __init__(self, token: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[GenerateSummary, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ...) -> None: ...
+
+class VerifyStep(_message.Message):
+    __slots__ = ("start", "draft")
+    START_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    start: GenerateRequest
+    draft: bytes
+    def __init__(self, start: _Optional[_Union[GenerateRequest, _Mapping]] = ..., draft: _Optional[bytes] = ...) -> None: ...
+
+class VerifyReply(_message.Message):
+    __slots__ = ("tokens", "pieces", "drafted", "accepted", "step_ms", "done")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenChunk]
+    pieces: bytes
+    drafted: int
+    accepted: int
+    step_ms: float
+    done: GenerateSummary
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenChunk, _Mapping]]] = ..., pieces: _Optional[bytes] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., step_ms: _Optional[float] = ..., done: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("handle", "take")

@@ -44,6 +44,11 @@ class CloudNodeStub:
                 request_serializer=protos_dot_tandem__pb2.StateRequest.SerializeToString,
                 response_deserializer=protos_dot_tandem__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.Verify = channel.stream_stream(
+                '/tandem.v1.CloudNode/Verify',
+                request_serializer=protos_dot_tandem__pb2.VerifyStep.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.VerifyReply.FromString,
+                _registered_method=True)
         self.RunPartition = channel.unary_unary(
                 '/tandem.v1.CloudNode/RunPartition',
                 request_serializer=protos_dot_tandem__pb2.PartitionRequest.SerializeToString,
@@ -83,6 +88,12 @@ class CloudNodeServicer:
     def FetchState(self, request, context):
         """A handed-over generation's KV state (Handoff), while the node drains.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -132,6 +143,11 @@ def add_CloudNodeServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=protos_dot_tandem__pb2.StateRequest.FromString,
                     response_serializer=protos_dot_tandem__pb2.StateChunk.SerializeToString,
+            ),
+            'Verify': grpc.stream_stream_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=protos_dot_tandem__pb2.VerifyStep.FromString,
+                    response_serializer=protos_dot_tandem__pb2.VerifyReply.SerializeToString,
             ),
             'RunPartition': grpc.unary_unary_rpc_method_handler(
                     servicer.RunPartition,
@@ -213,6 +229,33 @@ class CloudNode:
             '/tandem.v1.CloudNode/FetchState',
             protos_dot_tandem__pb2.StateRequest.SerializeToString,
             protos_dot_tandem__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.v1.CloudNode/Verify',
+            protos_dot_tandem__pb2.VerifyStep.SerializeToString,
+            protos_dot_tandem__pb2.VerifyReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,20 @@ facts).
 
 Results leave through a callback per request, called on the decode thread,
 so the asyncio servers bridge them with ``call_soon_threadsafe``.
+
+Draft-and-verify decoding runs in rounds (``Request.rounds``): a sequence
+parks after each round and goes on when its next ``Round`` arrives
+(``LlmEngine.next_round``). The device's model drafts ("draft"): each round
+it keeps the drafted tokens the target accepted, adds the target's text, and
+drafts again. The cloud model verifies ("verify"): its first round is its
+first token; then each round streams its own greedy tokens while they equal
+the draft, and the first that differs (or follows the draft) ends it. By
+default each position is its own decode step, exactly as a plain
+generation's, so the stream is token for token the model's greedy output.
+``batched_verify`` checks a whole draft in one decode call instead: fewer
+calls, but llama.cpp's CPU kernels give a multi-token call logits that
+differ from one-token calls (measured for Gemma 3 270M: up to 1.0 apart,
+docs/benchmarks.md), so greedy near-ties can go the other way.
 """
 
 from __future__ import annotations
@@ -121,6 +135,30 @@ def find_gemma3() -> Path:
 PACKAGED_LLMS: dict[str, Callable[[], Path]] = {"smollm2": find_smollm2, "gemma3-270m": find_gemma3}
 
 
+def whole_characters(text: bytes) -> bytes:
+    """``text`` without a UTF-8 character cut off at its end (a token's
+    bytes may end inside one)."""
+    for back in range(1, min(4, len(text)) + 1):
+        byte = text[-back]
+        if byte < 0x80:
+            return text
+        if byte >= 0xC0:  # the lead byte of the last character: is it whole?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return text if back >= need else text[:-back]
+    return text
+
+
+def agreeing_tokens(pieces: Sequence[bytes], text: bytes) -> tuple[int, int]:
+    """How many of ``pieces`` (a sequence's tokens, in order) spell a prefix
+    of ``text``, and how many bytes of it they cover."""
+    covered = 0
+    for count, piece in enumerate(pieces):
+        if text[covered:covered + len(piece)] != piece:
+            return count, covered
+        covered += len(piece)
+    return len(pieces), covered
+
+
 class GenerationError(ValueError):
     """The request cannot be generated (empty prompt, too long, bad limits)."""
 
@@ -168,7 +206,27 @@ class DoneEvent:
     state_tokens: int = 0          # the positions it holds: the first state_tokens of prompt + completion
 
 
-Event = TokenEvent | DoneEvent
+@dataclass(frozen=True)
+class Round:
+    """What a parked sequence does next (LlmEngine.next_round)."""
+    draft: tuple[int, ...] = ()    # verify: tokens to check against the model's own greedy choices
+    keep: int = -1                 # draft: drafted completion tokens that stand (-1: all)
+    append: tuple[int, ...] = ()   # draft: tokens that follow them (the target's text in this vocabulary)
+    generate: int = 0              # draft: tokens to draft this round
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """A round's end; the sequence is parked until its next Round."""
+    tokens: tuple[int, ...]        # verify: this round's tokens (the accepted draft, then the model's own); draft: drafted
+    pieces: bytes                  # their bytes, held-back ones included
+    drafted: int = 0               # verify: the draft's length in tokens
+    accepted: int = 0              # verify: drafted tokens that stood
+    step_ms: float = 0.0           # verify: the decode call that checked it
+    ended: bool = False            # draft: the model ended its text (an end-of-generation token)
+
+
+Event = TokenEvent | DoneEvent | RoundEvent
 
 
 @dataclass
@@ -182,6 +240,9 @@ class Request:
     # its first ``state_tokens`` positions hold prompt + generated, so they are not evaluated again.
     state: bytes | None = None
     state_tokens: int = 0
+    rounds: str = ""               # "": straight through; "verify" or "draft": in Rounds (module docstring)
+    draft_tokens: int = 0          # "draft": tokens to draft in the first round
+    next_round: Round | None = None  # set by LlmEngine.next_round while the sequence is parked
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -211,6 +272,12 @@ class _Sequence:
         self.prompt_eval_ms = 0.0
         self.emitted_this_run = 0
         self.reused = 0  # positions whose KV came from the prefix cache or a handed-over state
+        self.finished = False
+        self.round_left = request.draft_tokens                      # "draft": tokens left to draft this round
+        self.round_tokens: list[int] = []                            # drafted or verified this round
+        self.draft: list[int] = []                                   # "verify": drafted tokens not yet reached
+        self.round_drafted = 0
+        self.round_ms = 0.0                                          # "verify": decode time this round
 
 
 def check_sampling(sampling: Sampling, generated: Sequence[int] = ()) -> None:
@@ -229,9 +296,11 @@ class LlmEngine:
     """A GGUF model served to many requests through one continuous-batching loop."""
 
     def __init__(self, name: str, path: Path, *, slots: int = 4, ctx_per_seq: int = 2048, threads: int | None = None,
-                 max_queue: int = 16, unified_kv: bool = False, prefix_cache_bytes: int = 0) -> None:
+                 max_queue: int = 16, unified_kv: bool = False, prefix_cache_bytes: int = 0,
+                 batched_verify: bool = False) -> None:
         """``prefix_cache_bytes``: KV states of recent prompts and generations
-        kept for reuse (runtimes.kv_cache; 0: none)."""
+        kept for reuse (runtimes.kv_cache; 0: none). ``batched_verify``: check
+        a draft in one decode call (module docstring)."""
         if slots < 1 or max_queue < 0 or ctx_per_seq < 16:
             raise ValueError("slots must be >= 1, max_queue >= 0, ctx_per_seq >= 16")
         self.name = name
@@ -239,6 +308,7 @@ class LlmEngine:
         self.slots = slots
         self.max_queue = max_queue
         self.ctx_per_seq = ctx_per_seq
+        self.batched_verify = batched_verify
         # llama-cpp-python's default is half the cores; a daemon that owns the
         # board should use all of them unless told otherwise (CPU quota).
         threads = threads or os.cpu_count() or 1
@@ -268,12 +338,15 @@ class LlmEngine:
         self._vocab = self.llm._model.vocab
         self._n_vocab = self.llm.n_vocab()
 
-        # _waiting and _free are shared with submitting threads under _wake;
+        # _waiting, _free and _parked are shared with submitting threads under _wake;
         # _prefilling and _active belong to the decode thread.
+        # Drafts longer than this would not fit one decode call beside every other slot's.
+        self.max_round_tokens = max(self._n_batch // slots - 1, 1)
         self._waiting: deque[Request] = deque()
         self._free = list(range(slots - 1, -1, -1))
         self._prefilling: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
+        self._parked: dict[int, _Sequence] = {}  # round-by-round sequences between rounds (shared under _wake)
         self._wake = threading.Condition()
         self._stop = False
         self._handing_off = False
@@ -362,6 +435,10 @@ class LlmEngine:
     def submit(self, request: Request) -> None:
         """Queue ``request``; Overloaded when every slot and queue place is taken."""
         self.validate(request.prompt_tokens, request.sampling, request.generated)
+        if request.rounds not in ("", "verify", "draft"):
+            raise GenerationError(f"rounds must be verify or draft, got {request.rounds!r}")
+        if request.rounds and (request.sampling.temperature > 0 or request.generated or request.state is not None):
+            raise GenerationError("draft-and-verify decoding is greedy (temperature 0) and starts from a prompt")
         with self._wake:
             if self._stop:
                 raise RuntimeError(f"{self.name} is shutting down")
@@ -414,9 +491,57 @@ class LlmEngine:
         filler = self.tokenize_prompt("Tandem measures how fast this device runs the model. " * 8)[:prompt_tokens]
         return self.complete(filler, Sampling(max_tokens=max_tokens))[1]
 
+    def next_round(self, request: Request, round_: Round) -> None:
+        """What a parked round-by-round request does next (from any thread)."""
+        bad = [t for t in (*round_.draft, *round_.append) if not 0 <= t < self._n_vocab]
+        if bad:
+            raise GenerationError(f"token ids {bad[:5]} are outside the vocabulary of {self.name} ({self._n_vocab})")
+        with self._wake:
+            request.next_round = round_
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Cancel ``request`` and wake the decode loop, which may be idle with it parked."""
+        with self._wake:
+            request.cancel()
+            self._wake.notify()
+
+    def measure_verify_steps(self, sizes: Sequence[int] = (2, 4, 8, 16), *, timeout_s: float = 60.0) -> None:
+        """Time a decode call of each size in ``sizes`` tokens, as a batched
+        verify makes them (blocking; a node does it at start, so agents can
+        size their drafts before the first one: partitioner.speculation)."""
+        if not self.batched_verify:
+            return  # each position is a plain decode step, timed by every generation
+        rounds: deque[Event] = deque()
+        arrived = threading.Condition()
+
+        def emit(event: Event) -> None:
+            if isinstance(event, TokenEvent):
+                return
+            with arrived:
+                rounds.append(event)
+                arrived.notify()
+
+        filler = self.tokenize_prompt("Tandem measures how fast this node checks a draft. " * 8)
+        request = Request(prompt_tokens=filler[:32], sampling=Sampling(max_tokens=2 * (sum(sizes) + len(sizes))), emit=emit,
+                          rounds="verify")
+        self.submit(request)
+        try:
+            for size in [0, *sizes, *sizes]:  # round 0 is the first token; each size twice: a first call also allocates
+                if size:
+                    self.next_round(request, Round(draft=tuple(filler[32:32 + size - 1])))
+                with arrived:
+                    if not arrived.wait_for(lambda: rounds, timeout_s):
+                        raise TimeoutError(f"{self.name}: no verified round in {timeout_s} s")
+                    if isinstance(rounds.popleft(), DoneEvent):
+                        return
+        finally:
+            self.cancel(request)
+
     def stream_tok_s(self, batch: int = 1) -> float:
         """Measured tokens/s of one stream decoding alongside ``batch - 1``
-        others (0.0 before any step was measured). Sizes not seen yet are
+        others (0.0 before any step was measured); ``batch`` counts the tokens
+        of a step, so it is also a verified draft of ``batch - 1`` tokens. Sizes not seen yet are
         estimated from the nearest smaller one, assuming a step costs the same
         for a larger batch (optimistic, which is what batching is for)."""
         steps = dict(self._step_ms)  # a copy: the decode thread adds sizes while we read
@@ -430,9 +555,13 @@ class LlmEngine:
         """Single-stream generation speed, the figure routing starts from."""
         return self.stream_tok_s(1)
 
+    def step_ms(self, tokens: int) -> float:
+        """Measured time of a decode call of exactly ``tokens`` tokens (0.0: none yet)."""
+        return dict(self._step_ms).get(tokens, 0.0)
+
     @property
     def active(self) -> int:
-        return len(self._active) + len(self._prefilling)
+        return len(self._active) + len(self._prefilling) + len(self._parked)
 
     @property
     def queued(self) -> int:
@@ -444,7 +573,7 @@ class LlmEngine:
         a copy that races a change is taken again."""
         for _ in range(3):
             try:
-                sequences = [*tuple(self._active.values()), *tuple(self._prefilling)]
+                sequences = [*tuple(self._active.values()), *tuple(self._prefilling), *tuple(self._parked.values())]
             except RuntimeError:  # changed size during the copy
                 continue
             return sum(seq.n_past for seq in sequences) / (self.slots * self.ctx_per_seq)
@@ -486,10 +615,16 @@ class LlmEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self._active and not self._prefilling and not self._waiting:
+                while not (self._stop or self._active or self._prefilling or self._waiting
+                           or (self._handing_off and self._parked) or any(self._due(seq) for seq in self._parked.values())):
                     self._wake.wait()
                 if self._stop:
                     break
+                resumed = [self._parked.pop(seq_id) for seq_id, seq in list(self._parked.items())
+                           if self._due(seq) or self._handing_off]
+                rounds = [(seq, seq.request.next_round) for seq in resumed]
+                for seq in resumed:
+                    seq.request.next_round = None
                 self._drop_cancelled_waiting()
                 handed_over = list(self._waiting) if self._handing_off else []
                 if handed_over:
@@ -501,6 +636,10 @@ class LlmEngine:
                 request.emit(DoneEvent("handoff", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
             for seq_id, request in admitted:
                 self._start(seq_id, request)
+            for seq, round_ in rounds:
+                self._active[seq.seq_id] = seq
+                if round_ is not None and not seq.request.cancelled.is_set():
+                    self._begin_round(seq, round_)
             self._reap_cancelled()
             if self._handing_off:
                 self._hand_over()
@@ -513,7 +652,7 @@ class LlmEngine:
                     logger.exception("decode step of %s failed", self.name)
                     for seq in list(self._active.values()):
                         self._finish(seq, "error", str(exc))
-        for seq in [*self._active.values(), *self._prefilling]:
+        for seq in [*self._active.values(), *self._prefilling, *self._parked.values()]:
             self._finish(seq, "cancelled")
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
@@ -651,18 +790,105 @@ class LlmEngine:
             self._free.append(seq_id)
 
     def _step(self) -> None:
+        """One decode call for every running sequence: its tokens not yet in
+        the KV cache (one, or a draft to verify, or the target's text a
+        drafting sequence takes on)."""
         order = list(self._active.values())
-        self._fill([(seq.tokens[-1], seq.n_past, seq.seq_id, True) for seq in order])
+        entries, spans = [], []
+        for seq in order:
+            pending = seq.tokens[seq.n_past:]
+            every = seq.request.rounds == "verify" and self.batched_verify
+            spans.append((len(entries), len(pending)))
+            entries += [(token, seq.n_past + i, seq.seq_id, every or i == len(pending) - 1)
+                        for i, token in enumerate(pending)]
+        self._fill(entries)
         start = time.perf_counter()
         self._decode()
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        old = self._step_ms.get(len(order))
-        self._step_ms[len(order)] = elapsed_ms if old is None else old + 0.1 * (elapsed_ms - old)
+        old = self._step_ms.get(len(entries))
+        self._step_ms[len(entries)] = elapsed_ms if old is None else old + 0.1 * (elapsed_ms - old)
         if len(order) > 1:
             self.batched_steps += 1
-        for index, seq in enumerate(order):
+        for seq, (first, count) in zip(order, spans):
+            seq.round_ms += elapsed_ms
+            if seq.request.rounds == "verify" and self.batched_verify:
+                self._verify(seq, first, count - 1)
+            else:
+                seq.n_past = len(seq.tokens)
+                self._take(seq, batch_index=first + count - 1)
+
+    def _verify(self, seq: _Sequence, first: int, drafted: int) -> None:
+        """Batched: stream the draft's longest prefix that equals this model's
+        greedy choices, then its own next token; drop the rest from the KV cache."""
+        base = seq.n_past  # the last token that stood, evaluated in this step with the draft after it
+        draft = seq.tokens[base + 1:]
+        del seq.tokens[base + 1:]
+        produced: list[int] = []
+        for j in range(drafted + 1):
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, first + j)
             seq.n_past += 1
-            self._take(seq, batch_index=index)
+            produced.append(token)
+            self._accept(seq, token, first + j)
+            if seq.finished or j == drafted or token != draft[j]:
+                break
+        if seq.finished:
+            return
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, seq.n_past, -1)
+        seq.round_tokens, seq.round_drafted = produced, drafted
+        self._end_verify_round(seq)
+
+    def _check(self, seq: _Sequence, token: int) -> None:
+        """One position of a draft, checked the way a plain generation makes
+        it: equal to the draft, the round goes on to the next; else (or past
+        the draft's end) the round ends with it."""
+        seq.round_tokens.append(token)
+        if seq.draft and token == seq.draft[0]:
+            seq.draft.pop(0)
+            return
+        seq.draft = []
+        self._end_verify_round(seq)
+
+    def _end_verify_round(self, seq: _Sequence) -> None:
+        produced = tuple(seq.round_tokens)
+        event = RoundEvent(produced, b"".join(map(self.piece, produced)), drafted=seq.round_drafted,
+                           accepted=len(produced) - 1, step_ms=seq.round_ms)
+        seq.round_tokens, seq.round_drafted, seq.round_ms = [], 0, 0.0
+        self._park(seq, event)
+
+    def _begin_round(self, seq: _Sequence, round_: Round) -> None:
+        """Take a parked sequence's next round in: a draft to verify goes
+        after its last token; a drafting sequence keeps what the target
+        accepted, takes the target's text after it and drafts again."""
+        room = self.ctx_per_seq - len(seq.tokens) - 1
+        if seq.request.rounds == "verify":
+            left = seq.max_total - seq.completion - len(seq.pending) - 1  # beyond max_tokens nothing is kept
+            draft = list(round_.draft[:max(min(self.max_round_tokens, room, left), 0)])
+            seq.round_drafted, seq.round_ms = len(draft), 0.0
+            if self.batched_verify:
+                seq.tokens += draft
+            else:
+                seq.draft = draft
+            return
+        prompt = len(seq.request.prompt_tokens)
+        kept = len(seq.tokens) - prompt if round_.keep < 0 else min(round_.keep, len(seq.tokens) - prompt)
+        seq.tokens = seq.tokens[:prompt + kept] + list(round_.append[:self.max_round_tokens])
+        evaluated = min(seq.n_past, len(seq.tokens) - 1)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, evaluated, -1)
+        seq.n_past = evaluated
+        seq.round_left = min(round_.generate, self.max_round_tokens, self.ctx_per_seq - len(seq.tokens) - 1)
+        if seq.round_left < 1:
+            self._finish(seq, "length")
+
+    @staticmethod
+    def _due(seq: _Sequence) -> bool:
+        return seq.request.next_round is not None or seq.request.cancelled.is_set()
+
+    def _park(self, seq: _Sequence, event: RoundEvent) -> None:
+        """A round-by-round sequence waits for its next Round (it may be there already)."""
+        self._active.pop(seq.seq_id, None)
+        with self._wake:
+            self._parked[seq.seq_id] = seq
+        seq.request.emit(event)
 
     def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         batch = self._batch
@@ -680,8 +906,27 @@ class LlmEngine:
             raise RuntimeError(f"llama_decode returned {status}")
 
     def _take(self, seq: _Sequence, *, batch_index: int) -> None:
-        """Sample this sequence's next token and stream or finish it."""
+        """Sample this sequence's next token and stream or finish it (a draft's: keep it for the round)."""
         token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, batch_index)
+        if seq.request.rounds == "draft":
+            self._drafted(seq, token)
+            return
+        self._accept(seq, token, batch_index)
+        if seq.request.rounds == "verify" and not seq.finished:
+            self._check(seq, token)
+
+    def _drafted(self, seq: _Sequence, token: int) -> None:
+        ended = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        if not ended:
+            seq.tokens.append(token)
+            seq.round_tokens.append(token)
+        seq.round_left -= 1
+        if ended or seq.round_left <= 0 or len(seq.tokens) + 1 >= self.ctx_per_seq:
+            drafted, seq.round_tokens = tuple(seq.round_tokens), []
+            self._park(seq, RoundEvent(drafted, b"".join(map(self.piece, drafted)), ended=ended))
+
+    def _accept(self, seq: _Sequence, token: int, batch_index: int) -> None:
+        """Stream ``token`` (sampled at ``batch_index``) or finish the sequence with it."""
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
@@ -749,7 +994,8 @@ class LlmEngine:
         """End every sequence with "handoff": a running one with its KV state
         (its held-back tokens are not streamed: the next engine samples them again)."""
         for seq in list(self._active.values()):
-            self._finish(seq, "handoff", state=self._state_of(seq.seq_id))
+            # a round-by-round sequence's state would be another model's (the device drafts with its own)
+            self._finish(seq, "handoff", state=None if seq.request.rounds else self._state_of(seq.seq_id))
         while self._prefilling:
             self._finish(self._prefilling.popleft(), "handoff")
 
@@ -758,7 +1004,10 @@ class LlmEngine:
             self._flush(seq)
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
+        seq.finished = True
         self._active.pop(seq.seq_id, None)
+        with self._wake:
+            self._parked.pop(seq.seq_id, None)
         self._release(seq.seq_id)
         now = time.perf_counter()
         first = seq.first_token_at or now

@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
 
+from partitioner.speculation import MAX_DRAFT_TOKENS
 from protos import tandem_pb2 as pb
-from runtimes.llm import PACKAGED_LLMS, DoneEvent, Event, GenerationError, LlmEngine, Request, Sampling, TokenEvent
+from runtimes.llm import PACKAGED_LLMS, DoneEvent, Event, GenerationError, LlmEngine, Request, Round, Sampling, TokenEvent
 from runtimes.onnx_exec import file_digest
 from runtimes.rpc import UnknownModel, abort_for
 
@@ -44,14 +45,15 @@ class LlmStore:
 
     @classmethod
     def load(cls, entries: Sequence[str], *, slots: int, ctx_per_seq: int, threads: int | None, max_queue: int,
-             unified_kv: bool = False, prefix_cache_bytes: int = 0) -> "LlmStore":
+             unified_kv: bool = False, prefix_cache_bytes: int = 0, batched_verify: bool = False) -> "LlmStore":
         engines = {}
         for entry in entries:
             name, path = resolve(entry)
             engine = engines[name] = LlmEngine(name, path, slots=slots, ctx_per_seq=ctx_per_seq, threads=threads,
                                                max_queue=max_queue, unified_kv=unified_kv,
-                                               prefix_cache_bytes=prefix_cache_bytes)
+                                               prefix_cache_bytes=prefix_cache_bytes, batched_verify=batched_verify)
             engine.warm_up()
+            engine.measure_verify_steps()
             logger.info("LLM %s from %s: %d slots x %d tokens; prompt %.0f tok/s, generation %.0f tok/s",
                         name, path, slots, ctx_per_seq, engine.prompt_tok_s, engine.gen_tok_s)
         return cls(engines)
@@ -70,7 +72,7 @@ class LlmStore:
             pb.LlmLoad(model=name, slots=e.slots, active=e.active, queued=e.queued, max_queue=e.max_queue,
                        queue_delay_ms=e.queue_delay_ms, prompt_tok_s=e.prompt_tok_s, gen_tok_s=e.gen_tok_s,
                        ctx_per_seq=e.ctx_per_seq, next_stream_tok_s=e.stream_tok_s(min(e.active + 1, e.slots)),
-                       batched_steps=e.batched_steps)
+                       batched_steps=e.batched_steps, batched_verify=e.batched_verify, step_ms=[e.step_ms(n) for n in range(1, MAX_DRAFT_TOKENS + 2)])
             for name, e in self.engines.items()
         ]
 
@@ -109,6 +111,18 @@ def sampling_of(request: pb.GenerateRequest) -> Sampling:
                     logprobs=request.top_logprobs if request.logprobs else -1)
 
 
+def _bridge(events: "asyncio.Queue[Event]") -> Callable[[Event], None]:
+    """An ``emit`` for the decode thread that puts events on this loop's queue."""
+    loop = asyncio.get_running_loop()
+
+    def emit(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            pass
+    return emit
+
+
 async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, generated: Sequence[int] = (), *,
                  reserved: bool = False, state: bytes | None = None, state_tokens: int = 0) -> AsyncIterator[Event]:
     """Submit a generation and yield its events as they are produced. Leaving
@@ -116,17 +130,9 @@ async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, gener
     frees its slot at the next decode step. ``reserved``: its place was kept
     when it was accepted (a failover continuation), so a full queue takes it;
     ``state``: a handed-over KV state it goes on from (Request.state)."""
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def emit(event: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            pass
-
-    request = Request(prompt_tokens=prompt, sampling=sampling, emit=emit, generated=list(generated), reserved=reserved,
-                      state=state, state_tokens=state_tokens)
+    request = Request(prompt_tokens=prompt, sampling=sampling, emit=_bridge(events), generated=list(generated),
+                      reserved=reserved, state=state, state_tokens=state_tokens)
     engine.submit(request)
     finished = False
     try:
@@ -138,7 +144,35 @@ async def stream(engine: LlmEngine, prompt: list[int], sampling: Sampling, gener
                 return
     finally:
         if not finished:
-            request.cancel()
+            engine.cancel(request)
+
+
+class RoundSession:
+    """A round-by-round generation (Request.rounds) seen from asyncio: send
+    each Round, await its RoundEvent (and, verifying, the tokens streamed
+    before it). Closing it before its DoneEvent cancels the generation."""
+
+    def __init__(self, engine: LlmEngine, prompt: list[int], sampling: Sampling, *, rounds: str,
+                 draft_tokens: int = 0) -> None:
+        self.engine = engine
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.request = Request(prompt_tokens=prompt, sampling=sampling, emit=_bridge(self._events), rounds=rounds,
+                               draft_tokens=draft_tokens)
+        self.done: DoneEvent | None = None
+        engine.submit(self.request)
+
+    def send(self, round_: Round) -> None:
+        self.engine.next_round(self.request, round_)
+
+    async def next_event(self) -> Event:
+        event = await self._events.get()
+        if isinstance(event, DoneEvent):
+            self.done = event
+        return event
+
+    def close(self) -> None:
+        if self.done is None:
+            self.engine.cancel(self.request)
 
 
 async def relay(context: grpc.aio.ServicerContext, chunks: AsyncIterator[pb.GenerateChunk]) -> AsyncIterator[pb.GenerateChunk]:

@@ -40,3 +40,16 @@ def agent(model_dir: Path, cloud: launch.Daemon):
     with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--http-listen", "127.0.0.1:0",
                            "--metrics-listen", "127.0.0.1:0") as daemon:
         yield daemon
+
+
+@pytest.fixture(scope="session")
+def no_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory with no tensor model: LLM daemons that need not profile any."""
+    return tmp_path_factory.mktemp("no-models")
+
+
+@pytest.fixture(scope="session")
+def gemma_cloud(no_models: Path):
+    """A node serving the bigger model (Gemma 3 270M), shared by the two-tier tests that do not stop it."""
+    with launch.cloud_node(no_models, "--llm", "gemma3-270m") as node:
+        yield node
