@@ -1,6 +1,6 @@
 """LLM path: Tandem against bare llama-cpp-python and against itself under load.
 
-    python -m bench.llm [--tokens 128] [--only prefix|handoff|quality|ceiling] [--json bench/results/llm.json]
+    python -m bench.llm [--tokens 128] [--only prefix|handoff|quality|ceiling|speculative] [--json bench/results/llm.json]
 
 Side by side in one run, on the packaged SmolLM2 GGUF:
   1. generation tokens/s: bare ``Llama.generate`` vs the agent's LOCAL plan through the SDK;
@@ -23,7 +23,12 @@ Side by side in one run, on the packaged SmolLM2 GGUF:
      (``--only quality`` runs this alone);
   8. the ceiling: llama.cpp's own batched decode at 1, 2, 4 and 8 sequences through the low-level
      API with nothing of ours in the loop, beside the node's aggregate at as many streams, for
-     both KV layouts (``--only ceiling`` runs this alone).
+     both KV layouts (``--only ceiling`` runs this alone);
+  9. draft-and-verify: the device's SmolLM2 drafts, a node's Gemma 3 270M checks, through a relay
+     adding 5, 20, 80 and 200 ms of RTT, agent on core 0 and node on core 1: per-stream tokens/s
+     against cloud-only (REMOTE) on the same link, acceptance, the adaptive draft length against
+     fixed ones, and the node's CPU time per token, from which its capacity follows
+     (``--only speculative`` runs this alone).
 Greedy decoding throughout, so every configuration generates the same tokens.
 """
 
@@ -37,6 +42,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -45,11 +51,13 @@ from pathlib import Path
 import grpc
 import llama_cpp
 import openai
+import psutil
 from llama_cpp import Llama
 from rich.console import Console
 from rich.table import Table
 
 from edge_agent.sdk import EdgeClient, Token
+from emulation.relay import Relay
 from offload_tune.quality import calibrate, measure
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -359,14 +367,110 @@ def print_prefix(console: Console, result: dict, max_tokens: int) -> None:
     console.print(f"greedy answers identical with and without the cache: {result['identical_greedy_tokens']}")
 
 
+SPEC_PROMPTS = ("The capital of France is", "Write the days of the week: Monday,")
+SPEC_RTTS_MS = (5, 20, 80, 200)
+SPEC_FIXED_K = (1, 2, 4, 8)
+
+
+def pin_all_threads(daemon: launch.Daemon, cpu: int) -> None:
+    """Every thread of ``daemon`` (llama.cpp's included) onto one core."""
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(daemon.process.pid)], check=True, capture_output=True)
+
+
+def speculative(tokens: int) -> dict:
+    """Cloud-only against draft-and-verify at each RTT, for the adaptive and each fixed draft length."""
+    configs = {"adaptive": "0", **{f"k={k}": str(k) for k in SPEC_FIXED_K}}
+    result: dict = {"rtt_ms": {}}
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp, \
+            launch.cloud_node(Path(tmp), "--llm", "gemma3-270m", "--llm-threads", "1") as node:
+        pin_all_threads(node, 1)
+        host, port = node.address.rsplit(":", 1)
+        node_cpu = psutil.Process(node.process.pid)
+        with Relay((host, int(port))) as relay:
+            relay_address = "{}:{}".format(*relay.address)
+            for rtt in SPEC_RTTS_MS:
+                relay.set_delay(rtt / 2)
+                rows: dict = {}
+                for name, k in configs.items():
+                    with launch.edge_agent(Path(tmp), [relay_address], "--llm", "smollm2", "--llm-threads", "1",
+                                           "--llm-cloud-model", "gemma3-270m", "--llm-draft-tokens", k,
+                                           "--refresh-s", "0.5") as agent, EdgeClient(agent.address, timeout=600) as c:
+                        pin_all_threads(agent, 0)
+                        wait_for_model(c, "gemma3-270m")
+                        time.sleep(3)  # a few probes through the relay: the agent's RTT estimate settles
+                        plans = {"speculative": "speculative"} if name != "adaptive" else {
+                            "cloud-only (REMOTE)": "remote", "speculative": "speculative"}
+                        for label, plan in plans.items():
+                            rows[name if plan == "speculative" else label] = spec_runs(c, plan, tokens, node_cpu)
+                result["rtt_ms"][rtt] = rows
+    return result
+
+
+def wait_for_model(client: EdgeClient, model: str, within_s: float = 120.0) -> None:
+    for _ in range(int(within_s / 0.2)):
+        if any(c.node for c in client.explain(model, prompt_tokens=16, max_tokens=16).candidates):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the agent never saw a node serving {model}")
+
+
+def spec_runs(client: EdgeClient, plan: str, tokens: int, node_cpu: psutil.Process) -> dict:
+    """Tokens/s as the app sees them, acceptance, and node CPU seconds per token, over SPEC_PROMPTS."""
+    produced = drafted = accepted = rounds = 0
+    seconds = 0.0
+    texts = []
+    cpu_before = sum(node_cpu.cpu_times()[:2])
+    for prompt in SPEC_PROMPTS:
+        start = time.perf_counter()
+        done = client.generate_text(prompt=prompt, model="gemma3-270m", max_tokens=tokens, plan=plan)
+        seconds += time.perf_counter() - start
+        produced += len(done.token_ids)
+        drafted, accepted, rounds = (drafted + done.summary.drafted_tokens, accepted + done.summary.accepted_tokens,
+                                     rounds + done.summary.draft_rounds)
+        texts.append(done.text)
+    node_cpu_s = sum(node_cpu.cpu_times()[:2]) - cpu_before
+    return {"tok_s": produced / seconds, "tokens": produced, "acceptance": accepted / drafted if drafted else None,
+            "draft_per_round": drafted / rounds if rounds else None, "node_cpu_ms_per_token": node_cpu_s / produced * 1e3,
+            "texts": texts}
+
+
+def print_speculative(console: Console, result: dict) -> None:
+    table = Table(title="draft-and-verify (device SmolLM2 drafts, node Gemma 3 270M checks), tokens/s per stream")
+    names = list(next(iter(result["rtt_ms"].values())))
+    table.add_column("RTT ms", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for rtt, rows in result["rtt_ms"].items():
+        cells = []
+        for name in names:
+            row = rows[name]
+            extra = f" a={row['acceptance']:.2f} k~{row['draft_per_round']:.1f}" if row["acceptance"] is not None else ""
+            cells.append(f"{row['tok_s']:.1f}{extra}")
+        table.add_row(str(rtt), *cells)
+    console.print(table)
+    for rtt, rows in result["rtt_ms"].items():
+        remote = rows["cloud-only (REMOTE)"]
+        fixed = max((rows[f"k={k}"]["tok_s"] for k in SPEC_FIXED_K))
+        adaptive = rows["adaptive"]
+        same = all(row["texts"] == remote["texts"] for row in rows.values())
+        console.print(f"RTT {rtt} ms: adaptive {adaptive['tok_s'] / fixed * 100:.1f} % of the best fixed k; "
+                      f"{adaptive['tok_s'] / remote['tok_s']:.2f}x cloud-only; node CPU per token "
+                      f"{adaptive['node_cpu_ms_per_token']:.1f} ms against {remote['node_cpu_ms_per_token']:.1f} ms "
+                      f"cloud-only (capacity {remote['node_cpu_ms_per_token'] / adaptive['node_cpu_ms_per_token']:.2f}x); "
+                      f"every output identical: {same}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--json", type=Path, default=Path("bench/results/llm.json"))
-    parser.add_argument("--only", choices=["prefix", "handoff", "quality", "ceiling"], help="run only this part")
+    parser.add_argument("--only", choices=["prefix", "handoff", "quality", "ceiling", "speculative"],
+                        help="run only this part")
     args = parser.parse_args()
     console = Console(width=120)
     parts = {"quality": ("the labelled set on both tiers", quality, print_quality),
+             "speculative": ("draft-and-verify through an emulated RTT", lambda: speculative(args.tokens),
+                             print_speculative),
              "ceiling": ("the node against llama.cpp's own batched decode", lambda: ceiling(args.tokens), print_ceiling),
              "handoff": ("nodes shutting down mid-generation", lambda: handoff(args.tokens), print_handoff),
              "prefix": ("multi-turn chat, cold and cached", lambda: prefix_reuse(args.tokens),

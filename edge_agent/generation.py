@@ -70,6 +70,7 @@ class LlmSettings:
     # Share of the device's drafted tokens a node's model accepts, before any round
     # is measured: an even guess, worth 8 drafted tokens, that the first rounds replace.
     draft_acceptance_prior: float = 0.5
+    draft_tokens: int = 0                     # drafted per round; 0: partitioner.speculation picks it each round
 
 
 class RemoteBudget:
@@ -602,12 +603,15 @@ class Generator:
                 size, ms = (reply.drafted + 1, reply.step_ms) if load.batched_verify else (1, reply.step_ms / (reply.accepted + 1))
                 timed[size] = ms if size not in timed else timed[size] + 0.2 * (ms - timed[size])
             drafting = self._drafting(drafter, node, load, request.model) if load is not None else None
+            if self.settings.draft_tokens:
+                return self.settings.draft_tokens
             return best_draft(drafting, node.link.rtt_ms).k if drafting and node.link else candidate.draft_tokens
 
         place = FailoverPlace(self)
         seen, broke = Rounds(), []
         try:
-            async with contextlib.aclosing(speculate(drafter, prompt, node, start, candidate.draft_tokens, next_k,
+            first_k = self.settings.draft_tokens or candidate.draft_tokens
+            async with contextlib.aclosing(speculate(drafter, prompt, node, start, first_k, next_k,
                                                      self.settings.stall_s, seen, broke)) as chunks:
                 async for chunk in chunks:
                     if chunk.HasField("done"):

@@ -35,6 +35,7 @@ from partitioner.costmodel import Constraints, Link, Objective
 from partitioner.planning import power_of
 from partitioner.policy import LlmLimits, Policy, PolicyError, PolicySet, check_models, parse
 from partitioner.quality import QualityPolicy
+from partitioner.speculation import MAX_DRAFT_TOKENS
 from partitioner.work import Machine
 from protos import codec
 from protos import tandem_pb2 as pb
@@ -158,6 +159,8 @@ class AgentConfig:
     llm_stall_s: float = field(default=5.0, metadata={"help": "a cloud stream silent this long is finished on the device, s"})
     llm_failover_places: int = field(default=16, metadata={"help": "cloud streams at once, each sure of a place to finish on "
                                                                    "the device beyond llm_max_queue if its node fails"})
+    llm_draft_tokens: int = field(default=0, metadata={"help": "tokens the device drafts per round for a node's model "
+                                                               "(0: chosen each round from the RTT and measured acceptance)"})
     probe_idle_s: float = field(default=10.0, metadata={"help": "measure the bandwidth of a link idle this long, s"})
     sysfs_root: Path = field(default=Path("/"), metadata={"help": "where the board's /sys is mounted (a container given the host's at /host/sys: /host)"})
     power_window_s: float = field(default=1.0, metadata={"help": "power sensor sample window, s"})
@@ -260,9 +263,9 @@ class AgentConfig:
         if self.privacy_min_local < 0 or self.max_concurrency < 1 or self.max_queue < 0 or self.request_memory_mb < 0:
             raise error("privacy_min_local, max_queue and request_memory_mb must be >= 0, max_concurrency >= 1")
         if (self.llm_slots < 1 or self.llm_max_queue < 0 or self.llm_ctx_per_seq < 16 or self.llm_stall_s <= 0
-                or self.llm_failover_places < 0):
+                or self.llm_failover_places < 0 or not 0 <= self.llm_draft_tokens <= MAX_DRAFT_TOKENS):
             raise error("llm_slots must be >= 1, llm_max_queue >= 0, llm_ctx_per_seq >= 16, llm_stall_s > 0, "
-                        "llm_failover_places >= 0")
+                        f"llm_failover_places >= 0, llm_draft_tokens within 0..{MAX_DRAFT_TOKENS}")
         if self.llm_remote_tokens_per_hour is not None and self.llm_remote_tokens_per_hour < 0:
             raise error("llm_remote_tokens_per_hour must be >= 0")
         if not (len(self.socket_mode) <= 4 and all(ch in "01234567" for ch in self.socket_mode) and self.socket_mode):
@@ -460,7 +463,8 @@ async def serve(config: AgentConfig, load: Callable[[], AgentConfig] | None = No
         llms, nodes, power_of(device),
         LlmSettings(allow_remote=policies.llm.allow_remote, remote_tokens_per_hour=policies.llm.remote_tokens_per_hour,
                     slo_ms=config.slo_ms, stall_s=config.llm_stall_s, failover_places=config.llm_failover_places,
-                    cloud_model=config.llm_cloud_model, quality=config.quality_policy()),
+                    cloud_model=config.llm_cloud_model, quality=config.quality_policy(),
+                    draft_tokens=config.llm_draft_tokens),
         weight_latency=policies.default.weight_latency,
     )
     metrics = Metrics("edge-agent")
