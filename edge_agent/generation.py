@@ -4,7 +4,6 @@ repeating a token."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -18,7 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from edge_agent.offload import CloudNodeClient
 from edge_agent.openai_node import OpenAiNodeClient
-from edge_agent.speculative import Rounds, speculate
+from edge_agent.speculative import Rounds, next_message, speculate
 from partitioner.costmodel import Link, Objective, Power
 from partitioner.llm_routing import (
     GenerationShape,
@@ -649,13 +648,8 @@ class Generator:
             call = node.stub.Generate(forward, metadata=tracing.outgoing())
             try:
                 while True:
-                    try:
-                        chunk = await asyncio.wait_for(call.read(), timeout=self.settings.stall_s)
-                    except asyncio.TimeoutError:
-                        broke.append(f"{node.address} sent nothing for {self.settings.stall_s:.1f} s")
-                        return
-                    if chunk is grpc.aio.EOF:
-                        broke.append(f"{node.address} ended the stream without a summary")
+                    chunk = await next_message(call, node.address, self.settings.stall_s, broke)
+                    if chunk is None:
                         return
                     if chunk.HasField("handoff"):
                         self._handed_over(node, chunk.handoff, len(generated), broke, offers)

@@ -40,6 +40,20 @@ class Rounds:
     texts: list[str] = field(default_factory=list)  # the app's text, token by token (a failover goes on after it)
 
 
+async def next_message(call, address: str, stall_s: float, broke: list[str]):
+    """A stream's next message, or None with the reason in ``broke`` when the
+    peer falls silent for ``stall_s`` or ends the stream."""
+    try:
+        message = await asyncio.wait_for(call.read(), timeout=stall_s)
+    except asyncio.TimeoutError:
+        broke.append(f"{address} sent nothing for {stall_s:.1f} s")
+        return None
+    if message is grpc.aio.EOF:
+        broke.append(f"{address} ended the stream without a summary")
+        return None
+    return message
+
+
 def reply_lie(reply: pb.VerifyReply, *, streamed: int, max_tokens: int, draft_bytes: int) -> str:
     """What is wrong with a node's reply to a round, given the tokens streamed
     before it; "" if nothing. Without the node's model only the accounting
@@ -90,13 +104,8 @@ async def speculate(drafter: LlmEngine, prompt: list[int], node: CloudNodeClient
             await call.write(pb.VerifyStep(start=start))
             draft = b""
             while True:  # the first reply is the node's first token; the device drafts meanwhile
-                try:
-                    reply = await asyncio.wait_for(call.read(), timeout=stall_s)
-                except asyncio.TimeoutError:
-                    broke.append(f"{node.address} sent nothing for {stall_s:.1f} s")
-                    return
-                if reply is grpc.aio.EOF:
-                    broke.append(f"{node.address} ended the stream without a summary")
+                reply = await next_message(call, node.address, stall_s, broke)
+                if reply is None:
                     return
                 lie = reply_lie(reply, streamed=len(seen.texts), max_tokens=start.max_tokens, draft_bytes=len(draft))
                 if lie:
