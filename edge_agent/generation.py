@@ -317,6 +317,32 @@ class Generator:
             return None
         return self.llms.engines.get(self._device_model())
 
+    def model_for_tier(self, tier: str, model: str = "") -> tuple[str, str, QualityPolicy | None]:
+        """The model a tier runs, what explain says of the tier first, and for
+        "auto" the policy that judges the device's answer ("": ``model`` as named)."""
+        if not tier:
+            return model, "", None
+        if tier not in ("device", "cloud", "auto"):
+            raise GenerationError(f"tier must be device, cloud or auto, got {tier!r}")
+        if model:
+            raise GenerationError(f"name a tier or a model, not both (tier {tier!r}, model {model!r})")
+        device = self._device_model()
+        if tier in ("device", "auto") and device not in self.llms.engines:
+            raise GenerationError(f"tier {tier} needs the device's LLM ({device or 'none'}) loaded here (--llm)")
+        if tier in ("cloud", "auto") and not self.settings.cloud_model:
+            raise GenerationError(f"tier {tier} needs llm_cloud_model: the bigger LLM the nodes serve")
+        if tier == "device":
+            return device, f"tier device: {device} on this device (LOCAL). ", None
+        if tier == "cloud":
+            return self.settings.cloud_model, f"tier cloud: {self.settings.cloud_model}. ", None
+        policy = self.settings.quality
+        if policy is None:
+            raise GenerationError("tier auto needs llm_quality_file: the calibration offload-tune calibrate-llm writes")
+        return self.settings.cloud_model, (
+            f"tier auto: {device} starts here; if the calibrated probability of its first {policy.first_tokens} "
+            f"tokens' mean log-probability is below {policy.threshold:.2f}, {self.settings.cloud_model} answers, "
+            f"routed as follows. "), policy
+
     def _device_model(self) -> str:
         return self.settings.quality.device_model if self.settings.quality else next(iter(self.llms.engines), "")
 
@@ -387,24 +413,17 @@ class Generator:
         runs (None: route it as any request for that model); "auto" starts
         on the device and is judged by its first tokens (_auto)."""
         tier = request.tier
-        if tier not in ("device", "cloud", "auto"):
-            raise GenerationError(f"tier must be device, cloud or auto, got {tier!r}")
         if request.model or request.plan:
             raise GenerationError(f"a request names a tier or a model and plan, not both (tier {tier!r}, model "
                                   f"{request.model!r}, plan {request.plan!r})")
+        model, _, _ = self.model_for_tier(tier)
         device = self._device_model()
-        if tier in ("device", "auto") and device not in self.llms.engines:
-            raise GenerationError(f"tier {tier} needs the device's LLM ({device or 'none'}) loaded here (--llm)")
-        if tier in ("cloud", "auto") and not self.settings.cloud_model:
-            raise GenerationError(f"tier {tier} needs llm_cloud_model: the bigger LLM the nodes serve")
         if tier == "device":
             request.model, request.plan = device, "local"
             return None
         if tier == "cloud":
-            request.model = self.settings.cloud_model
+            request.model = model
             return None
-        if self.settings.quality is None:
-            raise GenerationError("tier auto needs llm_quality_file: the calibration offload-tune calibrate-llm writes")
         if not self.serves(self.settings.cloud_model):
             raise NoNodeLeft(f"tier auto: no reachable node serves {self.settings.cloud_model}")
         request.model = device
@@ -779,6 +798,7 @@ class Generator:
         return info.digest if info else ""
 
     def explain(self, model: str, prompt_tokens: int, max_tokens: int, objective: Objective, link: Link | None) -> LlmDecision:
+        """As a greedy request for ``model`` would be routed."""
         shape = GenerationShape(prompt_tokens=max(prompt_tokens, 1), max_tokens=max(max_tokens, 1),
                                 prompt_bytes=estimated_prompt_bytes(prompt_tokens))
-        return self.decide(model, shape, objective, link)
+        return self.decide(model, shape, objective, link, drafter=self.drafter_for(pb.GenerateRequest(model=model)))

@@ -138,6 +138,7 @@ class CandidateView:
     uplink_bytes: float
     ttft_ms: float          # LLMs: predicted time to first token
     output_error: float = 0.0  # measured output error its codec adds (0: lossless)
+    draft_tokens: int = 0      # LLMs, plan speculative: tokens the device drafts a round
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,9 @@ class Explanation:
     connectivity_reason: str = ""
     deferred_pending: int = 0    # deferred requests waiting for a node
     deferred_oldest_age_s: float = 0.0
+    tier: str = ""               # asked by tier: "device", "cloud" or "auto"
+    threshold: float = 0.0       # tier auto: the calibrated probability below which the cloud model answers
+    confidence_tokens: int = 0   # ... judged on the device's first this many tokens
 
     @classmethod
     def from_message(cls, m: pb.Explanation) -> "Explanation":
@@ -179,7 +183,7 @@ class Explanation:
             model=m.model, winner=m.winner.label, winner_node=m.winner.node, feasible=m.feasible, why=m.why,
             candidates=tuple(
                 CandidateView(c.plan.label, c.plan.node, _stages(c.predicted), c.energy_j, c.score, c.feasible,
-                              tuple(c.violations), c.uplink_bytes, c.ttft_ms, c.plan.output_error)
+                              tuple(c.violations), c.uplink_bytes, c.ttft_ms, c.plan.output_error, c.draft_tokens)
                 for c in m.candidates
             ),
             link={"uplink_mbps": m.link.uplink_mbps, "downlink_mbps": m.link.downlink_mbps, "rtt_ms": m.link.rtt_ms},
@@ -192,6 +196,7 @@ class Explanation:
             nodes=tuple(NodeView(n.address, n.kind, n.planned, n.note, tuple(n.cuts)) for n in m.nodes),
             connectivity=m.connectivity, connectivity_reason=m.connectivity_reason,
             deferred_pending=m.deferred_pending, deferred_oldest_age_s=m.deferred_oldest_age_s,
+            tier=m.tier, threshold=m.threshold, confidence_tokens=m.confidence_tokens,
         )
 
     def candidate(self, plan: str) -> CandidateView:
@@ -318,8 +323,8 @@ class _SharedMemory:
 
 def _explain_request(model: str, objective: str | None, link: dict[str, float] | None, encoding: str | None,
                      prompt_tokens: int, max_tokens: int,
-                     input_shapes: dict[str, tuple[int, ...]] | None = None) -> pb.ExplainRequest:
-    request = pb.ExplainRequest(model=model, objective=OBJECTIVES[objective], encoding=ENCODINGS[encoding],
+                     input_shapes: dict[str, tuple[int, ...]] | None = None, tier: str = "") -> pb.ExplainRequest:
+    request = pb.ExplainRequest(model=model, objective=OBJECTIVES[objective], encoding=ENCODINGS[encoding], tier=tier,
                                 prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                                 input_shapes=[pb.TensorSpec(name=n, shape=list(s)) for n, s in (input_shapes or {}).items()])
     if link is not None:
@@ -505,14 +510,15 @@ class EdgeClient:
         with _agent_errors():
             return InferResult.from_reply(self._stub.Infer(request, timeout=deadline or self.timeout, metadata=outgoing()))
 
-    def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
+    def explain(self, model: str = "", *, objective: str | None = None, link: dict[str, float] | None = None,
                 encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-                input_shapes: dict[str, tuple[int, ...]] | None = None) -> Explanation:
+                input_shapes: dict[str, tuple[int, ...]] | None = None, tier: str = "") -> Explanation:
         """Candidates with predicted latency and energy; ``link`` plans for
         {"uplink_mbps", "downlink_mbps", "rtt_ms"} instead of the measured link;
         ``input_shapes`` for inputs of these shapes (default: the first profiled).
-        For an LLM, ``prompt_tokens`` and ``max_tokens`` describe the generation."""
-        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes)
+        For an LLM, ``prompt_tokens`` and ``max_tokens`` describe the generation,
+        and ``tier`` may stand for the model (generate's tiers)."""
+        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes, tier)
         with _agent_errors():
             return Explanation.from_message(self._stub.Explain(request, timeout=self.timeout, metadata=outgoing()))
 
@@ -605,10 +611,10 @@ class AsyncEdgeClient:
         with _agent_errors():
             return InferResult.from_reply(await self._stub.Infer(request, timeout=deadline or self.timeout, metadata=outgoing()))
 
-    async def explain(self, model: str, *, objective: str | None = None, link: dict[str, float] | None = None,
+    async def explain(self, model: str = "", *, objective: str | None = None, link: dict[str, float] | None = None,
                       encoding: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-                      input_shapes: dict[str, tuple[int, ...]] | None = None) -> Explanation:
-        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes)
+                      input_shapes: dict[str, tuple[int, ...]] | None = None, tier: str = "") -> Explanation:
+        request = _explain_request(model, objective, link, encoding, prompt_tokens, max_tokens, input_shapes, tier)
         with _agent_errors():
             return Explanation.from_message(await self._stub.Explain(request, timeout=self.timeout, metadata=outgoing()))
 

@@ -17,7 +17,7 @@ import numpy as np
 from opentelemetry.trace import SpanKind
 
 from devices.power_fit import PowerFigures
-from edge_agent.generation import Generation, Generator
+from edge_agent.generation import KIND, Generation, Generator
 from edge_agent.offload import CloudNodeClient, NodeFailed
 from edge_agent.power import with_figures
 from partitioner.calibration import Calibration
@@ -973,7 +973,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                     link = Link(uplink_mbps=o.uplink_mbps, downlink_mbps=o.downlink_mbps, rtt_ms=o.rtt_ms)
                 except ValueError as exc:
                     raise InputError(f"link override: {exc}") from None
-            if self.generator.serves(request.model):
+            if request.tier or self.generator.serves(request.model):
                 return self._explain_generation(request, objective, link)
             model = self.store.get(request.model)
             try:
@@ -1062,20 +1062,24 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         )
 
     def _explain_generation(self, request: pb.ExplainRequest, objective: Objective, link: Link | None) -> pb.Explanation:
-        decision = self.generator.explain(request.model, request.prompt_tokens or 32, request.max_tokens or 64, objective, link)
+        model, tier_why, judged = self.generator.model_for_tier(request.tier, request.model)
+        decision = self.generator.explain(model, request.prompt_tokens or 32, request.max_tokens or 64, objective, link)
         shown = decision.winner or decision.best_effort
 
         def plan(c) -> pb.Plan:
-            return pb.Plan(kind=pb.PLAN_LOCAL if c.kind == "local" else pb.PLAN_REMOTE, node=c.node or "", label=c.label)
+            return pb.Plan(kind=KIND[c.kind], node=c.node or "", label=c.label)
 
         return pb.Explanation(
-            model=request.model, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible, why=decision.why,
-            winner=plan(shown) if shown else pb.Plan(), device=self.device_name,
+            model=model, objective=OBJECTIVE_TO_PB[objective], feasible=decision.feasible,
+            why=f"{tier_why}{decision.why}", winner=plan(shown) if shown else pb.Plan(), device=self.device_name,
             candidates=[
                 pb.Candidate(plan=plan(c), predicted=pb.StageTimes(total_ms=c.total_ms), ttft_ms=c.ttft_ms,
-                             energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations)
+                             energy_j=c.energy_j, score=c.score, feasible=c.feasible, violations=c.violations,
+                             draft_tokens=c.draft_tokens)
                 for c in decision.candidates
             ],
+            tier=request.tier, threshold=judged.threshold if judged else 0.0,
+            confidence_tokens=judged.first_tokens if judged else 0,
             **self.cloud_fields(),
         )
 

@@ -574,7 +574,7 @@ class LinkOverride(_message.Message):
     def __init__(self, uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "objective", "link", "encoding", "prompt_tokens", "max_tokens", "input_shapes")
+    __slots__ = ("model", "objective", "link", "encoding", "prompt_tokens", "max_tokens", "input_shapes", "tier")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
@@ -582,6 +582,7 @@ class ExplainRequest(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     link: LinkOverride
@@ -589,10 +590,11 @@ class ExplainRequest(_message.Message):
     prompt_tokens: int
     max_tokens: int
     input_shapes: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., input_shapes: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    tier: str
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., input_shapes: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("plan", "predicted", "energy_j", "score", "feasible", "violations", "memory_bytes", "uplink_bytes", "ttft_ms")
+    __slots__ = ("plan", "predicted", "energy_j", "score", "feasible", "violations", "memory_bytes", "uplink_bytes", "ttft_ms", "draft_tokens")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
@@ -602,6 +604,7 @@ class Candidate(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     plan: Plan
     predicted: StageTimes
     energy_j: float
@@ -611,10 +614,11 @@ class Candidate(_message.Message):
     memory_bytes: float
     uplink_bytes: float
     ttft_ms: float
-    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
+    draft_tokens: int
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[StageTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., score: _Optional[float] = ..., feasible: _Optional[bool] = ..., violations: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[float] = ..., uplink_bytes: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration", "power", "plans_unavailable", "profile", "nodes", "connectivity", "connectivity_reason", "deferred_pending", "deferred_oldest_age_s")
+    __slots__ = ("model", "objective", "winner", "feasible", "why", "candidates", "link", "device", "current", "hysteresis_margin", "would_switch", "calibration", "power", "plans_unavailable", "profile", "nodes", "connectivity", "connectivity_reason", "deferred_pending", "deferred_oldest_age_s", "tier", "threshold", "confidence_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     WINNER_FIELD_NUMBER: _ClassVar[int]
@@ -635,6 +639,9 @@ class Explanation(_message.Message):
     CONNECTIVITY_REASON_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_PENDING_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_OLDEST_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     winner: Plan
@@ -655,7 +662,10 @@ class Explanation(_message.Message):
     connectivity_reason: str
     deferred_pending: int
     deferred_oldest_age_s: float
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., power: _Optional[_Union[PowerFigures, _Mapping]] = ..., plans_unavailable: _Optional[str] = ..., profile: _Optional[_Union[ProfiledShape, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeFacts, _Mapping]]] = ..., connectivity: _Optional[str] = ..., connectivity_reason: _Optional[str] = ..., deferred_pending: _Optional[int] = ..., deferred_oldest_age_s: _Optional[float] = ...) -> None: ...
+    tier: str
+    threshold: float
+    confidence_tokens: int
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., winner: _Optional[_Union[Plan, _Mapping]] = ..., feasible: _Optional[bool] = ..., why: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., link: _Optional[_Union[LinkOverride, _Mapping]] = ..., device: _Optional[str] = ..., current: _Optional[_Union[Plan, _Mapping]] = ..., hysteresis_margin: _Optional[float] = ..., would_switch: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., power: _Optional[_Union[PowerFigures, _Mapping]] = ..., plans_unavailable: _Optional[str] = ..., profile: _Optional[_Union[ProfiledShape, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeFacts, _Mapping]]] = ..., connectivity: _Optional[str] = ..., connectivity_reason: _Optional[str] = ..., deferred_pending: _Optional[int] = ..., deferred_oldest_age_s: _Optional[float] = ..., tier: _Optional[str] = ..., threshold: _Optional[float] = ..., confidence_tokens: _Optional[int] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("address", "kind", "planned", "note", "cuts")

@@ -66,6 +66,10 @@ def test_tier_auto_follows_the_calibrated_threshold_and_says_which_model_answere
     with launch.edge_agent(no_models, [gemma_cloud.address], "--llm", "smollm2", "--llm-cloud-model", "gemma3-270m",
                               "--llm-quality-file", str(quality_file)) as agent, sdk.EdgeClient(agent.address) as client:
         when_the_node_is_seen(client, prompt="Hello", tier="cloud", max_tokens=2)
+        explained = client.explain(tier="auto", prompt_tokens=16, max_tokens=ANSWER_TOKENS)
+        assert (explained.tier, explained.model, explained.confidence_tokens) == ("auto", "gemma3-270m", 4)
+        assert explained.threshold == pytest.approx(policy.threshold) and explained.why.startswith("tier auto: smollm2")
+        assert {c.plan for c in explained.candidates} >= {"remote", "speculative"}
         for item, escalate in zip(items, expected):
             ask = dict(prompt=item.prompt, max_tokens=ANSWER_TOKENS, stop=["\n"])
             routed = client.generate_text(tier="auto", **ask)

@@ -59,6 +59,15 @@ def test_drafted_here_and_checked_there_is_token_for_token_the_cloud_models_gree
     assert accepted > 0  # the device's text did stand in the other vocabulary, not only the node's own tokens
 
 
+def test_explain_shows_the_speculative_route_with_its_draft_length(client: sdk.EdgeClient) -> None:
+    explained = client.explain(tier="cloud", prompt_tokens=16, max_tokens=64)
+    assert explained.model == "gemma3-270m" and explained.why.startswith("tier cloud")
+    speculative = next(c for c in explained.candidates if c.plan == "speculative")
+    assert speculative.draft_tokens >= 1 and speculative.node and speculative.predicted["total_ms"] > 0
+    with pytest.raises(sdk.InvalidArgument, match="llm_quality_file"):
+        client.explain(tier="auto")
+
+
 def test_a_node_killed_mid_verification_is_finished_on_the_device_with_nothing_lost_or_repeated(
         no_models: Path) -> None:
     node = launch.cloud_node(no_models, "--llm", "gemma3-270m").wait_ready()
