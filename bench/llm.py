@@ -180,14 +180,15 @@ def quality() -> dict:
     """What offload-tune calibrate-llm measures (offload_tune.quality), with every answer kept."""
     engines = [LlmEngine(name, PACKAGED_LLMS[name](), slots=4, ctx_per_seq=512) for name in ("smollm2", "gemma3-270m")]
     try:
-        items, device, cloud = measure(*engines)
+        items, device, cloud, continued = measure(*engines)
     finally:
         for engine in engines:
             engine.close()
-    policy = calibrate(items, device, cloud, device_model="smollm2", cloud_model="gemma3-270m")
+    policy = calibrate(items, device, cloud, device_model="smollm2", cloud_model="gemma3-270m", continued=continued)
     return {"items": len(items), "by_kind": policy.accuracy_by_kind, "calibration": policy.calibration.to_dict(),
             "threshold": policy.threshold, "on_calibration": policy.on_calibration.__dict__,
             "on_test": policy.on_test.__dict__, "test_auroc": policy.test_auroc,
+            "escalation": policy.escalation, "escalated_accuracy": policy.escalated_accuracy,
             "answers": {"device": [a.__dict__ for a in device], "cloud": [a.__dict__ for a in cloud]}}
 
 

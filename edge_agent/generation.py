@@ -433,8 +433,9 @@ class Generator:
                     started: float) -> AsyncIterator[pb.GenerateChunk]:
         """The device generates; its first tokens are held back until the
         quality policy judges them. Trusted, they stream and the device goes
-        on; not, the device stops and the cloud model answers from the
-        prompt afresh (it has another vocabulary: nothing of the device's
+        on; not, the device stops and the cloud model answers, from the
+        prompt afresh or, where the policy measured it as good, after the
+        device's first tokens' text (it has another vocabulary: text is what
         carries over). The summary says which model answered and why."""
         policy = self.settings.quality
         engine = self.llms.engines[request.model]
@@ -472,18 +473,30 @@ class Generator:
                     setattr(summary, key, value)
                 yield pb.GenerateChunk(done=summary)
                 return
+        # Continue after the device's first tokens where the calibration measured it as good as restarting;
+        # a chat's messages have no place for a partial answer, and a finished answer has nothing to continue.
+        head = held if policy.escalation == "continue" and request.prompt and done is None else []
         cloud = pb.GenerateRequest()
         cloud.CopyFrom(request)
         cloud.model, cloud.tier, cloud.plan = self.settings.cloud_model, "", ""
+        if head:
+            cloud.prompt += "".join(event.text for event in head)
+            cloud.max_tokens = asked.max_tokens - len(head)
+            for event in head:
+                yield own_logprobs(token_chunk(event), asked.logprobs)
+        how = f"continued after the device's first {len(head)} tokens" if head else "answered afresh"
         sampling, line, predicted = self._remote_only_route(cloud, objective)
         chunks = (self._speculative(cloud, sampling, line[0], started, predicted) if line[0].kind == "speculative"
                   else self._remote_only(cloud, sampling, line, predicted))
         async with contextlib.aclosing(chunks) as chunks:
             async for chunk in chunks:
-                if chunk.HasField("done"):
+                if chunk.HasField("token"):
+                    chunk.token.index += len(head)
+                else:
+                    chunk.done.completion_tokens += len(head)
                     chunk.done.model, chunk.done.reason = cloud.model, (
                         f"tier auto: the device's answer is not trusted (calibrated {probability:.2f} < threshold "
-                        f"{policy.threshold:.2f}): {cloud.model} answered")
+                        f"{policy.threshold:.2f}): {cloud.model} {how}")
                     for key, value in verdict.items():
                         setattr(chunk.done, key, value)
                 yield chunk

@@ -419,13 +419,14 @@ def calibrate_llm_command(args: argparse.Namespace) -> int:
             except (OSError, ValueError, RuntimeError) as exc:
                 raise ToolError(f"{name}: {exc}") from None
         with Progress(console=err, transient=True, disable=args.json) as bar:
-            task = bar.add_task("both tiers on the labelled set", total=2 * args.items)
-            items, device, cloud = quality.measure(*engines, size=args.items, progress=lambda: bar.advance(task))
+            task = bar.add_task("both tiers on the labelled set", total=3 * args.items)
+            items, device, cloud, continued = quality.measure(*engines, size=args.items,
+                                                              progress=lambda: bar.advance(task))
     finally:
         for engine in engines:
             engine.close()
     policy = quality.calibrate(items, device, cloud, device_model=engines[0].name, cloud_model=engines[1].name,
-                               quality_target=args.quality_target)
+                               quality_target=args.quality_target, continued=continued)
     text = policy.to_json()
     write_atomically(Path(args.output), lambda tmp: tmp.write_text(text))
     test = policy.on_test

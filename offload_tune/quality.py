@@ -10,7 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from offload_tune.quality_tasks import KINDS, Item, labelled_set, split
-from partitioner.quality import FIRST_TOKENS, QualityPolicy, choose_threshold, confidence, isotonic, routed
+from partitioner.quality import (
+    FIRST_TOKENS,
+    QualityPolicy,
+    choose_escalation,
+    choose_threshold,
+    confidence,
+    isotonic,
+    routed,
+)
 from runtimes.llm import LlmEngine, Sampling
 
 MAX_TOKENS = 12  # the longest answer in the set (six copied words) fits
@@ -21,20 +29,25 @@ class Answer:
     text: str
     correct: bool
     logprobs: tuple[float, ...]
+    pieces: tuple[str, ...] = ()  # the text token by token
 
 
-def answer_all(engine: LlmEngine, items: list[Item], progress: Callable[[], None] | None = None) -> list[Answer]:
-    """Greedy completions of every item up to its first newline, with each token's log-probability."""
-    def one(item: Item) -> Answer:
-        tokens, _ = engine.complete(engine.tokenize_prompt(item.prompt),
+def answer_all(engine: LlmEngine, items: list[Item], progress: Callable[[], None] | None = None,
+               after: list[str] | None = None) -> list[Answer]:
+    """Greedy completions of every item up to its first newline, with each
+    token's log-probability; ``after``: each item's answer goes on after this
+    text (appended to its prompt, as the agent continues an escalated answer)."""
+    def one(item: Item, head: str) -> Answer:
+        tokens, _ = engine.complete(engine.tokenize_prompt(item.prompt + head),
                                     Sampling(max_tokens=MAX_TOKENS, stop=("\n",), logprobs=0))
         if progress is not None:
             progress()
-        text = "".join(t.text for t in tokens)
-        return Answer(text, item.correct(text), tuple(t.logprobs.logprob for t in tokens))
+        pieces = tuple(t.text for t in tokens)
+        text = head + "".join(pieces)
+        return Answer(text, item.correct(text), tuple(t.logprobs.logprob for t in tokens), pieces)
 
     with ThreadPoolExecutor(engine.slots) as pool:
-        return list(pool.map(one, items))
+        return list(pool.map(one, items, after or [""] * len(items)))
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float:
@@ -46,9 +59,17 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
     return sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong))
 
 
+def device_heads(device: list[Answer], first_tokens: int = FIRST_TOKENS) -> list[str]:
+    """The text of each device answer's first tokens: what an escalated answer continues after."""
+    return ["".join(answer.pieces[:first_tokens]) for answer in device]
+
+
 def calibrate(items: list[Item], device: list[Answer], cloud: list[Answer], *, device_model: str, cloud_model: str,
-              quality_target: float = 0.95, first_tokens: int = FIRST_TOKENS) -> QualityPolicy:
-    """Isotonic calibration and the threshold on one half of the items, judged on the other."""
+              quality_target: float = 0.95, first_tokens: int = FIRST_TOKENS,
+              continued: list[Answer] | None = None) -> QualityPolicy:
+    """Isotonic calibration and the threshold on one half of the items, judged
+    on the other; with ``continued`` (the cloud model's answers after the
+    device's first tokens), whether an escalated answer restarts or continues."""
     by_prompt = {item.prompt: (d, c) for item, d, c in zip(items, device, cloud)}
     calibration_items, test_items = split(items)
 
@@ -66,11 +87,24 @@ def calibrate(items: list[Item], device: list[Answer], cloud: list[Answer], *, d
     by_kind = {kind: {"device": statistics.mean(by_prompt[i.prompt][0].correct for i in items if i.kind == kind),
                       "cloud": statistics.mean(by_prompt[i.prompt][1].correct for i in items if i.kind == kind)}
                for kind in KINDS}
+    escalation, escalated_accuracy = "restart", None
+    if continued is not None:
+        after = {item.prompt: answer for item, answer in zip(items, continued)}
+        escalated = [i for i, conf in zip(calibration_items, confs) if calibration.probability(conf) < chosen.threshold]
+        restart_right = [by_prompt[i.prompt][1].correct for i in escalated]
+        continue_right = [after[i.prompt].correct for i in escalated]
+        escalation = choose_escalation(restart_right, continue_right)
+        escalated_accuracy = {"items": len(escalated),
+                              "restart": statistics.mean(restart_right) if escalated else float("nan"),
+                              "continue": statistics.mean(continue_right) if escalated else float("nan")}
     return QualityPolicy(device_model, cloud_model, first_tokens, calibration, chosen.threshold, chosen, on_test,
-                         auroc(test_confs, test_device), by_kind)
+                         auroc(test_confs, test_device), by_kind, escalation, escalated_accuracy)
 
 
-def measure(device: LlmEngine, cloud: LlmEngine, *, size: int = 400,
-            progress: Callable[[], None] | None = None) -> tuple[list[Item], list[Answer], list[Answer]]:
+def measure(device: LlmEngine, cloud: LlmEngine, *, size: int = 400, progress: Callable[[], None] | None = None
+            ) -> tuple[list[Item], list[Answer], list[Answer], list[Answer]]:
+    """Each tier's answers, and the cloud model's after the device's first tokens."""
     items = labelled_set(size)
-    return items, answer_all(device, items, progress), answer_all(cloud, items, progress)
+    device_answers = answer_all(device, items, progress)
+    return (items, device_answers, answer_all(cloud, items, progress),
+            answer_all(cloud, items, progress, after=device_heads(device_answers)))

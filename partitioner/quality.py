@@ -13,6 +13,12 @@ The threshold is chosen on the calibration split where the cloud model's
 answers were labelled too: the lowest one (fewest cloud calls) whose routed
 accuracy stays at or above ``quality_target`` times the cloud's own. The
 test split, never seen by the choice, says what it gives.
+
+An escalated answer either restarts (the cloud model answers the prompt
+afresh) or continues (it goes on after the device's first tokens, which it
+then need not generate). ``choose_escalation`` keeps continuing only where
+it measured as accurate as restarting on the calibration split's escalated
+items.
 """
 
 from __future__ import annotations
@@ -112,6 +118,20 @@ def choose_threshold(probabilities: Sequence[float], device_correct: Sequence[bo
     return routed(probabilities, device_correct, cloud_correct, candidates[-1])
 
 
+ESCALATIONS = ("restart", "continue")
+
+
+def choose_escalation(restart_correct: Sequence[bool], continue_correct: Sequence[bool]) -> str:
+    """"continue" when it was right at least as often as restarting on the
+    same escalated items (it saves the cloud the device's first tokens), else
+    "restart"; "restart" with nothing escalated to judge by."""
+    if len(restart_correct) != len(continue_correct):
+        raise ValueError("the two ways must be judged on the same items")
+    if not restart_correct:
+        return "restart"
+    return "continue" if sum(continue_correct) >= sum(restart_correct) else "restart"
+
+
 @dataclass(frozen=True)
 class QualityPolicy:
     """What the agent routes ``tier: auto`` by, with what it was measured on."""
@@ -125,6 +145,13 @@ class QualityPolicy:
     on_test: Route
     test_auroc: float
     accuracy_by_kind: dict[str, dict[str, float]]
+    # how an escalated answer goes on, and the accuracy of each way on the escalated calibration items
+    escalation: str = "restart"
+    escalated_accuracy: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.escalation not in ESCALATIONS:
+            raise ValueError(f"escalation must be one of {ESCALATIONS}, got {self.escalation!r}")
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -140,7 +167,8 @@ class QualityPolicy:
                    first_tokens=int(data["first_tokens"]), calibration=Calibration.from_dict(data["calibration"]),
                    threshold=float(data["threshold"]), on_calibration=Route(**data["on_calibration"]),
                    on_test=Route(**data["on_test"]), test_auroc=float(data["test_auroc"]),
-                   accuracy_by_kind=data["accuracy_by_kind"])
+                   accuracy_by_kind=data["accuracy_by_kind"], escalation=str(data.get("escalation", "restart")),
+                   escalated_accuracy=data.get("escalated_accuracy"))
 
     def judge(self, logprobs: Sequence[float]) -> tuple[float, float, bool]:
         """(confidence, calibrated probability, escalate) for the device's first tokens."""

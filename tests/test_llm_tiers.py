@@ -90,6 +90,38 @@ def test_tier_auto_follows_the_calibrated_threshold_and_says_which_model_answere
             client.generate_text(prompt="Hi", tier="auto", model="smollm2")
 
 
+def test_an_escalated_answer_continues_after_the_devices_first_tokens_when_the_policy_says_so(
+        no_models: Path, tmp_path: Path, gemma_cloud: launch.Daemon, items: list) -> None:
+    """Every answer escalates (a threshold above any probability) and continues:
+    the app's text is the device's first tokens, then the cloud model's own
+    answer to the prompt followed by them."""
+    unmeasured = Route(1.5, 0.0, 0.0, 0.0, 0.0)
+    policy = QualityPolicy("smollm2", "gemma3-270m", 4, Calibration((0.0,), (0.5,)), 1.5, unmeasured, unmeasured, 0.5,
+                           {}, "continue")
+    quality_file = tmp_path / "quality.json"
+    quality_file.write_text(policy.to_json())
+    with launch.edge_agent(no_models, [gemma_cloud.address], "--llm", "smollm2", "--llm-cloud-model", "gemma3-270m",
+                           "--llm-quality-file", str(quality_file)) as agent, sdk.EdgeClient(agent.address) as client:
+        when_the_node_is_seen(client, prompt="Hello", tier="cloud", max_tokens=2)
+        continued = 0
+        for item in items[:4]:
+            ask = dict(prompt=item.prompt, max_tokens=ANSWER_TOKENS, stop=["\n"])
+            routed = client.generate_text(tier="auto", **ask)
+            device = client.generate_text(tier="device", **ask)
+            assert routed.summary.escalated and routed.summary.model == "gemma3-270m"
+            if len(device.token_ids) < 4:  # the device's answer ended within the tokens judged: nothing to continue
+                assert "afresh" in routed.summary.reason
+                continue
+            head = client.generate_text(tier="device", prompt=item.prompt, max_tokens=4).text
+            rest = client.generate_text(tier="cloud", prompt=item.prompt + head, max_tokens=ANSWER_TOKENS - 4,
+                                        stop=["\n"])
+            assert routed.text == head + rest.text, routed.summary.reason
+            assert routed.summary.completion_tokens == 4 + len(rest.token_ids)
+            assert "continued after the device's first 4 tokens" in routed.summary.reason
+            continued += 1
+        assert continued  # the set's first answers are longer than the tokens judged
+
+
 def test_a_quality_file_that_is_not_one_stops_the_agent_with_the_reason(model_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "quality.json"
     bad.write_text('{"format": 1, "device_model": "smollm2"}')

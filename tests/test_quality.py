@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
 
 from offload_tune.quality_tasks import KINDS, labelled_set, split
-from partitioner.quality import Calibration, choose_threshold, confidence, isotonic, routed
+from partitioner.quality import (
+    Calibration,
+    QualityPolicy,
+    Route,
+    choose_escalation,
+    choose_threshold,
+    confidence,
+    isotonic,
+    routed,
+)
 
 
 def test_confidence_is_the_mean_log_probability_of_the_first_tokens() -> None:
@@ -55,3 +65,24 @@ def test_the_labelled_set_is_balanced_distinct_checked_and_split_by_item() -> No
     assert len(calibration) == len(test) == 200 and not {i.prompt for i in calibration} & {i.prompt for i in test}
     item = items[0]
     assert item.correct(f" {item.answer}.\nQ: more") and not item.correct(" something else")
+
+
+def test_an_escalated_answer_continues_only_where_that_measured_as_good_as_restarting() -> None:
+    assert choose_escalation([True, False, True], [True, True, False]) == "continue"   # as many right
+    assert choose_escalation([True, True, False], [True, False, False]) == "restart"
+    assert choose_escalation([], []) == "restart"                                        # nothing to judge by
+    with pytest.raises(ValueError):
+        choose_escalation([True], [])
+
+
+def test_a_policy_keeps_its_escalation_and_an_older_file_restarts() -> None:
+    unmeasured = Route(0.5, 0.0, 0.0, 0.0, 0.0)
+    policy = QualityPolicy("smollm2", "gemma3-270m", 4, Calibration((0.0,), (0.5,)), 0.5, unmeasured, unmeasured,
+                           0.5, {}, "continue", {"items": 3, "restart": 0.3, "continue": 0.6})
+    assert QualityPolicy.from_json(policy.to_json()) == policy
+    older = json.loads(policy.to_json())
+    del older["escalation"], older["escalated_accuracy"]
+    assert QualityPolicy.from_json(json.dumps(older)).escalation == "restart"
+    with pytest.raises(ValueError, match="escalation"):
+        QualityPolicy("smollm2", "gemma3-270m", 4, Calibration((0.0,), (0.5,)), 0.5, unmeasured, unmeasured, 0.5, {},
+                      "merge")
