@@ -207,6 +207,11 @@ def print_quality(console: Console, result: dict) -> None:
                   f"{(1 - test['cloud_share']) * 100:.1f} % fewer cloud calls (target >= 40 %); threshold "
                   f"{result['threshold']:.3f} on the calibrated probability; the device's confidence ranks its "
                   f"answers with AUROC {result['test_auroc']:.3f}")
+    escalated = result.get("escalated_accuracy")
+    if escalated:
+        console.print(f"escalated calibration items ({escalated['items']}): the cloud model restarting "
+                      f"{escalated['restart']:.3f}, continuing after the device's first tokens "
+                      f"{escalated['continue']:.3f}: {result['escalation']}")
 
 
 def median_of(runs: list[dict]) -> dict:
