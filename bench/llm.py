@@ -211,7 +211,8 @@ def print_quality(console: Console, result: dict) -> None:
     if escalated:
         console.print(f"escalated calibration items ({escalated['items']}): the cloud model restarting "
                       f"{escalated['restart']:.3f}, continuing after the device's first tokens "
-                      f"{escalated['continue']:.3f}: {result['escalation']}")
+                      f"{escalated['continue']:.3f}: {result['escalation']}; over every calibration item "
+                      f"{escalated['restart_all']:.3f} against {escalated['continue_all']:.3f}")
 
 
 def median_of(runs: list[dict]) -> dict:

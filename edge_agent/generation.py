@@ -343,6 +343,14 @@ class Generator:
             f"tokens' mean log-probability is below {policy.threshold:.2f}, {self.settings.cloud_model} answers, "
             f"routed as follows. "), policy
 
+    def offers_tier(self, tier: str) -> bool:
+        """Whether a request may name ``tier`` here now (its model loaded or served, its policy given)."""
+        try:
+            model = self.model_for_tier(tier)[0]
+        except GenerationError:
+            return False
+        return self.serves(model)
+
     def _device_model(self) -> str:
         return self.settings.quality.device_model if self.settings.quality else next(iter(self.llms.engines), "")
 

@@ -217,11 +217,15 @@ class HttpApi:
                                                "oldest_age_s": cloud["deferred_oldest_age_s"]}})
 
     async def models(self, request: web.Request) -> web.Response:
-        served = self.service.generator.served_models()
+        generator = self.service.generator
+        served = generator.served_models()
+        tiers = [{"id": openai_api.TIER_PREFIX + tier, "object": "model", "created": 0, "owned_by": "tandem",
+                  "tandem": {"tier": tier, "model": generator.model_for_tier(tier)[0]}}
+                 for tier in ("device", "cloud", "auto") if generator.offers_tier(tier)]
         return web.json_response({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "tandem",
-             "tandem": {"on_device": name in self.service.generator.llms.engines, "nodes": nodes}}
-            for name, nodes in sorted(served.items())]})
+            *({"id": name, "object": "model", "created": 0, "owned_by": "tandem",
+               "tandem": {"on_device": name in generator.llms.engines, "nodes": nodes}}
+              for name, nodes in sorted(served.items())), *tiers]})
 
     async def deferred(self, request: web.Request) -> web.Response:
         """A deferred request's state, and its result once it has one; ``?wait=S``

@@ -28,7 +28,9 @@ from runtimes.llm_serving import MAX_STOP_STRINGS
 
 # OpenAI's legacy completions API bounds its integer ``logprobs`` at 5.
 MAX_COMPLETION_LOGPROBS = 5
-PLAN_NAMES = {pb.PLAN_LOCAL: "local", pb.PLAN_REMOTE: "remote"}
+PLAN_NAMES = {pb.PLAN_LOCAL: "local", pb.PLAN_REMOTE: "remote", pb.PLAN_SPLIT: "speculative"}
+# A model id that names a tier instead (GenerateRequest.tier): "tier:device", "tier:cloud", "tier:auto".
+TIER_PREFIX = "tier:"
 
 
 class BadRequest(ValueError):
@@ -184,8 +186,10 @@ def generate_request(body: ChatRequest | CompletionRequest, objective: int) -> p
         seed = zlib.crc32(body.tandem.idempotency_key.encode())
     else:
         seed = secrets.randbits(32)
-    request = pb.GenerateRequest(model=body.model, temperature=body.temperature, top_p=body.top_p,
-                                 seed=seed & 0xFFFFFFFF, stop=body.stops(), plan=body.tandem.plan, objective=objective)
+    tier = body.model.removeprefix(TIER_PREFIX) if body.model.startswith(TIER_PREFIX) else ""
+    request = pb.GenerateRequest(model="" if tier else body.model, tier=tier, temperature=body.temperature,
+                                 top_p=body.top_p, seed=seed & 0xFFFFFFFF, stop=body.stops(), plan=body.tandem.plan,
+                                 objective=objective)
     if isinstance(body, ChatRequest):
         request.messages.extend(pb.ChatMessage(role=m.role, content=m.text()) for m in body.messages)
         request.max_tokens = body.max_completion_tokens or body.max_tokens or 0
@@ -206,7 +210,9 @@ def tandem_facts(summary: pb.GenerateSummary) -> dict[str, Any]:
     """What Tandem did, in the ``tandem`` object clients ignore."""
     return {
         "plan": PLAN_NAMES.get(summary.ran, ""), "planned": PLAN_NAMES.get(summary.planned, ""),
-        "node": summary.node, "fell_back": summary.switched, "reason": summary.reason,
+        "node": summary.node, "fell_back": summary.switched, "reason": summary.reason, "model": summary.model,
+        **({"tier": summary.tier, "escalated": summary.escalated, "confidence": summary.confidence,
+            "threshold": summary.threshold} if summary.tier == "auto" else {}),
         **({"switched_at_token": summary.switched_at_token, "switch_reason": summary.switch_reason}
            if summary.switched else {}),
         "predicted": {"ttft_ms": summary.predicted_ttft_ms, "total_ms": summary.predicted_total_ms,

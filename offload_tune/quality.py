@@ -96,7 +96,10 @@ def calibrate(items: list[Item], device: list[Answer], cloud: list[Answer], *, d
         escalation = choose_escalation(restart_right, continue_right)
         escalated_accuracy = {"items": len(escalated),
                               "restart": statistics.mean(restart_right) if escalated else float("nan"),
-                              "continue": statistics.mean(continue_right) if escalated else float("nan")}
+                              "continue": statistics.mean(continue_right) if escalated else float("nan"),
+                              # over every calibration item, for a view that does not hang on the threshold
+                              "restart_all": statistics.mean(by_prompt[i.prompt][1].correct for i in calibration_items),
+                              "continue_all": statistics.mean(after[i.prompt].correct for i in calibration_items)}
     return QualityPolicy(device_model, cloud_model, first_tokens, calibration, chosen.threshold, chosen, on_test,
                          auroc(test_confs, test_device), by_kind, escalation, escalated_accuracy)
 

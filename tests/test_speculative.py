@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from llama_cpp import Llama
 
@@ -66,6 +67,22 @@ def test_explain_shows_the_speculative_route_with_its_draft_length(client: sdk.E
     assert speculative.draft_tokens >= 1 and speculative.node and speculative.predicted["total_ms"] > 0
     with pytest.raises(sdk.InvalidArgument, match="llm_quality_file"):
         client.explain(tier="auto")
+
+
+def test_openai_clients_name_a_tier_as_a_model(no_models: Path, gemma_cloud: launch.Daemon) -> None:
+    with launch.edge_agent(no_models, [gemma_cloud.address], *DEVICE, "--http-listen", "127.0.0.1:0") as agent, \
+            sdk.EdgeClient(agent.address) as c:
+        when_the_node_is_seen(c)
+        http = openai.OpenAI(base_url=agent.ready["http"] + "/v1", api_key="none", max_retries=0)
+        listed = {m.id for m in http.models.list().data}
+        assert {"smollm2", "gemma3-270m", "tier:device", "tier:cloud"} <= listed and "tier:auto" not in listed
+        for tier, model in (("device", "smollm2"), ("cloud", "gemma3-270m")):
+            reply = http.completions.create(model=f"tier:{tier}", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+            alone = c.generate_text(prompt=PROMPTS[0], tier=tier, max_tokens=12)
+            assert reply.choices[0].text == alone.text
+            assert reply.model == f"tier:{tier}" and reply.model_extra["tandem"]["model"] == model
+        with pytest.raises(openai.BadRequestError, match="llm_quality_file"):
+            http.completions.create(model="tier:auto", prompt=PROMPTS[0], max_tokens=4)
 
 
 def test_a_node_killed_mid_verification_is_finished_on_the_device_with_nothing_lost_or_repeated(
