@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
+import heapq
 import importlib.metadata
 import importlib.util
 import logging
@@ -343,7 +344,8 @@ class LlmEngine:
         # Drafts longer than this would not fit one decode call beside every other slot's.
         self.max_round_tokens = max(self._n_batch // slots - 1, 1)
         self._waiting: deque[Request] = deque()
-        self._free = list(range(slots - 1, -1, -1))
+        # A heap: the lowest free sequence id first, so the running ids stay few and close together (_step).
+        self._free = list(range(slots))
         self._prefilling: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._parked: dict[int, _Sequence] = {}  # round-by-round sequences between rounds (shared under _wake)
@@ -631,7 +633,7 @@ class LlmEngine:
                     self._waiting.clear()
                 admitted = []
                 while self._free and self._waiting:
-                    admitted.append((self._free.pop(), self._waiting.popleft()))
+                    admitted.append((heapq.heappop(self._free), self._waiting.popleft()))
             for request in handed_over:  # not started: nothing to hand over but the request itself
                 request.emit(DoneEvent("handoff", len(request.prompt_tokens), len(request.generated), 0, 0, 0, 0))
             for seq_id, request in admitted:
@@ -787,13 +789,17 @@ class LlmEngine:
 
     def _release(self, seq_id: int) -> None:
         with self._wake:
-            self._free.append(seq_id)
+            heapq.heappush(self._free, seq_id)
 
     def _step(self) -> None:
         """One decode call for every running sequence: its tokens not yet in
         the KV cache (one, or a draft to verify, or the target's text a
-        drafting sequence takes on)."""
-        order = list(self._active.values())
+        drafting sequence takes on). In ascending sequence ids: with a KV
+        stream per sequence, llama.cpp computes a batch in one pass only over
+        a run of consecutive ascending ids, and splits it at every gap or step
+        back (measured: 4 streams on ids 0-3 decoded at 162 tok/s, on 0,2,4,6
+        or 3,2,1,0 at 103; docs/benchmarks.md)."""
+        order = sorted(self._active.values(), key=lambda seq: seq.seq_id)
         entries, spans = [], []
         for seq in order:
             pending = seq.tokens[seq.n_past:]
