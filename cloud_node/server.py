@@ -203,26 +203,25 @@ class CloudNodeService(pb_grpc.CloudNodeServicer):
         session: RoundSession | None = None
         try:
             with self._observed("Verify"):
-                first = await anext(aiter(steps), None)
+                steps = aiter(steps)
+                first = await anext(steps, None)
                 if first is None or not first.HasField("start"):
                     raise GenerationError("a Verify stream begins with its generation (start)")
                 request = first.start
                 engine = self.llms.get(request.model)
                 session = RoundSession(engine, prompt_tokens(engine, request), sampling_of(request), rounds="verify")
-                reply = await self._verified(session, request, started)  # the first token
-                yield reply
-                if reply.HasField("done"):
-                    return
-                async for step in steps:
-                    if not step.HasField("draft") or len(step.draft) > MAX_DRAFT_BYTES:
-                        raise GenerationError(f"after start a Verify stream sends drafts of at most {MAX_DRAFT_BYTES} bytes")
-                    text = whole_characters(step.draft).decode("utf-8", errors="replace")
-                    session.send(Round(draft=tuple(engine.tokenize_text(text))))
+                while True:  # the first reply is the first token; each later one answers a draft
                     reply = await self._verified(session, request, started)
                     yield reply
                     if reply.HasField("done"):
                         return
-                raise GenerationError("the Verify stream ended before its generation did")
+                    step = await anext(steps, None)
+                    if step is None:
+                        raise GenerationError("the Verify stream ended before its generation did")
+                    if not step.HasField("draft") or len(step.draft) > MAX_DRAFT_BYTES:
+                        raise GenerationError(f"after start a Verify stream sends drafts of at most {MAX_DRAFT_BYTES} bytes")
+                    text = whole_characters(step.draft).decode("utf-8", errors="replace")
+                    session.send(Round(draft=tuple(engine.tokenize_text(text))))
         except Exception as exc:  # noqa: BLE001 -- mapped to a status; the daemon stays up
             await abort_for(context, exc)
         finally:

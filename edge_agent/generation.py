@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from edge_agent.offload import CloudNodeClient
 from edge_agent.openai_node import OpenAiNodeClient
-from edge_agent.speculative import Rounds, next_message, speculate
+from edge_agent.speculative import Rounds, call_failed, lied, next_message, speculate
 from partitioner.costmodel import Link, Objective, Power
 from partitioner.llm_routing import (
     GenerationShape,
@@ -387,11 +387,8 @@ class Generator:
                                f"LLMs here: {sorted(self.llms.engines)}")
         if engine is None:
             sampling, line, predicted = self._remote_only_route(request, objective)
-            if line[0].kind == "speculative":
-                chunks = self._speculative(request, sampling, line[0], started, predicted)
-            else:
-                chunks = self._remote_only(request, sampling, line, predicted)
-            return Generation(app_view(chunks, started), predicted, line[0].node)
+            return Generation(app_view(self._cloud(request, sampling, line, started, predicted), started), predicted,
+                              line[0].node)
         tokens = prompt_tokens(engine, request)
         sampling = sampling_of(request)
         engine.validate(tokens, sampling, request.generated_token_ids)
@@ -494,9 +491,7 @@ class Generator:
                 yield own_logprobs(token_chunk(event), asked.logprobs)
         how = f"continued after the device's first {len(head)} tokens" if head else "answered afresh"
         sampling, line, predicted = self._remote_only_route(cloud, objective)
-        chunks = (self._speculative(cloud, sampling, line[0], started, predicted) if line[0].kind == "speculative"
-                  else self._remote_only(cloud, sampling, line, predicted))
-        async with contextlib.aclosing(chunks) as chunks:
+        async with contextlib.aclosing(self._cloud(cloud, sampling, line, started, predicted)) as chunks:
             async for chunk in chunks:
                 if chunk.HasField("token"):
                     chunk.token.index += len(head)
@@ -622,6 +617,13 @@ class Generator:
                 chunk.done.model = engine.name
             yield chunk
 
+    def _cloud(self, request: pb.GenerateRequest, sampling: Sampling, line: list[LlmCandidate], started: float,
+               predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
+        """A model this device has no copy of, on the route chosen first in ``line`` (_remote_only_route)."""
+        if line[0].kind == "speculative":
+            return self._speculative(request, sampling, line[0], started, predicted)
+        return self._remote_only(request, sampling, line, predicted)
+
     async def _speculative(self, request: pb.GenerateRequest, sampling: Sampling, candidate: LlmCandidate,
                            started: float, predicted: dict) -> AsyncIterator[pb.GenerateChunk]:
         """The device drafts, ``candidate``'s node checks (edge_agent.speculative);
@@ -641,9 +643,9 @@ class Generator:
                 # one decode call of drafted + 1 tokens, or a plain step per token streamed
                 size, ms = (reply.drafted + 1, reply.step_ms) if load.batched_verify else (1, reply.step_ms / (reply.accepted + 1))
                 timed[size] = ms if size not in timed else timed[size] + 0.2 * (ms - timed[size])
-            drafting = self._drafting(drafter, node, load, request.model) if load is not None else None
             if self.settings.draft_tokens:
                 return self.settings.draft_tokens
+            drafting = self._drafting(drafter, node, load, request.model) if load is not None else None
             return best_draft(drafting, node.link.rtt_ms).k if drafting and node.link else candidate.draft_tokens
 
         place = FailoverPlace(self)
@@ -697,8 +699,7 @@ class Generator:
                     lie = stream_lie(chunk, streamed=len(generated), prompt_tokens=prompt_tokens,
                                      max_tokens=sampling.max_tokens, vocab=vocab, logprobs=sampling.logprobs)
                     if lie:
-                        broke.append(f"{node.address} {lie}")
-                        node.mark_down(broke[-1])  # a node that miscounts is not trusted with the next stream either
+                        lied(node, lie, broke)
                         return
                     if chunk.HasField("token"):
                         generated.append(chunk.token.token_id)
@@ -713,9 +714,7 @@ class Generator:
             except grpc.aio.AioRpcError as exc:
                 if callers_errors and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and len(generated) == before:
                     raise GenerationError(f"{node.address} refused the generation: {exc.details()}") from None
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    node.mark_down(f"{exc.code().name}: {exc.details()}")
-                broke.append(f"{node.address}: {exc.code().name}: {exc.details()}")
+                call_failed(node, exc.code(), exc.details(), broke)
             finally:
                 call.cancel()
                 self.budget.spend(time.monotonic(), len(generated) - before)

@@ -54,6 +54,19 @@ async def next_message(call, address: str, stall_s: float, broke: list[str]):
     return message
 
 
+def lied(node: CloudNodeClient, lie: str, broke: list[str]) -> None:
+    """A node's stream broke on a lie: a node that miscounts is not trusted with the next stream either."""
+    broke.append(f"{node.address} {lie}")
+    node.mark_down(broke[-1])
+
+
+def call_failed(node: CloudNodeClient, code: grpc.StatusCode, details: str, broke: list[str]) -> None:
+    """A node's stream broke on a gRPC status; an unreachable node is marked down."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        node.mark_down(f"{code.name}: {details}")
+    broke.append(f"{node.address}: {code.name}: {details}")
+
+
 def reply_lie(reply: pb.VerifyReply, *, streamed: int, max_tokens: int, draft_bytes: int) -> str:
     """What is wrong with a node's reply to a round, given the tokens streamed
     before it; "" if nothing. Without the node's model only the accounting
@@ -109,8 +122,7 @@ async def speculate(drafter: LlmEngine, prompt: list[int], node: CloudNodeClient
                     return
                 lie = reply_lie(reply, streamed=len(seen.texts), max_tokens=start.max_tokens, draft_bytes=len(draft))
                 if lie:
-                    broke.append(f"{node.address} {lie}")
-                    node.mark_down(broke[-1])
+                    lied(node, lie, broke)
                     return
                 for token in reply.tokens:
                     seen.texts.append(token.text)
@@ -131,18 +143,17 @@ async def speculate(drafter: LlmEngine, prompt: list[int], node: CloudNodeClient
                     keep, covered = agreeing_tokens(pieces, text)
                     rest = whole_characters(text[covered:])
                     append = drafter.tokenize_text(rest.decode("utf-8", errors="replace")) if rest else []
-                    pieces = pieces[:keep] + [drafter.piece(t) for t in append]
+                    pieces[keep:] = [drafter.piece(t) for t in append]
                     drafts.send(Round(keep=keep, append=tuple(append), generate=k))
                     drafting = await take(drafts)
                 drafted = b"".join(pieces)
                 draft = whole_characters(drafted[len(text):]) if drafted.startswith(text) else b""
                 await call.write(pb.VerifyStep(draft=draft))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:  # the latter: a write after the call ended
-            code, details = (exc.code(), exc.details()) if isinstance(exc, grpc.aio.AioRpcError) else (
-                await call.code(), await call.details())
-            if code == grpc.StatusCode.UNAVAILABLE:
-                node.mark_down(f"{code.name}: {details}")
-            broke.append(f"{node.address}: {code.name}: {details}")
+            if isinstance(exc, grpc.aio.AioRpcError):
+                call_failed(node, exc.code(), exc.details(), broke)
+            else:
+                call_failed(node, await call.code(), await call.details(), broke)
         finally:
             call.cancel()
             drafts.close()

@@ -39,8 +39,8 @@ downlink radio model would be a second model for a few kilobytes. The device
 is assumed free for LOCAL; contention on it belongs in its measured speeds.
 
 SPECULATIVE on node n (``LlmNode.drafting`` given): the device drafts k
-tokens a round, the node checks them in one decode call (partitioner.
-speculation: k*, R(k*) and E(k*) tokens a round; d the device's draft step)::
+tokens a round, the node checks them in V(k) (partitioner.speculation: k*,
+R(k*) and E(k*) tokens a round; d the device's draft step)::
 
     first   = max(p / S_p,n * 1e3, k * d) + V(k)  the device drafts while the node prefills
     ttft    = L.rtt + up + q_n + o_n + first + down_1
@@ -262,16 +262,21 @@ def _local(shape: GenerationShape, speed: LlmSpeed, power: Power) -> tuple[float
     return ttft, total, power.active_w * total / 1e3
 
 
-def _remote(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[float, float, float]:
-    """(ttft, T, J) on one node, term by term as in the module docstring."""
-    link, speed = node.link, node.speed
+def _node_terms(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[float, float, float, float]:
+    """(up, down_1, prefill, P_tx) of a route through one node: its wire and prefill terms."""
+    link = node.link
     up = shape.prompt_bytes * 8 / (link.uplink_mbps * 1e6) * 1e3
     down_1 = shape.bytes_per_token * 8 / (link.downlink_mbps * 1e6) * 1e3
-    prefill = shape.prompt_tokens / speed.prompt_tok_s * 1e3
-    per_token = 1e3 / speed.gen_tok_s
-    ttft = link.rtt_ms + up + node.queue_ms + speed.overhead_ms + prefill + per_token + down_1
+    prefill = shape.prompt_tokens / node.speed.prompt_tok_s * 1e3
+    return up, down_1, prefill, power.radio_alpha_w_per_mbps * link.uplink_mbps + power.radio_beta_w
+
+
+def _remote(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[float, float, float]:
+    """(ttft, T, J) on one node, term by term as in the module docstring."""
+    up, down_1, prefill, radio_w = _node_terms(shape, node, power)
+    per_token = 1e3 / node.speed.gen_tok_s
+    ttft = node.link.rtt_ms + up + node.queue_ms + node.speed.overhead_ms + prefill + per_token + down_1
     total = ttft + (shape.max_tokens - 1) * max(per_token, down_1)
-    radio_w = power.radio_alpha_w_per_mbps * link.uplink_mbps + power.radio_beta_w
     energy = (radio_w * up + power.idle_w * (total - up)) / 1e3
     return ttft, total, energy
 
@@ -279,17 +284,14 @@ def _remote(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[float,
 def _speculative(shape: GenerationShape, node: LlmNode, power: Power) -> tuple[tuple[float, float, float], int]:
     """((ttft, T, J), k) drafting on the device for one node, as in the module docstring."""
     assert node.drafting is not None
-    link, speed, drafting = node.link, node.speed, node.drafting
-    plan = best_draft(drafting, link.rtt_ms)
-    up = shape.prompt_bytes * 8 / (link.uplink_mbps * 1e6) * 1e3
-    down_1 = shape.bytes_per_token * 8 / (link.downlink_mbps * 1e6) * 1e3
-    prefill = shape.prompt_tokens / speed.prompt_tok_s * 1e3
+    drafting = node.drafting
+    plan = best_draft(drafting, node.link.rtt_ms)
+    up, down_1, prefill, radio_w = _node_terms(shape, node, power)
     first = max(prefill, plan.k * drafting.draft_ms) + drafting.check_ms(plan.k)
-    ttft = link.rtt_ms + up + node.queue_ms + speed.overhead_ms + first + down_1
+    ttft = node.link.rtt_ms + up + node.queue_ms + node.speed.overhead_ms + first + down_1
     rounds = shape.max_tokens / plan.tokens_per_round
     total = ttft + max(rounds - 1, 0.0) * plan.round_ms
     drafting_ms = min(rounds * plan.k * drafting.draft_ms, total - up)
-    radio_w = power.radio_alpha_w_per_mbps * link.uplink_mbps + power.radio_beta_w
     energy = (radio_w * up + power.active_w * drafting_ms + power.idle_w * (total - up - drafting_ms)) / 1e3
     return (ttft, total, energy), plan.k
 

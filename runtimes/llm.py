@@ -559,7 +559,7 @@ class LlmEngine:
 
     def step_ms(self, tokens: int) -> float:
         """Measured time of a decode call of exactly ``tokens`` tokens (0.0: none yet)."""
-        return dict(self._step_ms).get(tokens, 0.0)
+        return self._step_ms.get(tokens, 0.0)
 
     @property
     def active(self) -> int:
@@ -824,24 +824,18 @@ class LlmEngine:
                 self._take(seq, batch_index=first + count - 1)
 
     def _verify(self, seq: _Sequence, first: int, drafted: int) -> None:
-        """Batched: stream the draft's longest prefix that equals this model's
-        greedy choices, then its own next token; drop the rest from the KV cache."""
-        base = seq.n_past  # the last token that stood, evaluated in this step with the draft after it
-        draft = seq.tokens[base + 1:]
-        del seq.tokens[base + 1:]
-        produced: list[int] = []
+        """Batched: this step evaluated the last token that stood and the
+        ``drafted`` tokens after it. Take its choice at each position in turn,
+        as a plain step's (_take, _check), until the round ends; then drop the
+        drafted positions that did not stand from the KV cache."""
+        del seq.tokens[seq.n_past + 1:]  # the draft: the tokens that stand come back as they are taken
         for j in range(drafted + 1):
-            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, first + j)
             seq.n_past += 1
-            produced.append(token)
-            self._accept(seq, token, first + j)
-            if seq.finished or j == drafted or token != draft[j]:
+            self._take(seq, batch_index=first + j)
+            if seq.finished or not seq.round_tokens:  # finished, or the round ended (_end_verify_round)
                 break
-        if seq.finished:
-            return
-        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, seq.n_past, -1)
-        seq.round_tokens, seq.round_drafted = produced, drafted
-        self._end_verify_round(seq)
+        if not seq.finished:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, seq.n_past, -1)
 
     def _check(self, seq: _Sequence, token: int) -> None:
         """One position of a draft, checked the way a plain generation makes
@@ -869,11 +863,9 @@ class LlmEngine:
         if seq.request.rounds == "verify":
             left = seq.max_total - seq.completion - len(seq.pending) - 1  # beyond max_tokens nothing is kept
             draft = list(round_.draft[:max(min(self.max_round_tokens, room, left), 0)])
-            seq.round_drafted, seq.round_ms = len(draft), 0.0
+            seq.round_drafted, seq.round_ms, seq.draft = len(draft), 0.0, draft
             if self.batched_verify:
-                seq.tokens += draft
-            else:
-                seq.draft = draft
+                seq.tokens += draft  # evaluated in the next step, all at once
             return
         prompt = len(seq.request.prompt_tokens)
         kept = len(seq.tokens) - prompt if round_.keep < 0 else min(round_.keep, len(seq.tokens) - prompt)
