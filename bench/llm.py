@@ -1,6 +1,6 @@
 """LLM path: Tandem against bare llama-cpp-python and against itself under load.
 
-    python -m bench.llm [--tokens 128] [--only prefix|handoff|quality|ceiling|speculative] [--json bench/results/llm.json]
+    python -m bench.llm [--tokens 128] [--only local|prefix|handoff|quality|ceiling|speculative] [--json bench/results/llm.json]
 
 Side by side in one run, on the packaged SmolLM2 GGUF:
   1. generation tokens/s: bare ``Llama.generate`` vs the agent's LOCAL plan through the SDK;
@@ -28,16 +28,21 @@ Side by side in one run, on the packaged SmolLM2 GGUF:
      adding 5, 20, 80 and 200 ms of RTT, agent on core 0 and node on core 1: per-stream tokens/s
      against cloud-only (REMOTE) on the same link, acceptance, the adaptive draft length against
      fixed ones, and the node's CPU time per token, from which its capacity follows
-     (``--only speculative`` runs this alone).
+     (``--only speculative`` runs this alone);
+ 10. where single-stream LOCAL loses against bare: the engine alone (asyncio, no gRPC) beside
+     the agent through the SDK, and the CPU per token of the agent's threads other than llama.cpp's
+     and of the client (``--only local``; not part of the whole run, whose item 1 compares LOCAL).
 Greedy decoding throughout, so every configuration generates the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import signal
@@ -46,6 +51,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -64,6 +70,7 @@ from protos import tandem_pb2_grpc as pb_grpc
 from runtimes import launch
 from runtimes.kv_cache import PrefixCache
 from runtimes.llm import PACKAGED_LLMS, DoneEvent, LlmEngine, Sampling, find_smollm2
+from runtimes.llm_serving import stream
 from runtimes.peers import free_port
 
 PREFIX_CACHE_BYTES = 64 << 20  # the agent's default llm_prefix_cache_mb
@@ -75,7 +82,10 @@ OPENAI_LOCAL = "agent LOCAL (OpenAI SSE, openai client)"
 def timed_stream(chunks) -> dict:
     """Arrival times of a token stream: ttft and the mean gap between tokens."""
     start = time.perf_counter()
-    arrivals = [time.perf_counter() for _ in chunks]
+    return stream_times(start, [time.perf_counter() for _ in chunks])
+
+
+def stream_times(start: float, arrivals: list[float]) -> dict:
     tokens = len(arrivals)
     gaps_ms = (arrivals[-1] - arrivals[0]) / (tokens - 1) * 1e3 if tokens > 1 else 0.0
     return {"tokens": tokens, "ttft_ms": (arrivals[0] - start) * 1e3, "gap_ms": gaps_ms,
@@ -213,6 +223,92 @@ def print_quality(console: Console, result: dict) -> None:
                       f"{escalated['restart']:.3f}, continuing after the device's first tokens "
                       f"{escalated['continue']:.3f}: {result['escalation']}; over every calibration item "
                       f"{escalated['restart_all']:.3f} against {escalated['continue_all']:.3f}")
+
+
+_ENGINE: LlmEngine | None = None
+
+
+def _start_engine() -> None:
+    global _ENGINE
+    _ENGINE = LlmEngine("smollm2", find_smollm2(), slots=1, prefix_cache_bytes=PREFIX_CACHE_BYTES)
+
+
+def engine_run(tokens: int) -> dict:
+    """One generation on the agent's engine through the asyncio bridge the
+    daemons use, no gRPC, in a worker process of its own: two llama.cpp
+    contexts decoding from different threads of one process slowed both
+    about 3x here (bare 36 against 12 ms a token)."""
+    async def arrivals() -> list[float]:
+        times = []
+        async for event in stream(_ENGINE, _ENGINE.tokenize_prompt(PROMPT), Sampling(max_tokens=tokens)):
+            if not isinstance(event, DoneEvent):
+                times.append(time.perf_counter())
+        return times
+    start = time.perf_counter()
+    return stream_times(start, asyncio.run(arrivals()))
+
+
+def local_path(tokens: int, repeats: int = 3 * REPEATS) -> dict:
+    """Where single-stream LOCAL loses against bare llama-cpp-python: the
+    agent's engine alone (no gRPC, no serving) against the agent through the
+    SDK, alternating, with the CPU the agent's non-decoding threads and
+    this client spend per token."""
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as models, \
+            launch.edge_agent(Path(models), [], "--llm", "smollm2") as agent, EdgeClient(agent.address) as client:
+        threads = os.cpu_count() or 1
+        bare = Llama(model_path=str(find_smollm2()), n_ctx=2048, n_threads=threads, verbose=False)
+        worker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_engine)
+        configs = {"bare llama-cpp-python": lambda: timed_stream(bare_stream(bare, tokens)),
+                   "engine alone (asyncio, no gRPC)": lambda: worker.submit(engine_run, tokens).result(),
+                   "agent LOCAL (SDK)": lambda: timed_stream(agent_stream(client, tokens, "local"))}
+        agent_process, this_process = psutil.Process(agent.process.pid), psutil.Process()
+        try:
+            for make in configs.values():
+                make()
+            runs: dict[str, list[dict]] = {name: [] for name in configs}
+            serving_cpu_s = client_cpu_s = 0.0
+            for _ in range(repeats):  # alternating, so drift hits every configuration alike
+                for name, make in configs.items():
+                    if name == "agent LOCAL (SDK)":
+                        agent_before, client_before = agent_process.cpu_times(), this_process.cpu_times()
+                        decoding_before = decode_thread_cpu_s(agent_process, threads)
+                    runs[name].append(make())
+                    if name == "agent LOCAL (SDK)":
+                        serving_cpu_s += cpu_s(agent_process.cpu_times(), agent_before) - (
+                            decode_thread_cpu_s(agent_process, threads) - decoding_before)
+                        client_cpu_s += cpu_s(this_process.cpu_times(), client_before)
+        finally:
+            worker.shutdown()
+            bare.close()
+    single = {name: median_of(r) for name, r in runs.items()}
+    bare_tok_s = single["bare llama-cpp-python"]["tok_s"]
+    streamed = repeats * tokens
+    return {"repeats": repeats, "single": single,
+            "vs_bare": {name: row["tok_s"] / bare_tok_s for name, row in single.items()},
+            "agent_serving_cpu_ms_per_token": serving_cpu_s * 1e3 / streamed,
+            "client_cpu_ms_per_token": client_cpu_s * 1e3 / streamed}
+
+
+def cpu_s(after, before) -> float:
+    return (after.user - before.user) + (after.system - before.system)
+
+
+def decode_thread_cpu_s(process: psutil.Process, count: int) -> float:
+    """CPU of a process's ``count`` busiest threads: llama.cpp's, while it decodes."""
+    busiest = sorted((t.user_time + t.system_time for t in process.threads()), reverse=True)
+    return sum(busiest[:count])
+
+
+def print_local(console: Console, result: dict) -> None:
+    table = Table(title=f"single stream LOCAL, greedy, median of {result['repeats']} alternating runs")
+    for column in ("configuration", "tokens/s", "ms between tokens", "vs bare"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for name, row in result["single"].items():
+        table.add_row(name, f"{row['tok_s']:.1f}", f"{row['gap_ms']:.2f}", f"{result['vs_bare'][name] * 100:.1f} %")
+    console.print(table)
+    console.print(f"CPU per token beside llama.cpp's threads: the agent's other threads "
+                  f"{result['agent_serving_cpu_ms_per_token']:.3f} ms, this client "
+                  f"{result['client_cpu_ms_per_token']:.3f} ms (target: agent LOCAL >= 95 % of bare)")
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -471,7 +567,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--json", type=Path, default=Path("bench/results/llm.json"))
-    parser.add_argument("--only", choices=["prefix", "handoff", "quality", "ceiling", "speculative"],
+    parser.add_argument("--only", choices=["local", "prefix", "handoff", "quality", "ceiling", "speculative"],
                         help="run only this part")
     args = parser.parse_args()
     console = Console(width=120)
@@ -480,6 +576,7 @@ def main() -> int:
                              print_speculative),
              "ceiling": ("the node against llama.cpp's own batched decode", lambda: ceiling(args.tokens), print_ceiling),
              "handoff": ("nodes shutting down mid-generation", lambda: handoff(args.tokens), print_handoff),
+             "local": ("single-stream LOCAL against bare llama-cpp-python", lambda: local_path(args.tokens), print_local),
              "prefix": ("multi-turn chat, cold and cached", lambda: prefix_reuse(args.tokens),
                         lambda c, r: print_prefix(c, r, args.tokens))}
     if args.only is not None:
