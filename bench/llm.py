@@ -661,9 +661,12 @@ def main() -> int:
     with console.status("the node against llama.cpp's own batched decode ..."):
         bounds = ceiling(args.tokens)
     print_ceiling(console, bounds)
+    with console.status("draft-and-verify through an emulated RTT ..."):
+        drafted = speculative(args.tokens)
+    print_speculative(console, drafted)
     report.update(single=single, local_vs_bare=local_ratio, remote_added_ms_per_token=added_ms,
                   openai_added_ms_per_token=http_ms, load=load, prefix_reuse=prefix, handoff=handed,
-                  quality=tiers, ceiling=bounds)
+                  quality=tiers, ceiling=bounds, speculative=drafted)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {args.json}")
