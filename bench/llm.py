@@ -30,8 +30,8 @@ Side by side in one run, on the packaged SmolLM2 GGUF:
      fixed ones, and the node's CPU time per token, from which its capacity follows
      (``--only speculative`` runs this alone);
  10. where single-stream LOCAL loses against bare: the engine alone (asyncio, no gRPC) beside
-     the agent through the SDK, and the CPU per token of the agent's threads other than llama.cpp's
-     and of the client (``--only local``; not part of the whole run, whose item 1 compares LOCAL).
+     the agent through the SDK, the CPU per token of the agent and of the client, and two engines of
+     one process taking turns (``--only local``; not part of the whole run, whose item 1 compares LOCAL).
 Greedy decoding throughout, so every configuration generates the same tokens.
 """
 
@@ -233,14 +233,16 @@ def _start_engine() -> None:
     _ENGINE = LlmEngine("smollm2", find_smollm2(), slots=1, prefix_cache_bytes=PREFIX_CACHE_BYTES)
 
 
-def engine_run(tokens: int) -> dict:
+def engine_run(tokens: int, engine: LlmEngine | None = None) -> dict:
     """One generation on the agent's engine through the asyncio bridge the
-    daemons use, no gRPC, in a worker process of its own: two llama.cpp
-    contexts decoding from different threads of one process slowed both
-    about 3x here (bare 36 against 12 ms a token)."""
+    daemons use, no gRPC, in a worker process of its own: with llama.cpp
+    built with OpenMP, two contexts decoding from different threads of one
+    process slowed both about 3x (bare 36 against 12 ms a token; Makefile)."""
+    engine = engine or _ENGINE
+
     async def arrivals() -> list[float]:
         times = []
-        async for event in stream(_ENGINE, _ENGINE.tokenize_prompt(PROMPT), Sampling(max_tokens=tokens)):
+        async for event in stream(engine, engine.tokenize_prompt(PROMPT), Sampling(max_tokens=tokens)):
             if not isinstance(event, DoneEvent):
                 times.append(time.perf_counter())
         return times
@@ -248,11 +250,24 @@ def engine_run(tokens: int) -> dict:
     return stream_times(start, asyncio.run(arrivals()))
 
 
+def two_engines(tokens: int) -> dict[str, list[float]]:
+    """ms between tokens of one engine alone, then of two engines in one
+    process taking turns, as a daemon serving two models runs them (each
+    decodes on its own thread)."""
+    first = LlmEngine("a", find_smollm2(), slots=1)
+    alone = [engine_run(tokens, first)["gap_ms"] for _ in range(3)]
+    second = LlmEngine("b", find_smollm2(), slots=1)
+    taking_turns = [engine_run(tokens, engine)["gap_ms"] for engine in (second, first) * 3]
+    first.close()
+    second.close()
+    return {"alone": alone, "taking_turns": taking_turns}
+
+
 def local_path(tokens: int, repeats: int = 3 * REPEATS) -> dict:
     """Where single-stream LOCAL loses against bare llama-cpp-python: the
     agent's engine alone (no gRPC, no serving) against the agent through the
-    SDK, alternating, with the CPU the agent's non-decoding threads and
-    this client spend per token."""
+    SDK, alternating, with the CPU the agent process and this client spend
+    per token; then two engines of one process taking turns."""
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as models, \
             launch.edge_agent(Path(models), [], "--llm", "smollm2") as agent, EdgeClient(agent.address) as client:
         threads = os.cpu_count() or 1
@@ -266,37 +281,32 @@ def local_path(tokens: int, repeats: int = 3 * REPEATS) -> dict:
             for make in configs.values():
                 make()
             runs: dict[str, list[dict]] = {name: [] for name in configs}
-            serving_cpu_s = client_cpu_s = 0.0
+            agent_cpu_s = client_cpu_s = 0.0
             for _ in range(repeats):  # alternating, so drift hits every configuration alike
                 for name, make in configs.items():
                     if name == "agent LOCAL (SDK)":
                         agent_before, client_before = agent_process.cpu_times(), this_process.cpu_times()
-                        decoding_before = decode_thread_cpu_s(agent_process, threads)
                     runs[name].append(make())
                     if name == "agent LOCAL (SDK)":
-                        serving_cpu_s += cpu_s(agent_process.cpu_times(), agent_before) - (
-                            decode_thread_cpu_s(agent_process, threads) - decoding_before)
+                        agent_cpu_s += cpu_s(agent_process.cpu_times(), agent_before)
                         client_cpu_s += cpu_s(this_process.cpu_times(), client_before)
         finally:
             worker.shutdown()
             bare.close()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        both = fresh.submit(two_engines, tokens).result()
     single = {name: median_of(r) for name, r in runs.items()}
     bare_tok_s = single["bare llama-cpp-python"]["tok_s"]
     streamed = repeats * tokens
     return {"repeats": repeats, "single": single,
             "vs_bare": {name: row["tok_s"] / bare_tok_s for name, row in single.items()},
-            "agent_serving_cpu_ms_per_token": serving_cpu_s * 1e3 / streamed,
-            "client_cpu_ms_per_token": client_cpu_s * 1e3 / streamed}
+            "threads": threads, "agent_cpu_ms_per_token": agent_cpu_s * 1e3 / streamed,
+            "client_cpu_ms_per_token": client_cpu_s * 1e3 / streamed,
+            "two_engines_gap_ms": {key: statistics.median(gaps) for key, gaps in both.items()}}
 
 
 def cpu_s(after, before) -> float:
     return (after.user - before.user) + (after.system - before.system)
-
-
-def decode_thread_cpu_s(process: psutil.Process, count: int) -> float:
-    """CPU of a process's ``count`` busiest threads: llama.cpp's, while it decodes."""
-    busiest = sorted((t.user_time + t.system_time for t in process.threads()), reverse=True)
-    return sum(busiest[:count])
 
 
 def print_local(console: Console, result: dict) -> None:
@@ -306,9 +316,13 @@ def print_local(console: Console, result: dict) -> None:
     for name, row in result["single"].items():
         table.add_row(name, f"{row['tok_s']:.1f}", f"{row['gap_ms']:.2f}", f"{result['vs_bare'][name] * 100:.1f} %")
     console.print(table)
-    console.print(f"CPU per token beside llama.cpp's threads: the agent's other threads "
-                  f"{result['agent_serving_cpu_ms_per_token']:.3f} ms, this client "
+    agent = result["single"]["agent LOCAL (SDK)"]
+    console.print(f"CPU per token: the agent process {result['agent_cpu_ms_per_token']:.2f} ms against "
+                  f"{result['threads']} llama.cpp threads x {agent['gap_ms']:.2f} ms between tokens, this client "
                   f"{result['client_cpu_ms_per_token']:.3f} ms (target: agent LOCAL >= 95 % of bare)")
+    both = result["two_engines_gap_ms"]
+    console.print(f"one process, ms between tokens: one engine alone {both['alone']:.2f}, two engines taking turns "
+                  f"{both['taking_turns']:.2f} (a daemon serving two models)")
 
 
 def median_of(runs: list[dict]) -> dict:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from runtimes.admission import Overloaded
 from runtimes.llm import DoneEvent, Event, LlmEngine, Request, Sampling, TokenEvent, find_smollm2
+
+
+def test_llama_cpp_is_built_without_openmp() -> None:
+    """With OpenMP each decoding thread gets its own team, and two engines in
+    one daemon, once both had decoded, each ran ~2.7x slower (Makefile,
+    docs/benchmarks.md). A venv set up another way shows here, not as a slow
+    node. A process of its own: nothing else it loads may bring libgomp in."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc to see which libraries a process maps")
+    probe = "import llama_cpp, pathlib; print(pathlib.Path('/proc/self/maps').read_text())"
+    mapped = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "llama" in mapped and "libgomp" not in mapped, "llama-cpp-python links OpenMP: rebuild it with make setup"
 
 
 @pytest.fixture(scope="module")
