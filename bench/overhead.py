@@ -1,6 +1,6 @@
 """What Tandem costs on top of bare onnxruntime, and what its codec costs.
 
-    python -m bench.overhead [--runs 200] [--json bench/results/overhead.json]
+    python -m bench.overhead [--runs 200] [--json bench/results/overhead.json] [--only planning]
 
 For the chain model, median latency of (a) bare ``InferenceSession.run``,
 (b) the agent's LOCAL plan through the SDK (over the socket, and through
@@ -12,7 +12,8 @@ echoed with no compute), measured in one run in alternating rounds; then the age
 planning time per request for every modelzoo model (the reply's plan_ms);
 then codec encode/decode throughput per encoding on a 1x32x112x112 float32
 tensor. Targets: (b) and (e) through shared memory within 5 % or 0.3 ms of
-(a); planning under 0.1 ms.
+(a); planning under 0.1 ms. ``--only planning``: the planning times alone,
+``--runs`` requests per model (JSON in bench/results/overhead_planning.json).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -169,9 +171,13 @@ def codec_throughput(runs: int) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="timed requests per configuration")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/overhead.json"))
+    parser.add_argument("--json", type=Path, help="default bench/results/overhead.json (overhead_planning.json)")
+    parser.add_argument("--only", choices=("planning",), help="only the agent's planning time per model")
     args = parser.parse_args()
     console = Console(width=120)
+    if args.only == "planning":
+        return planning_only(console, args.runs, args.json or Path("bench/results/overhead_planning.json"))
+    args.json = args.json or Path("bench/results/overhead.json")
 
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
         models = Path(tmp)
@@ -259,14 +265,7 @@ def main() -> int:
     console.print(f"OIP shared-memory LOCAL target (within 5 % or 0.3 ms of bare): "
                   f"{'met' if shm_target_met else 'NOT met'} ({shared - base:+.3f} ms)")
 
-    plan_table = Table(title="planning one request inside the agent (the reply's measured plan_ms), unpinned")
-    for column in ("model", "cut points", "plan", "median ms", "p90 ms"):
-        plan_table.add_column(column, justify="left" if column in ("model", "plan") else "right")
-    for row in planning:
-        plan_table.add_row(row["model"], str(row["cuts"]), row["plan"], f"{row['median_ms']:.3f}", f"{row['p90_ms']:.3f}")
-    console.print(plan_table)
-    planning_met = all(row["median_ms"] < 0.1 for row in planning)
-    console.print(f"planning target (under 0.1 ms of the LOCAL overhead, every model): {'met' if planning_met else 'NOT met'}")
+    planning_met = print_planning(console, planning)
 
     codec_rows = codec_throughput(runs=50)
     codec_table = Table(title="codec on a 1x32x112x112 float32 tensor (1.6 MB)")
@@ -278,14 +277,46 @@ def main() -> int:
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "machine": {"node": platform.node(), "processor": platform.processor(), "cpus": __import__("os").cpu_count(),
-                    "python": platform.python_version(), "onnxruntime": ort.__version__},
-        "runs": args.runs, "latency": latency_rows, "local_target_met": target_met,
+        "machine": machine(), "runs": args.runs, "latency": latency_rows, "local_target_met": target_met,
         "oip_shared_memory_target_met": shm_target_met, "codec": codec_rows,
         "planning": planning, "planning_target_met": planning_met,
     }, indent=2))
     console.print(f"wrote {args.json}")
     return 0
+
+
+def print_planning(console: Console, planning: list[dict]) -> bool:
+    plan_table = Table(title="planning one request inside the agent (the reply's measured plan_ms), unpinned")
+    for column in ("model", "cut points", "plan", "median ms", "p90 ms"):
+        plan_table.add_column(column, justify="left" if column in ("model", "plan") else "right")
+    for row in planning:
+        plan_table.add_row(row["model"], str(row["cuts"]), row["plan"], f"{row['median_ms']:.3f}", f"{row['p90_ms']:.3f}")
+    console.print(plan_table)
+    met = all(row["median_ms"] < 0.1 for row in planning)
+    console.print(f"planning target (under 0.1 ms of the LOCAL overhead, every model): {'met' if met else 'NOT met'}")
+    return met
+
+
+def planning_only(console: Console, runs: int, out: Path) -> int:
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
+        models = Path(tmp)
+        paths = build_all(models)
+        with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address]) as agent, \
+                EdgeClient(agent.address) as client:
+            wait_until_measured(client)
+            with console.status("planning time per model ..."):
+                planning = planning_times(client, paths, runs)
+    met = print_planning(console, planning)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "runs": runs, "planning": planning, "planning_target_met": met},
+                              indent=2))
+    console.print(f"wrote {out}")
+    return 0
+
+
+def machine() -> dict:
+    return {"node": platform.node(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": ort.__version__}
 
 
 if __name__ == "__main__":

@@ -413,7 +413,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         key = (id(table.plans), objective, policy.weight_latency, current)
         standing = self._standing.get(key) if reuse else None
         if (standing is not None and standing.plans is table.plans and standing.dags is dags and standing.power == self.power
-                and standing.decision.stands(calibrated, nodes)):
+                and standing.decision.stands(calibrated, nodes, hysteresis_margin=policy.hysteresis_margin)):
             return standing.decision, table.plans.costs, standing.calibration
         decision = table.plans.choose(
             calibrated, nodes, self.power, objective=objective, weight_latency=policy.weight_latency, dag_cuts=dags,

@@ -207,7 +207,7 @@ class PlanTable:
         slots = self._codec_slots(request, keep)
         if dag_cuts:
             slots += self._dag_slots(request, chain_score, chain_bits, slots, dag_cuts, dag_min_gain, keep)
-        return QuickDecision(request, chain_score, chain_bits, slots)
+        return QuickDecision(request, chain_score, chain_bits, slots, keep)
 
     def _codec_slots(self, request: _Request, keep: frozenset[str]) -> list[_Slot]:
         """Each codec's one plan per node (costmodel._best_priced: the lowest
@@ -398,6 +398,97 @@ def _held_codec_plan(keep: frozenset[str]) -> tuple[str, int]:
     return "", -1
 
 
+class _Sensitivities(NamedTuple):
+    """Per candidate position: its total (ms) and what moves it by how much."""
+
+    score: np.ndarray       # its total, ms (LATENCY)
+    device_ms: np.ndarray   # device time the calibration factor scales
+    offloads: np.ndarray    # 1 where the calibration's offload_ms is in it
+    node: np.ndarray        # its node's index in the request (-1: LOCAL)
+    wire_bytes: np.ndarray  # bytes it sends up
+
+
+class _ReuseWeights(NamedTuple):
+    """A decision stands while f|dF| + o|d offload_ms| + r|d request_ms|
+    + sum over nodes of u_j U_j + w_j W_j <= 1, where U_j is how far node j's
+    RTT, queue and reply time moved (ms) and W_j its uplink ms per byte."""
+
+    f: float
+    o: float
+    r: float
+    u: tuple[float, ...]
+    w: tuple[float, ...]
+
+
+class _Weights:
+    """Builds _ReuseWeights: the most each input may weigh in any one
+    condition, each condition scaled to its own room (a sum of maxima, so at
+    worst a few times stricter than the conditions one by one)."""
+
+    def __init__(self, sensitivities: _Sensitivities, m: int) -> None:
+        self.s, self.m = sensitivities, m
+        self.f = self.o = self.r = 0.0
+        self.u, self.w = np.zeros(m + 1), np.zeros(m + 1)  # the last one: LOCAL's (no node)
+        self.room_left = True
+
+    def pairs(self, behind: np.ndarray, ahead: int, spread: float, either_side: bool = False) -> None:
+        """Each of ``behind`` stays behind ``ahead`` by ``spread``: T_b > spread * T_a
+        (``either_side``: T_b - spread * T_a keeps its sign)."""
+        if not len(behind):
+            return
+        s = self.s
+        room = s.score[behind] - spread * s.score[ahead]
+        if either_side:
+            room = np.abs(room) - TIE_REL_TOL * (s.score[behind] + s.score[ahead])  # a last bit must not flip it
+        if room.min() <= 0:
+            self.room_left = False
+            return
+        same = (s.node[behind] == s.node[ahead]) & (s.node[ahead] >= 0)
+        self.f = max(self.f, float((np.abs(s.device_ms[behind] - spread * s.device_ms[ahead]) / room).max()))
+        self.o = max(self.o, float((np.abs(s.offloads[behind] - spread * s.offloads[ahead]) / room).max()))
+        self.r = max(self.r, float(((spread - 1) / room).max()))
+        # one node's change moves both sides of a pair on it: what differs is what counts
+        u = np.where(same, spread - 1, 1.0) / room
+        w = np.where(same, np.abs(s.wire_bytes[behind] - spread * s.wire_bytes[ahead]), s.wire_bytes[behind]) / room
+        np.maximum.at(self.u, s.node[behind], u)
+        np.maximum.at(self.w, s.node[behind], w)
+        if s.node[ahead] >= 0 and not same.all():
+            apart = room[~same]
+            self.u[s.node[ahead]] = max(self.u[s.node[ahead]], float((spread / apart).max()))
+            self.w[s.node[ahead]] = max(self.w[s.node[ahead]], float((spread * s.wire_bytes[ahead] / apart).max()))
+
+    def alone(self, positions: np.ndarray, room: np.ndarray) -> None:
+        """Each of ``positions`` moves by less than its ``room``."""
+        if not len(positions):
+            return
+        if room.min() <= 0:
+            self.room_left = False
+            return
+        s = self.s
+        self.f = max(self.f, float((s.device_ms[positions] / room).max()))
+        self.o = max(self.o, float((s.offloads[positions] / room).max()))
+        self.r = max(self.r, float((1 / room).max()))
+        np.maximum.at(self.u, s.node[positions], 1 / room)
+        np.maximum.at(self.w, s.node[positions], s.wire_bytes[positions] / room)
+
+    def anywhere(self, room: float) -> None:
+        """No candidate moves by ``room`` or more (room: inf: no condition)."""
+        if room == math.inf:
+            return
+        if room <= 0:
+            self.room_left = False
+            return
+        s = self.s
+        self.f, self.o, self.r = max(self.f, float(s.device_ms.max()) / room), max(self.o, 1 / room), max(self.r, 1 / room)
+        self.u = np.maximum(self.u, 1 / room)
+        self.w = np.maximum(self.w, float(s.wire_bytes.max()) / room)
+
+    def result(self) -> _ReuseWeights | None:
+        if not self.room_left:
+            return None
+        return _ReuseWeights(self.f, self.o, self.r, tuple(self.u[:self.m].tolist()), tuple(self.w[:self.m].tolist()))
+
+
 class QuickDecision:
     """``costmodel.Decision``'s answers, with Candidates built only when asked for.
 
@@ -406,8 +497,9 @@ class QuickDecision:
     slot, so node j's column c is at ``1 + j * width + c``. A slot a node does
     not offer is no candidate (its ABSENT bit)."""
 
-    def __init__(self, request: _Request, chain_score: np.ndarray, chain_bits: np.ndarray, slots: list[_Slot]) -> None:
-        self.request, self.slots, self.objective = request, slots, request.goal
+    def __init__(self, request: _Request, chain_score: np.ndarray, chain_bits: np.ndarray, slots: list[_Slot],
+                 keep: frozenset[str] = frozenset()) -> None:
+        self.request, self.slots, self.objective, self.keep = request, slots, request.goal, keep
         self.constraints, n, m = request.table.constraints, request.table.n, request.m
         self.width = n + len(slots)
         self.score = np.empty(1 + m * self.width)
@@ -420,8 +512,10 @@ class QuickDecision:
         for s, slot in enumerate(slots, start=n):
             score[:, s], bits[:, s] = slot.score, slot.bits
         self._built: dict[int, Candidate] = {}
+        self._reuse: dict[float, _ReuseWeights | None] = {}
         feasible = np.where(self.bits == 0, self.score, math.inf)
-        win = self._pick(feasible)
+        win = self._win = self._pick(feasible)
+        self._runner = None
         effort = self._pick(np.where(self.bits & (HARD_BITS | ABSENT) == 0, self.score, math.inf))
         self.winner = None if win is None else self.candidate(win)
         self.best_effort = None if effort is None else self.candidate(effort)
@@ -432,7 +526,7 @@ class QuickDecision:
             self.why = _why_infeasible(self.candidates, self.broken_names, self.constraints, position)
             return
         feasible[win] = math.inf
-        runner = self._pick(feasible)
+        runner = self._runner = self._pick(feasible)
         ruled_out = present & (self.bits != 0)
         self.why = _CHOOSER.why_won(self.objective, self.winner, None if runner is None else self.candidate(runner),
                                     reference=self.candidate(0), count=int(present.sum()),
@@ -444,64 +538,103 @@ class QuickDecision:
 
     # --------------------------------------------------------------- reuse --
 
-    @cached_property
-    def _reuse_bound(self) -> tuple[float, float, float] | None:
-        """How far (ms) every candidate's predicted total may move before a fresh
-        ``choose`` could decide differently (the same winner, runner-up, reason
-        and offered candidates), the device time a calibration factor scales and
-        the most bytes an offered plan sends; None: always decide afresh.
+    def stands(self, calibrated: Calibrated, nodes: Sequence[NodeNow], *, hysteresis_margin: float = 0.0) -> bool:
+        """Whether this decision is the one ``choose`` would make at these
+        inputs (the same table, objective, power, DAG cuts and held plan), and
+        what hysteresis then runs is the same: O(nodes), in plain floats. The
+        figures of the plan it runs are then within REUSE_MAX_DRIFT of what a
+        fresh pass would predict."""
+        if hysteresis_margin not in self._reuse:
+            self._reuse[hysteresis_margin] = self._reuse_weights(hysteresis_margin)
+        weights = self._reuse[hysteresis_margin]
+        request = self.request
+        if weights is None or len(nodes) != request.m:
+            return False
+        before = request.calibrated
+        moved = (weights.f * abs(calibrated.edge_factor - before.edge_factor)
+                 + weights.o * abs(calibrated.offload_ms - before.offload_ms)
+                 + weights.r * abs(calibrated.request_ms - before.request_ms))
+        reply_bits_ms = request.table.costs.output.wire_bytes * 8e-3
+        for now, then, u, w in zip(nodes, request.nodes, weights.u, weights.w):
+            if now.node != then.node:
+                return False
+            a, b = now.link, then.link
+            moved += (u * abs(a.rtt_ms - b.rtt_ms + now.queue_ms - then.queue_ms
+                              + reply_bits_ms * (1 / a.downlink_mbps - 1 / b.downlink_mbps))
+                      + w * 8e-3 * abs(1 / a.uplink_mbps - 1 / b.uplink_mbps))
+        return moved <= 1.0
+
+    def _reuse_weights(self, hysteresis_margin: float) -> _ReuseWeights | None:
+        """How much each input may move before a fresh pass could decide
+        differently; None: always decide afresh.
+
+        Every order the outcome rests on is a pair of candidates: the winner
+        alone ahead of each feasible plan, the runner-up its reason names ahead
+        of the rest, and under hysteresis the held plan against the winner. A
+        change moves both sides of a pair alike in part (the calibration scales
+        the device time of both, a node's RTT delays both of its plans), so each
+        pair may move by what differs between its two sides only. Besides the
+        pairs: no candidate crosses the SLO, no DAG cut crosses its offer
+        threshold, and the plan run moves by at most REUSE_MAX_DRIFT.
 
         Bounded for the common case only: the LATENCY objective (a score is a
-        total, in ms) with no energy budget, no per-plan codec, and a winner
-        that is LOCAL or on the only node (so that load sharing and retries,
-        which compare other nodes' figures, have nothing else to compare)."""
+        total, in ms) with no energy budget, no per-plan codec, and a plan run
+        that is LOCAL or on the only node (load sharing and retries, which
+        compare other nodes' figures, then have nothing else to compare)."""
         request = self.request
         if (request.goal is not Objective.LATENCY or self.constraints.energy_budget_j is not None
                 or self.winner is None or any(slot.codec for slot in self.slots)
                 or (self.winner.node is not None and request.m > 1)):
             return None
-        pool = np.where(self.bits == 0, self.score, math.inf)
-        top = np.sort(np.partition(pool, 2)[:3] if len(pool) > 3 else pool)
-        first, second, third = (*top.tolist(), math.inf, math.inf)[:3]
-        # choice.tied: the winner stays alone ahead of the runner-up, and the runner-up ahead of the rest
-        spread = 1 / (1 - TIE_REL_TOL)
-        allowed = min(((second - first * spread) / (1 + spread)) if second < math.inf else math.inf,
-                      ((third - second * spread) / (1 + spread)) if third < math.inf else math.inf,
-                      REUSE_MAX_DRIFT * first,
-                      *(slot.threshold_gap for slot in self.slots))
+        weights = _Weights(self._sensitivities(), request.m)
+        spread = 1 / (1 - TIE_REL_TOL)  # choice.tied: ahead by more than the tie tolerance
+        win, runner = self._win, self._runner
+        pool = np.flatnonzero(self.bits == 0)
+        weights.pairs(pool[pool != win], win, spread)
+        if runner is not None:
+            weights.pairs(pool[(pool != win) & (pool != runner)], runner, spread)
+        ran = win
+        current = next(iter(self.keep), None)
+        if current is not None and current != self.winner.label and hysteresis_margin > 0:
+            same = [i for i in self._plan_positions(current) if self.bits[i] == 0]
+            if same:
+                held = min(same, key=lambda i: self.score[i])  # hold_or_switch's held plan
+                weights.pairs(np.array([i for i in same if i != held]), held, spread)
+                # the winner is more than the margin better than the held plan, or not (either side)
+                weights.pairs(np.array([held]), win, 1 / (1 - hysteresis_margin), either_side=True)
+                if self.score[held] * (1 - hysteresis_margin) <= self.score[win]:  # held, not switched
+                    ran = held
+                    if request.m > 1 and ran != 0:
+                        return None
         slo = self.constraints.slo_ms
-        if slo is not None:  # no candidate crosses the SLO
-            allowed = min(allowed, float(np.abs(self.score[self.bits & ABSENT == 0] - slo).min()))
-        if allowed <= 0:
-            return None
-        table = request.table
-        wire = max([table.max_wire_bytes, *(slot.dag.crossing.wire_bytes for slot in self.slots if slot.dag)])
-        return allowed, table.edge_ms(table.n) + table.costs.edge_overhead_ms, wire
+        if slo is not None:
+            present = np.flatnonzero(self.bits & ABSENT == 0)
+            weights.alone(present, np.abs(self.score[present] - slo))
+        weights.alone(np.array([ran]), np.array([REUSE_MAX_DRIFT * self.score[ran]]))
+        for slot in self.slots:
+            weights.anywhere(slot.threshold_gap)
+        return weights.result()
 
-    def stands(self, calibrated: Calibrated, nodes: Sequence[NodeNow]) -> bool:
-        """Whether this decision is the one ``choose`` would make at these
-        inputs (the same table, objective, power and DAG cuts): O(nodes), in
-        plain floats. Its figures are then those of the inputs it was made at,
-        within REUSE_MAX_DRIFT of what a fresh pass would predict."""
-        bound = self._reuse_bound
-        request = self.request
-        if bound is None or len(nodes) != request.m:
-            return False
-        allowed, scaled_ms, wire = bound
-        before = request.calibrated
-        drift = (abs(calibrated.edge_factor - before.edge_factor) * scaled_ms
-                 + abs(calibrated.offload_ms - before.offload_ms) + abs(calibrated.request_ms - before.request_ms))
-        # every plan on node j moves by at most its bytes' uplink time change plus the terms no cut changes
-        reply_bits_ms = request.table.costs.output.wire_bytes * 8e-3
-        worst = 0.0
-        for now, then in zip(nodes, request.nodes):
-            if now.node != then.node:
-                return False
-            a, b = now.link, then.link
-            worst = max(worst, wire * 8e-3 * abs(1 / a.uplink_mbps - 1 / b.uplink_mbps)
-                        + abs(a.rtt_ms - b.rtt_ms + now.queue_ms - then.queue_ms
-                              + reply_bits_ms * (1 / a.downlink_mbps - 1 / b.downlink_mbps)))
-        return drift + worst <= allowed
+    def _sensitivities(self) -> _Sensitivities:
+        """Per candidate position, what an input change moves its total by."""
+        table, n, m = self.request.table, self.request.table.n, self.request.m
+        overhead = table.costs.edge_overhead_ms
+        device = np.zeros((m, self.width))
+        offloads = np.zeros((m, self.width))
+        wire = np.zeros((m, self.width))
+        device[:, 1:n] = table.edge_prefix[1:n] + overhead
+        offloads[:, :n] = 1.0  # a chain crossing carries offload_ms; a DAG cut's has it built in
+        wire[:, :n] = table.crossings[0][0]
+        for s, slot in enumerate(self.slots, start=n):
+            device[:, s] = overhead  # a DAG cut's device time was calibrated when it was priced
+            wire[:, s] = slot.dag.crossing.wire_bytes  # reuse is bounded only where every slot is a DAG cut
+        node = np.repeat(np.arange(m), self.width)
+        return _Sensitivities(
+            score=self.score,
+            device_ms=np.concatenate(([table.edge_prefix[n] + overhead], device.ravel())),
+            offloads=np.concatenate(([0.0], offloads.ravel())),
+            node=np.concatenate(([-1], node)),
+            wire_bytes=np.concatenate(([0.0], wire.ravel())))
 
     def _k(self, positions: np.ndarray) -> np.ndarray:
         """Segments on the device of the candidates at these positions."""
@@ -589,16 +722,19 @@ class QuickDecision:
 
     def plans(self, label: str) -> list[Candidate]:
         """The candidates labelled ``label`` ("split:5+int8"), one per node offering it."""
+        return self._at(self._plan_positions(label))
+
+    def _plan_positions(self, label: str) -> list[int]:
         kind, k, key, codec = _label_parts(label)
         if kind == LOCAL:
-            return [self.candidate(0)] if label == LOCAL else []
+            return [0] if label == LOCAL else []
         if key:
-            return [] if codec else self._at(self._in_slots(lambda slot: slot.dag is not None and slot.dag.key == key))
+            return [] if codec else self._in_slots(lambda slot: slot.dag is not None and slot.dag.key == key)
         if k is None or not 0 <= k < self.request.table.n:
             return []
         if not codec:
-            return self._at(self._in_chain(k))
-        return self._at(self._in_slots(lambda slot: slot.codec and self._codec_name(slot) == codec, k))
+            return self._in_chain(k)
+        return self._in_slots(lambda slot: slot.codec and self._codec_name(slot) == codec, k)
 
     def matching(self, kind: str, k: int | str | None, node: str) -> list[Candidate]:
         """The candidates ``server.find_pinned`` looks among: of this kind, at
