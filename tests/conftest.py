@@ -37,8 +37,10 @@ def cloud(model_dir: Path):
 
 @pytest.fixture(scope="session")
 def agent(model_dir: Path, cloud: launch.Daemon):
+    # llm_stall_s 30: on a loaded machine a node's first token can take longer than the
+    # default 5 s, and the stream would move to the device; tests of stalls start their own agents
     with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--http-listen", "127.0.0.1:0",
-                           "--metrics-listen", "127.0.0.1:0") as daemon:
+                           "--metrics-listen", "127.0.0.1:0", "--llm-stall-s", "30") as daemon:
         yield daemon
 
 

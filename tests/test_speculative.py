@@ -37,7 +37,10 @@ def when_the_node_is_seen(client: sdk.EdgeClient) -> None:
 
 @pytest.fixture(scope="module")
 def client(no_models: Path, gemma_cloud: launch.Daemon):
-    with launch.edge_agent(no_models, [gemma_cloud.address], *DEVICE) as agent, sdk.EdgeClient(agent.address) as c:
+    # A round the node is slow to check under load must not pass for a broken node
+    # (the device would finish the text in its own words): these tests are about exactness.
+    with launch.edge_agent(no_models, [gemma_cloud.address], *DEVICE, "--llm-stall-s", "60") as agent, \
+            sdk.EdgeClient(agent.address) as c:
         when_the_node_is_seen(c)
         yield c
 
@@ -50,7 +53,7 @@ def test_drafted_here_and_checked_there_is_token_for_token_the_cloud_models_gree
         alone = client.generate_text(prompt=prompt, model="gemma3-270m", max_tokens=40, stop=list(stop), plan="remote")
         checked = client.generate_text(prompt=prompt, model="gemma3-270m", max_tokens=40, stop=list(stop),
                                        plan="speculative")
-        assert checked.token_ids == alone.token_ids and checked.text == alone.text, prompt
+        assert checked.token_ids == alone.token_ids and checked.text == alone.text, (prompt, checked.summary)
         summary = checked.summary
         assert (summary.ran, summary.model, summary.finish_reason) == ("speculative", "gemma3-270m",
                                                                        alone.summary.finish_reason)
