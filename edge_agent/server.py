@@ -206,13 +206,12 @@ class _Table:
 
 @dataclass(frozen=True)
 class _Standing:
-    """The last decision made on a table, reused while it stands (QuickDecision.stands)."""
+    """The last decision made on a table, reused (refreshed) while it stands (QuickDecision.stands)."""
 
     plans: PlanTable
     dags: Sequence[DagCut]
     power: Power
     decision: QuickDecision
-    calibration: Calibration             # what its predictions were made with
 
 
 class NotPlanned(Exception):
@@ -381,7 +380,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         max_output_error (``encoding`` is then raw, the lossless base).
         ``calibration``: the one the caller looked up (default: this model's and shape's now).
         ``reuse``: the last decision on these costs stands while nothing moved
-        enough to change it (QuickDecision.stands): then nothing is scored.
+        enough to change it (QuickDecision.stands): then nothing is scored, and
+        only the candidates asked for are priced at the request's inputs.
 
         Per request this is O(nodes) Python and whole-array numpy over the
         cuts: what only a new profile, codec figure or policy changes is in a
@@ -410,18 +410,19 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         dags = self._dag_cuts(model, shapes, table.plans, calibration, nodes, objective, policy, encoding, pinned or held) \
             if policy.dag_cuts and nodes else ()
         calibrated = Calibrated(calibration.edge_factor, calibration.offload_ms, calibration.request_ms)
-        key = (id(table.plans), objective, policy.weight_latency, current)
+        # per DAG cuts too: rounded figures on a bucket's edge swap them back and forth
+        key = (id(table.plans), id(dags), objective, policy.weight_latency, current)
         standing = self._standing.get(key) if reuse else None
         if (standing is not None and standing.plans is table.plans and standing.dags is dags and standing.power == self.power
                 and standing.decision.stands(calibrated, nodes, hysteresis_margin=policy.hysteresis_margin)):
-            return standing.decision, table.plans.costs, standing.calibration
+            return standing.decision.refreshed(calibrated, nodes), table.plans.costs, calibration
         decision = table.plans.choose(
             calibrated, nodes, self.power, objective=objective, weight_latency=policy.weight_latency, dag_cuts=dags,
             dag_min_gain=policy.dag_min_gain, keep=frozenset({current}) if current else frozenset())
         if reuse:
             if len(self._standing) > 256:
                 self._standing.clear()
-            self._standing[key] = _Standing(table.plans, dags, self.power, decision, calibration)
+            self._standing[key] = _Standing(table.plans, dags, self.power, decision)
         return decision, table.plans.costs, calibration
 
     def _plan_table(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]],

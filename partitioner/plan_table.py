@@ -25,6 +25,7 @@ the last bits. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,10 +67,6 @@ CONSTRAINTS = ("memory limit", "privacy floor", "remote not allowed", "allowed c
 MEMORY, PRIVACY, REMOTE_FORBIDDEN, NOT_ALLOWED, SLO, ENERGY, ABSENT = (1 << i for i in range(7))
 HARD_BITS = MEMORY | PRIVACY | REMOTE_FORBIDDEN | NOT_ALLOWED
 HARD = (True, True, True, True, False, False)
-# A decision that stands is reused while no prediction would move by more than
-# this share of the winner's: the figures a reply shows stay that close to a
-# fresh pass's (calibration noise is larger; see partitioner.calibration).
-REUSE_MAX_DRIFT = 0.05
 
 
 @dataclass(frozen=True)
@@ -259,31 +256,61 @@ class PlanTable:
         return found
 
 
-class _Request:
-    """One request's figures against a table: costmodel's module docstring, in arrays over (node x cut)."""
+class _Pricing:
+    """A request's inputs against a table, and any one plan priced at them in
+    plain floats (what a QuickDecision's candidates are built with)."""
 
     def __init__(self, table: PlanTable, calibrated: Calibrated, nodes: Sequence[NodeNow], power: Power,
                  goal: Objective, weight: float) -> None:
         self.table, self.calibrated, self.power, self.goal, self.weight = table, calibrated, power, goal, weight
         self.nodes, self.names, self.m = nodes, [now.node for now in nodes], len(nodes)
         try:
-            self.index = np.array([table._index[name] for name in self.names], dtype=np.int64)
+            self.rows = [table._index[name] for name in self.names]  # each node's row in the table
         except KeyError as exc:
             raise ValueError(f"PlanTable: no profile of node {exc.args[0]} in this table") from None
-        costs, n = table.costs, table.n
-        factor = calibrated.edge_factor
-        self.run = _RunCosts(costs.output, costs.edge_overhead_ms * factor, calibrated.request_ms)
-        self.prefix = table.edge_prefix * factor
-        # k = 0 (REMOTE) runs nothing on the device, k > 0 one run of the first k segments
-        self.edge = np.concatenate(([0.0], self.prefix[1:n] + self.run.edge_overhead_ms))
-        self.rest = self.prefix[n] - self.prefix[:n] + self.run.edge_overhead_ms
-        self.local_stages, self.local_j = _local_at(float(self.prefix[n]), self.run, power)
+        self.factor = calibrated.edge_factor
+        self.run = _RunCosts(table.costs.output, table.costs.edge_overhead_ms * self.factor, calibrated.request_ms)
+        self.local_stages, self.local_j = _local_at(float(table.edge_prefix[table.n] * self.factor), self.run, power)
         self.local_ms = self.local_stages.total_ms
         if goal is Objective.WEIGHTED and (self.local_ms <= 0 or self.local_j <= 0):
             raise ValueError(
                 "the weighted objective divides by the LOCAL plan's predicted latency and energy, "
                 f"which are {self.local_ms!r} ms and {self.local_j!r} J here: both must be > 0"
             )
+        self.local_score = choice.score(goal, weight, self.local_ms, self.local_j, self.local_ms, self.local_j)
+
+    def priced(self, j: int, k: int, c: int, dag: DagCut | None) -> tuple[StagePrediction, float, float]:
+        """Stages, energy and score of one plan, by costmodel._offloaded itself."""
+        now, row, table = self.nodes[j], self.rows[j], self.table
+        node = _NodeCosts(now.link, now.queue_ms, float(table.cloud_overhead[row]))
+        if dag is not None:
+            stages, energy = _offloaded(self.run, self.power, node, edge_compute_ms=dag.edge_ms, cut=dag.crossing,
+                                        cloud_compute_ms=dag.cloud_ms[now.node])
+        else:
+            wire, encode, decode = table.crossings[c]
+            cut = Transfer(int(wire[k]), float(encode[k]) + self.calibrated.offload_ms, float(decode[k]))
+            edge = float(table.edge_prefix[k] * self.factor) if k else None
+            stages, energy = _offloaded(self.run, self.power, node, edge_compute_ms=edge, cut=cut,
+                                        cloud_compute_ms=float(table.cloud_suffix[row, k]))
+        return stages, energy, choice.score(self.goal, self.weight, stages.total_ms, energy, self.local_ms, self.local_j)
+
+    def rest_ms(self, k: int) -> float:
+        """What the device would still run after k segments (a chain plan's fallback)."""
+        prefix = self.table.edge_prefix
+        return float(prefix[self.table.n] * self.factor - prefix[k] * self.factor + self.run.edge_overhead_ms)
+
+
+class _Request(_Pricing):
+    """One request's figures against a table: costmodel's module docstring, in arrays over (node x cut)."""
+
+    def __init__(self, table: PlanTable, calibrated: Calibrated, nodes: Sequence[NodeNow], power: Power,
+                 goal: Objective, weight: float) -> None:
+        super().__init__(table, calibrated, nodes, power, goal, weight)
+        self.index = np.array(self.rows, dtype=np.int64)
+        costs, n = table.costs, table.n
+        self.prefix = table.edge_prefix * self.factor
+        # k = 0 (REMOTE) runs nothing on the device, k > 0 one run of the first k segments
+        self.edge = np.concatenate(([0.0], self.prefix[1:n] + self.run.edge_overhead_ms))
         out = costs.output
         up = np.array([now.link.uplink_mbps for now in nodes])[:, None]
         down = np.array([now.link.downlink_mbps for now in nodes])[:, None]
@@ -363,20 +390,6 @@ class _Request:
                 | (SLO if slo is not None and self.local_ms > slo else 0)
                 | (ENERGY if budget is not None and self.local_j > budget else 0))
 
-    def priced(self, j: int, k: int, c: int, dag: DagCut | None) -> tuple[StagePrediction, float, float]:
-        """Stages, energy and score of one plan, by costmodel._offloaded itself."""
-        now = self.nodes[j]
-        node = _NodeCosts(now.link, now.queue_ms, float(self.cloud_overhead[j, 0]))
-        if dag is not None:
-            stages, energy = _offloaded(self.run, self.power, node, edge_compute_ms=dag.edge_ms, cut=dag.crossing,
-                                        cloud_compute_ms=dag.cloud_ms[now.node])
-        else:
-            wire, encode, decode = self.table.crossings[c]
-            cut = Transfer(int(wire[k]), float(encode[k]) + self.calibrated.offload_ms, float(decode[k]))
-            stages, energy = _offloaded(self.run, self.power, node, edge_compute_ms=float(self.prefix[k]) if k else None,
-                                        cut=cut, cloud_compute_ms=float(self.suffix[j, k]))
-        return stages, energy, choice.score(self.goal, self.weight, stages.total_ms, energy, self.local_ms, self.local_j)
-
 
 def _label_parts(label: str) -> tuple[str, int | None, str, str]:
     """A Candidate.label ("local", "remote+int8", "split:5+fp16", "split:g<key>") as
@@ -434,9 +447,13 @@ class _Weights:
     def pairs(self, behind: np.ndarray, ahead: int, spread: float, either_side: bool = False) -> None:
         """Each of ``behind`` stays behind ``ahead`` by ``spread``: T_b > spread * T_a
         (``either_side``: T_b - spread * T_a keeps its sign)."""
+        s, behind = self.s, np.asarray(behind, dtype=np.int64)
+        if not either_side:
+            # plans alike in every input term (chain cuts around segments that take no
+            # time) stay tied whatever moves, and the tie rule keeps their order
+            behind = behind[(s.score[behind] > spread * s.score[ahead]) | ~self._alike(behind, ahead)]
         if not len(behind):
             return
-        s = self.s
         room = s.score[behind] - spread * s.score[ahead]
         if either_side:
             room = np.abs(room) - TIE_REL_TOL * (s.score[behind] + s.score[ahead])  # a last bit must not flip it
@@ -456,6 +473,11 @@ class _Weights:
             apart = room[~same]
             self.u[s.node[ahead]] = max(self.u[s.node[ahead]], float((spread / apart).max()))
             self.w[s.node[ahead]] = max(self.w[s.node[ahead]], float((spread * s.wire_bytes[ahead] / apart).max()))
+
+    def _alike(self, positions: np.ndarray, other: int) -> np.ndarray:
+        s = self.s
+        return ((s.device_ms[positions] == s.device_ms[other]) & (s.offloads[positions] == s.offloads[other])
+                & (s.node[positions] == s.node[other]) & (s.wire_bytes[positions] == s.wire_bytes[other]))
 
     def alone(self, positions: np.ndarray, room: np.ndarray) -> None:
         """Each of ``positions`` moves by less than its ``room``."""
@@ -500,12 +522,12 @@ class QuickDecision:
     def __init__(self, request: _Request, chain_score: np.ndarray, chain_bits: np.ndarray, slots: list[_Slot],
                  keep: frozenset[str] = frozenset()) -> None:
         self.request, self.slots, self.objective, self.keep = request, slots, request.goal, keep
+        self.pricing: _Pricing = request  # what candidates are priced at (see refreshed)
         self.constraints, n, m = request.table.constraints, request.table.n, request.m
         self.width = n + len(slots)
         self.score = np.empty(1 + m * self.width)
         self.bits = np.empty(1 + m * self.width, dtype=np.uint8)
-        self.score[0] = choice.score(request.goal, request.weight, request.local_ms, request.local_j, request.local_ms,
-                                     request.local_j)
+        self.score[0] = request.local_score
         self.bits[0] = request.local_candidate_bits()
         score, bits = self.score[1:].reshape(m, self.width), self.bits[1:].reshape(m, self.width)
         score[:, :n], bits[:, :n] = chain_score, chain_bits
@@ -516,7 +538,7 @@ class QuickDecision:
         feasible = np.where(self.bits == 0, self.score, math.inf)
         win = self._win = self._pick(feasible)
         self._runner = None
-        effort = self._pick(np.where(self.bits & (HARD_BITS | ABSENT) == 0, self.score, math.inf))
+        effort = self._effort = self._pick(np.where(self.bits & (HARD_BITS | ABSENT) == 0, self.score, math.inf))
         self.winner = None if win is None else self.candidate(win)
         self.best_effort = None if effort is None else self.candidate(effort)
         present = self.bits & ABSENT == 0
@@ -526,11 +548,16 @@ class QuickDecision:
             self.why = _why_infeasible(self.candidates, self.broken_names, self.constraints, position)
             return
         feasible[win] = math.inf
-        runner = self._runner = self._pick(feasible)
+        self._runner = self._pick(feasible)
         ruled_out = present & (self.bits != 0)
-        self.why = _CHOOSER.why_won(self.objective, self.winner, None if runner is None else self.candidate(runner),
-                                    reference=self.candidate(0), count=int(present.sum()),
-                                    ruled_out=int(ruled_out.sum()), tallied=self._tally(ruled_out))
+        self._counted = (int(present.sum()), int(ruled_out.sum()), self._tally(ruled_out))
+        self.why = self._why_won()
+
+    def _why_won(self) -> str:
+        count, ruled_out, tallied = self._counted
+        runner = None if self._runner is None else self.candidate(self._runner)
+        return _CHOOSER.why_won(self.objective, self.winner, runner, reference=self.candidate(0), count=count,
+                                ruled_out=ruled_out, tallied=tallied)
 
     @property
     def feasible(self) -> bool:
@@ -541,9 +568,8 @@ class QuickDecision:
     def stands(self, calibrated: Calibrated, nodes: Sequence[NodeNow], *, hysteresis_margin: float = 0.0) -> bool:
         """Whether this decision is the one ``choose`` would make at these
         inputs (the same table, objective, power, DAG cuts and held plan), and
-        what hysteresis then runs is the same: O(nodes), in plain floats. The
-        figures of the plan it runs are then within REUSE_MAX_DRIFT of what a
-        fresh pass would predict."""
+        what hysteresis then runs is the same: O(nodes), in plain floats.
+        ``refreshed`` then gives its figures at these inputs."""
         if hysteresis_margin not in self._reuse:
             self._reuse[hysteresis_margin] = self._reuse_weights(hysteresis_margin)
         weights = self._reuse[hysteresis_margin]
@@ -564,6 +590,20 @@ class QuickDecision:
                       + w * 8e-3 * abs(1 / a.uplink_mbps - 1 / b.uplink_mbps))
         return moved <= 1.0
 
+    def refreshed(self, calibrated: Calibrated, nodes: Sequence[NodeNow]) -> QuickDecision:
+        """This decision, which ``stands`` at these inputs, with its candidates
+        priced at them: the winner, runner-up, reason and figures a fresh pass
+        gives, at the cost of the few candidates asked for."""
+        fresh = copy.copy(self)
+        fresh.__dict__.pop("candidates", None)
+        fresh.pricing = _Pricing(self.request.table, calibrated, nodes, self.request.power, self.objective,
+                                 self.request.weight)
+        fresh._built = {}
+        fresh.winner = fresh.candidate(self._win)
+        fresh.best_effort = fresh.candidate(self._effort)
+        fresh.why = fresh._why_won()
+        return fresh
+
     def _reuse_weights(self, hysteresis_margin: float) -> _ReuseWeights | None:
         """How much each input may move before a fresh pass could decide
         differently; None: always decide afresh.
@@ -574,8 +614,7 @@ class QuickDecision:
         change moves both sides of a pair alike in part (the calibration scales
         the device time of both, a node's RTT delays both of its plans), so each
         pair may move by what differs between its two sides only. Besides the
-        pairs: no candidate crosses the SLO, no DAG cut crosses its offer
-        threshold, and the plan run moves by at most REUSE_MAX_DRIFT.
+        pairs: no candidate crosses the SLO and no DAG cut its offer threshold.
 
         Bounded for the common case only: the LATENCY objective (a score is a
         total, in ms) with no energy budget, no per-plan codec, and a plan run
@@ -593,7 +632,6 @@ class QuickDecision:
         weights.pairs(pool[pool != win], win, spread)
         if runner is not None:
             weights.pairs(pool[(pool != win) & (pool != runner)], runner, spread)
-        ran = win
         current = next(iter(self.keep), None)
         if current is not None and current != self.winner.label and hysteresis_margin > 0:
             same = [i for i in self._plan_positions(current) if self.bits[i] == 0]
@@ -602,15 +640,12 @@ class QuickDecision:
                 weights.pairs(np.array([i for i in same if i != held]), held, spread)
                 # the winner is more than the margin better than the held plan, or not (either side)
                 weights.pairs(np.array([held]), win, 1 / (1 - hysteresis_margin), either_side=True)
-                if self.score[held] * (1 - hysteresis_margin) <= self.score[win]:  # held, not switched
-                    ran = held
-                    if request.m > 1 and ran != 0:
-                        return None
+                if self.score[held] * (1 - hysteresis_margin) <= self.score[win] and held != 0 and request.m > 1:
+                    return None  # it holds a plan on a node, and shares it among the others
         slo = self.constraints.slo_ms
         if slo is not None:
             present = np.flatnonzero(self.bits & ABSENT == 0)
             weights.alone(present, np.abs(self.score[present] - slo))
-        weights.alone(np.array([ran]), np.array([REUSE_MAX_DRIFT * self.score[ran]]))
         for slot in self.slots:
             weights.anywhere(slot.threshold_gap)
         return weights.result()
@@ -682,13 +717,13 @@ class QuickDecision:
         return self._built[i]
 
     def _build(self, i: int) -> Candidate:
-        request, n = self.request, self.request.table.n
+        request, n = self.pricing, self.request.table.n
         if i == 0:
             total, energy = request.local_stages.total_ms, request.local_j
             memory = int(request.table.memory[n])
             broken = _violations(self.constraints, LOCAL, n, total, energy, memory)
             return Candidate(kind=LOCAL, k=n, node=None, stages=request.local_stages, energy_j=energy,
-                             score=float(self.score[0]), violations=tuple(message for _, message, _ in broken),
+                             score=request.local_score, violations=tuple(message for _, message, _ in broken),
                              hard_violation=any(hard for _, _, hard in broken), memory_bytes=memory, uplink_bytes=0)
         j, column = divmod(i - 1, self.width)
         slot = self.slots[column - n] if column >= n else None
@@ -705,7 +740,7 @@ class QuickDecision:
             violations=tuple(message for _, message, _ in broken), hard_violation=any(hard for _, _, hard in broken),
             memory_bytes=memory,
             uplink_bytes=dag.crossing.wire_bytes if dag else int(request.table.crossings[c][0][k]),
-            rest_ms=dag.rest_ms + request.run.edge_overhead_ms if dag else float(request.rest[k]),
+            rest_ms=dag.rest_ms + request.run.edge_overhead_ms if dag else request.rest_ms(k),
             codec=codec.name if codec else "", encoding=codec.encoding if codec else 0,
             output_error=codec.output_error[k] if codec else 0.0, cut_key=dag.key if dag else "",
         )

@@ -22,7 +22,7 @@ from partitioner.costmodel import (
     choose,
 )
 from partitioner.hysteresis import hold_or_switch
-from partitioner.plan_table import REUSE_MAX_DRIFT, Calibrated, NodeNow, NodeSegments, PlanTable
+from partitioner.plan_table import Calibrated, NodeNow, NodeSegments, PlanTable
 
 CASES = 600
 
@@ -159,9 +159,9 @@ def ranked(decision) -> list[tuple]:
 
 
 def test_a_decision_stands_only_where_a_fresh_one_is_the_same() -> None:
-    """Reused, a decision has a fresh pass's winner, runner-up, offered
-    candidates and violations; hysteresis holds or switches as it would on a
-    fresh pass, and the plan it runs is predicted within REUSE_MAX_DRIFT."""
+    """A decision that stands, refreshed, is a fresh pass's: the same winner,
+    runner-up, reason, offered candidates and violations, the same figures for
+    the plans asked about, and hysteresis holds or switches as on a fresh pass."""
     rng = random.Random(16)
     stood = held = 0
     for _ in range(1500):
@@ -179,20 +179,21 @@ def test_a_decision_stands_only_where_a_fresh_one_is_the_same() -> None:
             (before._reuse_weights(margin) is not None)  # nothing moved: it stands wherever reuse is bounded at all
         later = nudged(case, rng, rng.choice([1e-5, 1e-4, 1e-3, 1e-2, 0.1]))
         c = later["calibration"]
-        if not before.stands(Calibrated(c.edge_factor, c.offload_ms, c.request_ms), later["nodes"],
-                             hysteresis_margin=margin):
+        now = Calibrated(c.edge_factor, c.offload_ms, c.request_ms)
+        if not before.stands(now, later["nodes"], hysteresis_margin=margin):
             continue
         stood += 1
-        fresh = new_decision(later, keep)
-        assert seen(fresh.winner) == seen(before.winner)
+        fresh, reused = new_decision(later, keep), before.refreshed(now, later["nodes"])
+        assert (seen(reused.winner), seen(reused.best_effort), reused.why) == \
+            (seen(fresh.winner), seen(fresh.best_effort), fresh.why)
         assert ranked(fresh) == ranked(before)  # the runner-up its reason names
-        assert [offered(x) for x in fresh.candidates] == [offered(x) for x in before.candidates]
+        assert [offered(x) for x in fresh.candidates] == [offered(x) for x in reused.candidates]
+        assert_same_candidates(fresh.candidates, reused.candidates)
         current = next(iter(keep), None)
-        then, now = (hold_or_switch(d, current, margin=margin) for d in (before, fresh))
-        assert (seen(now.candidate), now.switched) == (seen(then.candidate), then.switched)
+        then, now_ = (hold_or_switch(d, current, margin=margin) for d in (reused, fresh))
+        assert (seen(now_.candidate), now_.switched, now_.why) == (seen(then.candidate), then.switched, then.why)
         held += current is not None and current != before.winner.label
-        assert abs(now.candidate.score - then.candidate.score) <= REUSE_MAX_DRIFT * then.candidate.score * (1 + 1e-9)
-    assert stood > 250, stood  # the property is not vacuous
+    assert stood > 300, stood  # the property is not vacuous
     assert held > 20, held
 
 
