@@ -48,7 +48,7 @@ from partitioner.planning import (
 )
 from partitioner.policy import Policy, PolicySet
 from partitioner.profile import ModelProfile
-from partitioner.shapes import ShapeError, check_every_input, describe
+from partitioner.shapes import ShapeError, check_every_input, key_of
 from protos import codec
 from protos import tandem_pb2 as pb
 from protos import tandem_pb2_grpc as pb_grpc
@@ -329,7 +329,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
 
     def _model_costs(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]]) -> ModelCosts:
         # the measured profile it came from (a rescaled view's crossings hold the request's shapes)
-        key = (model.name, encoding, describe(shapes), view.basis, view.method)
+        key = (model.name, encoding, key_of(shapes), view.basis, view.method)
         if key not in self._costs:
             if len(self._costs) > 256:  # request sizes vary: keep the cache bounded
                 self._costs.clear()
@@ -431,7 +431,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         nodes' published profiles and the cuts each offers: built again only
         when one of them changes."""
         errors = self.book.codec_errors(model.name)[0] if adaptive else None
-        key = (model.name, encoding, describe(shapes), view.basis, view.method, adaptive, policy.constraints,
+        key = (model.name, encoding, key_of(shapes), view.basis, view.method, adaptive, policy.constraints,
                policy.max_output_error)
         known = self._tables.get(key)
         profiles = {node.address: profile for node, profile in published if profile is not None}
@@ -491,7 +491,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if not self._branchy[model.name]:
             return ()
         wanted = pinned.partition("@")[0].partition(":")[2]
-        key = (model.name, describe(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
+        key = (model.name, key_of(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
                wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
                _bucket(table.edge_ms(table.n) * calibration.edge_factor or 1.0),
                # the watts only weigh energy: under LATENCY a power reading must not re-solve the cut

@@ -25,7 +25,6 @@ the last bits. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -556,7 +555,9 @@ class QuickDecision:
     def _why_won(self) -> str:
         count, ruled_out, tallied = self._counted
         runner = None if self._runner is None else self.candidate(self._runner)
-        return _CHOOSER.why_won(self.objective, self.winner, runner, reference=self.candidate(0), count=count,
+        # the LOCAL plan is the reference only the weighted objective's words name
+        reference = self.candidate(0) if self.objective is Objective.WEIGHTED else self.winner
+        return _CHOOSER.why_won(self.objective, self.winner, runner, reference=reference, count=count,
                                 ruled_out=ruled_out, tallied=tallied)
 
     @property
@@ -594,7 +595,8 @@ class QuickDecision:
         """This decision, which ``stands`` at these inputs, with its candidates
         priced at them: the winner, runner-up, reason and figures a fresh pass
         gives, at the cost of the few candidates asked for."""
-        fresh = copy.copy(self)
+        fresh = object.__new__(QuickDecision)
+        fresh.__dict__.update(self.__dict__)
         fresh.__dict__.pop("candidates", None)
         fresh.pricing = _Pricing(self.request.table, calibrated, nodes, self.request.power, self.objective,
                                  self.request.weight)

@@ -69,6 +69,11 @@ def describe(shapes: Shapes) -> str:
     return ", ".join(f"{name}[{','.join(map(str, shape))}]" for name, shape in shapes.items())
 
 
+def key_of(shapes: Shapes) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Exact shapes, in order, as a dictionary key (what ``describe`` says, without the text)."""
+    return tuple((name, tuple(shape)) for name, shape in shapes.items())
+
+
 def choice(shapes: Shapes, source: str, order: Sequence[str] | None = None) -> ShapeChoice:
     names = list(order) if order is not None else list(shapes)
     return ShapeChoice(tuple((n, tuple(int(d) for d in shapes[n])) for n in names if n in shapes), source)

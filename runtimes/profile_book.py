@@ -113,6 +113,9 @@ class ProfileBook:
         self.budget_bytes = budget_bytes
         self.configured = dict(configured or {})  # model -> profile_shapes from the policy
         self._state: dict[str, _Model] = {name: _Model() for name in models}
+        # (model, exact shapes) -> (bucket, its entry, the view): reused while the entry is
+        # the bucket's, so a request's view costs a lookup rather than a rescale
+        self._views: OrderedDict[tuple, tuple[tuple, Measured, AtShape]] = OrderedDict()
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiler")
 
@@ -240,9 +243,14 @@ class ProfileBook:
         shape is how 10-500x mispredictions happened. With ``nearest_ok`` (a
         pinned plan, an explain) the nearest measured shape, rescaled, stands in.
         """
-        bucket = self.bucket_of(model, shapes)
+        key = (model.name, shape_rules.key_of(shapes))
         with self._lock:
             state = self._state[model.name]
+            known = self._views.get(key)
+            if known is not None and state.entries.get(known[0]) is known[1]:
+                return known[2]
+        bucket = self.bucket_of(model, shapes)
+        with self._lock:
             entry = state.entries.get(bucket)
             if entry is None:
                 room = len(state.entries) + len(state.pending) < MAX_BUCKETS_PER_MODEL
@@ -259,8 +267,13 @@ class ProfileBook:
                 if not state.entries:
                     return Unplanned(state.unavailable or f"{model.name} is being profiled")
                 # this bucket cannot be profiled (or no more are): the nearest measured shape, rescaled
-                entry = self._nearest(state, shapes)
-        return self.rescale(model, entry.planned, shapes)
+                return self.rescale(model, self._nearest(state, shapes).planned, shapes)
+        view = self.rescale(model, entry.planned, shapes)
+        with self._lock:
+            self._views[key] = (bucket, entry, view)
+            while len(self._views) > MAX_CACHED_SHAPES * len(self._state):
+                self._views.popitem(last=False)
+        return view
 
     def rescale(self, model: OnnxModel, profile: ModelProfile, shapes: Mapping[str, tuple[int, ...]]) -> AtShape:
         """``profile`` (ours or a node's) at the request's shapes."""
