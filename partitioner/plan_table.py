@@ -432,6 +432,10 @@ class _ReuseWeights(NamedTuple):
     w: tuple[float, ...]
 
 
+# A weight no real change passes (and 0 change times it is 0, where inf would give nan).
+MUST_NOT_MOVE = 1e300
+
+
 class _Weights:
     """Builds _ReuseWeights: the most each input may weigh in any one
     condition, each condition scaled to its own room (a sum of maxima, so at
@@ -445,20 +449,22 @@ class _Weights:
 
     def pairs(self, behind: np.ndarray, ahead: int, spread: float, either_side: bool = False) -> None:
         """Each of ``behind`` stays behind ``ahead`` by ``spread``: T_b > spread * T_a
-        (``either_side``: T_b - spread * T_a keeps its sign)."""
+        (``either_side``: T_b - spread * T_a keeps its sign). Those tied with
+        ``ahead`` now (choice.tied), which the tie rule put behind it, stay tied."""
         s, behind = self.s, np.asarray(behind, dtype=np.int64)
-        if not either_side:
-            # plans alike in every input term (chain cuts around segments that take no
-            # time) stay tied whatever moves, and the tie rule keeps their order
-            behind = behind[(s.score[behind] > spread * s.score[ahead]) | ~self._alike(behind, ahead)]
         if not len(behind):
             return
         room = s.score[behind] - spread * s.score[ahead]
         if either_side:
             room = np.abs(room) - TIE_REL_TOL * (s.score[behind] + s.score[ahead])  # a last bit must not flip it
-        if room.min() <= 0:
-            self.room_left = False
-            return
+            if room.min() <= 0:
+                self.room_left = False
+                return
+        elif (room <= 0).any():
+            self._tied(behind[room <= 0], ahead)
+            behind, room = behind[room > 0], room[room > 0]
+            if not len(behind):
+                return
         same = (s.node[behind] == s.node[ahead]) & (s.node[ahead] >= 0)
         self.f = max(self.f, float((np.abs(s.device_ms[behind] - spread * s.device_ms[ahead]) / room).max()))
         self.o = max(self.o, float((np.abs(s.offloads[behind] - spread * s.offloads[ahead]) / room).max()))
@@ -473,10 +479,21 @@ class _Weights:
             self.u[s.node[ahead]] = max(self.u[s.node[ahead]], float((spread / apart).max()))
             self.w[s.node[ahead]] = max(self.w[s.node[ahead]], float((spread * s.wire_bytes[ahead] / apart).max()))
 
-    def _alike(self, positions: np.ndarray, other: int) -> np.ndarray:
+    def _tied(self, behind: np.ndarray, ahead: int) -> None:
+        """A tie holds while nothing that moves one side more than the other moves
+        at all: plans alike in every input term (a node as fast as the device,
+        segments that take no time) stay tied whatever the rest does."""
         s = self.s
-        return ((s.device_ms[positions] == s.device_ms[other]) & (s.offloads[positions] == s.offloads[other])
-                & (s.node[positions] == s.node[other]) & (s.wire_bytes[positions] == s.wire_bytes[other]))
+        if (s.device_ms[behind] != s.device_ms[ahead]).any():
+            self.f = MUST_NOT_MOVE
+        if (s.offloads[behind] != s.offloads[ahead]).any():
+            self.o = MUST_NOT_MOVE
+        same = (s.node[behind] == s.node[ahead]) & (s.node[ahead] >= 0)
+        self.w[s.node[behind][same & (s.wire_bytes[behind] != s.wire_bytes[ahead])]] = MUST_NOT_MOVE
+        apart = s.node[behind][~same]
+        self.u[apart] = self.w[apart] = MUST_NOT_MOVE  # index -1: LOCAL's, which no input moves
+        if s.node[ahead] >= 0 and not same.all():
+            self.u[s.node[ahead]] = self.w[s.node[ahead]] = MUST_NOT_MOVE
 
     def alone(self, positions: np.ndarray, room: np.ndarray) -> None:
         """Each of ``positions`` moves by less than its ``room``."""

@@ -227,3 +227,24 @@ def test_a_node_offering_some_cuts_is_planned_at_those_only(seed: int) -> None:
         for k in range(n):
             on_node = [c for c in new.plans(f"split:{k}" if k else "remote") if c.node == restricted]
             assert bool(on_node) == (k in cuts)
+
+
+def test_plans_tied_by_a_node_as_fast_as_the_device_stand_while_the_device_speed_holds() -> None:
+    """A node with the device's own segment times and cuts that send the same
+    bytes: every split totals the same, and the tie rule picks among them. The
+    tie holds while the calibration factor does (other inputs move all splits
+    alike), and the reused decision is the fresh one; a new factor breaks it."""
+    n = 8
+    segments = tuple(0.5 + 0.1 * k for k in range(n))
+    costs = ModelCosts(edge_segment_ms=segments, edge_overhead_ms=0.3,
+                       crossings=(Transfer(600_000, 0.2, 0.2),) + (Transfer(80_000, 0.1, 0.1),) * (n - 1),
+                       output=Transfer(4_000, 0.01, 0.01), edge_memory_bytes=tuple(range(n + 1)))
+    table = PlanTable(costs, [NodeSegments("twin", segments, 0.0)], Constraints())
+    power = Power(6.0, 2.0, 0.05, 0.4)
+    before = table.choose(Calibrated(1.0, 0.0, 0.5), [NodeNow("twin", Link(100, 100, 1.0), 0.0)], power)
+    assert before.winner.label == "local"  # the splits only add the transfer
+    later = Calibrated(1.0, 0.0, 0.7), [NodeNow("twin", Link(100, 100, 1.4), 0.2)]
+    assert before.stands(*later)
+    fresh, reused = table.choose(*later, power), before.refreshed(*later)
+    assert (seen(reused.winner), reused.why) == (seen(fresh.winner), fresh.why)
+    assert not before.stands(Calibrated(1.01, 0.0, 0.5), [NodeNow("twin", Link(100, 100, 1.0), 0.0)])
