@@ -116,6 +116,7 @@ class ProfileBook:
         # (model, exact shapes) -> (bucket, its entry, the view): reused while the entry is
         # the bucket's, so a request's view costs a lookup rather than a rescale
         self._views: OrderedDict[tuple, tuple[tuple, Measured, AtShape]] = OrderedDict()
+        self._buckets: dict[tuple, tuple] = {}   # (model, exact shapes) -> its bucket
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiler")
 
@@ -337,11 +338,17 @@ class ProfileBook:
 
     # ------------------------------------------------------------- helpers --
 
-    @staticmethod
-    def bucket_of(model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple:
+    def bucket_of(self, model: OnnxModel, shapes: Mapping[str, tuple[int, ...]]) -> tuple:
         """The shape bucket a request falls in (one profile serves a bucket)."""
-        declared = {spec.name: spec.shape for spec in model.inputs}
-        return shape_rules.bucket(shapes, declared)
+        key = (model.name, shape_rules.key_of(shapes))
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            declared = {spec.name: spec.shape for spec in model.inputs}
+            bucket = shape_rules.bucket(shapes, declared)
+            if len(self._buckets) > MAX_CACHED_SHAPES * len(self._state):
+                self._buckets.clear()
+            self._buckets[key] = bucket
+        return bucket
 
     @staticmethod
     def _nearest(state: _Model, shapes: Mapping[str, tuple[int, ...]]) -> Measured:
