@@ -253,6 +253,7 @@ class ProfileBook:
         bucket = self.bucket_of(model, shapes)
         with self._lock:
             entry = state.entries.get(bucket)
+            nearest = None
             if entry is None:
                 room = len(state.entries) + len(state.pending) < MAX_BUCKETS_PER_MODEL
                 unplanned = None
@@ -268,7 +269,9 @@ class ProfileBook:
                 if not state.entries:
                     return Unplanned(state.unavailable or f"{model.name} is being profiled")
                 # this bucket cannot be profiled (or no more are): the nearest measured shape, rescaled
-                return self.rescale(model, self._nearest(state, shapes).planned, shapes)
+                nearest = self._nearest(state, shapes)
+        if nearest is not None:  # outside the lock: rescaling takes it
+            return self.rescale(model, nearest.planned, shapes)
         view = self.rescale(model, entry.planned, shapes)
         with self._lock:
             self._views[key] = (bucket, entry, view)
