@@ -159,7 +159,8 @@ def test_a_node_shutting_down_hands_its_generation_over_and_the_device_goes_on_f
     slow = ("--uplink-mbps", "0.05", "--downlink-mbps", "0.05", "--rtt-ms", "50") if link == "slow" else ()
     node = launch.cloud_node(model_dir, "--llm", "smollm2", "--grace-s", "30").wait_ready()
     try:
-        with launch.edge_agent(model_dir, [node.address], "--llm", "smollm2", *slow) as agent, \
+        # --llm-stall-s 60: the switch this test is about is the node's handover, not a slow first token
+        with launch.edge_agent(model_dir, [node.address], "--llm", "smollm2", "--llm-stall-s", "60", *slow) as agent, \
                 sdk.EdgeClient(agent.address) as c:
             tokens, summary = stream_until(c, 20, lambda: node.process.send_signal(signal.SIGTERM), prompt=STORY,
                                            max_tokens=120, plan="remote")

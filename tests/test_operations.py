@@ -50,7 +50,9 @@ def services(address: str) -> set[str]:
 
 
 def test_agent_health_reflection_and_metrics_that_move(model_dir: Path, cloud: launch.Daemon) -> None:
-    agent = launch.edge_agent(model_dir, [cloud.address], "--metrics-listen", "127.0.0.1:0", "--refresh-s", "0.3",
+    # --llm-stall-s 30: a loaded machine's first remote token may take over 5 s, and the
+    # generation would then move to the device, leaving the remote series empty
+    agent = launch.edge_agent(model_dir, [cloud.address], "--llm-stall-s", "30", "--metrics-listen", "127.0.0.1:0", "--refresh-s", "0.3",
                               "--llm", "smollm2").wait_ready()
     try:
         url = json.loads(agent.ready_file.read_text())["metrics"]
