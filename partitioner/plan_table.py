@@ -167,7 +167,6 @@ class PlanTable:
             self.chain_bits[1:] |= np.where(np.isin(ks[1:], list(cuts)), 0, NOT_ALLOWED).astype(np.uint8)
         # per codec (0: the base): bytes, encode and decode ms at each k, and where it may be used
         self.crossings = [self._arrays(costs.crossings)] + [self._arrays(c.crossings) for c in self.codecs]
-        self.max_wire_bytes = float(self.crossings[0][0].max(initial=0.0))
         self.usable = [np.ones(n, dtype=bool)]
         for codec in self.codecs:
             self.usable.append(np.isin(ks, [k for k in codec.usable if 0 <= k < n]))
