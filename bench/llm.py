@@ -255,11 +255,15 @@ def two_engines(tokens: int) -> dict[str, list[float]]:
     process taking turns, as a daemon serving two models runs them (each
     decodes on its own thread)."""
     first = LlmEngine("a", find_smollm2(), slots=1)
-    alone = [engine_run(tokens, first)["gap_ms"] for _ in range(3)]
-    second = LlmEngine("b", find_smollm2(), slots=1)
-    taking_turns = [engine_run(tokens, engine)["gap_ms"] for engine in (second, first) * 3]
-    first.close()
-    second.close()
+    try:
+        alone = [engine_run(tokens, first)["gap_ms"] for _ in range(3)]
+        second = LlmEngine("b", find_smollm2(), slots=1)
+        try:
+            taking_turns = [engine_run(tokens, engine)["gap_ms"] for engine in (second, first) * 3]
+        finally:
+            second.close()
+    finally:
+        first.close()
     return {"alone": alone, "taking_turns": taking_turns}
 
 
