@@ -370,11 +370,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
     def decide(self, model: OnnxModel, objective: Objective, encoding: int, *, shapes: dict[str, tuple[int, ...]],
                link: Link | None = None, learn: bool = True, nearest_ok: bool = False,
                adaptive: bool = False, pinned: str = "", current: str | None = None,
-               calibration: Calibration | None = None, reuse: bool = False) -> tuple[QuickDecision, ModelCosts, Calibration]:
-        """The decision for a request of these input shapes, the model's costs it
-        was made from (as profiled, before calibration) and the calibration its
-        predictions were made with; NotPlanned when no profile can plan it yet
-        (the request then runs LOCAL).
+               calibration: Calibration | None = None, reuse: bool = False) -> tuple[QuickDecision, ModelCosts]:
+        """The decision for a request of these input shapes, priced at
+        ``calibration``, and the model's costs it was made from (as profiled,
+        before calibration); NotPlanned when no profile can plan it yet (the
+        request then runs LOCAL).
         ``nearest_ok``: plan from the nearest measured shape rather than not at all.
         ``adaptive``: the codec is chosen per plan within the policy's
         max_output_error (``encoding`` is then raw, the lossless base).
@@ -415,7 +415,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         standing = self._standing.get(key) if reuse else None
         if (standing is not None and standing.plans is table.plans and standing.dags is dags and standing.power == self.power
                 and standing.decision.stands(calibrated, nodes, hysteresis_margin=policy.hysteresis_margin)):
-            return standing.decision.refreshed(calibrated, nodes), table.plans.costs, calibration
+            return standing.decision.refreshed(calibrated, nodes), table.plans.costs
         decision = table.plans.choose(
             calibrated, nodes, self.power, objective=objective, weight_latency=policy.weight_latency, dag_cuts=dags,
             dag_min_gain=policy.dag_min_gain, keep=frozenset({current}) if current else frozenset())
@@ -423,7 +423,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if len(self._standing) > 256:
                 self._standing.clear()
             self._standing[key] = _Standing(table.plans, dags, self.power, decision)
-        return decision, table.plans.costs, calibration
+        return decision, table.plans.costs
 
     def _plan_table(self, model: OnnxModel, encoding: int, view: AtShape, shapes: dict[str, tuple[int, ...]],
                     policy: Policy, adaptive: bool, published: list, cuts: dict[str, frozenset[int] | None]) -> _Table:
@@ -839,11 +839,11 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         if not self.book.prepared(model, shapes):  # a new exact shape: its shape inference off the event loop
             await asyncio.to_thread(self.book.prepare, model, shapes)
-        calibration = self.calibration(model, shapes)  # decide hands back the one its predictions were made with
+        calibration = self.calibration(model, shapes)  # what the plan is priced at, and what the run then corrects
         planning = time.perf_counter()
         try:
             # a pinned plan runs as pinned, predicted from the nearest measured shape meanwhile
-            decision, costs, calibration = self.decide(
+            decision, costs = self.decide(
                 model, objective, encoding, shapes=shapes, nearest_ok=bool(pinned), adaptive=adaptive, pinned=pinned,
                 calibration=calibration, current=self._current.get((model.name, objective, encoding, adaptive)),
                 reuse=not pinned)
@@ -979,7 +979,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             model = self.store.get(request.model)
             try:
                 shapes = self.explain_shapes(model, request.input_shapes)
-                decision, _, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False,
+                decision, _ = self.decide(model, objective, encoding, shapes=shapes, link=link, learn=False,
                                           nearest_ok=True, adaptive=adaptive,
                                           current=self._current.get((model.name, objective, encoding, adaptive)))
             except NotPlanned as unplanned:
