@@ -318,6 +318,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         self._current: dict[tuple[str, Objective, int, bool], str] = {}  # plan label per model/objective/codec/adaptive
         self._branchy: dict[str, bool] = {}  # model -> its graph branches (a chain has no DAG cut worth solving)
         self._dag_cache: dict[tuple, list[DagCut]] = {}  # priced min-cuts per model, shape, nodes and rounded figures
+        self._dag_last: dict[str, tuple] = {}  # per model: (table, figures, cuts) of its last request
         # (model, cut key) -> a DAG cut planned before, least recently used first
         self._general_cuts: OrderedDict[tuple[str, str], Cut] = OrderedDict()
         # What completed requests taught about each profile: per model and shape bucket,
@@ -411,11 +412,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             if policy.dag_cuts and nodes else ()
         calibrated = Calibrated(calibration.edge_factor, calibration.offload_ms, calibration.request_ms)
         # per DAG cuts too: rounded figures on a bucket's edge swap them back and forth
-        key = (id(table.plans), id(dags), objective, policy.weight_latency, current)
+        key = (id(table.plans), id(dags), objective, policy.weight_latency, policy.dag_min_gain, current)
         standing = self._standing.get(key) if reuse else None
-        if (standing is not None and standing.plans is table.plans and standing.dags is dags and standing.power == self.power
-                and standing.decision.stands(calibrated, nodes, hysteresis_margin=policy.hysteresis_margin)):
-            return standing.decision.refreshed(calibrated, nodes), table.plans.costs
+        if standing is not None and standing.plans is table.plans and standing.dags is dags and standing.power == self.power:
+            stood = standing.decision.at(calibrated, nodes, hysteresis_margin=policy.hysteresis_margin)
+            if stood is not None:
+                return stood, table.plans.costs
         decision = table.plans.choose(
             calibrated, nodes, self.power, objective=objective, weight_latency=policy.weight_latency, dag_cuts=dags,
             dag_min_gain=policy.dag_min_gain, keep=frozenset({current}) if current else frozenset())
@@ -491,6 +493,12 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
         if not self._branchy[model.name]:
             return ()
         wanted = pinned.partition("@")[0].partition(":")[2]
+        # the same figures as the last request's (the common case) find its cuts without rounding them again
+        inputs = (objective, policy.weight_latency, wanted, calibration.edge_factor, calibration.offload_ms,
+                  None if objective is Objective.LATENCY else self.power, tuple((now.node, now.link) for now in nodes))
+        last = self._dag_last.get(model.name)
+        if last is not None and last[0] is table and last[1] == inputs:
+            return last[2]
         key = (model.name, key_of(shapes), objective, policy.weight_latency, encoding, policy.constraints.privacy_min_local,
                wanted, _bucket(calibration.edge_factor), _bucket(calibration.offload_ms + 1.0),
                _bucket(table.edge_ms(table.n) * calibration.edge_factor or 1.0),
@@ -506,6 +514,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                       if table.segments(now.node).cuts is None]  # a node hosting chosen suffixes runs no DAG cut
             self._dag_cache[key] = self._solve_dag_cuts(model, shapes, calibration.apply(table.costs), clouds, objective,
                                                         policy, encoding, wanted, offload_ms=calibration.offload_ms)
+        self._dag_last[model.name] = (table, inputs, self._dag_cache[key])
         return self._dag_cache[key]
 
     def _solve_dag_cuts(self, model: OnnxModel, shapes: dict[str, tuple[int, ...]], costs: ModelCosts, clouds: list,
@@ -534,6 +543,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                 if len(self._general_cuts) > MAX_GENERAL_CUTS:
                     self._general_cuts.popitem(last=False)
                     self._dag_cache.clear()  # no cached decision may name a cut that is gone
+                    self._dag_last.clear()
         if (model.name, wanted) in self._general_cuts:
             found[wanted] = self._general_cuts[(model.name, wanted)]
         inputs = sum(tensors[spec.name].raw_bytes for spec in model.inputs if spec.name in tensors)
@@ -878,6 +888,8 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                                  + stages.decode_ms)
             self._calibration[self._calibration_key(model, shapes)] = self.calibration(model, shapes).observed(
                 candidate.stages, stages, offloaded=candidate.kind != "local", used=calibration, outside_ms=outside_ms)
+            if not pinned:
+                self._price_ahead(model, objective, encoding, shapes, adaptive)
         return outputs, pb.InferReply(
             plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
             measured=stage_times(stages, total_ms, stages.plan_ms), predicted_energy_j=candidate.energy_j,
@@ -885,6 +897,20 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
             node=answered if ran.kind != pb.PLAN_LOCAL else "",
             constraints_met=candidate.feasible, reason=why,
         )
+
+    def _price_ahead(self, model: OnnxModel, objective: Objective, encoding: int, shapes: dict[str, tuple[int, ...]],
+                     adaptive: bool) -> None:
+        """Decide the next such request now, at the calibration this run left,
+        once this reply is on its way: while the links and loads hold, that
+        request finds its decision priced (QuickDecision.at) instead of
+        pricing it on its own path."""
+        def price() -> None:
+            try:
+                self.decide(model, objective, encoding, shapes=shapes, learn=False, adaptive=adaptive,
+                            current=self._current.get((model.name, objective, encoding, adaptive)), reuse=True)
+            except Exception:  # noqa: BLE001 -- the request itself decides again, and reports what fails
+                logger.debug("pricing ahead for %s failed", model.name, exc_info=True)
+        asyncio.get_running_loop().call_soon(price)
 
     async def _infer_unplanned(self, model: OnnxModel, feeds: dict[str, np.ndarray], pinned: str, reason: str,
                                arrived: float) -> tuple[dict[str, np.ndarray], pb.InferReply]:

@@ -550,6 +550,7 @@ class QuickDecision:
             score[:, s], bits[:, s] = slot.score, slot.bits
         self._built: dict[int, Candidate] = {}
         self._reuse: dict[float, _ReuseWeights | None] = {}
+        self._last_at: tuple[tuple, QuickDecision | None] | None = None  # see at
         feasible = np.where(self.bits == 0, self.score, math.inf)
         win = self._win = self._pick(feasible)
         self._runner = None
@@ -607,6 +608,23 @@ class QuickDecision:
                       + w * 8e-3 * abs(1 / a.uplink_mbps - 1 / b.uplink_mbps))
         return moved <= 1.0
 
+    def at(self, calibrated: Calibrated, nodes: Sequence[NodeNow], *, hysteresis_margin: float = 0.0
+           ) -> QuickDecision | None:
+        """This decision ``refreshed`` at these inputs where it ``stands``,
+        else None. The answer for the last inputs asked about is kept: the
+        agent asks ahead, once a run has moved its calibration, so the next
+        request with those inputs costs one comparison."""
+        inputs = (calibrated, tuple(nodes), hysteresis_margin)
+        last = self._last_at
+        if last is not None and last[0] == inputs:
+            return last[1]
+        if calibrated == self.request.calibrated and inputs[1] == tuple(self.request.nodes):
+            return self  # what it was decided at (choose is deterministic)
+        stood = self.stands(calibrated, nodes, hysteresis_margin=hysteresis_margin)
+        answer = self.refreshed(calibrated, nodes) if stood else None
+        self._last_at = (inputs, answer)
+        return answer
+
     def refreshed(self, calibrated: Calibrated, nodes: Sequence[NodeNow]) -> QuickDecision:
         """This decision, which ``stands`` at these inputs, with its candidates
         priced at them: the winner, runner-up, reason and figures a fresh pass
@@ -616,7 +634,7 @@ class QuickDecision:
         fresh.__dict__.pop("candidates", None)
         fresh.pricing = _Pricing(self.request.table, calibrated, nodes, self.request.power, self.objective,
                                  self.request.weight)
-        fresh._built = {}
+        fresh._built, fresh._last_at = {}, None
         fresh.winner = fresh.candidate(self._win)
         fresh.best_effort = fresh.candidate(self._effort)
         fresh.why = fresh._why_won()

@@ -161,7 +161,10 @@ def ranked(decision) -> list[tuple]:
 def test_a_decision_stands_only_where_a_fresh_one_is_the_same() -> None:
     """A decision that stands, refreshed, is a fresh pass's: the same winner,
     runner-up, reason, offered candidates and violations, the same figures for
-    the plans asked about, and hysteresis holds or switches as on a fresh pass."""
+    the plans asked about, and hysteresis holds or switches as on a fresh pass.
+    Asked through ``at`` (what the agent calls), it is itself at its own inputs,
+    the refreshed decision where it stands, None elsewhere, and the same
+    answer when asked again."""
     rng = random.Random(16)
     stood = held = 0
     for _ in range(1500):
@@ -174,16 +177,20 @@ def test_a_decision_stands_only_where_a_fresh_one_is_the_same() -> None:
             keep, margin = frozenset({rng.choice(listed).label}), rng.choice([0.02, 0.1, 0.3])
         before = new_decision(case, keep)
         c = case["calibration"]
-        assert before.stands(Calibrated(c.edge_factor, c.offload_ms, c.request_ms), case["nodes"],
-                             hysteresis_margin=margin) == \
+        then = Calibrated(c.edge_factor, c.offload_ms, c.request_ms)
+        assert before.stands(then, case["nodes"], hysteresis_margin=margin) == \
             (before._reuse_weights(margin) is not None)  # nothing moved: it stands wherever reuse is bounded at all
+        assert before.at(then, case["nodes"], hysteresis_margin=margin) is before
         later = nudged(case, rng, rng.choice([1e-5, 1e-4, 1e-3, 1e-2, 0.1]))
         c = later["calibration"]
         now = Calibrated(c.edge_factor, c.offload_ms, c.request_ms)
-        if not before.stands(now, later["nodes"], hysteresis_margin=margin):
+        reused = before.at(now, later["nodes"], hysteresis_margin=margin)
+        assert (reused is not None) == before.stands(now, later["nodes"], hysteresis_margin=margin)
+        assert before.at(now, list(later["nodes"]), hysteresis_margin=margin) is reused  # kept for these inputs
+        if reused is None:
             continue
         stood += 1
-        fresh, reused = new_decision(later, keep), before.refreshed(now, later["nodes"])
+        fresh = new_decision(later, keep)
         assert (seen(reused.winner), seen(reused.best_effort), reused.why) == \
             (seen(fresh.winner), seen(fresh.best_effort), fresh.why)
         assert ranked(fresh) == ranked(before)  # the runner-up its reason names
