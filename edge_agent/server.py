@@ -888,7 +888,7 @@ class EdgeAgentService(pb_grpc.EdgeAgentServicer):
                                                  + stages.decode_ms)
             self._calibration[self._calibration_key(model, shapes)] = self.calibration(model, shapes).observed(
                 candidate.stages, stages, offloaded=candidate.kind != "local", used=calibration, outside_ms=outside_ms)
-            if not pinned:
+            if not pinned and self.traffic.in_flight <= 1:  # others running would move the inputs first
                 self._price_ahead(model, objective, encoding, shapes, adaptive)
         return outputs, pb.InferReply(
             plan=ran, planned=planned, predicted=stage_times(candidate.stages, candidate.stages.total_ms),
