@@ -19,6 +19,7 @@ tensor. Targets: (b) and (e) through shared memory within 5 % or 0.3 ms of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,6 +78,15 @@ class EchoServer:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
+
+
+@contextlib.contextmanager
+def measured_agent(models: Path, *extra: str) -> Iterator[tuple[launch.Daemon, EdgeClient]]:
+    """A cloud node and an agent planning with it on loopback, once the agent has measured the node."""
+    with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address], *extra) as agent, \
+            EdgeClient(agent.address) as client:
+        wait_until_measured(client)
+        yield agent, client
 
 
 def planning_times(client: EdgeClient, paths: dict[str, Path], runs: int) -> list[dict]:
@@ -187,10 +198,8 @@ def main() -> int:
         request_bytes = pb.InferRequest(model="mobilenet", inputs=[codec.encode(x, "input")]).SerializeToString()
         echo = EchoServer(reply_bytes=4200)  # about an InferReply carrying 1000 float32 logits
         small_echo = EchoServer(reply_bytes=400)  # about a ModelInferResponse whose logits went to shared memory
-        with launch.cloud_node(models) as node, \
-                launch.edge_agent(models, [node.address], "--http-listen", "127.0.0.1:0") as agent, \
-                EdgeClient(agent.address) as client, EdgeClient(agent.address, shared_memory=True) as shared:
-            wait_until_measured(client)
+        with measured_agent(models, "--http-listen", "127.0.0.1:0") as (agent, client), \
+                EdgeClient(agent.address, shared_memory=True) as shared:
             oip = OipCalls(agent, x, logits_bytes=1000 * 4)
             cuts = next(m.num_cuts for m in client.models() if m.name == "mobilenet")
             middle = f"split:{(cuts + 1) // 2}"
@@ -301,9 +310,7 @@ def planning_only(console: Console, runs: int, out: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
         models = Path(tmp)
         paths = build_all(models)
-        with launch.cloud_node(models) as node, launch.edge_agent(models, [node.address]) as agent, \
-                EdgeClient(agent.address) as client:
-            wait_until_measured(client)
+        with measured_agent(models) as (_, client):
             with console.status("planning time per model ..."):
                 planning = planning_times(client, paths, runs)
     met = print_planning(console, planning)
