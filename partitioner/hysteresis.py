@@ -11,9 +11,12 @@ passes it in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from partitioner.costmodel import Candidate
-from partitioner.plan_table import Decisions
+
+if TYPE_CHECKING:  # plan_table asks switch_gain whether a reused decision's hysteresis holds
+    from partitioner.plan_table import Decisions
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,18 @@ def hold_or_switch(decision: Decisions, current: str | None, *, margin: float) -
     if held is None:
         broken = "; ".join(same[0].violations) if same else "no longer available"
         return Held(best, True, f"switched from {current} ({broken}) to {best.label}: {decision.why}")
-    gain = (held.score - best.score) / held.score if held.score > 0 else 0.0
+    gain = switch_gain(held.score, best.score)
     if gain > margin:
         return Held(best, True, f"switched from {held.label} to {best.label}: {gain:.1%} better, above the "
                                 f"{margin:.0%} margin")
     return Held(held, False, f"staying on {held.label}: {best.label} would be only {gain:.1%} better, within the "
                              f"{margin:.0%} margin")
+
+
+def switch_gain(held_score: float, best_score: float) -> float:
+    """How much better the winner scores than the held plan, as a share of
+    the held plan's score: above the margin, the plan switches."""
+    return (held_score - best_score) / held_score if held_score > 0 else 0.0
 
 
 # Nodes whose prediction for the same plan is within this share of the best

@@ -59,6 +59,7 @@ from partitioner.costmodel import (
     _violations,
     _why_infeasible,
 )
+from partitioner.hysteresis import switch_gain
 
 # One bit per constraint a candidate breaks, in the order costmodel._violations
 # lists them, and one for "no candidate here" (a slot a node does not offer).
@@ -672,11 +673,11 @@ class QuickDecision:
         if current is not None and current != self.winner.label and hysteresis_margin > 0:
             same = [i for i in self._plan_positions(current) if self.bits[i] == 0]
             if same:
-                held = min(same, key=lambda i: self.score[i])  # hold_or_switch's held plan
+                held = min(same, key=lambda i: self.score[i])  # hold_or_switch's held plan: its best feasible
                 weights.pairs(np.array([i for i in same if i != held]), held, spread)
                 # the winner is more than the margin better than the held plan, or not (either side)
                 weights.pairs(np.array([held]), win, 1 / (1 - hysteresis_margin), either_side=True)
-                if self.score[held] * (1 - hysteresis_margin) <= self.score[win] and held != 0 and request.m > 1:
+                if switch_gain(self.score[held], self.score[win]) <= hysteresis_margin and held != 0 and request.m > 1:
                     return None  # it holds a plan on a node, and shares it among the others
         slo = self.constraints.slo_ms
         if slo is not None:
