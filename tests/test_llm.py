@@ -438,12 +438,14 @@ def test_async_generate_and_the_remote_token_cap(model_dir: Path, cloud: launch.
             assert whole.token_ids == tuple(c.token_id for c in chunks[:-1])
 
     asyncio.run(scenario())
-    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--llm-remote-tokens-per-hour", "100") as capped, \
-            sdk.EdgeClient(capped.address) as c:
+    # --llm-stall-s 60: a stream that moved to the device on a slow first token would spend less of the budget
+    with launch.edge_agent(model_dir, [cloud.address], "--llm", "smollm2", "--llm-remote-tokens-per-hour", "100",
+                           "--llm-stall-s", "60") as capped, sdk.EdgeClient(capped.address) as c:
         small = {x.plan: x.feasible for x in c.explain("smollm2", prompt_tokens=8, max_tokens=64).candidates}
         large = {x.plan: x.feasible for x in c.explain("smollm2", prompt_tokens=8, max_tokens=512).candidates}
         assert small == {"local": True, "remote": True}
         assert large == {"local": True, "remote": False}  # 512 tokens would exceed the 100 left this hour
-        c.generate_text(STORY, max_tokens=64, plan="remote")  # spends 64 of the 100
+        spent = c.generate_text(STORY, max_tokens=64, plan="remote").summary  # spends 64 of the 100
+        assert (spent.ran, spent.switched) == ("remote", False), spent
         after = {x.plan: x.feasible for x in c.explain("smollm2", prompt_tokens=8, max_tokens=64).candidates}
         assert after == {"local": True, "remote": False}
