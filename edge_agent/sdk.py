@@ -472,7 +472,7 @@ _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_rece
 # A blocking stream read on the caller's own thread, not handed over from the
 # channel's polling thread: a token then costs this client 0.33 instead of
 # 0.42 ms of CPU, taken from the cores the device's model decodes on
-# (docs/benchmarks.md, "Single stream LOCAL").
+# (docs/benchmarks.md, "Where single-stream LOCAL loses").
 _BLOCKING_OPTIONS = [*_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
 
 
